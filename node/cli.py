@@ -1,0 +1,118 @@
+"""The `neuronode` command. Each subcommand is dispatched lazily to the module that owns it,
+so `neuronode status` does not import torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from node import NOT_FOR_CLINICAL_USE, __version__
+from node.errors import NodeError
+
+DEFAULT_RULES = Path("routing_rules/default.yaml")
+
+
+def _rules_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rules", type=Path, default=DEFAULT_RULES, help="rule file (default: %(default)s)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and their options; the handler of each is 'module:function'."""
+    parser = argparse.ArgumentParser(
+        prog="neuronode",
+        description=f"DICOM AI node for brain MRI. {NOT_FOR_CLINICAL_USE}",
+    )
+    parser.add_argument("--version", action="version", version=f"neuronode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, handler: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = cmd("serve", "node.service:cmd_serve", "run the DICOM node (SCP, workers, sender)")
+    _rules_arg(p)
+
+    p = cmd("process", "node.pipeline:cmd_process", "run the pipeline on a folder of DICOM files")
+    p.add_argument("directory", type=Path)
+    _rules_arg(p)
+    p.add_argument("--out", type=Path, default=None, help="where to write the audit/results")
+
+    p = cmd("status", "node.spool:cmd_status", "studies by state, queue depth, recent failures")
+    _rules_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = cmd("check", "node.config:cmd_check", "validate a rule file; print every problem")
+    p.add_argument("rules_file", type=Path)
+
+    p = cmd("synth", "node.synth.command:cmd_synth", "write synthetic brain-MRI DICOM studies")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--studies", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--phenotype",
+        action="append",
+        default=None,
+        help="gbm, pcnsl, lgg, hgg, tsc, normal (repeatable; default: a mix)",
+    )
+    p.add_argument(
+        "--vendor",
+        action="append",
+        default=None,
+        help="siemens, ge, philips, generic (repeatable; default: a mix)",
+    )
+    p.add_argument("--size", type=int, default=256, help="in-plane matrix (default 256)")
+    p.add_argument("--slices", type=int, default=24, help="slices per series (default 24)")
+    p.add_argument("--enhanced", action="store_true", help="write enhanced multi-frame MR")
+    p.add_argument(
+        "--transfer-syntax",
+        default="explicit",
+        help="explicit, implicit, jpeg-lossless, jpeg2000, jpeg-ls, rle (default explicit)",
+    )
+    p.add_argument("--no-distractors", action="store_true", help="omit localizer/fMRI/etc.")
+    p.add_argument("--figures", type=Path, default=None, help="also write PNG grids here")
+
+    p = cmd("classify", "node.sequence_cli:cmd_classify", "classify each series of a folder")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--no-cnn", action="store_true", help="tag rules only")
+    p.add_argument("--json", action="store_true")
+
+    p = cmd(
+        "evaluate-sequences",
+        "node.sequence_cli:cmd_evaluate_sequences",
+        "accuracy of the sequence classifier against a labels CSV",
+    )
+    p.add_argument("directory", type=Path)
+    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--no-cnn", action="store_true", help="tag rules only")
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args.handler.split(":")
+    try:
+        module = importlib.import_module(module_name)
+        func = getattr(module, func_name)
+    except (ImportError, AttributeError) as exc:
+        print(f"neuronode {args.command}: not available in this build ({exc})", file=sys.stderr)
+        return 2
+    try:
+        return int(func(args))
+    except NodeError as exc:
+        print(f"neuronode {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

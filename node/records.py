@@ -1,0 +1,154 @@
+"""The records that flow between stages: small, typed, immutable.
+
+Records carry paths and UIDs, never open pydicom Datasets. Records holding numpy
+arrays use ``eq=False`` (arrays have no truth value for ``==``).
+
+Helpers that add a stage append their records at the end of this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class SequenceLabel(StrEnum):
+    """What a series is, for routing."""
+
+    T1 = "T1"
+    T1C = "T1C"
+    T2 = "T2"
+    FLAIR = "FLAIR"
+    DWI = "DWI"
+    ADC = "ADC"
+    OTHER = "OTHER"
+
+
+class StudyStatus(StrEnum):
+    """Where a study stands in the spool index."""
+
+    RECEIVING = "receiving"
+    READY = "ready"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD = "dead"  # dead letter: gave up after max attempts
+
+
+# --- receive / spool -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceRef:
+    """The UIDs that place one instance in the spool, validated before any file is named."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredInstance:
+    """An instance durably written to the spool and indexed."""
+
+    ref: InstanceRef
+    path: Path
+    size_bytes: int
+    received_at: float  # unix time
+    calling_ae: str
+    duplicate: bool = False  # the same SOP Instance UID was already stored: nothing was rewritten
+    # Expected-count hints read from the header (None when absent).
+    images_in_acquisition: int | None = None
+    temporal_positions: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StudyJob:
+    """One ready study handed to a worker: its instance files and how often it has been tried."""
+
+    job_id: int
+    study_uid: str
+    instance_paths: tuple[Path, ...]
+    attempt: int  # 1 on the first try
+    reopened: bool = False  # the study had been processed before and got new instances
+
+
+# --- dicomio -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SliceGeometry:
+    """Where one slice (or frame) sits in patient space."""
+
+    position: tuple[float, float, float]  # ImagePositionPatient (mm)
+    orientation: tuple[float, float, float, float, float, float]  # row then column cosines
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing) mm
+    slice_thickness: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SliceRef:
+    """The source of one slice: the file, its SOP instance and (for multi-frame) the frame."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None  # 1-based, None for single-frame objects
+    geometry: SliceGeometry
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class SeriesVolume:
+    """A series as slices in spatial order (for a time series: the first volume's order kept)."""
+
+    study_uid: str
+    series_uid: str
+    series_number: int | None
+    pixels: FloatArray  # (n_slices, rows, cols), modality LUT (rescale) applied
+    slices: tuple[SliceRef, ...]  # one per pixels[i]
+    slice_spacing_mm: float | None  # distance between consecutive slice centres
+    n_instances: int
+    n_frames: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeProblem:
+    """A file of the study that could not be used, and why (for the audit record)."""
+
+    path: Path
+    series_uid: str | None
+    reason: str
+
+
+# --- sequence classification ------------------------------------------------------------------
+
+
+class DecisionMethod(StrEnum):
+    """Which evidence decided a series label."""
+
+    TAGS = "tags"
+    CNN = "cnn"
+    FUSED = "fused"
+    STUDY_CONTEXT = "study-context"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SequenceDecision:
+    """The label a series got, how sure, by which method, and the evidence for it."""
+
+    series_uid: str
+    label: SequenceLabel
+    confidence: float  # 0..1
+    method: DecisionMethod
+    reasons: tuple[str, ...]  # human-readable evidence: the rule that fired and why, CNN votes
+    tag_label: SequenceLabel | None = None  # None when the tag rules abstained
+    cnn_label: SequenceLabel | None = None  # None when the CNN did not run
+    cnn_votes: tuple[tuple[SequenceLabel, int], ...] = field(default_factory=tuple)

@@ -1,0 +1,62 @@
+"""Shared test fixtures: free loopback ports, the real dcmtk/dicom3tools binaries, real data."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = REPO.parent / "shared" / "realdata"
+
+# pynetdicom installs its own storescu/echoscu/findscu into the venv's bin/, which shadow
+# dcmtk's on PATH: the tests want the real dcmtk tools, so look in the system dirs only.
+_SYSTEM_BIN = "/usr/bin:/usr/local/bin:/bin"
+
+
+def system_tool(name: str) -> str | None:
+    """Path of a system (Debian) binary, ignoring the venv's bin/."""
+    return shutil.which(name, path=_SYSTEM_BIN)
+
+
+@pytest.fixture
+def dcmtk() -> Callable[[str], str]:
+    """Resolve a dcmtk tool (storescu, echoscu, findscu); skip if dcmtk is not installed."""
+
+    def resolve(name: str) -> str:
+        path = system_tool(name)
+        if path is None:
+            pytest.skip(f"dcmtk's {name} is not installed (apt-get install dcmtk)")
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+        assert "dcmtk" in (out.stdout + out.stderr).lower(), f"{path} is not dcmtk's {name}"
+        return path
+
+    return resolve
+
+
+@pytest.fixture
+def dciodvfy() -> str:
+    """dicom3tools' validator; skip if not installed."""
+    path = system_tool("dciodvfy")
+    if path is None:
+        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def realdata() -> Path:
+    """The real scanner DICOM in ../shared/realdata (skip when absent)."""
+    if not REALDATA.is_dir():
+        pytest.skip("../shared/realdata is not beside the repo")
+    return REALDATA
