@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -80,6 +80,47 @@ class LoggingSettings(_Frozen):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class DicomDestination(_Frozen):
+    """A C-STORE destination (the PACS)."""
+
+    kind: Literal["dicom"] = "dicom"
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class DicomWebDestination(_Frozen):
+    """A DICOMweb STOW-RS destination."""
+
+    kind: Literal["dicomweb"] = "dicomweb"
+    name: str
+    url: str  # base URL of the DICOMweb service, e.g. http://127.0.0.1:8042/dicom-web
+
+
+class DeliverySettings(_Frozen):
+    """Retry policy of the outbox."""
+
+    max_attempts: int = Field(default=8, ge=1, le=1000)
+    backoff_initial_s: float = Field(default=5.0, gt=0)
+    backoff_max_s: float = Field(default=900.0, gt=0)
+    jitter_fraction: float = Field(default=0.2, ge=0, le=1)
+
+
+class OutputSettings(_Frozen):
+    """Which result objects are made."""
+
+    structured_report: bool = True
+    heatmaps_per_series: int = Field(default=3, ge=0, le=64)
+    uid_root: str | None = None  # None: 2.25 UUID-derived UIDs
+
+
 class Rules(_Frozen):
     """The whole rule file."""
 
@@ -89,6 +130,11 @@ class Rules(_Frozen):
     completion: CompletionSettings = CompletionSettings()
     processing: ProcessingSettings = ProcessingSettings()
     logging: LoggingSettings = LoggingSettings()
+    destinations: tuple[
+        Annotated[DicomDestination | DicomWebDestination, Field(discriminator="kind")], ...
+    ] = ()
+    delivery: DeliverySettings = DeliverySettings()
+    outputs: OutputSettings = OutputSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +197,7 @@ def validate_rules_text(text: str) -> tuple[Rules | None, tuple[RuleProblem, ...
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling against routing_rules/default.yaml)"
-            problems.append(
-                RuleProblem(path=".".join(str(p) for p in loc), line=line, message=msg)
-            )
+            problems.append(RuleProblem(path=".".join(str(p) for p in loc), line=line, message=msg))
         return None, tuple(problems)
 
 

@@ -152,3 +152,82 @@ class SequenceDecision:
     tag_label: SequenceLabel | None = None  # None when the tag rules abstained
     cnn_label: SequenceLabel | None = None  # None when the CNN did not run
     cnn_votes: tuple[tuple[SequenceLabel, int], ...] = field(default_factory=tuple)
+
+
+# --- pipeline ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StudyOutcome:
+    """What one run of the pipeline on a study produced (returned to the worker)."""
+
+    study_uid: str
+    audit_path: Path
+    n_series: int
+    n_instances: int
+    n_decode_errors: int
+
+
+# --- specialists, explanation, ensemble (issue 5) ------------------------------------------------
+
+
+class FindingStatus(StrEnum):
+    """A study-level answer for one task."""
+
+    PRESENT = "present"
+    ABSENT = "absent"
+    INDETERMINATE = "indeterminate"
+    NOT_ASSESSABLE = "not-assessable"  # no suitable series in the study
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Heatmap:
+    """A Grad-CAM map for one key slice, on the source slice's pixel grid, normalised to 0..1."""
+
+    series_uid: str
+    slice_index: int  # index into SeriesVolume.slices
+    source: SliceRef
+    cam: FloatArray  # (rows, cols), 0..1, higher = more attention
+    image: FloatArray  # (rows, cols) the source slice pixels (modality values)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class SeriesPrediction:
+    """One specialist model's answer on one series."""
+
+    task: str  # gbm_pcnsl, glioma_grade, tubers
+    model_id: str  # bundle name
+    model_version: str
+    series_uid: str
+    sequence: SequenceLabel  # the label that routed the series here
+    probability: float  # series-level probability of the task's positive class
+    slice_indices: tuple[int, ...]
+    slice_probabilities: tuple[float, ...]
+    heatmaps: tuple[Heatmap, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class TaskFinding:
+    """The study-level answer for one task after the ensemble."""
+
+    task: str
+    positive_label: str  # e.g. "glioblastoma"
+    negative_label: str  # e.g. "primary CNS lymphoma"
+    status: FindingStatus
+    probability: (
+        float | None
+    )  # calibrated probability of the positive label; None if not assessable
+    contributions: tuple[SeriesPrediction, ...]
+    method: str  # e.g. "weighted mean logit, temperature 1.3"
+    reason: str  # human-readable: why this status
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class StudyResult:
+    """Everything the report stage needs for one study."""
+
+    study_uid: str
+    source_paths: tuple[Path, ...]  # instance files of the study (for copying patient/study attrs)
+    sequences: tuple[SequenceDecision, ...]
+    findings: tuple[TaskFinding, ...]
+    reopened: bool = False
