@@ -231,3 +231,94 @@ class StudyResult:
     sequences: tuple[SequenceDecision, ...]
     findings: tuple[TaskFinding, ...]
     reopened: bool = False
+
+
+# --- sequence classification: headers, verdicts, policy (issue 4) ------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeriesHeader:
+    """The acquisition physics of one series, read from its headers (no pixels), vendor-normalised.
+
+    Multi-valued facts (image type, echo times, b-values, orientations) are the union over all
+    instances and frames of the series, so a rule can see e.g. the two echoes of a field map.
+    """
+
+    series_uid: str
+    study_uid: str
+    series_number: int | None
+    series_description: str
+    protocol_name: str
+    sequence_name: str  # SequenceName, enhanced PulseSequenceName or the GE private name
+    manufacturer: str  # siemens, ge, philips, canon, uih, hitachi, other
+    model: str
+    sop_class_uid: str
+    modality: str
+    image_type: tuple[str, ...]  # upper-case tokens, ImageType + enhanced FrameType, first-seen order
+    scanning_sequence: tuple[str, ...]  # SE, IR, GR, EP, RM
+    sequence_variant: tuple[str, ...]  # SK, MTC, SS, TRSS, SP, MP, OSP, NONE
+    scan_options: tuple[str, ...]
+    mr_acquisition_type: str  # 2D, 3D or ""
+    echo_pulse_sequence: str = ""  # enhanced MR: SPIN, GRADIENT, BOTH
+    inversion_recovery: bool | None = None  # enhanced MR modifier, or IR in ScanningSequence
+    acquisition_contrast: tuple[str, ...] = ()  # enhanced AcquisitionContrast values
+    complex_parts: tuple[str, ...] = ()  # MAGNITUDE, PHASE, REAL, IMAGINARY, MIXED
+    repetition_time_ms: float | None = None
+    echo_time_ms: float | None = None  # the shortest echo time
+    echo_times_ms: tuple[float, ...] = ()  # distinct echo times, sorted
+    inversion_time_ms: float | None = None
+    flip_angle_deg: float | None = None
+    echo_train_length: int | None = None
+    b_values: tuple[float, ...] = ()  # sorted unique (standard, enhanced and vendor private tags)
+    diffusion_directionality: tuple[str, ...] = ()  # ISOTROPIC, DIRECTIONAL, NONE, BMATRIX
+    contrast_agent: str | None = None  # ContrastBolusAgent text or "administered" (enhanced)
+    contrast_route: str | None = None
+    n_instances: int = 0
+    n_frames: int = 0  # total frames (1 per single-frame instance)
+    n_temporal_positions: int = 1
+    acquisition_times: tuple[float, float] | None = None  # first, last; seconds from midnight
+    orientation: str = ""  # axial, sagittal, coronal, oblique (first image), "" if unknown
+    orientations: tuple[str, ...] = ()  # all distinct plane labels in the series
+    rows: int | None = None
+    cols: int | None = None
+    pixel_spacing: tuple[float, float] | None = None
+    slice_thickness: float | None = None
+    photometric_interpretation: str = ""
+    samples_per_pixel: int = 1
+    is_mosaic: bool = False
+    is_localizer: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TagVerdict:
+    """What the tag rules say about one series: a label, or None when they abstain."""
+
+    label: SequenceLabel | None
+    confidence: float  # 0..1; 0 when abstaining
+    rule: str  # name of the rule that fired (or "abstain")
+    reason: str  # human-readable: which tags, which values
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CnnVerdict:
+    """The slice CNN's series-level opinion: majority label over sampled slices."""
+
+    label: SequenceLabel
+    confidence: float  # vote fraction x mean probability of the winning label
+    votes: tuple[tuple[SequenceLabel, int], ...]  # per label, most votes first
+    n_slices: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FusionPolicy:
+    """How tag and CNN opinions are combined into one decision."""
+
+    min_confidence: float = 0.5  # below this a single source gives OTHER
+    min_cnn_confidence: float = 0.6  # CNN alone (tags abstained) must reach this
+    disagreement_to_other: bool = True  # tags and CNN disagree -> OTHER (both recorded)
+    prefer_tags_for: tuple[SequenceLabel, ...] = (
+        SequenceLabel.DWI,
+        SequenceLabel.ADC,
+        SequenceLabel.OTHER,
+    )  # on disagreement, a confident tag verdict of these labels wins (physics is decisive)
+    prefer_tags_min_confidence: float = 0.85
