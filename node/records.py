@@ -322,3 +322,37 @@ class FusionPolicy:
         SequenceLabel.OTHER,
     )  # on disagreement, a confident tag verdict of these labels wins (physics is decisive)
     prefer_tags_min_confidence: float = 0.85
+
+
+# --- dicomio: headers and a loaded study (issue 2) --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceHeader:
+    """What one instance file says about itself, read without its pixels (no patient data)."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    series_number: int | None
+    series_description: str
+    modality: str
+    transfer_syntax_uid: str
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+    n_frames: int  # 0 for objects without pixel data (SR, documents)
+    image_type: tuple[str, ...]
+    photometric: str | None
+    has_pixels: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class StudyLoad:
+    """A study read from its files: every header, the assembled volumes, the files that failed."""
+
+    headers: tuple[InstanceHeader, ...]
+    volumes: tuple[SeriesVolume, ...]
+    problems: tuple[DecodeProblem, ...]
