@@ -49,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("check", "node.config:cmd_check", "validate a rule file; print every problem")
     p.add_argument("rules_file", type=Path)
+    p.add_argument(
+        "--skip-bundle-check",
+        action="store_true",
+        help="do not require a folder under models_dir for every bundle named",
+    )
+
+    p = cmd(
+        "explain",
+        "node.routing:cmd_explain",
+        "show, series by series, the sequence label and the models each series is routed to",
+    )
+    p.add_argument("rules_file", type=Path)
+    p.add_argument("study_dir", type=Path)
 
     p = cmd("synth", "node.synth.command:cmd_synth", "write synthetic brain-MRI DICOM studies")
     p.add_argument("--out", type=Path, required=True)

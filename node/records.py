@@ -356,3 +356,17 @@ class StudyLoad:
     headers: tuple[InstanceHeader, ...]
     volumes: tuple[SeriesVolume, ...]
     problems: tuple[DecodeProblem, ...]
+
+
+# --- routing (issues 5, 6) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """One series sent to one specialist bundle for one task, with its ensemble weight."""
+
+    task: str  # key under `tasks:` in the rule file
+    bundle: str  # bundle folder name under models_dir
+    series_uid: str
+    sequence: SequenceLabel  # the label that matched the route
+    weight: float  # the route's weight; several series to one bundle are averaged first
