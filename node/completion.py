@@ -1,0 +1,64 @@
+"""When a study counts as complete: a quiet period, or every series at its expected count.
+
+Pure: no clock, no I/O. The scheduler passes the times and counts it read from the index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+# After the expected counts are reached, wait this long (capped by the quiet period) so the
+# last few instances of a burst in flight are not split into a second, re-opening job.
+EXPECTED_COUNT_SETTLE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeriesCount:
+    """How many instances of one series arrived, and how many its header says to expect."""
+
+    series_uid: str
+    received: int
+    expected: int | None  # from ImagesInAcquisition (x NumberOfTemporalPositions); None: unknown
+
+
+class ReadyKind(StrEnum):
+    """Why a study is (or is not yet) ready."""
+
+    WAITING = "waiting"
+    QUIET_PERIOD = "quiet-period"
+    EXPECTED_COUNTS = "expected-counts"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReadyDecision:
+    """Whether a study is ready now, why, and how long until it would be at the latest."""
+
+    ready: bool
+    kind: ReadyKind
+    wait_s: float  # 0 when ready; else seconds until the quiet period ends
+
+
+def all_series_complete(series: tuple[SeriesCount, ...]) -> bool:
+    """True when there is at least one series and each has a hint it has reached."""
+    return bool(series) and all(s.expected is not None and s.received >= s.expected for s in series)
+
+
+def decide_ready(
+    *,
+    last_instance_at: float,
+    now: float,
+    quiet_period_s: float,
+    series: tuple[SeriesCount, ...],
+    use_expected_counts: bool = True,
+) -> ReadyDecision:
+    """Decide if a receiving study is ready: quiet long enough, or complete by its hints."""
+    if quiet_period_s <= 0:
+        raise ValueError("quiet_period_s must be positive")
+    idle = max(0.0, now - last_instance_at)
+    if idle >= quiet_period_s:
+        return ReadyDecision(ready=True, kind=ReadyKind.QUIET_PERIOD, wait_s=0.0)
+    settle = min(EXPECTED_COUNT_SETTLE_S, quiet_period_s)
+    if use_expected_counts and all_series_complete(series) and idle >= settle:
+        return ReadyDecision(ready=True, kind=ReadyKind.EXPECTED_COUNTS, wait_s=0.0)
+    return ReadyDecision(ready=False, kind=ReadyKind.WAITING, wait_s=quiet_period_s - idle)

@@ -1,0 +1,260 @@
+"""`neuronode serve`: the SCP, the completion scheduler and the study workers in one process.
+
+SIGTERM/SIGINT stop it cleanly: no new associations, open ones get a grace period, in-flight
+jobs finish within the grace period or give their lease back, and the index is closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from node.completion import decide_ready
+from node.config import Rules, load_rules
+from node.errors import JobError, NodeError, SpoolError
+from node.jobs import JobQueue
+from node.log import configure, get_logger, load_or_create_key, set_correlation_key, uid_key
+from node.receive import Receiver
+from node.records import StudyJob, StudyOutcome, StudyStatus
+from node.spool import Spool
+
+log = get_logger(__name__)
+
+Processor = Callable[[StudyJob], StudyOutcome]
+
+SHUTDOWN_GRACE_S = 10.0
+# Test hook only: seconds each job sleeps before the pipeline runs, so a test can kill the
+# node while a study is processing. Logged loudly when set.
+TEST_DELAY_ENV = "NEURONODE_TEST_PROCESS_DELAY_S"
+
+
+def pipeline_processor(rules: Rules) -> Processor:
+    """The real processor: node.pipeline.process_study, imported when first used."""
+
+    def run(job: StudyJob) -> StudyOutcome:
+        from node.pipeline import process_study
+
+        out_dir = rules.storage.spool_dir / "results" / job.study_uid
+        outcome = process_study(job, rules, out_dir=out_dir)
+        assert isinstance(outcome, StudyOutcome)
+        return outcome
+
+    return run
+
+
+def _with_test_delay(processor: Processor, delay_s: float) -> Processor:
+    def run(job: StudyJob) -> StudyOutcome:
+        time.sleep(delay_s)
+        return processor(job)
+
+    return run
+
+
+class Node:
+    """Everything `serve` runs, startable and stoppable from a test in the same process."""
+
+    def __init__(self, rules: Rules, *, processor: Processor | None = None) -> None:
+        self.rules = rules
+        spool_dir = rules.storage.spool_dir
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock_spool(spool_dir)
+        self.spool = Spool(spool_dir, min_free_disk_mb=rules.storage.min_free_disk_mb)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.queue = JobQueue(
+            self.spool.index,
+            owner=self.owner,
+            lease_s=rules.processing.lease_s,
+            max_attempts=rules.processing.max_attempts,
+        )
+        self.processor = processor if processor is not None else pipeline_processor(rules)
+        delay = os.environ.get(TEST_DELAY_ENV)
+        if delay:
+            log.warning("test_delay_active", duration_ms=round(float(delay) * 1000))
+            self.processor = _with_test_delay(self.processor, float(delay))
+        self.receiver = Receiver(rules.node, self.spool)
+        self._stop = threading.Event()
+        self._work = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._inflight: dict[int, StudyJob] = {}
+        self._inflight_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Take back orphaned jobs, then start the SCP, the scheduler and the workers."""
+        n = self.queue.release_orphans()
+        if n:
+            log.warning("orphaned_jobs_released", count=n)
+        self.receiver.start()
+        self._spawn("scheduler", self._schedule_loop)
+        for i in range(self.rules.processing.workers):
+            self._spawn(f"worker-{i}", self._work_loop)
+        self._work.set()
+        log.info(
+            "node_started",
+            port=self.receiver.port,
+            ae_title=self.rules.node.ae_title,
+            workers=self.rules.processing.workers,
+        )
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop accepting, let work finish within `grace_s`, release what is left, close."""
+        log.info("node_stopping", duration_ms=round(grace_s * 1000))
+        deadline = time.monotonic() + grace_s
+        self.receiver.stop(grace_s)
+        self._stop.set()
+        self._work.set()
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self._inflight_lock:
+            unfinished = tuple(self._inflight.values())
+        for job in unfinished:
+            with contextlib.suppress(JobError):
+                self.queue.release(job)
+                log.warning("job_released", job_id=job.job_id, study_key=uid_key(job.study_uid))
+        self.spool.close()
+        self._lock_file.close()
+        log.info("node_stopped")
+
+    def _schedule_loop(self) -> None:
+        """Poll receiving studies; enqueue the complete ones; take back expired leases."""
+        c = self.rules.completion
+        while not self._stop.is_set():
+            try:
+                if self.queue.expire_leases():
+                    self._work.set()
+                now = time.time()
+                for study in self.spool.receiving_studies():
+                    decision = decide_ready(
+                        last_instance_at=study.last_received_at,
+                        now=now,
+                        quiet_period_s=c.quiet_period_s,
+                        series=study.series,
+                        use_expected_counts=c.use_expected_counts,
+                    )
+                    if decision.ready and self.queue.enqueue(study.study_uid) is not None:
+                        self._work.set()
+            except (NodeError, OSError) as exc:
+                log.error("scheduler_error", error_type=type(exc).__name__)
+            self._stop.wait(c.poll_interval_s)
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.queue.claim()
+            if job is None:
+                self._work.wait(self.rules.completion.poll_interval_s)
+                self._work.clear()
+                continue
+            with self._inflight_lock:
+                self._inflight[job.job_id] = job
+            try:
+                self._run_job(job)
+            finally:
+                with self._inflight_lock:
+                    self._inflight.pop(job.job_id, None)
+
+    def _run_job(self, job: StudyJob) -> None:
+        """Run one job under a renewed lease; the per-job guard records any failure."""
+        started = time.monotonic()
+        done = threading.Event()
+        renewer = threading.Thread(target=self._renew_loop, args=(job, done), daemon=True)
+        renewer.start()
+        log.info(
+            "job_started",
+            job_id=job.job_id,
+            study_key=uid_key(job.study_uid),
+            attempt=job.attempt,
+            n_instances=len(job.instance_paths),
+            reopened=job.reopened,
+        )
+        outcome: StudyOutcome | None = None
+        state = StudyStatus.DONE
+        error_type = None
+        try:
+            outcome = self.processor(job)
+        except NodeError as exc:  # a known, deterministic failure of this study: do not retry
+            error_type = type(exc).__name__
+            state = StudyStatus.FAILED
+        except Exception as exc:  # the per-job guard: retried, then dead letter
+            error_type = type(exc).__name__
+            state = StudyStatus.READY
+        finally:
+            done.set()
+        try:
+            if outcome is not None:
+                self.queue.complete(job, outcome)
+            else:
+                state = self.queue.fail(
+                    job, error=error_type or "error", permanent=state is StudyStatus.FAILED
+                )
+        except JobError:
+            log.warning("job_lease_lost", job_id=job.job_id, study_key=uid_key(job.study_uid))
+            return
+        log.info(
+            "job_finished",
+            job_id=job.job_id,
+            study_key=uid_key(job.study_uid),
+            attempt=job.attempt,
+            reopened=job.reopened,
+            status=state.value,
+            error_type=error_type,
+            n_series=outcome.n_series if outcome else None,
+            n_instances=outcome.n_instances if outcome else len(job.instance_paths),
+            n_errors=outcome.n_decode_errors if outcome else None,
+            duration_ms=round((time.monotonic() - started) * 1000),
+        )
+
+    def _renew_loop(self, job: StudyJob, done: threading.Event) -> None:
+        interval = max(0.5, self.rules.processing.lease_s / 3)
+        while not done.wait(interval):
+            try:
+                self.queue.renew(job)
+            except JobError:
+                return
+
+
+def _lock_spool(spool_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the spool: one node per spool (released even on kill -9)."""
+    fh = open(spool_dir / "node.lock", "a+", encoding="utf-8")  # noqa: SIM115
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        fh.close()
+        raise SpoolError(f"{spool_dir} is in use by another running node") from exc
+    return fh
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`neuronode serve --rules R`: run until SIGTERM/SIGINT, then stop cleanly and exit 0."""
+    rules = load_rules(args.rules)
+    configure(rules.logging.format, rules.logging.level)
+    rules.storage.spool_dir.mkdir(parents=True, exist_ok=True)
+    set_correlation_key(load_or_create_key(rules.storage.spool_dir / "log.key"))
+    node = Node(rules)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal_received", status=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    while not stop.wait(0.5):
+        pass
+    node.stop()
+    return 0
