@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import types
 import typing
@@ -624,7 +625,8 @@ def validate_rules_text(
     if problems:
         return None, tuple(problems)
     if base_dir is not None and not rules.models_dir.is_absolute():
-        rules = rules.model_copy(update={"models_dir": base_dir.absolute() / rules.models_dir})
+        absolute = Path(os.path.normpath(base_dir.absolute() / rules.models_dir))
+        rules = rules.model_copy(update={"models_dir": absolute})
     return rules, ()
 
 
