@@ -1,0 +1,482 @@
+"""DICOM files -> series volumes: slices in spatial order with geometry and modality values.
+
+Decisions (read these before relying on the output):
+
+- Series split: instances are grouped by ``(SeriesInstanceUID, SeriesNumber)``. Normally a
+  series has one number, so this is the series; a few sources (dcm_qa_ts: one UID, nine
+  numbers in nine transfer syntaxes) reuse one UID, and those become one volume per number.
+  Two volumes may then share ``series_uid``; ``series_id()`` gives a key unique in the study.
+- Inside a series, frames are grouped by (matrix, orientation, has-geometry). The group with
+  the most frames is the volume; frames of other groups (localizer planes, a stray reformat)
+  are left out and reported as one ``DecodeProblem`` per file, never raised.
+- Spatial order: ascending projection of ImagePositionPatient on the slice normal
+  cross(row cosines, column cosines).
+- Time series (positions repeat: fMRI, DWI directions, multi-phase): each frame's time rank is
+  its rank among the frames at the same position, ordered by (TemporalPositionIndex /
+  TemporalPositionIdentifier, AcquisitionNumber, InstanceNumber, frame number, file order).
+  ``pixels`` is then time-major, space-minor: index = t * n_positions + k, every time point in
+  the first volume's spatial order. ``slice_spacing_mm`` is the median gap between positions.
+- Pixels are float32 with the modality LUT applied (RescaleSlope/Intercept; for enhanced
+  objects the Pixel Value Transformation functional group per frame). Colour images are turned
+  into luminance (ITU-R BT.601) so every volume is (n, rows, cols).
+- Objects without geometry (some Secondary Captures) keep file and frame order, with a nominal
+  geometry (origin, axial, spacing from PixelSpacing or 1 mm) and ``slice_spacing_mm`` None.
+- Siemens mosaics are kept as the stored 2D mosaic image (not unpacked into slices).
+- Objects without pixel data (SR, documents) are listed in the headers and make no volume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from node.errors import LoadError
+from node.records import (
+    DecodeProblem,
+    InstanceHeader,
+    SeriesVolume,
+    SliceGeometry,
+    SliceRef,
+    StudyLoad,
+)
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+_POSITION_TOLERANCE_MM = 0.01
+_ORIENTATION_DECIMALS = 3
+_REASON_CHARS = 300
+
+SeriesId = tuple[str, int | None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Frame:
+    """One frame of one decoded file, with what ordering and scaling need."""
+
+    file_index: int
+    frame_index: int  # 0-based index into the file's decoded pixels
+    frame_number: int | None  # 1-based for multi-frame objects, None for single-frame
+    geometry: SliceGeometry | None
+    slope: float
+    intercept: float
+    time_key: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class _Decoded:
+    """One file after decoding: its header, its frames and its stored pixels (n, rows, cols)."""
+
+    header: InstanceHeader
+    frames: tuple[_Frame, ...]
+    pixels: npt.NDArray[Any]
+
+
+def series_id(header: InstanceHeader) -> SeriesId:
+    """The key that splits a study into series: (SeriesInstanceUID, SeriesNumber)."""
+    return (header.series_uid, header.series_number)
+
+
+def volume_id(volume: SeriesVolume) -> SeriesId:
+    """The same key for an assembled volume."""
+    return (volume.series_uid, volume.series_number)
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and value != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float_or(value: Any, default: float) -> float:
+    try:
+        return float(value) if value is not None and value != "" else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _has_pixels(ds: Dataset) -> bool:
+    return any(k in ds for k in _PIXEL_KEYWORDS)
+
+
+def _header(path: Path, ds: Dataset, *, has_pixels: bool) -> InstanceHeader:
+    """The header record of a dataset; raise LoadError when its UIDs are missing."""
+    missing = [
+        k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if k not in ds
+    ]
+    if missing:
+        raise LoadError(f"missing {', '.join(missing)}")
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    image_type = ds.get("ImageType")
+    if image_type is None:
+        types: tuple[str, ...] = ()
+    elif isinstance(image_type, str):
+        types = (image_type,)
+    else:
+        types = tuple(str(v) for v in image_type)
+    n_frames = (_int_or_none(ds.get("NumberOfFrames")) or 1) if has_pixels else 0
+    return InstanceHeader(
+        path=path,
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        series_number=_int_or_none(ds.get("SeriesNumber")),
+        series_description=str(ds.get("SeriesDescription", "")),
+        modality=str(ds.get("Modality", "")),
+        transfer_syntax_uid=ts,
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        rows=_int_or_none(ds.get("Rows")),
+        columns=_int_or_none(ds.get("Columns")),
+        n_frames=n_frames,
+        image_type=types,
+        photometric=str(ds.PhotometricInterpretation)
+        if "PhotometricInterpretation" in ds
+        else None,
+        has_pixels=has_pixels,
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_REASON_CHARS]
+
+
+def read_headers(
+    paths: Sequence[Path],
+) -> tuple[tuple[InstanceHeader, ...], tuple[DecodeProblem, ...]]:
+    """Read only the headers of the files (fast: pixel data is not read)."""
+    headers: list[InstanceHeader] = []
+    problems: list[DecodeProblem] = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            # stop_before_pixels hides PixelData: look at the tags the header does carry.
+            has_pixels = "Rows" in ds and "Columns" in ds
+            headers.append(_header(Path(path), ds, has_pixels=has_pixels))
+        except (InvalidDicomError, LoadError, OSError, ValueError, TypeError, EOFError) as exc:
+            problems.append(DecodeProblem(path=Path(path), series_uid=None, reason=_reason(exc)))
+    return tuple(headers), tuple(problems)
+
+
+def _item(groups: Iterable[Dataset | None], keyword: str) -> Dataset | None:
+    """The first item of a functional group macro, per-frame first, then shared."""
+    for group in groups:
+        if group is not None and keyword in group:
+            seq = group[keyword].value
+            if len(seq):
+                first: Dataset = seq[0]
+                return first
+    return None
+
+
+def _geometry(
+    position: Any, orientation: Any, spacing: Any, thickness: Any
+) -> SliceGeometry | None:
+    if position is None or orientation is None or len(position) != 3 or len(orientation) != 6:
+        return None
+    pos = tuple(float(v) for v in position)
+    ori = tuple(float(v) for v in orientation)
+    if spacing is not None and len(spacing) == 2:
+        ps = (float(spacing[0]), float(spacing[1]))
+    else:
+        ps = (1.0, 1.0)
+    return SliceGeometry(
+        position=(pos[0], pos[1], pos[2]),
+        orientation=(ori[0], ori[1], ori[2], ori[3], ori[4], ori[5]),
+        pixel_spacing=ps,
+        slice_thickness=_float_or(thickness, 0.0) if thickness not in (None, "") else None,
+    )
+
+
+def _frames(ds: Dataset, file_index: int, n_frames: int) -> tuple[_Frame, ...]:
+    """Geometry, rescale and time key of every frame of a dataset (enhanced or classic)."""
+    base_time = (
+        _float_or(ds.get("TemporalPositionIdentifier"), 0.0),
+        _float_or(ds.get("AcquisitionNumber"), 0.0),
+        _float_or(ds.get("InstanceNumber"), 0.0),
+    )
+    slope = _float_or(ds.get("RescaleSlope"), 1.0)
+    intercept = _float_or(ds.get("RescaleIntercept"), 0.0)
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq is not None and len(shared_seq) else None
+    if per_frame is None and shared is None:
+        # Classic object; a classic multi-frame without per-frame geometry cannot place its
+        # frames in space, so its frames keep their stored order.
+        geom = _geometry(
+            ds.get("ImagePositionPatient"),
+            ds.get("ImageOrientationPatient"),
+            spacing,
+            ds.get("SliceThickness"),
+        )
+        return tuple(
+            _Frame(
+                file_index=file_index,
+                frame_index=i,
+                frame_number=i + 1 if n_frames > 1 else None,
+                geometry=geom if n_frames == 1 else None,
+                slope=slope,
+                intercept=intercept,
+                time_key=(*base_time, float(i)),
+            )
+            for i in range(n_frames)
+        )
+    frames = []
+    for i in range(n_frames):
+        fg = per_frame[i] if per_frame is not None and i < len(per_frame) else None
+        groups = (fg, shared)
+        pos_item = _item(groups, "PlanePositionSequence")
+        ori_item = _item(groups, "PlaneOrientationSequence")
+        meas = _item(groups, "PixelMeasuresSequence")
+        pvt = _item(groups, "PixelValueTransformationSequence")
+        content = _item(groups, "FrameContentSequence")
+        geom = _geometry(
+            pos_item.get("ImagePositionPatient") if pos_item is not None else None,
+            ori_item.get("ImageOrientationPatient") if ori_item is not None else None,
+            meas.get("PixelSpacing") if meas is not None else spacing,
+            meas.get("SliceThickness") if meas is not None else ds.get("SliceThickness"),
+        )
+        temporal = content.get("TemporalPositionIndex") if content is not None else None
+        acquisition = content.get("FrameAcquisitionNumber") if content is not None else None
+        frames.append(
+            _Frame(
+                file_index=file_index,
+                frame_index=i,
+                frame_number=i + 1,
+                geometry=geom,
+                slope=_float_or(pvt.get("RescaleSlope"), slope) if pvt is not None else slope,
+                intercept=_float_or(pvt.get("RescaleIntercept"), intercept)
+                if pvt is not None
+                else intercept,
+                time_key=(
+                    _float_or(temporal, base_time[0]),
+                    _float_or(acquisition, base_time[1]),
+                    base_time[2],
+                    float(i),
+                ),
+            )
+        )
+    return tuple(frames)
+
+
+def _decode(path: Path, file_index: int) -> _Decoded | InstanceHeader:
+    """Read one file fully; return the decoded file, or only its header if it has no pixels."""
+    ds = pydicom.dcmread(path)
+    has_pixels = _has_pixels(ds)
+    header = _header(path, ds, has_pixels=has_pixels)
+    if not has_pixels:
+        return header
+    arr = np.asarray(ds.pixel_array)
+    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
+    n_frames = header.n_frames
+    if samples > 1:
+        # pydicom gives colour as RGB in the last axis; keep one grey channel (luminance).
+        if arr.ndim == 3 and n_frames == 1:
+            arr = arr[None]
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    elif arr.ndim == 2:
+        arr = arr[None]
+    if arr.shape[0] != n_frames:
+        raise LoadError(f"decoded {arr.shape[0]} frames, header says {n_frames}")
+    return _Decoded(header=header, frames=_frames(ds, file_index, n_frames), pixels=arr)
+
+
+def _normal(orientation: tuple[float, ...]) -> npt.NDArray[np.float64]:
+    row = np.asarray(orientation[:3], dtype=np.float64)
+    col = np.asarray(orientation[3:], dtype=np.float64)
+    return np.cross(row, col)
+
+
+def _group_key(dec: _Decoded, frame: _Frame) -> tuple[Any, ...]:
+    """Frames of one volume share matrix, orientation (rounded) and having geometry at all."""
+    shape = tuple(dec.pixels.shape[1:3])
+    if frame.geometry is None:
+        return (shape, None)
+    ori = tuple(round(v, _ORIENTATION_DECIMALS) + 0.0 for v in frame.geometry.orientation)
+    return (shape, ori)
+
+
+def _order(
+    frames: Sequence[tuple[_Decoded, _Frame]],
+) -> tuple[list[tuple[_Decoded, _Frame]], float | None]:
+    """Frames in time-major, space-minor order, and the spacing between positions."""
+    if any(f.geometry is None for _, f in frames):
+        ordered = sorted(
+            frames,
+            key=lambda df: (df[0].header.instance_number or 0, df[1].file_index, df[1].frame_index),
+        )
+        return ordered, None
+    first = frames[0][1].geometry
+    assert first is not None
+    normal = _normal(first.orientation)
+    dist = [float(np.dot(normal, f.geometry.position)) for _, f in frames if f.geometry]
+    # Cluster projected positions: equal within tolerance = the same slice location.
+    order = sorted(range(len(frames)), key=lambda i: dist[i])
+    location = [0] * len(frames)
+    centres: list[float] = []
+    for i in order:
+        if not centres or dist[i] - centres[-1] > _POSITION_TOLERANCE_MM:
+            centres.append(dist[i])
+        location[i] = len(centres) - 1
+    by_location: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(frames)):
+        by_location[location[i]].append(i)
+    rank = [0] * len(frames)
+    for members in by_location.values():
+        members.sort(key=lambda i: (frames[i][1].time_key, frames[i][1].file_index))
+        for r, i in enumerate(members):
+            rank[i] = r
+    ordered_idx = sorted(range(len(frames)), key=lambda i: (rank[i], location[i]))
+    gaps = [b - a for a, b in itertools.pairwise(centres)]
+    spacing = float(statistics.median(gaps)) if gaps else None
+    return [frames[i] for i in ordered_idx], spacing
+
+
+def _assemble(
+    sid: SeriesId, decoded: Sequence[_Decoded]
+) -> tuple[SeriesVolume | None, list[DecodeProblem]]:
+    """One volume from the decoded files of one series; other geometries become problems."""
+    groups: dict[tuple[Any, ...], list[tuple[_Decoded, _Frame]]] = defaultdict(list)
+    for dec in decoded:
+        for frame in dec.frames:
+            groups[_group_key(dec, frame)].append((dec, frame))
+    if not groups:
+        return None, []
+    # Largest group wins; ties go to the group seen first (dict order follows file order).
+    main_key = max(groups, key=lambda k: len(groups[k]))
+    problems: list[DecodeProblem] = []
+    main_paths = {dec.header.path for dec, _ in groups[main_key]}
+    for key, members in groups.items():
+        if key == main_key:
+            continue
+        left_out = Counter(dec.header.path for dec, _ in members)
+        (rows, cols), ori = key
+        for path, n in left_out.items():
+            where = "also holds frames kept; " if path in main_paths else ""
+            problems.append(
+                DecodeProblem(
+                    path=path,
+                    series_uid=sid[0],
+                    reason=(
+                        f"mixed geometry: {where}{n} frame(s) of {rows}x{cols} "
+                        f"orientation {ori} left out; the series volume keeps "
+                        f"{len(groups[main_key])} frame(s) of {main_key[0][0]}x{main_key[0][1]}"
+                    ),
+                )
+            )
+    ordered, spacing = _order(groups[main_key])
+    rows, cols = main_key[0]
+    pixels = np.empty((len(ordered), rows, cols), dtype=np.float32)
+    slices = []
+    for i, (dec, frame) in enumerate(ordered):
+        plane = dec.pixels[frame.frame_index]
+        if frame.slope != 1.0 or frame.intercept != 0.0:
+            np.multiply(plane, frame.slope, out=pixels[i], casting="unsafe")
+            pixels[i] += frame.intercept
+        else:
+            pixels[i] = plane
+        geom = frame.geometry
+        if geom is None:
+            geom = SliceGeometry(
+                position=(0.0, 0.0, float(i)),
+                orientation=_AXIAL,
+                pixel_spacing=(1.0, 1.0),
+                slice_thickness=None,
+            )
+        slices.append(
+            SliceRef(
+                path=dec.header.path,
+                sop_class_uid=dec.header.sop_class_uid,
+                sop_instance_uid=dec.header.sop_instance_uid,
+                frame_number=frame.frame_number,
+                geometry=geom,
+            )
+        )
+    used = {dec.header.path for dec, _ in ordered}
+    volume = SeriesVolume(
+        study_uid=decoded[0].header.study_uid,
+        series_uid=sid[0],
+        series_number=sid[1],
+        pixels=pixels,
+        slices=tuple(slices),
+        slice_spacing_mm=spacing,
+        n_instances=len(used),
+        n_frames=len(ordered),
+    )
+    return volume, problems
+
+
+def scan_study(paths: Sequence[Path]) -> StudyLoad:
+    """Read every file of a study once: headers, assembled volumes, and what failed."""
+    headers: list[InstanceHeader] = []
+    problems: list[DecodeProblem] = []
+    by_series: dict[SeriesId, list[_Decoded]] = defaultdict(list)
+    for index, raw in enumerate(paths):
+        path = Path(raw)
+        try:
+            result = _decode(path, index)
+        except Exception as exc:  # per-file guard: decoders raise anything
+            # One bad file must not sink the study: record it and go on. Its header is still
+            # listed when it was readable, so the audit shows which series it belonged to.
+            header = _header_only(path)
+            if header is not None:
+                headers.append(header)
+            problems.append(
+                DecodeProblem(
+                    path=path,
+                    series_uid=header.series_uid if header is not None else None,
+                    reason=_reason(exc),
+                )
+            )
+            continue
+        if isinstance(result, InstanceHeader):
+            headers.append(result)
+            continue
+        headers.append(result.header)
+        by_series[series_id(result.header)].append(result)
+    volumes = []
+    for sid, decoded in by_series.items():
+        volume, extra = _assemble(sid, decoded)
+        problems.extend(extra)
+        if volume is not None:
+            volumes.append(volume)
+    volumes.sort(
+        key=lambda v: (v.series_number if v.series_number is not None else -1, v.series_uid)
+    )
+    return StudyLoad(headers=tuple(headers), volumes=tuple(volumes), problems=tuple(problems))
+
+
+def _header_only(path: Path) -> InstanceHeader | None:
+    """The header of a file whose pixels failed, or None if even the header is unreadable."""
+    headers, _ = read_headers((path,))
+    return headers[0] if headers else None
+
+
+def load_study(
+    paths: Sequence[Path],
+) -> tuple[tuple[SeriesVolume, ...], tuple[DecodeProblem, ...]]:
+    """Every series of a study as ordered volumes, plus the files that could not be used."""
+    loaded = scan_study(paths)
+    return loaded.volumes, loaded.problems
+
+
+def load_series(paths: Sequence[Path]) -> SeriesVolume:
+    """The files of one series as one ordered volume; LoadError if that is not what they are."""
+    volumes, problems = load_study(paths)
+    if len(volumes) != 1:
+        detail = f"; first problem: {problems[0].reason}" if problems else ""
+        raise LoadError(f"expected one series with pixels, found {len(volumes)}{detail}")
+    return volumes[0]
