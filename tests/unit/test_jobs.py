@@ -1,0 +1,240 @@
+"""Job queue: state transitions, leases, retries, dead letter, orphan release, re-opening."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from node.errors import JobError
+from node.jobs import JobQueue
+from node.records import StudyJob, StudyOutcome, StudyStatus
+from node.spool import Spool
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _mr(study: str, series: str, sop: str) -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, clock: Clock) -> Iterator[Spool]:
+    s = Spool(tmp_path / "spool", min_free_disk_mb=0, clock=clock)
+    yield s
+    s.close()
+
+
+def _queue(spool: Spool, clock: Clock, owner: str = "w1", **kw: float) -> JobQueue:
+    return JobQueue(
+        spool.index,
+        owner=owner,
+        lease_s=kw.get("lease_s", 60.0),
+        max_attempts=int(kw.get("max_attempts", 3)),
+        clock=clock,
+    )
+
+
+def _outcome(job: StudyJob) -> StudyOutcome:
+    return StudyOutcome(
+        study_uid=job.study_uid,
+        audit_path=Path("audit.json"),
+        n_series=1,
+        n_instances=1,
+        n_decode_errors=0,
+    )
+
+
+def _study_state(spool: Spool, uid: str = "1.2.3") -> str:
+    return str(spool.index.query("SELECT state FROM studies WHERE study_uid=?", (uid,))[0][0])
+
+
+def _receive(spool: Spool, n: int = 2, study: str = "1.2.3", start: int = 1) -> None:
+    for i in range(start, start + n):
+        spool.store(_mr(study, study + ".1", f"{study}.1.{i}"), calling_ae="A")
+
+
+def test_happy_path_states(spool: Spool, clock: Clock) -> None:
+    q = _queue(spool, clock)
+    _receive(spool)
+    assert _study_state(spool) == "receiving"
+    job_id = q.enqueue("1.2.3")
+    assert job_id is not None
+    assert q.enqueue("1.2.3") is None  # already ready: no second job
+    assert _study_state(spool) == "ready" and q.job_state(job_id) is StudyStatus.READY
+    job = q.claim()
+    assert job is not None and job.job_id == job_id and job.attempt == 1 and not job.reopened
+    assert len(job.instance_paths) == 2 and all(p.exists() for p in job.instance_paths)
+    assert _study_state(spool) == "processing"
+    assert q.claim() is None
+    q.complete(job, _outcome(job))
+    assert q.job_state(job_id) is StudyStatus.DONE and _study_state(spool) == "done"
+    (h,) = q.history("1.2.3")
+    assert (h.attempt, h.outcome) == (1, "done") and h.finished_at is not None
+
+
+def test_retry_then_dead_letter(spool: Spool, clock: Clock) -> None:
+    q = _queue(spool, clock, max_attempts=2)
+    _receive(spool)
+    q.enqueue("1.2.3")
+    job = q.claim()
+    assert job is not None
+    assert q.fail(job, error="RuntimeError", permanent=False) is StudyStatus.READY
+    assert q.claim() is None  # backoff: not yet available
+    clock.t += 5
+    job2 = q.claim()
+    assert job2 is not None and job2.attempt == 2 and job2.job_id == job.job_id
+    assert q.fail(job2, error="RuntimeError", permanent=False) is StudyStatus.DEAD
+    assert _study_state(spool) == "dead"
+    clock.t += 100
+    assert q.claim() is None
+    summary = q.summary()
+    assert summary.queue_depth == 0
+    (f,) = summary.recent_failures
+    assert (f.state, f.attempts, f.error) == ("dead", 2, "RuntimeError")
+    assert f.study_key != "1.2.3" and len(f.study_key) == 12
+    assert [h.outcome for h in q.history("1.2.3")] == ["retry", "dead"]
+
+
+def test_permanent_failure_is_not_retried(spool: Spool, clock: Clock) -> None:
+    q = _queue(spool, clock)
+    _receive(spool)
+    q.enqueue("1.2.3")
+    job = q.claim()
+    assert job is not None
+    assert q.fail(job, error="LoadError", permanent=True) is StudyStatus.FAILED
+    clock.t += 100
+    assert q.claim() is None and _study_state(spool) == "failed"
+
+
+def test_lease_expiry_gives_job_to_another_worker(spool: Spool, clock: Clock) -> None:
+    q1 = _queue(spool, clock, "w1", lease_s=10)
+    q2 = _queue(spool, clock, "w2", lease_s=10)
+    _receive(spool)
+    q1.enqueue("1.2.3")
+    job = q1.claim()
+    assert job is not None
+    clock.t += 5
+    assert q2.expire_leases() == 0
+    q1.renew(job)
+    clock.t += 9
+    assert q2.expire_leases() == 0  # renewed at +5, expires at +15
+    clock.t += 2
+    assert q2.expire_leases() == 1
+    job2 = q2.claim()
+    assert job2 is not None and job2.attempt == 2
+    with pytest.raises(JobError, match="lease lost"):
+        q1.complete(job, _outcome(job))
+    q2.complete(job2, _outcome(job2))
+    outcomes = [h.outcome for h in q2.history("1.2.3")]
+    assert outcomes == ["lease-expired", "done"]
+    assert spool.index.query("SELECT times_done FROM studies")[0][0] == 1
+
+
+def test_lease_expiry_past_max_attempts_is_dead(spool: Spool, clock: Clock) -> None:
+    q = _queue(spool, clock, lease_s=10, max_attempts=1)
+    _receive(spool)
+    q.enqueue("1.2.3")
+    assert q.claim() is not None
+    clock.t += 11
+    assert q.expire_leases() == 1
+    assert _study_state(spool) == "dead"
+
+
+def test_orphans_of_dead_owner_are_released_on_startup(spool: Spool, clock: Clock) -> None:
+    old = _queue(spool, clock, "old-pid")
+    _receive(spool)
+    old.enqueue("1.2.3")
+    assert old.claim() is not None  # then the process is killed
+    new = _queue(spool, clock, "new-pid")
+    assert new.release_orphans() == 1
+    assert _study_state(spool) == "ready"
+    job = new.claim()
+    assert job is not None and job.attempt == 2
+    new.complete(job, _outcome(job))
+    assert [h.outcome for h in new.history("1.2.3")] == ["interrupted", "done"]
+    assert new.release_orphans() == 0
+
+
+def test_release_on_shutdown_does_not_count_attempt(spool: Spool, clock: Clock) -> None:
+    q = _queue(spool, clock)
+    _receive(spool)
+    q.enqueue("1.2.3")
+    job = q.claim()
+    assert job is not None
+    q.release(job)
+    again = q.claim()
+    assert again is not None and again.attempt == 1
+
+
+def test_instance_after_done_reopens_and_reprocessing_is_recorded(
+    spool: Spool, clock: Clock
+) -> None:
+    q = _queue(spool, clock)
+    _receive(spool, 2)
+    q.enqueue("1.2.3")
+    job = q.claim()
+    assert job is not None
+    q.complete(job, _outcome(job))
+    _receive(spool, 1, start=3)
+    assert _study_state(spool) == "receiving"
+    job_id = q.enqueue("1.2.3")
+    job2 = q.claim()
+    assert job2 is not None and job2.job_id == job_id != job.job_id
+    assert job2.reopened and len(job2.instance_paths) == 3
+    q.complete(job2, _outcome(job2))
+    hist = q.history("1.2.3")
+    assert [(h.job_id, h.reopened, h.outcome) for h in hist] == [
+        (job.job_id, False, "done"),
+        (job2.job_id, True, "done"),
+    ]
+    assert spool.index.query("SELECT times_done FROM studies")[0][0] == 2
+
+
+def test_instance_during_processing_reopens_after_done(spool: Spool, clock: Clock) -> None:
+    q = _queue(spool, clock)
+    _receive(spool, 2)
+    q.enqueue("1.2.3")
+    job = q.claim()
+    assert job is not None
+    _receive(spool, 1, start=3)  # arrives while the job runs: not in job.instance_paths
+    assert len(job.instance_paths) == 2
+    q.complete(job, _outcome(job))
+    assert _study_state(spool) == "receiving"
+    q.enqueue("1.2.3")
+    job2 = q.claim()
+    assert job2 is not None and job2.reopened and len(job2.instance_paths) == 3
+
+
+def test_state_survives_reopen_of_index(tmp_path: Path, clock: Clock) -> None:
+    s = Spool(tmp_path / "sp", min_free_disk_mb=0, clock=clock)
+    q = _queue(s, clock)
+    _receive(s)
+    q.enqueue("1.2.3")
+    s.close()
+    s2 = Spool(tmp_path / "sp", min_free_disk_mb=0, clock=clock)
+    try:
+        q2 = _queue(s2, clock, "w2")
+        job = q2.claim()
+        assert job is not None and job.study_uid == "1.2.3"
+    finally:
+        s2.close()

@@ -1,0 +1,232 @@
+"""Spool: UID validation, file naming, durable store, duplicates, quarantine, low disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from node.errors import InvalidInstance, StoreStatus
+from node.records import InstanceRef, StudyStatus
+from node.spool import Spool, instance_relpath, is_valid_uid, parse_instance
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _mr(study: str, series: str, sop: str, **extra: object) -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = sop
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.PatientName = "ZZTESTPHI^SENTINEL"
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    return _bytes(ds)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool", min_free_disk_mb=1, free_bytes=lambda _p: 10**12)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize(
+    ("uid", "ok"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.4", True),
+        ("0", True),
+        ("1.0.3", True),
+        ("2.25.3" + "1" * 58, True),  # exactly 64 characters
+        ("2.25.3" + "1" * 59, False),  # 65
+        ("1.02.3", False),  # leading zero
+        ("1..2", False),
+        (".1.2", False),
+        ("1.2.", False),
+        ("1.2.a", False),
+        ("1.2/../3", False),
+        ("", False),
+        (" 1.2", False),
+    ],
+)
+def test_uid_validation(uid: str, ok: bool) -> None:
+    assert is_valid_uid(uid) is ok
+
+
+def test_spool_naming_uses_only_validated_uids() -> None:
+    ref = InstanceRef(
+        sop_class_uid=MR,
+        sop_instance_uid="1.2.3.4",
+        study_uid="1.2.3",
+        series_uid="1.2.3.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+    assert instance_relpath(ref) == Path("instances/1.2.3/1.2.3.1/1.2.3.4.dcm")
+    bad = InstanceRef(
+        sop_class_uid=MR,
+        sop_instance_uid="../../etc/passwd",
+        study_uid="1.2.3",
+        series_uid="1.2.3.1",
+        transfer_syntax_uid="",
+    )
+    with pytest.raises(InvalidInstance, match="SOPInstanceUID"):
+        instance_relpath(bad)
+
+
+def test_parse_reads_uids_and_hints() -> None:
+    p = parse_instance(_mr("1.2.3", "1.2.3.1", "1.2.3.1.7", ImagesInAcquisition=24))
+    assert p.ref.study_uid == "1.2.3"
+    assert p.ref.series_uid == "1.2.3.1"
+    assert p.ref.sop_instance_uid == "1.2.3.1.7"
+    assert p.ref.sop_class_uid == MR
+    assert p.images_in_acquisition == 24
+    assert p.temporal_positions is None
+
+
+def test_store_writes_bytes_as_received_and_indexes(spool: Spool) -> None:
+    data = _mr("1.2.3", "1.2.3.1", "1.2.3.1.1")
+    res = spool.store(data, calling_ae="STORESCU", sop_class_uid=MR)
+    assert res.status == StoreStatus.SUCCESS
+    assert res.instance is not None and not res.instance.duplicate
+    path = spool.root / "instances/1.2.3/1.2.3.1/1.2.3.1.1.dcm"
+    assert res.instance.path == path
+    assert path.read_bytes() == data
+    assert list((spool.root / "tmp").iterdir()) == []
+    rows = spool.index.query("SELECT state, n_instances FROM studies WHERE study_uid='1.2.3'")
+    assert (rows[0]["state"], rows[0]["n_instances"]) == (StudyStatus.RECEIVING, 1)
+    assert spool.instance_paths("1.2.3") == (path,)
+
+
+def test_duplicate_sop_is_stored_once(spool: Spool) -> None:
+    data = _mr("1.2.3", "1.2.3.1", "1.2.3.1.1")
+    spool.store(data, calling_ae="A")
+    mtime = (spool.root / "instances/1.2.3/1.2.3.1/1.2.3.1.1.dcm").stat().st_mtime_ns
+    again = spool.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1", SeriesNumber=99), calling_ae="B")
+    assert again.status == StoreStatus.SUCCESS
+    assert again.instance is not None and again.instance.duplicate
+    assert (spool.root / "instances/1.2.3/1.2.3.1/1.2.3.1.1.dcm").stat().st_mtime_ns == mtime
+    assert spool.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 1
+    assert spool.index.query("SELECT n_instances FROM studies")[0]["n_instances"] == 1
+
+
+def test_concurrent_same_sop_is_stored_once(spool: Spool) -> None:
+    data = _mr("1.2.3", "1.2.3.1", "1.2.3.1.1")
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(spool.store(data, calling_ae="A")))
+        for _ in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.instance.duplicate for r in results if r.instance) == [False] + [True] * 5
+    assert spool.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 1
+
+
+def test_invalid_uid_is_quarantined_without_phi(spool: Spool) -> None:
+    data = _mr("1.2.3", "1.2.abc", "1.2.3.1.1")
+    res = spool.store(data, calling_ae="STORESCU")
+    assert res.status == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert res.quarantine_path is not None and res.quarantine_path.read_bytes() == data
+    reason_file = res.quarantine_path.with_name(res.quarantine_path.stem + ".reason.json")
+    reason = json.loads(reason_file.read_text())
+    assert reason["reason"] == "invalid SeriesInstanceUID"
+    assert reason["calling_ae"] == "STORESCU"
+    assert "ZZTESTPHI" not in reason_file.read_text()
+    assert list((spool.root / "instances").iterdir()) == []
+
+
+def test_unparseable_bytes_are_quarantined_cannot_understand(spool: Spool) -> None:
+    res = spool.store(b"\x00" * 128 + b"DICM" + b"\xff" * 40, calling_ae="X")
+    assert res.status in (
+        StoreStatus.CANNOT_UNDERSTAND,
+        StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+    )
+    assert res.quarantine_path is not None and res.quarantine_path.exists()
+    assert spool.index.query("SELECT COUNT(*) AS n FROM quarantine")[0]["n"] == 1
+
+
+def test_missing_study_uid_is_quarantined(spool: Spool) -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.StudyInstanceUID
+    res = spool.store(_bytes(ds), calling_ae="X")
+    assert res.status == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert res.reason == "missing StudyInstanceUID"
+
+
+def test_sop_class_mismatch_is_quarantined(spool: Spool) -> None:
+    res = spool.store(
+        _mr("1.2.3", "1.2.3.1", "1.2.3.1.1"),
+        calling_ae="X",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+    )
+    assert res.status == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert res.instance is None
+
+
+def test_low_disk_answers_a700_and_writes_nothing(tmp_path: Path) -> None:
+    free = {"bytes": 10**12}
+    s = Spool(tmp_path / "s", min_free_disk_mb=100, free_bytes=lambda _p: free["bytes"])
+    try:
+        free["bytes"] = 100 * 1024 * 1024 + 10  # above the floor, but not after this instance
+        res = s.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"), calling_ae="X")
+        assert res.status == StoreStatus.OUT_OF_RESOURCES == 0xA700
+        assert list((s.root / "instances").iterdir()) == []
+        assert list((s.root / "tmp").iterdir()) == []
+        assert s.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+        free["bytes"] = 10**12
+        assert s.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"), calling_ae="X").status == 0
+    finally:
+        s.close()
+
+
+def test_instance_for_done_study_reopens_it(spool: Spool) -> None:
+    spool.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"), calling_ae="A")
+    with spool.index.transaction() as db:
+        db.execute("UPDATE studies SET state='done'")
+    spool.store(_mr("1.2.3", "1.2.3.2", "1.2.3.2.1"), calling_ae="A")
+    row = spool.index.query("SELECT state, reopened, n_instances FROM studies")[0]
+    assert (row["state"], row["reopened"], row["n_instances"]) == ("receiving", 1, 2)
+
+
+def test_receiving_studies_reports_counts_and_hints(spool: Spool) -> None:
+    for i in range(3):
+        spool.store(
+            _mr("1.2.3", "1.2.3.1", f"1.2.3.1.{i + 1}", ImagesInAcquisition=4), calling_ae="A"
+        )
+    spool.store(_mr("1.2.3", "1.2.3.2", "1.2.3.2.1"), calling_ae="A")
+    (study,) = spool.receiving_studies()
+    counts = {s.series_uid: (s.received, s.expected) for s in study.series}
+    assert counts == {"1.2.3.1": (3, 4), "1.2.3.2": (1, None)}
+
+
+def test_leftover_temp_files_are_removed_on_open(tmp_path: Path) -> None:
+    (tmp_path / "s" / "tmp").mkdir(parents=True)
+    (tmp_path / "s" / "tmp" / "dead.part").write_bytes(b"x")
+    s = Spool(tmp_path / "s", min_free_disk_mb=0)
+    s.close()
+    assert list((tmp_path / "s" / "tmp").iterdir()) == []
+
+
+def test_overlong_uid_is_quarantined_not_truncated(spool: Spool) -> None:
+    study = generate_uid()  # 64 characters: the longest valid UID
+    ok = spool.store(_mr(study, "1.2.3.1", "1.2.3.1.1"), calling_ae="A")
+    assert ok.instance is not None
+    assert ok.instance.path.relative_to(spool.root).parts[:2] == ("instances", study)
+    res = spool.store(_mr("1.2.3", study + ".1", "1.2.3.1.2"), calling_ae="A")
+    assert res.status == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert res.reason == "invalid SeriesInstanceUID"
