@@ -1,0 +1,172 @@
+"""Association policy, accepted contexts, and the C-STORE handler over loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import uid as dcm_uid
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+from node.config import AllowedCaller, NodeSettings
+from node.errors import StoreStatus
+from node.receive import TRANSFER_SYNTAXES, Receiver, check_association, storage_sop_classes
+from node.spool import Spool, StoreResult
+from tests.conftest import free_port
+
+
+def _settings(**kw: object) -> NodeSettings:
+    base: dict[str, object] = {
+        "ae_title": "NEURONODE",
+        "allowed_callers": (
+            AllowedCaller(ae_title="STORESCU", host="127.0.0.1"),
+            AllowedCaller(ae_title="ANYHOST"),
+        ),
+    }
+    base.update(kw)
+    return NodeSettings.model_validate(base)
+
+
+@pytest.mark.parametrize(
+    ("calling", "called", "host", "reason"),
+    [
+        ("STORESCU", "NEURONODE", "127.0.0.1", None),
+        ("STORESCU", "NEURONODE", "10.0.0.5", "calling AE title not recognised"),
+        ("ANYHOST", "NEURONODE", "10.0.0.5", None),
+        ("INTRUDER", "NEURONODE", "127.0.0.1", "calling AE title not recognised"),
+        ("STORESCU", "OTHERNODE", "127.0.0.1", "called AE title not recognised"),
+    ],
+)
+def test_association_policy(calling: str, called: str, host: str, reason: str | None) -> None:
+    got = check_association(_settings(), calling_ae=calling, called_ae=called, peer_host=host)
+    assert got == reason
+
+
+def test_accept_unknown_callers_still_checks_called_ae() -> None:
+    s = _settings(accept_unknown_callers=True)
+    assert check_association(s, calling_ae="X", called_ae="NEURONODE", peer_host="h") is None
+    assert check_association(s, calling_ae="X", called_ae="NOPE", peer_host="h") is not None
+
+
+def test_contexts_cover_brain_mr_and_transfer_syntaxes() -> None:
+    classes = set(storage_sop_classes())
+    for uid in (
+        "1.2.840.10008.5.1.4.1.1.4",  # MR
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy converted enhanced MR
+        "1.2.840.10008.5.1.4.1.1.4.2",  # MR spectroscopy
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary capture
+        "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+        "1.2.840.10008.5.1.4.1.1.11.1",  # GSPS
+        "1.2.840.10008.5.1.4.1.1.66",  # Raw data
+        "1.2.840.10008.5.1.4.1.1.2",  # CT
+        "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+    ):
+        assert uid in classes
+    for ts in (
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.5",
+    ):
+        assert ts in TRANSFER_SYNTAXES
+
+
+class _ExplodingSpool:
+    """Raises on the first store, then behaves: the association must go on."""
+
+    def __init__(self, real: Spool) -> None:
+        self.real = real
+        self.calls = 0
+
+    def store(self, data: bytes, **kw: str) -> StoreResult:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("boom")
+        return self.real.store(data, **kw)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[tuple[Receiver, Spool]]:
+    spool = Spool(tmp_path / "spool", min_free_disk_mb=0)
+    rx = Receiver(_settings(port=free_port()), spool)
+    rx.start()
+    yield rx, spool
+    rx.stop(1.0)
+    spool.close()
+
+
+def _dataset(sop: str, series: str = "1.2.3.1") -> pydicom.Dataset:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = "1.2.3", series, sop
+    return ds
+
+
+def _scu(calling: str = "STORESCU") -> AE:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(MRImageStorage, dcm_uid.ExplicitVRLittleEndian)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    return ae
+
+
+def test_store_over_loopback_and_bad_caller(receiver: tuple[Receiver, Spool]) -> None:
+    rx, spool = receiver
+    assoc = _scu().associate("127.0.0.1", rx.port, ae_title="NEURONODE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    st = assoc.send_c_store(_dataset("1.2.3.1.1"))
+    bad = assoc.send_c_store(_dataset("1.2.3.1.2", series="1.2.x"))
+    dup = assoc.send_c_store(_dataset("1.2.3.1.1"))
+    assoc.release()
+    assert st.Status == StoreStatus.SUCCESS
+    assert bad.Status == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert dup.Status == StoreStatus.SUCCESS
+    stored = spool.root / "instances/1.2.3/1.2.3.1/1.2.3.1.1.dcm"
+    assert pydicom.dcmread(stored).SOPInstanceUID == "1.2.3.1.1"
+    assert len(list((spool.root / "quarantine").glob("*.dcm"))) == 1
+
+    rejected = _scu("INTRUDER").associate("127.0.0.1", rx.port, ae_title="NEURONODE")
+    assert rejected.is_rejected and not rejected.is_established
+    wrong_called = _scu().associate("127.0.0.1", rx.port, ae_title="OTHER")
+    assert wrong_called.is_rejected
+
+
+def test_handler_guard_turns_error_into_failure_and_goes_on(
+    receiver: tuple[Receiver, Spool],
+) -> None:
+    rx, spool = receiver
+    rx.spool = _ExplodingSpool(spool)  # type: ignore[assignment]
+    assoc = _scu().associate("127.0.0.1", rx.port, ae_title="NEURONODE")
+    first = assoc.send_c_store(_dataset("1.2.3.1.5"))
+    second = assoc.send_c_store(_dataset("1.2.3.1.6"))
+    assoc.release()
+    assert first.Status == StoreStatus.PROCESSING_FAILURE
+    assert second.Status == StoreStatus.SUCCESS
+    assert (spool.root / "instances/1.2.3/1.2.3.1/1.2.3.1.6.dcm").exists()
+
+
+def test_bytes_are_stored_as_received_big_endian(receiver: tuple[Receiver, Spool]) -> None:
+    rx, spool = receiver
+    src = get_testdata_file("MR_small_bigendian.dcm")
+    ds = pydicom.dcmread(src)
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(MRImageStorage, dcm_uid.ExplicitVRBigEndian)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="NEURONODE")
+    assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    (path,) = spool.instance_paths(str(ds.StudyInstanceUID))
+    stored = pydicom.dcmread(path)
+    assert stored.file_meta.TransferSyntaxUID == dcm_uid.ExplicitVRBigEndian
+    assert (stored.pixel_array == ds.pixel_array).all()
