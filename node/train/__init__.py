@@ -1,0 +1,1 @@
+"""Training and evaluation that produce model bundles (``neuronode train`` / ``evaluate``)."""

@@ -1,0 +1,262 @@
+"""Evaluation metrics for binary and multi-class models (pure numpy, no torch).
+
+AUC is the Mann-Whitney statistic (ties count half). Confidence intervals are percentile
+bootstraps over patients (each patient contributes one prediction). ECE uses equal-width bins
+on the predicted probability of the positive class, so the reliability diagram and the ECE
+describe the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReliabilityBin:
+    """One bin of a reliability diagram."""
+
+    low: float
+    high: float
+    count: int
+    mean_probability: float  # NaN when the bin is empty
+    observed_rate: float  # NaN when the bin is empty
+
+
+def _check_binary(y_true: npt.ArrayLike, y_prob: npt.ArrayLike) -> tuple[Array, Array]:
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_prob, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"y_true has {y.size} values but y_prob has {p.size}")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError("y_true must hold only 0 and 1")
+    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError("y_prob must be probabilities in 0..1")
+    return y, p
+
+
+def roc_auc(y_true: npt.ArrayLike, y_prob: npt.ArrayLike) -> float:
+    """Area under the ROC curve (Mann-Whitney U / n_pos n_neg); NaN when one class is absent."""
+    y, p = _check_binary(y_true, y_prob)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(p, kind="mergesort")
+    ranks = np.empty(p.size, dtype=np.float64)
+    sorted_p = p[order]
+    # average ranks for ties
+    i = 0
+    while i < p.size:
+        j = i
+        while j + 1 < p.size and sorted_p[j + 1] == sorted_p[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def roc_curve(y_true: npt.ArrayLike, y_prob: npt.ArrayLike) -> tuple[Array, Array]:
+    """False and true positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    y, p = _check_binary(y_true, y_prob)
+    n_pos = max(int(y.sum()), 1)
+    n_neg = max(y.size - int(y.sum()), 1)
+    thresholds = np.unique(p)[::-1]
+    fpr = [0.0]
+    tpr = [0.0]
+    for t in thresholds:
+        pred = p >= t
+        tpr.append(float((pred & (y == 1)).sum() / n_pos))
+        fpr.append(float((pred & (y == 0)).sum() / n_neg))
+    if fpr[-1] != 1.0 or tpr[-1] != 1.0:
+        fpr.append(1.0)
+        tpr.append(1.0)
+    return np.asarray(fpr), np.asarray(tpr)
+
+
+def bootstrap_auc_ci(
+    y_true: npt.ArrayLike,
+    y_prob: npt.ArrayLike,
+    *,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the AUC, resampling patients; resamples with one class skip."""
+    y, p = _check_binary(y_true, y_prob)
+    rng = np.random.default_rng(seed)
+    aucs: list[float] = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, y.size, y.size)
+        yb = y[idx]
+        if yb.min() == yb.max():
+            continue
+        aucs.append(roc_auc(yb, p[idx]))
+    if not aucs:
+        return (math.nan, math.nan)
+    lo, hi = np.quantile(np.asarray(aucs), [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
+
+
+def reliability_bins(
+    y_true: npt.ArrayLike, y_prob: npt.ArrayLike, *, n_bins: int = 10
+) -> tuple[ReliabilityBin, ...]:
+    """Equal-width bins on the positive-class probability: count, mean prediction, observed rate."""
+    y, p = _check_binary(y_true, y_prob)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin i holds edges[i] <= p < edges[i+1]; p == 1 goes in the last bin
+    which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
+    bins = []
+    for i in range(n_bins):
+        mask = which == i
+        n = int(mask.sum())
+        bins.append(
+            ReliabilityBin(
+                low=float(edges[i]),
+                high=float(edges[i + 1]),
+                count=n,
+                mean_probability=float(p[mask].mean()) if n else math.nan,
+                observed_rate=float(y[mask].mean()) if n else math.nan,
+            )
+        )
+    return tuple(bins)
+
+
+def expected_calibration_error(
+    y_true: npt.ArrayLike, y_prob: npt.ArrayLike, *, n_bins: int = 10
+) -> float:
+    """ECE: the count-weighted mean gap between predicted probability and observed rate."""
+    bins = reliability_bins(y_true, y_prob, n_bins=n_bins)
+    total = sum(b.count for b in bins)
+    if total == 0:
+        return math.nan
+    return float(
+        sum(b.count * abs(b.mean_probability - b.observed_rate) for b in bins if b.count) / total
+    )
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else math.nan
+
+
+def binary_report(
+    y_true: npt.ArrayLike,
+    y_prob: npt.ArrayLike,
+    *,
+    threshold: float = 0.5,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every figure a model card needs for a binary task, as plain JSON-ready values."""
+    y, p = _check_binary(y_true, y_prob)
+    pred = p >= threshold
+    tp = int((pred & (y == 1)).sum())
+    tn = int((~pred & (y == 0)).sum())
+    fp = int((pred & (y == 0)).sum())
+    fn = int((~pred & (y == 1)).sum())
+    sens = _ratio(tp, tp + fn)
+    ppv = _ratio(tp, tp + fp)
+    f1 = 2 * ppv * sens / (ppv + sens) if ppv + sens > 0 else math.nan
+    lo, hi = bootstrap_auc_ci(y, p, n_boot=n_boot, seed=seed)
+    bins = reliability_bins(y, p)
+    return {
+        "n_patients": int(y.size),
+        "n_positive": int(y.sum()),
+        "threshold": threshold,
+        "auc": roc_auc(y, p),
+        "auc_ci": [lo, hi],
+        "accuracy": _ratio(tp + tn, int(y.size)),
+        "sensitivity": sens,
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": ppv,
+        "npv": _ratio(tn, tn + fn),
+        "f1": f1,
+        "ece": expected_calibration_error(y, p),
+        "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+        "reliability": [
+            {
+                "low": b.low,
+                "high": b.high,
+                "count": b.count,
+                "mean_probability": None if b.count == 0 else b.mean_probability,
+                "observed_rate": None if b.count == 0 else b.observed_rate,
+            }
+            for b in bins
+        ],
+    }
+
+
+def _log_softmax(z: Array) -> Array:
+    z = z - z.max(axis=1, keepdims=True)
+    out: Array = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return out
+
+
+def nll(logits: npt.ArrayLike, labels: npt.ArrayLike, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of integer labels under softmax(logits / T).
+
+    A 1-D ``logits`` is a binary logit (log-odds of class 1)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if z.ndim == 1:
+        z = np.stack([np.zeros_like(z), z], axis=1)
+    lp = _log_softmax(z / temperature)
+    return float(-lp[np.arange(y.size), y].mean())
+
+
+def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+    """The temperature minimising validation NLL (log-grid search, then golden-section refine)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if y.size == 0:
+        return 1.0
+    grid = np.exp(np.linspace(np.log(0.05), np.log(50.0), 121))
+    losses = [nll(z, y, t) for t in grid]
+    k = int(np.argmin(losses))
+    lo = float(grid[max(k - 1, 0)])
+    hi = float(grid[min(k + 1, grid.size - 1)])
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    for _ in range(40):
+        c = b - g * (b - a)
+        d = a + g * (b - a)
+        if nll(z, y, c) < nll(z, y, d):
+            b = d
+        else:
+            a = c
+    return float((a + b) / 2)
+
+
+def multiclass_report(
+    y_true: npt.ArrayLike, y_pred: npt.ArrayLike, class_names: tuple[str, ...]
+) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall and the confusion matrix (true -> predicted)."""
+    y = np.asarray(y_true, dtype=np.int64).ravel()
+    q = np.asarray(y_pred, dtype=np.int64).ravel()
+    if y.shape != q.shape:
+        raise ValueError(f"y_true has {y.size} values but y_pred has {q.size}")
+    k = len(class_names)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y, q), 1)
+    per_class = {}
+    for i, name in enumerate(class_names):
+        per_class[name] = {
+            "precision": _ratio(int(cm[i, i]), int(cm[:, i].sum())),
+            "recall": _ratio(int(cm[i, i]), int(cm[i, :].sum())),
+            "support": int(cm[i, :].sum()),
+        }
+    return {
+        "n": int(y.size),
+        "accuracy": _ratio(int(np.trace(cm)), int(y.size)),
+        "per_class": per_class,
+        "confusion": {
+            class_names[i]: {class_names[j]: int(cm[i, j]) for j in range(k)} for i in range(k)
+        },
+    }

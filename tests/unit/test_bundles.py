@@ -1,0 +1,212 @@
+"""Bundles: load/verify/refuse, preprocessing, series prediction, sequence slice labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from node import bundles
+from node.errors import InferenceError, ModelUnavailable
+from node.records import SequenceLabel, SeriesVolume, SliceGeometry, SliceRef
+from node.train import recipes
+
+torch.set_num_threads(1)
+
+
+def make_bundle(tmp_path: Path, name: str = "gbm_pcnsl_t1c", seed: int = 0) -> Path:
+    """A tiny trained-looking bundle written by the production writer."""
+    recipe = recipes.get_recipe(name)
+    torch.manual_seed(seed)
+    net = bundles.build_network(recipe.network_name, recipe.network_args)
+    meta = recipes.bundle_metadata(recipe, temperature=1.5, training={"seed": seed}, metrics={})
+    return bundles.write_bundle(tmp_path / name, meta, net.state_dict(), "# card\n")
+
+
+def make_volume(n: int = 12, rows: int = 40, cols: int = 48, seed: int = 0) -> SeriesVolume:
+    """A phantom series: a bright disc on slices 2..n-3, empty outer slices."""
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(5, 1, (n, rows, cols)).astype(np.float32)
+    yy, xx = np.mgrid[:rows, :cols]
+    disc = (yy - rows / 2) ** 2 + (xx - cols / 2) ** 2 < (min(rows, cols) / 3) ** 2
+    for i in range(2, n - 2):
+        vol[i][disc] += 800
+    geom = SliceGeometry(
+        position=(0.0, 0.0, 0.0),
+        orientation=(1, 0, 0, 0, 1, 0),
+        pixel_spacing=(1.0, 1.0),
+        slice_thickness=1.0,
+    )
+    slices = tuple(
+        SliceRef(
+            path=Path(f"/x/{i}.dcm"),
+            sop_class_uid="1.2",
+            sop_instance_uid=f"1.2.{i}",
+            frame_number=None,
+            geometry=geom,
+        )
+        for i in range(n)
+    )
+    return SeriesVolume(
+        study_uid="1.2.3",
+        series_uid="1.2.3.4",
+        series_number=1,
+        pixels=vol,
+        slices=slices,
+        slice_spacing_mm=1.0,
+        n_instances=n,
+        n_frames=n,
+    )
+
+
+def test_load_roundtrip_gives_saved_weights(tmp_path: Path) -> None:
+    path = make_bundle(tmp_path)
+    b = bundles.load_bundle(path)
+    saved = torch.load(path / "models" / "model.pt", weights_only=True)
+    for k, v in b.network.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    assert b.metadata.task == "gbm_pcnsl"
+    assert b.metadata.labels == ("pcnsl", "gbm")
+    assert b.metadata.sequences == (SequenceLabel.T1C,)
+    assert b.metadata.temperature == 1.5
+    assert not b.network.training
+    assert (path / "configs" / "inference.json").is_file()
+    assert (path / "docs" / "README.md").is_file()
+
+
+def test_refuses_missing_dir_and_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailable, match="directory not found"):
+        bundles.load_bundle(tmp_path / "nope")
+    path = make_bundle(tmp_path)
+    (path / "models" / "model.pt").unlink()
+    with pytest.raises(ModelUnavailable, match=r"weights models/model\.pt are missing"):
+        bundles.load_bundle(path)
+    path2 = make_bundle(tmp_path, "tubers_flair")
+    (path2 / "configs" / "metadata.json").unlink()
+    with pytest.raises(ModelUnavailable, match=r"metadata\.json is missing"):
+        bundles.load_bundle(path2)
+
+
+def test_refuses_invalid_metadata(tmp_path: Path) -> None:
+    path = make_bundle(tmp_path)
+    meta_path = path / "configs" / "metadata.json"
+    good = json.loads(meta_path.read_text())
+    meta_path.write_text("{not json")
+    with pytest.raises(ModelUnavailable, match="not valid JSON"):
+        bundles.load_bundle(path)
+    cases = {
+        "task": ("nonsense", "unknown task"),
+        "temperature": (-1, "temperature"),
+        "not_for_clinical_use": (False, "not_for_clinical_use"),
+        "labels": (["only"], "labels"),
+    }
+    for key, (value, message) in cases.items():
+        bad = dict(good, **{key: value})
+        meta_path.write_text(json.dumps(bad))
+        with pytest.raises(ModelUnavailable, match=message):
+            bundles.load_bundle(path)
+    bad = json.loads(json.dumps(good))
+    bad["network"]["args"]["pretrained"] = True
+    meta_path.write_text(json.dumps(bad))
+    with pytest.raises(ModelUnavailable, match="download"):
+        bundles.load_bundle(path)
+
+
+def test_refuses_checksum_mismatch(tmp_path: Path) -> None:
+    path = make_bundle(tmp_path)
+    weights = path / "models" / "model.pt"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelUnavailable, match="SHA-256"):
+        bundles.load_bundle(path)
+
+
+def test_refuses_build_failure_and_state_mismatch(tmp_path: Path) -> None:
+    path = make_bundle(tmp_path)
+    meta_path = path / "configs" / "metadata.json"
+    good = json.loads(meta_path.read_text())
+    bad = json.loads(json.dumps(good))
+    bad["network"]["args"]["no_such_arg"] = 3
+    meta_path.write_text(json.dumps(bad))
+    with pytest.raises(ModelUnavailable, match="cannot be built"):
+        bundles.load_bundle(path)
+    bad = json.loads(json.dumps(good))
+    bad["network"]["args"]["block_inplanes"] = [4, 8, 16, 32]
+    meta_path.write_text(json.dumps(bad))
+    with pytest.raises(ModelUnavailable, match="do not match the network"):
+        bundles.load_bundle(path)
+    bad = json.loads(json.dumps(good))
+    bad["network"]["cam_layer"] = "layer9"
+    meta_path.write_text(json.dumps(bad))
+    with pytest.raises(ModelUnavailable, match="layer9"):
+        bundles.load_bundle(path)
+
+
+def test_slice_selection() -> None:
+    vol = make_volume(n=12).pixels
+    assert bundles.brain_slices(vol) == tuple(range(2, 10))
+    assert bundles.select_slices(vol, "brain_range", 16) == tuple(range(2, 10))
+    thinned = bundles.select_slices(vol, "brain_range", 4)
+    assert len(thinned) == 4 and thinned[0] == 2 and thinned[-1] == 9
+    assert bundles.select_slices(vol, "brain_range", 16, max_slices=2) == (2, 9)
+    assert bundles.select_slices(vol, "central_window", 3) == (5, 6, 4)
+    with pytest.raises(InferenceError):
+        bundles.select_slices(vol, "bogus", 3)
+
+
+def test_normalisation_uses_native_range() -> None:
+    vol = np.linspace(0, 4000, 1000, dtype=np.float32).reshape(10, 10, 10)
+    out = bundles.normalise_volume(vol, 0.5, 99.5)
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert np.allclose(bundles.normalise_volume(vol * 3 + 100, 0.5, 99.5), out, atol=1e-5)
+    assert not bundles.normalise_volume(np.zeros((2, 3, 3)), 0.5, 99.5).any()
+
+
+def test_predict_series(tmp_path: Path) -> None:
+    b = bundles.load_bundle(make_bundle(tmp_path))
+    volume = make_volume()
+    pred = bundles.predict_series(b, volume)
+    assert pred.task == "gbm_pcnsl" and pred.model_id == "gbm_pcnsl_t1c"
+    assert pred.series_uid == volume.series_uid
+    assert pred.slice_indices == tuple(range(2, 10))
+    assert len(pred.slice_probabilities) == 8
+    assert 0.0 < pred.probability < 1.0
+    # mean logit then temperature
+    x = bundles.prepare_slices(volume.pixels, pred.slice_indices, b.metadata)
+    with torch.no_grad():
+        z = b.network(x)
+    mean_logit = float((z[:, 1] - z[:, 0]).mean())
+    assert pred.probability == pytest.approx(1 / (1 + np.exp(-mean_logit / 1.5)), rel=1e-4)
+    # scaling the native values does not change the answer
+    scaled = make_volume()
+    object.__setattr__(scaled, "pixels", scaled.pixels * 7 + 30)
+    assert bundles.predict_series(b, scaled).probability == pytest.approx(
+        pred.probability, rel=1e-3
+    )
+    with pytest.raises(InferenceError, match="classify_slices"):
+        seq = bundles.load_bundle(make_bundle(tmp_path, "sequence"))
+        bundles.predict_series(seq, volume)
+
+
+def test_classify_slices_and_copy(tmp_path: Path) -> None:
+    b = bundles.load_bundle(make_bundle(tmp_path, "sequence"))
+    assert b.metadata.labels == tuple(label.value for label in SequenceLabel)
+    out = bundles.classify_slices(b, make_volume(), 5)
+    assert out.slice_indices[0] in (5, 6) and len(out.slice_indices) == 5
+    assert len(out.labels) == 5 and all(isinstance(x, SequenceLabel) for x in out.labels)
+    assert np.allclose(out.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert out.confidences == tuple(float(r.max()) for r in out.probabilities)
+    c = b.copy()
+    assert c.network is not b.network
+    p0 = next(c.network.parameters())
+    assert p0 is not next(b.network.parameters())
+    with torch.no_grad():
+        p0.add_(1.0)
+    assert not torch.equal(p0, next(b.network.parameters()))
+    task_bundle = bundles.load_bundle(make_bundle(tmp_path, "tubers_flair"))
+    with pytest.raises(InferenceError, match="not a sequence classifier"):
+        bundles.classify_slices(task_bundle, make_volume(), 3)

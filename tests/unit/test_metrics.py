@@ -1,0 +1,98 @@
+"""Metrics: AUC, bootstrap CI, confusion-derived rates, ECE, temperature fitting."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from node.train import metrics
+
+
+def test_auc_perfect_inverted_and_ties() -> None:
+    assert metrics.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert metrics.roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert metrics.roc_auc([0, 1], [0.5, 0.5]) == 0.5
+    # one of four pairs misordered
+    assert metrics.roc_auc([0, 0, 1, 1], [0.1, 0.6, 0.5, 0.9]) == pytest.approx(0.75)
+    assert math.isnan(metrics.roc_auc([1, 1], [0.2, 0.3]))
+
+
+def test_auc_matches_pairwise_count() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 60)
+    p = np.round(rng.random(60), 1)  # many ties
+    pos, neg = p[y == 1], p[y == 0]
+    expected = np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+    assert metrics.roc_auc(y, p) == pytest.approx(expected)
+
+
+def test_bootstrap_ci_brackets_auc() -> None:
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1], 50)
+    p = np.clip(y * 0.3 + rng.random(100) * 0.7, 0, 1)
+    auc = metrics.roc_auc(y, p)
+    lo, hi = metrics.bootstrap_auc_ci(y, p, n_boot=500, seed=3)
+    assert lo < auc < hi
+    assert 0.0 < hi - lo < 0.3
+
+
+def test_binary_report_rates() -> None:
+    y = [1, 1, 1, 0, 0, 0, 0]
+    p = [0.9, 0.8, 0.3, 0.6, 0.1, 0.2, 0.4]
+    r = metrics.binary_report(y, p, n_boot=200)
+    assert r["confusion"] == {"tp": 2, "fp": 1, "tn": 3, "fn": 1}
+    assert r["sensitivity"] == pytest.approx(2 / 3)
+    assert r["specificity"] == pytest.approx(3 / 4)
+    assert r["ppv"] == pytest.approx(2 / 3)
+    assert r["npv"] == pytest.approx(3 / 4)
+    assert r["accuracy"] == pytest.approx(5 / 7)
+    assert r["f1"] == pytest.approx(2 / 3)
+    assert r["n_patients"] == 7
+    assert len(r["auc_ci"]) == 2
+
+
+def test_ece_zero_when_calibrated_and_large_when_not() -> None:
+    # 10 predictions of 0.25 with 25% positives (rounded to 8 of 32) -> perfectly calibrated bin
+    y = np.array([1] * 8 + [0] * 24)
+    p = np.full(32, 0.25)
+    assert metrics.expected_calibration_error(y, p) == pytest.approx(0.0)
+    assert metrics.expected_calibration_error([1, 0], [0.0, 1.0]) == pytest.approx(1.0)
+    bins = metrics.reliability_bins(y, p)
+    assert [b.count for b in bins][2] == 32
+    assert sum(b.count for b in bins) == 32
+
+
+def test_reliability_bin_edges() -> None:
+    bins = metrics.reliability_bins([1, 0, 1], [1.0, 0.0, 0.1], n_bins=10)
+    assert bins[-1].count == 1  # p == 1 lands in the last bin
+    assert bins[0].count == 1
+    assert bins[1].count == 1
+
+
+def test_fit_temperature_recovers_scale() -> None:
+    rng = np.random.default_rng(4)
+    true_logit = rng.normal(0, 2, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    t = metrics.fit_temperature(true_logit * 3.0, y)  # over-confident by 3x
+    assert t == pytest.approx(3.0, rel=0.15)
+    multi = np.stack([np.zeros(4000), true_logit * 3.0], axis=1)
+    assert metrics.fit_temperature(multi, y) == pytest.approx(t, rel=1e-3)
+
+
+def test_multiclass_report() -> None:
+    r = metrics.multiclass_report([0, 0, 1, 2], [0, 1, 1, 2], ("a", "b", "c"))
+    assert r["accuracy"] == pytest.approx(0.75)
+    assert r["confusion"]["a"] == {"a": 1, "b": 1, "c": 0}
+    assert r["per_class"]["b"]["precision"] == pytest.approx(0.5)
+    assert r["per_class"]["a"]["recall"] == pytest.approx(0.5)
+
+
+def test_input_validation() -> None:
+    with pytest.raises(ValueError, match="y_true"):
+        metrics.roc_auc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="probabilities"):
+        metrics.roc_auc([0, 1], [0.1, 1.2])
+    with pytest.raises(ValueError, match="values"):
+        metrics.roc_auc([0, 1, 1], [0.1, 0.2])
