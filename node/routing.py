@@ -141,7 +141,7 @@ def cmd_explain(args: Any) -> int:
 
     from node.config import validate_rules_text
     from node.headers import read_series_headers
-    from node.sequence import classify_by_tags
+    from node.sequence import classify_headers
 
     rules_path: Path = args.rules_file
     study_dir: Path = args.study_dir
@@ -173,7 +173,7 @@ def cmd_explain(args: Any) -> int:
     if not ok:
         print("not processed under qualify:; nothing is routed")
         return 0
-    decisions = [classify_by_tags(h) for h in headers]
+    decisions = classify_headers(headers)  # tag rules + study context, no CNN
     names = {
         h.series_uid: f"#{h.series_number if h.series_number is not None else '?'}"
         f" '{h.series_description}'"

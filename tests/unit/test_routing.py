@@ -1,0 +1,156 @@
+"""Routing: which series go to which bundles, and the explanation IT reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.config import QualifySettings, Rules, validate_rules_text
+from node.records import DecisionMethod, Route, SequenceDecision, SequenceLabel
+from node.routing import explain_routes, route_study, study_qualifies
+
+L = SequenceLabel
+
+
+def decision(uid: str, label: SequenceLabel, confidence: float = 0.9) -> SequenceDecision:
+    return SequenceDecision(
+        series_uid=uid,
+        label=label,
+        confidence=confidence,
+        method=DecisionMethod.FUSED,
+        reasons=(f"rule for {label.value}",),
+        tag_label=label,
+        cnn_label=label,
+    )
+
+
+def full_study() -> list[SequenceDecision]:
+    return [
+        decision("1", L.T1),
+        decision("2", L.T1C),
+        decision("3", L.T2),
+        decision("4", L.FLAIR),
+        decision("5", L.DWI),
+        decision("6", L.ADC),
+        decision("7", L.OTHER),
+    ]
+
+
+def test_full_study_default_routes() -> None:
+    routes = route_study(full_study(), Rules())
+    assert [(r.task, r.bundle, r.series_uid, r.sequence, r.weight) for r in routes] == [
+        ("gbm_pcnsl", "gbm_pcnsl_t1c", "2", L.T1C, 1.0),
+        ("gbm_pcnsl", "gbm_pcnsl_adc", "6", L.ADC, 0.5),
+        ("glioma_grade", "glioma_grade_t1c", "2", L.T1C, 1.0),
+        ("glioma_grade", "glioma_grade_flair", "4", L.FLAIR, 0.5),
+        ("tubers", "tubers_flair", "4", L.FLAIR, 1.0),
+        ("tubers", "tubers_t2", "3", L.T2, 1.0),
+    ]
+    assert all(isinstance(r, Route) for r in routes)
+
+
+def test_other_is_never_routed_even_if_nothing_else() -> None:
+    assert route_study([decision("7", L.OTHER), decision("8", L.OTHER)], Rules()) == ()
+
+
+def test_task_without_matching_series_gets_no_routes() -> None:
+    routes = route_study([decision("3", L.T2)], Rules())
+    assert {r.task for r in routes} == {"tubers"}
+
+
+def test_two_series_with_one_label_are_both_routed() -> None:
+    routes = route_study([decision("a", L.FLAIR), decision("b", L.FLAIR)], Rules())
+    tubers = [(r.bundle, r.series_uid) for r in routes if r.task == "tubers"]
+    assert tubers == [("tubers_flair", "a"), ("tubers_flair", "b")]
+
+
+def test_series_listed_twice_is_routed_once() -> None:
+    routes = route_study([decision("a", L.T2), decision("a", L.T2)], Rules())
+    assert [r.series_uid for r in routes] == ["a"]
+
+
+def test_disabled_task_gets_no_routes() -> None:
+    tasks = dict(Rules().tasks)
+    tasks["tubers"] = tasks["tubers"].model_copy(update={"enabled": False})
+    rules = Rules().model_copy(update={"tasks": tasks})
+    assert {r.task for r in route_study(full_study(), rules)} == {"gbm_pcnsl", "glioma_grade"}
+
+
+def test_route_with_several_labels() -> None:
+    text = """\
+tasks:
+  t:
+    positive_label: p
+    negative_label: n
+    models:
+      - {bundle: any_t2w, sequences: [T2, FLAIR], weight: 2}
+"""
+    rules, problems = validate_rules_text(text)
+    assert rules is not None, problems
+    routes = route_study(full_study(), rules)
+    assert [(r.series_uid, r.sequence, r.weight) for r in routes] == [
+        ("3", L.T2, 2.0),
+        ("4", L.FLAIR, 2.0),
+    ]
+
+
+def test_routing_does_not_depend_on_confidence() -> None:
+    """Confidence is applied by the classifier (below min_confidence it says OTHER)."""
+    routes = route_study([decision("2", L.T1C, confidence=0.1)], Rules())
+    assert len(routes) == 2
+
+
+@pytest.mark.parametrize(
+    ("modalities", "parts", "n", "ok", "words"),
+    [
+        (["MR"], [], 3, True, "qualifies"),
+        (["CT"], [], 3, False, "none of MR"),
+        (["MR", "SR"], [], 3, True, "qualifies"),
+        (["MR"], ["BRAIN"], 0, False, "fewer than min_series"),
+    ],
+)
+def test_study_qualifies_default(
+    modalities: list[str], parts: list[str], n: int, ok: bool, words: str
+) -> None:
+    got, why = study_qualifies(modalities, parts, n, QualifySettings())
+    assert got is ok and words in why
+
+
+def test_study_qualifies_body_parts() -> None:
+    q = QualifySettings(body_parts=("BRAIN", "HEAD"), min_series=2)
+    assert study_qualifies(["MR"], ["head "], 2, q)[0] is True
+    assert study_qualifies(["MR"], ["KNEE"], 2, q) == (
+        False,
+        "body parts KNEE include none of BRAIN, HEAD",
+    )
+    assert study_qualifies(["MR"], [""], 2, q)[0] is False  # blank body part with a filter
+    assert study_qualifies(["MR"], None, 2, q)[0] is True  # unknown: not checked
+    assert study_qualifies(["MR"], ["BRAIN"], 1, q)[0] is False
+
+
+def test_explain_names_series_labels_routes_and_tasks() -> None:
+    decisions = [decision("2", L.T1C), decision("4", L.FLAIR), decision("4b", L.FLAIR)]
+    decisions += [decision("7", L.OTHER), decision("1", L.T1)]
+    text = explain_routes(decisions, Rules(), series_names={"2": "#2 't1_mprage_gd'"})
+    lines = text.splitlines()
+    assert lines[0] == "series #2 't1_mprage_gd': T1C (confidence 0.90, by fused)"
+    assert "    because: rule for T1C" in lines
+    assert "    -> gbm_pcnsl_t1c (task gbm_pcnsl, route T1C, weight 1)" in lines
+    assert "    -> not routed: OTHER series never go to a model" in lines
+    assert "    -> not routed: no enabled task has a route for T1" in lines
+    assert (
+        "task gbm_pcnsl: weighted_mean_logit: gbm_pcnsl_t1c on 1 series (weight 1);"
+        " gbm_pcnsl_adc skipped (no ADC series; weights renormalised)"
+    ) in lines
+    assert (
+        "task tubers: weighted_mean_logit: tubers_flair on 2 series, averaged (weight 1);" in text
+    )
+
+
+def test_explain_not_assessable_and_disabled() -> None:
+    tasks = dict(Rules().tasks)
+    tasks["glioma_grade"] = tasks["glioma_grade"].model_copy(update={"enabled": False})
+    rules = Rules().model_copy(update={"tasks": tasks})
+    text = explain_routes([decision("3", L.T2)], rules)
+    assert "task gbm_pcnsl: NOT ASSESSABLE: no series labelled ADC or T1C" in text
+    assert "task glioma_grade: disabled" in text
+    assert text.splitlines()[0].startswith("series 3: T2")
