@@ -1,0 +1,502 @@
+"""Series headers: the acquisition physics of each series, read with pydicom (no pixels).
+
+This is the one place that knows vendor private tags and vendor spellings; everything after it
+(sequence rules) sees a normalised ``SeriesHeader``. Private b-value tags follow the public
+documentation of dcm2niix (Siemens (0019,xx0C), GE (0043,xx39), Philips (2001,xx03), UIH
+(0065,xx09), Canon/Toshiba b-value in ImageComments).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from node.log import get_logger, uid_key
+from node.records import SeriesHeader
+
+log = get_logger(__name__)
+
+_MANUFACTURERS = (
+    # (prefix of the upper-cased Manufacturer, normalised name); first match wins
+    ("SIEMENS", "siemens"),
+    ("CPS", "siemens"),
+    ("GE ", "ge"),
+    ("GE_", "ge"),
+    ("GEMS", "ge"),
+    ("GE MEDICAL", "ge"),
+    ("GENERAL ELECTRIC", "ge"),
+    ("PHILIPS", "philips"),
+    ("CANON", "canon"),
+    ("TOSHIBA", "canon"),
+    ("UIH", "uih"),
+    ("UNITED IMAGING", "uih"),
+    ("SHANGHAI UNITED", "uih"),
+    ("HITACHI", "hitachi"),
+    ("FUJIFILM", "hitachi"),
+)
+
+_CANON_B_COMMENT = re.compile(r"\bb\s*=\s*(\d+(?:\.\d+)?)\s*\(")
+_GE_B_BIAS = 1_000_000_000  # GE adds 1e9 (or more) to the b-value in (0043,xx39)
+
+
+def normalise_manufacturer(text: str) -> str:
+    """Map a free-text Manufacturer to one of siemens, ge, philips, canon, uih, hitachi, other."""
+    up = text.strip().upper()
+    if up == "GE":
+        return "ge"
+    for prefix, name in _MANUFACTURERS:
+        if up.startswith(prefix):
+            return name
+    return "other"
+
+
+def _text(value: Any) -> str:
+    """A header value as one stripped string (multi-values joined by backslash)."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("latin-1", errors="replace").strip(" \x00")
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, Sequence):
+        return "\\".join(str(v).strip() for v in value)
+    return str(value).strip()
+
+
+def _tokens(value: Any) -> tuple[str, ...]:
+    """A multi-valued code string as upper-case tokens."""
+    text = _text(value)
+    return tuple(t.strip().upper() for t in text.split("\\") if t.strip())
+
+
+def _floats(value: Any) -> tuple[float, ...]:
+    """All numbers in a header value (DS/IS/FD/FL, multi-valued, or raw bytes of an UN element)."""
+    if value is None:
+        return ()
+    if isinstance(value, bytes):
+        text = value.decode("latin-1", errors="replace").strip(" \x00")
+        if text and all(c in "0123456789+-.eE\\ " for c in text):
+            return _floats(text.split("\\"))
+        if len(value) == 4:
+            return (float(struct.unpack("<f", value)[0]),)
+        if len(value) == 8:
+            return (float(struct.unpack("<d", value)[0]),)
+        return ()
+    if isinstance(value, str):
+        return _floats(value.split("\\")) if "\\" in value else _one_float(value)
+    if isinstance(value, Sequence):
+        out: list[float] = []
+        for v in value:
+            out.extend(_floats(v))
+        return tuple(out)
+    return _one_float(value)
+
+
+def _one_float(value: Any) -> tuple[float, ...]:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return ()
+    return (number,) if number == number else ()  # drop NaN
+
+
+def _first_float(value: Any) -> float | None:
+    numbers = _floats(value)
+    return numbers[0] if numbers else None
+
+
+def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
+    """The value of a private element, or None when the creator or element is absent."""
+    try:
+        return ds.get_private_item(group, offset, creator).value
+    except (KeyError, ValueError):
+        return None
+
+
+def _items(ds: Dataset, keyword: str) -> Iterator[Dataset]:
+    seq = ds.get(keyword)
+    if seq is None:
+        return iter(())
+    try:
+        return iter(list(seq))
+    except TypeError:
+        return iter(())
+
+
+def _frame_groups(ds: Dataset) -> Iterator[Dataset]:
+    """Shared then per-frame functional group items of an enhanced object (nothing otherwise)."""
+    yield from _items(ds, "SharedFunctionalGroupsSequence")
+    yield from _items(ds, "PerFrameFunctionalGroupsSequence")
+
+
+def _plane(orientation: Sequence[float]) -> str:
+    """axial / sagittal / coronal / oblique from an ImageOrientationPatient."""
+    if len(orientation) != 6:
+        return ""
+    r, c = orientation[:3], orientation[3:]
+    normal = (
+        r[1] * c[2] - r[2] * c[1],
+        r[2] * c[0] - r[0] * c[2],
+        r[0] * c[1] - r[1] * c[0],
+    )
+    axis = max(range(3), key=lambda i: abs(normal[i]))
+    if abs(normal[axis]) < 0.8:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _seconds(value: Any) -> float | None:
+    """Seconds from midnight of a TM (or the time part of a DT)."""
+    text = _text(value)
+    if not text:
+        return None
+    if len(text) >= 14 and text[:8].isdigit():  # DT: YYYYMMDDHHMMSS...
+        text = text[8:]
+    m = re.match(r"^(\d{2})(\d{2})?(\d{2})?(\.\d+)?", text)
+    if m is None:
+        return None
+    hours, minutes, secs = int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0)
+    frac = float(m.group(4)) if m.group(4) else 0.0
+    return hours * 3600.0 + minutes * 60.0 + secs + frac
+
+
+@dataclass(slots=True)
+class _Accumulator:
+    """Facts gathered over the instances of one series before the record is frozen."""
+
+    first: Dataset
+    first_number: int
+    n_instances: int = 0
+    n_frames: int = 0
+    image_type: dict[str, None] = field(default_factory=dict)
+    complex_parts: dict[str, None] = field(default_factory=dict)
+    acquisition_contrast: dict[str, None] = field(default_factory=dict)
+    echo_times: set[float] = field(default_factory=set)
+    b_values: set[float] = field(default_factory=set)
+    directionality: dict[str, None] = field(default_factory=dict)
+    orientations: dict[str, None] = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)
+    positions: Counter[tuple[float, float, float]] = field(default_factory=Counter)
+    temporal: int = 1
+    contrast: str | None = None
+    contrast_route: str | None = None
+    inversion_recovery: bool | None = None
+    tr: float | None = None
+    ti: float | None = None
+    flip: float | None = None
+    etl: int | None = None
+    mosaic: bool = False
+
+    def add(self, ds: Dataset, manufacturer: str) -> None:
+        """Fold one instance into the series facts."""
+        self.n_instances += 1
+        n_frames = int(_first_float(ds.get("NumberOfFrames")) or 1)
+        self.n_frames += n_frames
+        for token in _tokens(ds.get("ImageType")):
+            self.image_type.setdefault(token, None)
+        self._timing(ds)
+        self._echo(ds)
+        self._diffusion(ds, manufacturer)
+        self._contrast(ds)
+        self._geometry(ds)
+        self._temporal(ds)
+        self._enhanced(ds)
+        if "MOSAIC" in self.image_type or _private(ds, 0x0019, "SIEMENS MR HEADER", 0x0A):
+            self.mosaic = True
+        complex_part = _text(ds.get("ComplexImageComponent")).upper()
+        if complex_part:
+            self.complex_parts.setdefault(complex_part, None)
+        if manufacturer == "ge":
+            ge_kind = _first_float(_private(ds, 0x0043, "GEMS_PARM_01", 0x2F))
+            names = {0: "MAGNITUDE", 1: "PHASE", 2: "REAL", 3: "IMAGINARY"}
+            if ge_kind is not None and int(ge_kind) in names:
+                self.complex_parts.setdefault(names[int(ge_kind)], None)
+
+    def _timing(self, ds: Dataset) -> None:
+        self.tr = self.tr if self.tr is not None else _first_float(ds.get("RepetitionTime"))
+        ti = _first_float(ds.get("InversionTime"))
+        if ti is not None and ti > 0:
+            self.ti = ti if self.ti is None else self.ti
+        self.flip = self.flip if self.flip is not None else _first_float(ds.get("FlipAngle"))
+        etl = _first_float(ds.get("EchoTrainLength"))
+        if self.etl is None and etl is not None:
+            self.etl = int(etl)
+        for key in ("AcquisitionTime", "AcquisitionDateTime", "ContentTime", "SeriesTime"):
+            seconds = _seconds(ds.get(key))
+            if seconds is not None:
+                self.times.append(seconds)
+                break
+
+    def _echo(self, ds: Dataset) -> None:
+        for te in _floats(ds.get("EchoTime")):
+            self.echo_times.add(round(te, 3))
+
+    def _diffusion(self, ds: Dataset, manufacturer: str) -> None:
+        values: list[float] = list(_floats(ds.get("DiffusionBValue")))
+        direction = _text(ds.get("DiffusionDirectionality")).upper()
+        if direction:
+            self.directionality.setdefault(direction, None)
+        if manufacturer == "siemens":
+            values.extend(_floats(_private(ds, 0x0019, "SIEMENS MR HEADER", 0x0C)))
+        elif manufacturer == "ge":
+            raw = _floats(_private(ds, 0x0043, "GEMS_PARM_01", 0x39))
+            if raw:
+                values.append(raw[0] % _GE_B_BIAS)
+        elif manufacturer == "philips":
+            values.extend(_floats(_private(ds, 0x2001, "Philips Imaging DD 001", 0x03)))
+        elif manufacturer == "uih":
+            element = ds.get((0x0065, 0x1009))
+            values.extend(_floats(element.value if element is not None else None))
+        elif manufacturer == "canon":
+            m = _CANON_B_COMMENT.search(_text(ds.get("ImageComments")))
+            if m is not None:
+                values.append(float(m.group(1)))
+        for value in values:
+            if 0 <= value < 100_000:
+                self.b_values.add(round(value, 1))
+
+    def _contrast(self, ds: Dataset) -> None:
+        agent = _text(ds.get("ContrastBolusAgent"))
+        if agent and agent.upper() not in {"NONE", "NO", "N/A", "NA", "-", "0", "UNKNOWN"}:
+            self.contrast = self.contrast or agent
+        route = _text(ds.get("ContrastBolusRoute"))
+        if route:
+            self.contrast_route = self.contrast_route or route
+        for item in _items(ds, "ContrastBolusAgentSequence"):
+            meaning = _text(item.get("CodeMeaning"))
+            if meaning:
+                self.contrast = self.contrast or meaning
+
+    def _geometry(self, ds: Dataset) -> None:
+        iop = _floats(ds.get("ImageOrientationPatient"))
+        if iop:
+            self.orientations.setdefault(_plane(iop), None)
+        ipp = _floats(ds.get("ImagePositionPatient"))
+        if len(ipp) == 3:
+            self.positions[(round(ipp[0], 2), round(ipp[1], 2), round(ipp[2], 2))] += 1
+
+    def _temporal(self, ds: Dataset) -> None:
+        for key in ("NumberOfTemporalPositions", "TemporalPositionIdentifier"):
+            value = _first_float(ds.get(key))
+            if value is not None and value > self.temporal:
+                self.temporal = int(value)
+
+    def _enhanced(self, ds: Dataset) -> None:
+        """Read the functional groups of an enhanced MR object (all frames)."""
+        for token in _tokens(ds.get("AcquisitionContrast")):
+            self.acquisition_contrast.setdefault(token, None)
+        for group in _frame_groups(ds):
+            for item in _items(group, "MRImageFrameTypeSequence"):
+                for token in _tokens(item.get("FrameType")):
+                    self.image_type.setdefault(token, None)
+                for token in _tokens(item.get("AcquisitionContrast")):
+                    self.acquisition_contrast.setdefault(token, None)
+                part = _text(item.get("ComplexImageComponent")).upper()
+                if part:
+                    self.complex_parts.setdefault(part, None)
+            for item in _items(group, "MRTimingAndRelatedParametersSequence"):
+                self.tr = self.tr if self.tr is not None else _first_float(item.RepetitionTime)
+                flip = _first_float(item.get("FlipAngle"))
+                self.flip = self.flip if self.flip is not None else flip
+                etl = _first_float(item.get("EchoTrainLength"))
+                if self.etl is None and etl is not None:
+                    self.etl = int(etl)
+            for item in _items(group, "MREchoSequence"):
+                for te in _floats(item.get("EffectiveEchoTime")):
+                    self.echo_times.add(round(te, 3))
+            for item in _items(group, "MRModifierSequence"):
+                ir = _text(item.get("InversionRecovery")).upper()
+                if ir in {"YES", "NO"}:
+                    self.inversion_recovery = (self.inversion_recovery or False) or ir == "YES"
+                for ti in _floats(item.get("InversionTimes")):
+                    if ti > 0 and self.ti is None:
+                        self.ti = ti
+            for item in _items(group, "MRDiffusionSequence"):
+                for b in _floats(item.get("DiffusionBValue")):
+                    if 0 <= b < 100_000:
+                        self.b_values.add(round(b, 1))
+                direction = _text(item.get("DiffusionDirectionality")).upper()
+                if direction:
+                    self.directionality.setdefault(direction, None)
+            for item in _items(group, "ContrastBolusUsageSequence"):
+                if _text(item.get("ContrastBolusAgentAdministered")).upper() == "YES":
+                    self.contrast = self.contrast or "administered"
+            for item in _items(group, "PlaneOrientationSequence"):
+                iop = _floats(item.get("ImageOrientationPatient"))
+                if iop:
+                    self.orientations.setdefault(_plane(iop), None)
+            for item in _items(group, "FrameContentSequence"):
+                index = _first_float(item.get("TemporalPositionIndex"))
+                if index is not None and index > self.temporal:
+                    self.temporal = int(index)
+            for item in _items(group, "PlanePositionSequence"):
+                ipp = _floats(item.get("ImagePositionPatient"))
+                if len(ipp) == 3:
+                    self.positions[(round(ipp[0], 2), round(ipp[1], 2), round(ipp[2], 2))] += 1
+
+
+def _series_number(ds: Dataset) -> int | None:
+    number = _first_float(ds.get("SeriesNumber"))
+    return int(number) if number is not None else None
+
+
+def _instance_number(ds: Dataset) -> int:
+    number = _first_float(ds.get("InstanceNumber"))
+    return int(number) if number is not None else 0
+
+
+def header_from_datasets(datasets: Iterable[Dataset]) -> SeriesHeader:
+    """Build the header record of one series from its instances (already grouped)."""
+    ordered = sorted(datasets, key=_instance_number)
+    if not ordered:
+        raise ValueError("datasets: a series needs at least one instance")
+    first = ordered[0]
+    manufacturer = normalise_manufacturer(_text(first.get("Manufacturer")))
+    acc = _Accumulator(first=first, first_number=_instance_number(first))
+    for ds in ordered:
+        acc.add(ds, manufacturer)
+    return _finish(acc, manufacturer)
+
+
+def _finish(acc: _Accumulator, manufacturer: str) -> SeriesHeader:
+    ds = acc.first
+    image_type = tuple(acc.image_type)
+    echo_times = tuple(sorted(acc.echo_times))
+    b_values = tuple(sorted(acc.b_values))
+    temporal = acc.temporal
+    if temporal <= 1 and acc.positions and len(b_values) <= 1:
+        # Repeated slice positions with one b-value: volumes in time (per echo). Two copies of
+        # a position are as often magnitude + map as two time points, so three are required.
+        repeats = max(acc.positions.values()) // max(1, len(echo_times))
+        temporal = repeats if repeats >= 3 else 1
+    orientations = tuple(o for o in acc.orientations if o)
+    localizer = "LOCALIZER" in image_type or (
+        len({o for o in orientations if o != "oblique"}) >= 2 and acc.n_frames <= 100
+    )
+    spacing = _floats(ds.get("PixelSpacing"))
+    thickness = _first_float(ds.get("SliceThickness"))
+    for group in _frame_groups(ds):
+        for item in _items(group, "PixelMeasuresSequence"):
+            spacing = spacing or _floats(item.get("PixelSpacing"))
+            thickness = thickness if thickness is not None else _first_float(item.SliceThickness)
+    scanning = _tokens(ds.get("ScanningSequence"))
+    inversion = acc.inversion_recovery
+    if inversion is None and scanning:
+        inversion = "IR" in scanning
+    sequence_name = _text(ds.get("SequenceName")) or _text(ds.get("PulseSequenceName"))
+    if not sequence_name and manufacturer == "ge":
+        sequence_name = _text(_private(ds, 0x0019, "GEMS_ACQU_01", 0x9C)) or _text(
+            _private(ds, 0x0019, "GEMS_ACQU_01", 0x9E)
+        )
+    rows = _first_float(ds.get("Rows"))
+    cols = _first_float(ds.get("Columns"))
+    return SeriesHeader(
+        series_uid=_text(ds.get("SeriesInstanceUID")),
+        study_uid=_text(ds.get("StudyInstanceUID")),
+        series_number=_series_number(ds),
+        series_description=_text(ds.get("SeriesDescription")),
+        protocol_name=_text(ds.get("ProtocolName")),
+        sequence_name=sequence_name,
+        manufacturer=manufacturer,
+        model=_text(ds.get("ManufacturerModelName")),
+        sop_class_uid=_text(ds.get("SOPClassUID")),
+        modality=_text(ds.get("Modality")).upper(),
+        image_type=image_type,
+        scanning_sequence=scanning,
+        sequence_variant=_tokens(ds.get("SequenceVariant")),
+        scan_options=_tokens(ds.get("ScanOptions")),
+        mr_acquisition_type=_text(ds.get("MRAcquisitionType")).upper(),
+        echo_pulse_sequence=_text(ds.get("EchoPulseSequence")).upper(),
+        inversion_recovery=inversion,
+        acquisition_contrast=tuple(acc.acquisition_contrast),
+        complex_parts=tuple(acc.complex_parts),
+        repetition_time_ms=acc.tr,
+        echo_time_ms=echo_times[0] if echo_times else None,
+        echo_times_ms=echo_times,
+        inversion_time_ms=acc.ti,
+        flip_angle_deg=acc.flip,
+        echo_train_length=acc.etl,
+        b_values=b_values,
+        diffusion_directionality=tuple(acc.directionality),
+        contrast_agent=acc.contrast,
+        contrast_route=acc.contrast_route,
+        n_instances=acc.n_instances,
+        n_frames=acc.n_frames,
+        n_temporal_positions=temporal,
+        acquisition_times=(min(acc.times), max(acc.times)) if acc.times else None,
+        orientation=orientations[0] if orientations else "",
+        orientations=orientations,
+        rows=int(rows) if rows is not None else None,
+        cols=int(cols) if cols is not None else None,
+        pixel_spacing=(spacing[0], spacing[1]) if len(spacing) >= 2 else None,
+        slice_thickness=thickness,
+        photometric_interpretation=_text(ds.get("PhotometricInterpretation")).upper(),
+        samples_per_pixel=int(_first_float(ds.get("SamplesPerPixel")) or 1),
+        is_mosaic=acc.mosaic,
+        is_localizer=localizer,
+    )
+
+
+def _read(path: Path) -> Dataset | None:
+    """One file's header (no pixels), or None when it is not DICOM."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, struct.error) as exc:
+        log.info("header_unreadable", error_type=type(exc).__name__)
+        return None
+    if "SeriesInstanceUID" not in ds or "SOPClassUID" not in ds:
+        return None
+    return ds
+
+
+def _files(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path
+
+
+def group_key(series_uid: str, series_number: int | None, numbers: set[int | None]) -> str:
+    """The series grouping key: the UID, split by SeriesNumber when one UID has several numbers."""
+    if len(numbers) > 1:
+        return f"{series_uid}#{series_number}"
+    return series_uid
+
+
+def read_series_headers(paths: Iterable[Path]) -> tuple[SeriesHeader, ...]:
+    """Read every DICOM file under ``paths`` and return one header per series, by series number.
+
+    Files are grouped by SeriesInstanceUID; a UID that carries several SeriesNumbers is split
+    into one series per number (the same rule as node/dicomio.py).
+    """
+    by_uid: dict[str, list[Dataset]] = {}
+    for path in _files(paths):
+        ds = _read(path)
+        if ds is not None:
+            by_uid.setdefault(_text(ds.SeriesInstanceUID), []).append(ds)
+    headers: list[SeriesHeader] = []
+    for uid, datasets in by_uid.items():
+        numbers = {_series_number(ds) for ds in datasets}
+        groups: dict[str, list[Dataset]] = {}
+        for ds in datasets:
+            groups.setdefault(group_key(uid, _series_number(ds), numbers), []).append(ds)
+        for group in groups.values():
+            try:
+                headers.append(header_from_datasets(group))
+            except (AttributeError, TypeError, ValueError, KeyError) as exc:
+                # One malformed series must not hide the others: skip it, say which and why.
+                log.warning(
+                    "series_header_failed", series_key=uid_key(uid), error_type=type(exc).__name__
+                )
+    headers.sort(key=lambda h: (h.study_uid, h.series_number or 0, h.series_uid))
+    return tuple(headers)
