@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import shutil
+from pathlib import Path
+
 import pytest
 
 from node.config import QualifySettings, Rules, validate_rules_text
 from node.records import DecisionMethod, Route, SequenceDecision, SequenceLabel
-from node.routing import explain_routes, route_study, study_qualifies
+from node.routing import cmd_explain, explain_routes, route_study, study_qualifies
+
+REPO = Path(__file__).resolve().parents[2]
 
 L = SequenceLabel
 
@@ -154,3 +160,36 @@ def test_explain_not_assessable_and_disabled() -> None:
     assert "task gbm_pcnsl: NOT ASSESSABLE: no series labelled ADC or T1C" in text
     assert "task glioma_grade: disabled" in text
     assert text.splitlines()[0].startswith("series 3: T2")
+
+
+def test_cmd_explain_on_real_scanner_series(
+    realdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two ADC maps, an FA map and a T1 from a real Siemens XA30 study."""
+    pytest.importorskip("node.sequence")
+    source = realdata / "dcm_qa_xa30" / "In"
+    for name in ("11_DWI_dir80_PA", "19_DWI_dir80_AP", "13_DWI_dir80_PA", "5_anat-T1w_acq-tfl"):
+        shutil.copytree(source / name, tmp_path / "study" / name)
+    rules = REPO / "routing_rules" / "default.yaml"
+    args = argparse.Namespace(rules_file=rules, study_dir=tmp_path / "study")
+    assert cmd_explain(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("study: qualifies: 4 series, modalities MR")
+    assert out.count("-> gbm_pcnsl_adc (task gbm_pcnsl, route ADC, weight 0.5)") == 2
+    assert "series #13 'DWI_dir80_PA_FA': OTHER" in out
+    assert "series #5 'anat-T1w_acq-tfl': T1" in out
+    assert "task gbm_pcnsl: weighted_mean_logit: gbm_pcnsl_t1c skipped (no T1C series;" in out
+    assert "gbm_pcnsl_adc on 2 series, averaged (weight 0.5)" in out
+    assert "task tubers: NOT ASSESSABLE: no series labelled FLAIR or T2" in out
+
+
+def test_cmd_explain_rejects_bad_rules_and_missing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "r.yaml"
+    bad.write_text("node:\n  prot: 1\n")
+    assert cmd_explain(argparse.Namespace(rules_file=bad, study_dir=tmp_path)) == 1
+    assert "did you mean 'port'?" in capsys.readouterr().out
+    good = REPO / "routing_rules" / "default.yaml"
+    assert cmd_explain(argparse.Namespace(rules_file=good, study_dir=tmp_path / "nope")) == 1
+    assert "not a folder" in capsys.readouterr().out
