@@ -54,7 +54,7 @@ from node.records import (
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 _POSITION_TOLERANCE_MM = 0.01
-_ORIENTATION_DECIMALS = 3
+_ORIENTATION_TOLERANCE = 1e-3  # direction cosines; about 0.06 degrees
 _REASON_CHARS = 300
 
 SeriesId = tuple[str, int | None]
@@ -300,13 +300,29 @@ def _normal(orientation: tuple[float, ...]) -> npt.NDArray[np.float64]:
     return np.cross(row, col)
 
 
-def _group_key(dec: _Decoded, frame: _Frame) -> tuple[Any, ...]:
-    """Frames of one volume share matrix, orientation (rounded) and having geometry at all."""
+def _group_key(dec: _Decoded, frame: _Frame, seen: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """Frames of one volume share matrix, orientation (within tolerance) and having geometry.
+
+    A frame joins the first group already ``seen`` whose orientation is within
+    ``_ORIENTATION_TOLERANCE`` of its own (no rounding boundary can split a stack).
+    """
     shape = tuple(dec.pixels.shape[1:3])
     if frame.geometry is None:
-        return (shape, None)
-    ori = tuple(round(v, _ORIENTATION_DECIMALS) + 0.0 for v in frame.geometry.orientation)
-    return (shape, ori)
+        key: tuple[Any, ...] = (shape, None)
+    else:
+        ori = frame.geometry.orientation
+        for known in seen:
+            if (
+                known[0] == shape
+                and known[1] is not None
+                and max(abs(a - b) for a, b in zip(ori, known[1], strict=True))
+                < _ORIENTATION_TOLERANCE
+            ):
+                return known
+        key = (shape, tuple(round(v, 4) + 0.0 for v in ori))
+    if key not in seen:
+        seen.append(key)
+    return key
 
 
 def _order(
@@ -350,9 +366,10 @@ def _assemble(
 ) -> tuple[SeriesVolume | None, list[DecodeProblem]]:
     """One volume from the decoded files of one series; other geometries become problems."""
     groups: dict[tuple[Any, ...], list[tuple[_Decoded, _Frame]]] = defaultdict(list)
+    seen: list[tuple[Any, ...]] = []
     for dec in decoded:
         for frame in dec.frames:
-            groups[_group_key(dec, frame)].append((dec, frame))
+            groups[_group_key(dec, frame, seen)].append((dec, frame))
     if not groups:
         return None, []
     # Largest group wins; ties go to the group seen first (dict order follows file order).

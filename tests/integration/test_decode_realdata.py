@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 import warnings
 from pathlib import Path
@@ -102,7 +103,7 @@ def _check_geometry(volume: SeriesVolume) -> tuple[int, int]:
     n_pos = len({round(v, 2) for v in d})
     assert volume.n_frames % n_pos == 0, "time points of unequal size"
     first = d[:n_pos]
-    assert all(b > a for a, b in zip(first, first[1:], strict=False)), "not monotonic"
+    assert all(b > a for a, b in itertools.pairwise(first)), "not monotonic"
     for t in range(volume.n_frames // n_pos):
         assert d[t * n_pos : (t + 1) * n_pos] == pytest.approx(first, abs=0.02)
     if n_pos > 1:

@@ -13,6 +13,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     RLELossless,
     generate_uid,
@@ -33,7 +34,7 @@ def _base(sop_class: str, study: str, series: str, number: int | None) -> Datase
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -471,3 +472,21 @@ def test_six_series_study_loads_fast(tmp_path: Path) -> None:
     assert all(v.slice_spacing_mm == pytest.approx(5.0) for v in volumes)
     # Budget: well under a second on an idle core; generous bound for a shared CI machine.
     assert elapsed < 3.0
+
+
+def test_orientation_noise_across_a_rounding_boundary_stays_one_stack(tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    paths = [
+        write_mr(
+            tmp_path / f"n{i}.dcm",
+            study=study,
+            series=series,
+            position=(0, 0, 2.0 * i),
+            orientation=(1.0, 0.0, 0.00049 + 0.00002 * i, 0.0, 1.0, 0.0),
+            value=i,
+        )
+        for i in range(4)
+    ]
+    volumes, problems = load_study(paths)
+    assert problems == ()
+    assert [v.pixels.shape[0] for v in volumes] == [4]
