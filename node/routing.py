@@ -93,7 +93,7 @@ def explain_routes(
         )
         for reason in decision.reasons:
             lines.append(f"    because: {reason}")
-        if decision.tag_label is not None or decision.cnn_label is not None:
+        if not decision.reasons and (decision.tag_label or decision.cnn_label):
             tags = decision.tag_label.value if decision.tag_label is not None else "abstained"
             cnn = decision.cnn_label.value if decision.cnn_label is not None else "not run"
             lines.append(f"    tag rules: {tags}; CNN: {cnn}")
@@ -164,10 +164,7 @@ def cmd_explain(args: Any) -> int:
         print(f"{study_dir}: no readable DICOM series")
         return 1
     ok, why = study_qualifies(
-        [h.modality for h in headers],
-        None,  # BodyPartExamined is not in SeriesHeader: not checked here
-        len(headers),
-        rules.qualify,
+        [h.modality for h in headers], _body_parts(study_dir), len(headers), rules.qualify
     )
     print(f"study: {why}")
     if not ok:
@@ -182,3 +179,20 @@ def cmd_explain(args: Any) -> int:
     print("(sequence labels from the tag rules only; the CNN vote runs in the pipeline)")
     print(explain_routes(decisions, rules, series_names=names))
     return 0
+
+
+def _body_parts(study_dir: Any) -> tuple[str, ...]:
+    """BodyPartExamined of every file under study_dir (header only; not in SeriesHeader)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    parts: set[str] = set()
+    for path in sorted(study_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["BodyPartExamined"])
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        parts.add(str(ds.get("BodyPartExamined", "") or ""))
+    return tuple(sorted(parts))

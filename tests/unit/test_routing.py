@@ -193,3 +193,16 @@ def test_cmd_explain_rejects_bad_rules_and_missing_folder(
     good = REPO / "routing_rules" / "default.yaml"
     assert cmd_explain(argparse.Namespace(rules_file=good, study_dir=tmp_path / "nope")) == 1
     assert "not a folder" in capsys.readouterr().out
+
+
+def test_cmd_explain_applies_qualify_body_parts(
+    realdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("node.sequence")
+    shutil.copytree(realdata / "dcm_qa_xa30" / "In" / "11_DWI_dir80_PA", tmp_path / "s" / "a")
+    rules = tmp_path / "r.yaml"
+    rules.write_text("qualify:\n  body_parts: [KNEE]\n")
+    assert cmd_explain(argparse.Namespace(rules_file=rules, study_dir=tmp_path / "s")) == 0
+    out = capsys.readouterr().out
+    assert "study: body parts BRAIN include none of KNEE" in out
+    assert "nothing is routed" in out and "series #" not in out
