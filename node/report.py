@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, Literal
@@ -175,12 +176,21 @@ def burn_caption(rgb: npt.NDArray[np.uint8], lines: Sequence[str]) -> npt.NDArra
     fig = Figure(figsize=(cols / dpi, rows / dpi), dpi=dpi)
     fig.patch.set_alpha(0.0)
     canvas = FigureCanvasAgg(fig)
-    # Font in points so that all lines fill at most ~40 % of the height (readable at 256+).
-    font_pt = max(2.0, min(9.0, 0.40 * rows / (len(lines) * 1.35) * 72.0 / dpi))
+    # Largest font (5..14 px) at which the wrapped caption fits the width and ~45 % of the
+    # height: small matrices get small text rather than a caption cut off at the edge.
+    wrapped: list[str] = list(lines)
+    font_px = 5.0
+    for size in (14.0, 12.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0):
+        per_line = max(8, int(0.97 * cols / (0.6 * size)))
+        wrapped = [part for line in lines for part in textwrap.wrap(line, per_line)]
+        font_px = size
+        if len(wrapped) * size * 1.25 <= 0.45 * rows:
+            break
+    font_pt = font_px * 72.0 / dpi
     fig.text(
         0.01,
         0.01,
-        "\n".join(lines),
+        "\n".join(wrapped),
         fontsize=font_pt,
         family="DejaVu Sans",
         color="white",
@@ -190,10 +200,12 @@ def burn_caption(rgb: npt.NDArray[np.uint8], lines: Sequence[str]) -> npt.NDArra
         bbox={"facecolor": "black", "alpha": 0.7, "pad": 1.0, "linewidth": 0},
     )
     canvas.draw()  # type: ignore[no-untyped-call]
-    rgba = np.asarray(canvas.buffer_rgba())  # type: ignore[no-untyped-call][:rows, :cols].astype(np.float32) / 255.0
+    buffer = canvas.buffer_rgba()  # type: ignore[no-untyped-call]
+    rgba = np.asarray(buffer)[:rows, :cols].astype(np.float32) / 255.0
     a = rgba[..., 3:4]
-    out = rgba[..., :3] * 255.0 * a + rgb.astype(np.float32) * (1.0 - a)
-    return np.round(out).astype(np.uint8)
+    blended = rgba[..., :3] * 255.0 * a + rgb.astype(np.float32) * (1.0 - a)
+    out: npt.NDArray[np.uint8] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return out
 
 
 def _orientation_letters(cosines: Sequence[float]) -> str:
@@ -571,7 +583,7 @@ def reencode_sr(sr: Dataset, sop_class: SrClass, *, uid_root: str | None) -> Dat
     out.SOPInstanceUID = pydicom.uid.UID(new_uid)
     if hasattr(out, "file_meta"):
         out.file_meta.MediaStorageSOPClassUID = out.SOPClassUID
-        out.file_meta.MediaStorageSOPInstanceUID = new_uid
+        out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
     return out
 
 
