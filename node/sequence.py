@@ -106,14 +106,14 @@ _OTHER_WORDS: tuple[tuple[str, str], ...] = (
     (r"\b(loc|aascout|cal|calibration|coil ?cal|refscan|asset ?cal|sense ?ref)\b", "calibration"),
     (r"\b(swi|swan|swip|sw ?an|t2 ?star|t2\*|hemo|mnip|qsm|venobold|gre ?t2\*?)\b", "T2*/SWI"),
     (r"\b(tof|angio|mra|mrv|pc ?mra|venogra\w*|arteriogra\w*)\b", "angiography"),
-    (r"\b(mip|mpr ?thick|reformat\w*|subtract\w*|sub)\b", "reformat/MIP"),
+    (r"\b(mip|mpr ?thick|reformat\w*|subtract\w*)\b", "reformat/MIP"),
     (
         r"\b(fa|colfa|col fa|tensor\w*|trace ?fa|eadc|exp ?adc|tractography|fibre\w*|fiber\w*)\b",
         "DTI",
     ),
     (r"\b(svs|csi|spectro\w*|mrs|press|steam|chemical ?shift)\b", "spectroscopy"),
-    (r"\b(report|phoenix\w*|screen ?save\w*|dose)\b", "document"),
-    (r"\b(flow|cine|qflow|csf ?flow|velocity)\b", "flow"),
+    (r"\b(report|phoenix\w*|screen ?save\w*)\b", "document"),
+    (r"\b(cine|qflow|csf ?flow|velocity|phase ?contrast)\b", "flow"),
 )
 
 _DESC_LABEL: tuple[tuple[str, SequenceLabel], ...] = (
@@ -129,10 +129,14 @@ _DESC_LABEL: tuple[tuple[str, SequenceLabel], ...] = (
 )
 
 _CONTRAST_WORDS = (
-    r"\b(\+ ?c|c ?\+|\+ ?gd|gd|gad\w*|gado\w*|post\w*|km|\+ ?km|ce|contrast|mdc|kontrast\w*|"
-    r"t1c|t1ce|t1 ?c|t1gd|enh\w*|dotarem|gadavist|prohance|magnevist|multihance|clariscan)\b"
+    r"(?<![a-z0-9])(\+ ?c|c ?\+|\+ ?gd|gd|gad\w*|gado\w*|post\w*|km|\+ ?km|ce|contrast|"
+    r"mdc|kontrast\w*|t1c|t1ce|t1 ?c|t1gd|enh\w*|dotarem|gadavist|prohance|magnevist|"
+    r"multihance|clariscan)(?![a-z0-9])"
 )
-_PRE_WORDS = r"\b(pre\w*|nativ\w*|native|noncontrast|non contrast|without|w o|wo|sans|ohne)\b"
+_PRE_WORDS = (
+    r"\b(pre|pre ?contrast|pre ?gd|pre ?gad|pre ?c|pre ?km|nativ|native|noncontrast|"
+    r"non ?contrast|without|w o|wo|sans|ohne)\b"
+)
 
 
 def _norm(text: str) -> str:
@@ -294,6 +298,13 @@ def _is_epi(h: SeriesHeader) -> bool:
 def _rule_epi_without_diffusion(h: SeriesHeader) -> TagVerdict | None:
     if not _is_epi(h):
         return None
+    said = _description_label(_description(h))
+    if said in (L.DWI, L.ADC):
+        # Diffusion EPI whose b-values and ImageType were not recorded (or were stripped): the
+        # description is the only evidence left, so it decides with moderate confidence.
+        return _verdict(
+            said, 0.7, "epi-description", f"EPI, description names {said}, no b-values recorded"
+        )
     ti, te = h.inversion_time_ms, h.echo_time_ms
     if ti is not None and ti >= 1400 and te is not None and te >= 70:
         return _verdict(L.FLAIR, 0.7, "epi-flair", f"EPI inversion recovery, {_physics_text(h)}")
