@@ -21,17 +21,23 @@ Decisions (read these before relying on the output):
   into luminance (ITU-R BT.601) so every volume is (n, rows, cols).
 - Objects without geometry (some Secondary Captures) keep file and frame order, with a nominal
   geometry (origin, axial, spacing from PixelSpacing or 1 mm) and ``slice_spacing_mm`` None.
-- Siemens mosaics are kept as the stored 2D mosaic image (not unpacked into slices).
+- Siemens mosaics (ImageType MOSAIC with NumberOfImagesInMosaic) are unpacked into their
+  tiles, one slice each, placed as dcm2niix/nibabel do: the first tile's corner moved from the
+  mosaic's corner by half the matrix difference, then SpacingBetweenSlices (else SliceThickness)
+  along the slice normal, whose sign comes from the CSA header's SliceNormalVector when it can
+  be read (else cross(row, col)). Tiles refer to their file with ``frame_number`` None.
 - Objects without pixel data (SR, documents) are listed in the headers and make no volume.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
+import struct
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +278,82 @@ def _frames(ds: Dataset, file_index: int, n_frames: int) -> tuple[_Frame, ...]:
     return tuple(frames)
 
 
+_SIEMENS_MR = "SIEMENS MR HEADER"
+_SIEMENS_CSA = "SIEMENS CSA HEADER"
+
+
+def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
+    """A private element's value by creator and element offset, or None."""
+    try:
+        block = ds.private_block(group, creator)
+        return block[offset].value
+    except KeyError:
+        return None
+
+
+def _csa_slice_normal(raw: bytes) -> tuple[float, float, float] | None:
+    """SliceNormalVector from a Siemens CSA2 ("SV10") image header, or None if absent/unreadable."""
+    try:
+        if raw[:4] != b"SV10":
+            return None
+        n_tags = struct.unpack_from("<I", raw, 8)[0]
+        pos = 16
+        for _ in range(n_tags):
+            name = raw[pos : pos + 64].split(b"\0", 1)[0].decode("ascii", "replace")
+            n_items = struct.unpack_from("<i", raw, pos + 76)[0]
+            pos += 84
+            values: list[str] = []
+            for _ in range(n_items):
+                item_len = struct.unpack_from("<i", raw, pos + 4)[0]
+                pos += 16
+                values.append(raw[pos : pos + item_len].split(b"\0", 1)[0].decode("ascii"))
+                pos += (item_len + 3) // 4 * 4
+            if name == "SliceNormalVector":
+                numbers = [float(v) for v in values if v.strip()]
+                return (numbers[0], numbers[1], numbers[2]) if len(numbers) >= 3 else None
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _mosaic_tiles(
+    ds: Dataset, arr: npt.NDArray[Any], header: InstanceHeader
+) -> tuple[npt.NDArray[Any], list[tuple[float, float, float]]] | None:
+    """Split a Siemens mosaic into its slices and their positions; None if it is not one."""
+    if "MOSAIC" not in header.image_type or arr.shape[0] != 1:
+        return None
+    count = _int_or_none(_private(ds, 0x0019, _SIEMENS_MR, 0x0A))
+    position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    if not count or count < 1 or position is None or orientation is None:
+        return None
+    grid = math.ceil(math.sqrt(count))
+    rows, cols = arr.shape[1] // grid, arr.shape[2] // grid
+    if rows * grid != arr.shape[1] or cols * grid != arr.shape[2]:
+        return None
+    tiles = (
+        arr[0, : rows * grid, : cols * grid]
+        .reshape(grid, rows, grid, cols)
+        .transpose(0, 2, 1, 3)
+        .reshape(grid * grid, rows, cols)[:count]
+    )
+    row_cos = np.asarray([float(v) for v in orientation[:3]])
+    col_cos = np.asarray([float(v) for v in orientation[3:]])
+    spacing = ds.get("PixelSpacing") or (1.0, 1.0)
+    corner = (
+        np.asarray([float(v) for v in position])
+        + row_cos * float(spacing[1]) * (arr.shape[2] - cols) / 2
+        + col_cos * float(spacing[0]) * (arr.shape[1] - rows) / 2
+    )
+    normal = np.cross(row_cos, col_cos)
+    csa = _private(ds, 0x0029, _SIEMENS_CSA, 0x10)
+    csa_normal = _csa_slice_normal(bytes(csa)) if isinstance(csa, bytes) else None
+    if csa_normal is not None and float(np.dot(normal, csa_normal)) < 0:
+        normal = -normal
+    step = _float_or(ds.get("SpacingBetweenSlices"), _float_or(ds.get("SliceThickness"), 1.0))
+    positions = [tuple(float(v) for v in corner + k * step * normal) for k in range(count)]
+    return np.ascontiguousarray(tiles), [(p[0], p[1], p[2]) for p in positions]
+
+
 def _decode(path: Path, file_index: int) -> _Decoded | InstanceHeader:
     """Read one file fully; return the decoded file, or only its header if it has no pixels."""
     ds = pydicom.dcmread(path)
@@ -291,7 +373,23 @@ def _decode(path: Path, file_index: int) -> _Decoded | InstanceHeader:
         arr = arr[None]
     if arr.shape[0] != n_frames:
         raise LoadError(f"decoded {arr.shape[0]} frames, header says {n_frames}")
-    return _Decoded(header=header, frames=_frames(ds, file_index, n_frames), pixels=arr)
+    frames = _frames(ds, file_index, n_frames)
+    mosaic = _mosaic_tiles(ds, arr, header)
+    if mosaic is not None and frames[0].geometry is not None:
+        arr, positions = mosaic
+        template = frames[0]
+        geom = template.geometry
+        assert geom is not None
+        frames = tuple(
+            replace(
+                template,
+                frame_index=k,
+                geometry=replace(geom, position=pos),
+                time_key=(*template.time_key, float(k)),
+            )
+            for k, pos in enumerate(positions)
+        )
+    return _Decoded(header=header, frames=frames, pixels=arr)
 
 
 def _normal(orientation: tuple[float, ...]) -> npt.NDArray[np.float64]:
@@ -465,8 +563,11 @@ def scan_study(paths: Sequence[Path]) -> StudyLoad:
         headers.append(result.header)
         by_series[series_id(result.header)].append(result)
     volumes = []
-    for sid, decoded in by_series.items():
+    for sid in list(by_series):
+        # Pop each series as it is assembled so its stored pixels are freed before the next.
+        decoded = by_series.pop(sid)
         volume, extra = _assemble(sid, decoded)
+        del decoded
         problems.extend(extra)
         if volume is not None:
             volumes.append(volume)

@@ -158,6 +158,13 @@ def test_one_series_in_nine_transfer_syntaxes_decodes_identically(realdata: Path
     ref = loaded.volumes[0].pixels
     for v in loaded.volumes[1:]:
         np.testing.assert_array_equal(v.pixels, ref)
+    # The 384x384 mosaic holds 35 slices of 64x64; first position and step as nibabel's
+    # MosaicWrapper computes them for this file (checked once by hand).
+    volume = loaded.volumes[0]
+    assert volume.pixels.shape == (35, 64, 64)
+    assert volume.slices[0].geometry.position == pytest.approx((-104.0, -144.86809, -62.68517))
+    assert volume.slice_spacing_mm == pytest.approx(3.6)
+    assert _check_geometry(volume) == (35, 1)
 
 
 def test_realdata_time_series_keep_all_time_points(realdata: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -490,3 +491,50 @@ def test_orientation_noise_across_a_rounding_boundary_stays_one_stack(tmp_path: 
     volumes, problems = load_study(paths)
     assert problems == ()
     assert [v.pixels.shape[0] for v in volumes] == [4]
+
+
+def _csa2(tags: dict[str, list[str]]) -> bytes:
+    """A minimal Siemens CSA2 header holding the given tags (string items)."""
+    out = b"SV10\x04\x03\x02\x01" + struct.pack("<II", len(tags), 77)
+    for name, values in tags.items():
+        out += name.encode().ljust(64, b"\0") + struct.pack(
+            "<i4siii", 1, b"FD\0\0", 4, len(values), 77
+        )
+        for v in values:
+            data = v.encode() + b"\0"
+            out += struct.pack("<iiii", len(data), len(data), 77, len(data))
+            out += data.ljust((len(data) + 3) // 4 * 4, b"\0")
+    return out
+
+
+@pytest.mark.parametrize("normal_sign", [1.0, -1.0])
+def test_siemens_mosaic_is_unpacked_into_placed_slices(tmp_path: Path, normal_sign: float) -> None:
+    study, series = generate_uid(), generate_uid()
+    ds = _base(MR, study, series, 4)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
+    ds.InstanceNumber = 1
+    ds.ImagePositionPatient = [-10.0, -20.0, 30.0]
+    ds.ImageOrientationPatient = list(AXIAL)
+    ds.PixelSpacing = [2.0, 2.0]
+    ds.SliceThickness = 3.0
+    ds.SpacingBetweenSlices = 4.0
+    ds.private_block(0x0019, "SIEMENS MR HEADER", create=True).add_new(0x0A, "US", 3)
+    csa = _csa2({"SliceNormalVector": ["0.0", "0.0", str(normal_sign)]})
+    ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True).add_new(0x10, "OB", csa)
+    mosaic = np.zeros((8, 8), dtype=np.uint16)  # a 2x2 grid of 4x4 tiles, 3 used
+    mosaic[:4, :4], mosaic[:4, 4:], mosaic[4:, :4] = 11, 22, 33
+    _set_pixels(ds, mosaic)
+    path = tmp_path / "mosaic.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    volume = load_series([path])
+    assert volume.pixels.shape == (3, 4, 4)
+    # The first tile's corner sits half the matrix difference (2 px of 2 mm) in from the corner.
+    z = [30.0 + normal_sign * 4.0 * k for k in range(3)]
+    expected = [(-6.0, -16.0, zk) for zk in z]
+    values = [11, 22, 33]
+    if normal_sign < 0:  # spatial order is ascending along cross(row, col): reversed
+        expected, values = expected[::-1], values[::-1]
+    assert [s.geometry.position for s in volume.slices] == [pytest.approx(e) for e in expected]
+    assert _firsts(volume.pixels) == values
+    assert volume.slice_spacing_mm == pytest.approx(4.0)
+    assert {s.frame_number for s in volume.slices} == {None}
