@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from node import NOT_FOR_CLINICAL_USE
 from node.errors import InferenceError, ModelUnavailable
 from node.log import get_logger
-from node.records import FloatArray, SequenceDecision, SequenceLabel, SeriesPrediction, SeriesVolume
+from node.records import (
+    CnnVerdict,
+    FloatArray,
+    SequenceDecision,
+    SequenceLabel,
+    SeriesPrediction,
+    SeriesVolume,
+)
 
 log = get_logger(__name__)
 
@@ -400,16 +407,36 @@ def normalise_volume(pixels: npt.NDArray[Any], low: float, high: float) -> Float
     return out
 
 
+def preprocess(
+    pixels: npt.NDArray[Any],
+    indices: tuple[int, ...],
+    *,
+    size: tuple[int, int],
+    channels: int,
+    low: float,
+    high: float,
+) -> torch.Tensor:
+    """Network input (n, channels, H, W): per-series percentile scaling, bilinear resize."""
+    vol = normalise_volume(pixels, low, high)
+    x = torch.from_numpy(np.ascontiguousarray(vol[list(indices)]))[:, None]
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    if channels > 1:
+        x = x.repeat(1, channels, 1, 1)
+    return x
+
+
 def prepare_slices(
     pixels: npt.NDArray[Any], indices: tuple[int, ...], meta: BundleMetadata
 ) -> torch.Tensor:
     """Network input (n, channels, H, W) for the chosen slices of one series."""
-    vol = normalise_volume(pixels, meta.norm_low, meta.norm_high)
-    x = torch.from_numpy(np.ascontiguousarray(vol[list(indices)]))[:, None]
-    x = F.interpolate(x, size=meta.size, mode="bilinear", align_corners=False)
-    if meta.channels > 1:
-        x = x.repeat(1, meta.channels, 1, 1)
-    return x
+    return preprocess(
+        pixels,
+        indices,
+        size=meta.size,
+        channels=meta.channels,
+        low=meta.norm_low,
+        high=meta.norm_high,
+    )
 
 
 def forward_logits(bundle: Bundle, x: torch.Tensor) -> torch.Tensor:
@@ -481,4 +508,20 @@ def classify_slices(bundle: Bundle, volume: SeriesVolume, n: int) -> SliceClassi
         labels=tuple(SequenceLabel(meta.labels[int(k)]) for k in best),
         confidences=tuple(float(probs[i, k]) for i, k in enumerate(best)),
         probabilities=probs,
+    )
+
+
+def classify_series(bundle: Bundle, volume: SeriesVolume, n: int) -> CnnVerdict:
+    """The sequence CNN's series label: majority vote over n slices (central slices first).
+
+    Confidence is the winner's vote fraction times its mean calibrated probability over the
+    sampled slices, so a narrow or unsure majority stays low."""
+    from node.sequence import vote_slices
+
+    sc = classify_slices(bundle, volume, n)
+    winner, votes, fraction = vote_slices(sc.labels)
+    column = bundle.metadata.labels.index(winner.value)
+    mean_p = float(sc.probabilities[:, column].mean())
+    return CnnVerdict(
+        label=winner, confidence=fraction * mean_p, votes=votes, n_slices=len(sc.labels)
     )

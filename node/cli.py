@@ -105,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-cnn", action="store_true", help="tag rules only")
 
+    p = cmd("train", "node.train.command:cmd_train", "train a model bundle (patient-level split)")
+    p.add_argument("task", help="sequence, gbm_pcnsl[_t1c|_adc], glioma_grade[_t1c|_flair], ...")
+    p.add_argument("--data", type=Path, required=True, help="synth folder or DICOM folder")
+    p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
+    p.add_argument("--out", type=Path, default=None, help="bundle folder (default models/NAME)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", choices=("small", "published"), default="small")
+    p.add_argument("--pretrained", type=Path, default=None, help="weights file (published)")
+
+    p = cmd("evaluate", "node.train.command:cmd_evaluate", "evaluate a bundle on labelled data")
+    p.add_argument("task")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle folder (default models/NAME)")
+    p.add_argument("--out", type=Path, default=None, help="writes metrics.json, roc.png, ...")
+    p.add_argument("--record", action="store_true", help="store metrics in the bundle's card")
+
     return parser
 
 

@@ -16,6 +16,7 @@ from node import __version__
 from node.records import SequenceLabel
 
 VARIANTS = ("small", "published")
+NORM_LOW, NORM_HIGH = 0.5, 99.5  # percentiles of the native series values mapped to 0 and 1
 
 TASK_LABELS: dict[str, tuple[str, str]] = {
     # (negative, positive) in the synth manifest's vocabulary
@@ -123,7 +124,7 @@ def get_recipe(name: str, variant: str = "small") -> Recipe:
         descriptions = TASK_DESCRIPTIONS[task]
         sequences = (seq or DEFAULT_SEQUENCE[task],)
     n_cls = len(labels)
-    slice_mode, slice_n = ("central_window", 8) if task == "sequence" else ("brain_range", 16)
+    slice_mode, slice_n = ("central_window", 9) if task == "sequence" else ("brain_range", 16)
     if variant == "small":
         augment = {
             "sequence": Augment(
@@ -375,8 +376,8 @@ def bundle_metadata(
             "channels": recipe.channels,
             "normalisation": {
                 "method": "percentile",
-                "low": 0.5,
-                "high": 99.5,
+                "low": NORM_LOW,
+                "high": NORM_HIGH,
                 "source": "per series, native DICOM values after the modality LUT",
             },
             "slice_selection": {"mode": recipe.slice_mode, "n": recipe.slice_n},

@@ -210,3 +210,17 @@ def test_classify_slices_and_copy(tmp_path: Path) -> None:
     task_bundle = bundles.load_bundle(make_bundle(tmp_path, "tubers_flair"))
     with pytest.raises(InferenceError, match="not a sequence classifier"):
         bundles.classify_slices(task_bundle, make_volume(), 3)
+
+
+def test_classify_series_majority_vote(tmp_path: Path) -> None:
+    b = bundles.load_bundle(make_bundle(tmp_path, "sequence"))
+    volume = make_volume()
+    sc = bundles.classify_slices(b, volume, 5)
+    verdict = bundles.classify_series(b, volume, 5)
+    assert verdict.n_slices == 5
+    assert sum(n for _, n in verdict.votes) == 5
+    top = max(n for _, n in verdict.votes)
+    assert sc.labels.count(verdict.label) == top
+    col = b.metadata.labels.index(verdict.label.value)
+    expected = top / 5 * float(sc.probabilities[:, col].mean())
+    assert verdict.confidence == pytest.approx(expected, rel=1e-5)

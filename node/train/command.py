@@ -1,0 +1,208 @@
+"""`neuronode train` and `neuronode evaluate`: train a bundle on labelled data, score it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from node.bundles import load_bundle, write_bundle
+from node.log import get_logger
+from node.train.data import (
+    SeriesItem,
+    build_slice_set,
+    class_index,
+    load_items,
+    select_items,
+    split_groups,
+)
+from node.train.evaluate import evaluate_sequence, evaluate_task, model_card, record_evaluation
+from node.train.metrics import binary_report, multiclass_report
+from node.train.recipes import Recipe, bundle_metadata, get_recipe, resolve_bundle_name
+from node.train.trainer import Progress, series_mean_logits, stderr_progress, train_model
+
+log = get_logger(__name__)
+
+
+def _threads() -> None:
+    # Shared 2-core machine: one thread unless the operator says otherwise.
+    torch.set_num_threads(int(os.environ.get("NEURONODE_TORCH_THREADS", "1")))
+
+
+def train_bundle(
+    recipe: Recipe,
+    items: Sequence[SeriesItem],
+    out: Path,
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    pretrained: Path | None = None,
+    data_description: str = "",
+    progress: Progress = stderr_progress,
+    load: Callable[[SeriesItem], npt.NDArray[Any]] | None = None,
+) -> Path:
+    """Split by patient, train, calibrate and write the bundle (weights, metadata, card)."""
+    start = time.perf_counter()
+    chosen = select_items(items, recipe)
+    train_items, val_items = split_groups(
+        chosen,
+        val_fraction=recipe.val_fraction,
+        seed=seed,
+        label_of=lambda it: str(class_index(it, recipe)),
+    )
+    progress(
+        f"[{recipe.bundle_name}] {len(train_items)} train / {len(val_items)} validation series"
+        f" from {len({i.group for i in chosen})} patients (patient-disjoint)"
+    )
+
+    def bar(done: int, total: int) -> None:
+        if done == total or done % 50 == 0:
+            progress(f"[{recipe.bundle_name}] loaded {done}/{total} series")
+
+    train_set = build_slice_set(train_items, recipe, progress=bar, load=load)
+    val_set = build_slice_set(val_items, recipe, progress=bar, load=load)
+    result = train_model(
+        recipe,
+        train_set,
+        val_set,
+        seed=seed,
+        epochs=epochs,
+        pretrained=pretrained,
+        progress=progress,
+    )
+    network_logits = _val_logits(recipe, result.state_dict, val_set.x)
+    if recipe.task == "sequence":
+        val_metrics = multiclass_report(
+            val_set.y.numpy(), network_logits.argmax(1).numpy(), recipe.labels
+        )
+        val_metrics["level"] = "slice"
+    else:
+        z = series_mean_logits(network_logits, val_set) / result.temperature
+        p = 1.0 / (1.0 + np.exp(-z))
+        val_metrics = binary_report(np.asarray(val_set.series_labels), p, seed=seed)
+        val_metrics.pop("reliability", None)
+        val_metrics["level"] = "series"
+        val_metrics["n_series"] = len(val_set.series_labels)
+    training = {
+        "data": data_description,
+        "recipe": recipe.variant,
+        "seed": seed,
+        "epochs": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "train_time_s": round(result.wall_time_s, 1),
+        "split": {
+            "method": "patient-disjoint, stratified by label",
+            "val_fraction": recipe.val_fraction,
+            "n_train_patients": len({i.group for i in train_items}),
+            "n_val_patients": len({i.group for i in val_items}),
+        },
+        "n_train_series": len(train_items),
+        "n_val_series": len(val_items),
+        "n_train_slices": int(train_set.x.shape[0]),
+        "augmentation": {
+            k: getattr(recipe.augment, k) for k in recipe.augment.__dataclass_fields__
+        },
+        "optimiser": {
+            "name": "Adam",
+            "lr": recipe.lr,
+            "weight_decay": recipe.weight_decay,
+            "decay_after_epoch": recipe.lr_decay_after_epoch,
+            "gamma": recipe.lr_decay_gamma,
+            "early_stopping": f"lowest validation loss, patience {recipe.patience}",
+        },
+        "hardware": f"{platform.machine()} CPU, torch threads {torch.get_num_threads()}",
+        "val_nll_before": round(result.val_nll_before, 4),
+        "val_nll_after": round(result.val_nll_after, 4),
+        "history": [{k: round(v, 4) for k, v in row.items()} for row in result.history],
+        "notes": list(recipe.notes),
+    }
+    meta = bundle_metadata(
+        recipe,
+        temperature=round(result.temperature, 4),
+        training=training,
+        metrics={"validation": val_metrics},
+    )
+    write_bundle(out, meta, result.state_dict, "")
+    written = json.loads((out / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    (out / "docs" / "README.md").write_text(model_card(written), encoding="utf-8")
+    log.info(
+        "bundle_trained", model_id=recipe.bundle_name, duration_ms=int(1000 * result.wall_time_s)
+    )
+    progress(f"[{recipe.bundle_name}] wrote {out} in {training['wall_time_s']} s")
+    return out
+
+
+def _val_logits(recipe: Recipe, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    from node.bundles import build_network
+
+    net = build_network(recipe.network_name, recipe.network_args)
+    net.load_state_dict(state)
+    net.eval()
+    with torch.inference_mode():
+        return torch.cat([net(x[s : s + 128].float()) for s in range(0, x.shape[0], 128)])
+
+
+def _describe(data: Path) -> str:
+    manifest = data / "manifest.json"
+    if manifest.is_file():
+        try:
+            m: Any = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return f"synth folder {data.name}"
+        if isinstance(m, dict):
+            keys = ("seed", "size", "slices", "vendors", "phenotypes")
+            parts = [f"{k}={m[k]}" for k in keys if k in m]
+            n = len(m.get("studies", []))
+            return f"node/synth studies (n={n}, " + ", ".join(parts) + ")"
+    return f"DICOM folder {data.name}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`neuronode train TASK --data DIR [--labels CSV] [--out DIR] ...`."""
+    _threads()
+    recipe = get_recipe(args.task, args.recipe)
+    items = load_items(args.data, recipe.task, args.labels)
+    out = args.out or Path("models") / recipe.bundle_name
+    train_bundle(
+        recipe,
+        items,
+        out,
+        seed=args.seed,
+        epochs=args.epochs,
+        pretrained=args.pretrained,
+        data_description=_describe(args.data),
+    )
+    print(out)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`neuronode evaluate TASK --data DIR [--labels CSV] [--bundle DIR] [--out OUT]`."""
+    _threads()
+    name, task, _seq = resolve_bundle_name(args.task)
+    bundle_dir = args.bundle or Path("models") / name
+    bundle = load_bundle(bundle_dir)
+    items = load_items(args.data, task, args.labels)
+    if task == "sequence":
+        report = evaluate_sequence(bundle, items, out=args.out, progress=stderr_progress)
+    else:
+        report = evaluate_task(bundle, items, out=args.out, progress=stderr_progress)
+    if getattr(args, "record", False):
+        record_evaluation(bundle_dir, report, _describe(args.data))
+    summary = {
+        k: report.get(k)
+        for k in ("model", "n_patients", "n_series", "auc", "auc_ci", "ece", "accuracy")
+        if k in report
+    }
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,346 @@
+"""Training data: labelled series from a synth folder (its manifest) or a DICOM folder + CSV.
+
+A DICOM folder from a hospital archive is labelled per study with a CSV of
+``StudyInstanceUID,label`` (task bundles) or per series with ``series_uid,label`` (the sequence
+bundle). Which series of a study a task bundle reads is decided by the node's own tag rules,
+the same way the running node routes them. Splits are patient-disjoint: PatientID is read only
+to form a keyed hash used as the split group, never logged or stored.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from node.bundles import preprocess, select_slices
+from node.errors import NodeError
+from node.records import SequenceLabel
+from node.train.recipes import NORM_HIGH, NORM_LOW, Recipe
+
+_NOT_APPLICABLE = ("", "none", "null", "na", "n/a")
+
+
+class DataError(NodeError):
+    """The training or evaluation data cannot be used as given (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeriesItem:
+    """One labelled series on disk."""
+
+    group: str  # split group: a patient (hashed PatientID) or the study when unknown
+    study_uid: str
+    series_uid: str
+    sequence: SequenceLabel  # what the series is
+    label: str | None  # the study's label for the task (None: not labelled for this task)
+    paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class SliceSet:
+    """Network-ready slices of many series with their labels and provenance."""
+
+    x: torch.Tensor  # (n, channels, H, W) float16 to save memory; cast per batch
+    y: torch.Tensor  # (n,) int64 class index
+    series: torch.Tensor  # (n,) int64 index into series_labels/series_groups
+    series_labels: tuple[int, ...]
+    series_groups: tuple[str, ...]
+    series_uids: tuple[str, ...]
+
+
+def read_csv_labels(path: Path, key_columns: Sequence[str]) -> dict[str, str]:
+    """UID -> label from a CSV whose key column is one of key_columns (case-insensitive)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = {f.strip().lower(): f for f in reader.fieldnames or ()}
+            key = next((fields[k.lower()] for k in key_columns if k.lower() in fields), None)
+            if key is None or "label" not in fields:
+                raise DataError(
+                    f"{path}: needs a '{key_columns[0]}' column and a 'label' column "
+                    f"(found {sorted(fields)})"
+                )
+            out = {}
+            for row in reader:
+                uid = (row.get(key) or "").strip()
+                label = (row.get(fields["label"]) or "").strip()
+                if uid and label.lower() not in _NOT_APPLICABLE:
+                    out[uid] = label
+            return out
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read labels ({exc})") from exc
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _hashed(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _patient_group(path: Path, study_uid: str) -> str:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        pid = str(ds.get("PatientID", "") or "").strip()
+    except (OSError, ValueError, TypeError, EOFError):
+        pid = ""
+    return "p" + _hashed(pid) if pid else "s" + _hashed(study_uid)
+
+
+def scan_dicom_folder(
+    root: Path, *, sequence_of: Mapping[str, str] | None = None
+) -> tuple[SeriesItem, ...]:
+    """Every image series under root, labelled with its sequence (given, or by the tag rules)."""
+    from node.dicomio import read_headers
+    from node.headers import read_series_headers
+    from node.sequence import classify_headers
+
+    files = _files(root)
+    if not files:
+        raise DataError(f"{root}: no files")
+    headers, _problems = read_headers(files)
+    by_series: dict[str, list[Path]] = defaultdict(list)
+    study_of: dict[str, str] = {}
+    for h in headers:
+        if h.has_pixels:
+            by_series[h.series_uid].append(h.path)
+            study_of[h.series_uid] = h.study_uid
+    if sequence_of is None:
+        series_headers = read_series_headers(files)
+        decisions = classify_headers(series_headers)
+        labels = {d.series_uid: d.label.value for d in decisions}
+    else:
+        labels = dict(sequence_of)
+    group_of_study: dict[str, str] = {}
+    items = []
+    for series_uid, paths in sorted(by_series.items()):
+        if series_uid not in labels:
+            continue
+        study = study_of[series_uid]
+        if study not in group_of_study:
+            group_of_study[study] = _patient_group(paths[0], study)
+        items.append(
+            SeriesItem(
+                group=group_of_study[study],
+                study_uid=study,
+                series_uid=series_uid,
+                sequence=SequenceLabel(labels[series_uid]),
+                label=None,
+                paths=tuple(sorted(paths)),
+            )
+        )
+    return tuple(items)
+
+
+def _manifest_studies(manifest: Any) -> list[Mapping[str, Any]]:
+    studies = manifest.get("studies") if isinstance(manifest, Mapping) else manifest
+    if not isinstance(studies, list):
+        raise DataError("manifest.json has no 'studies' list")
+    return [s for s in studies if isinstance(s, Mapping)]
+
+
+def load_synth(root: Path, task: str) -> tuple[SeriesItem, ...]:
+    """Series of a `neuronode synth` folder, labelled from its manifest.json."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{root}: manifest.json cannot be read ({exc})") from exc
+    items = []
+    for study in _manifest_studies(manifest):
+        study_uid = str(study.get("study_uid") or study.get("StudyInstanceUID") or "")
+        labels = study.get("labels") or {}
+        raw_label = labels.get(task) if task != "sequence" else None
+        label = None
+        if raw_label is not None and str(raw_label).lower() not in _NOT_APPLICABLE:
+            label = str(raw_label)
+        group = str(study.get("patient_key") or study.get("patient_id") or study_uid)
+        for series in study.get("series", []):
+            if not isinstance(series, Mapping):
+                continue
+            seq = series.get("label") or series.get("sequence")
+            try:
+                sequence = SequenceLabel(str(seq))
+            except ValueError:
+                sequence = SequenceLabel.OTHER
+            files = series.get("files") or series.get("paths") or []
+            paths = tuple(sorted(root / str(f) for f in files))
+            if not paths and series.get("dir"):
+                paths = tuple(_files(root / str(series["dir"])))
+            items.append(
+                SeriesItem(
+                    group="s" + _hashed(group),
+                    study_uid=study_uid,
+                    series_uid=str(series.get("series_uid") or series.get("uid") or ""),
+                    sequence=sequence,
+                    label=label,
+                    paths=paths,
+                )
+            )
+    if not items:
+        raise DataError(f"{root}: manifest.json lists no series")
+    if any(not it.paths for it in items):
+        # Manifest without file lists: find each series' files from the headers.
+        scanned = {
+            it.series_uid: it.paths
+            for it in scan_dicom_folder(
+                root, sequence_of={it.series_uid: it.sequence.value for it in items}
+            )
+        }
+        items = [
+            it if it.paths else _with_paths(it, scanned.get(it.series_uid, ())) for it in items
+        ]
+    return tuple(items)
+
+
+def _with_paths(item: SeriesItem, paths: tuple[Path, ...]) -> SeriesItem:
+    return SeriesItem(
+        group=item.group,
+        study_uid=item.study_uid,
+        series_uid=item.series_uid,
+        sequence=item.sequence,
+        label=item.label,
+        paths=paths,
+    )
+
+
+def load_items(root: Path, task: str, labels_csv: Path | None = None) -> tuple[SeriesItem, ...]:
+    """Labelled series for a task (or 'sequence') from a synth folder or a DICOM folder + CSV."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    if labels_csv is None and (root / "manifest.json").is_file():
+        return load_synth(root, task)
+    if labels_csv is None:
+        raise DataError(f"{root}: no manifest.json; give --labels CSV")
+    if task == "sequence":
+        series_labels = read_csv_labels(labels_csv, ("series_uid", "SeriesInstanceUID"))
+        return scan_dicom_folder(root, sequence_of=series_labels)
+    study_labels = read_csv_labels(labels_csv, ("StudyInstanceUID", "study_uid"))
+    return tuple(_with_label(it, study_labels.get(it.study_uid)) for it in scan_dicom_folder(root))
+
+
+def _with_label(item: SeriesItem, label: str | None) -> SeriesItem:
+    return SeriesItem(
+        group=item.group,
+        study_uid=item.study_uid,
+        series_uid=item.series_uid,
+        sequence=item.sequence,
+        label=label,
+        paths=item.paths,
+    )
+
+
+def select_items(items: Iterable[SeriesItem], recipe: Recipe) -> tuple[SeriesItem, ...]:
+    """The series a recipe trains on: its sequences with a task label (all for sequence)."""
+    if recipe.task == "sequence":
+        return tuple(items)
+    wanted = set(recipe.sequences)
+    out = []
+    for it in items:
+        if it.sequence.value not in wanted or it.label is None:
+            continue
+        if it.label not in recipe.labels:
+            raise DataError(
+                f"label '{it.label}' is not one of {recipe.labels} for task {recipe.task}"
+            )
+        out.append(it)
+    return tuple(out)
+
+
+def split_groups(
+    items: Sequence[SeriesItem],
+    *,
+    val_fraction: float,
+    seed: int,
+    label_of: Callable[[SeriesItem], str],
+) -> tuple[tuple[SeriesItem, ...], tuple[SeriesItem, ...]]:
+    """Patient-disjoint (train, validation), stratified by each group's first label."""
+    if not 0 < val_fraction < 1:
+        raise ValueError("val_fraction must be between 0 and 1")
+    groups: dict[str, list[SeriesItem]] = defaultdict(list)
+    for it in items:
+        groups[it.group].append(it)
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for g, members in sorted(groups.items()):
+        by_label[label_of(members[0])].append(g)
+    rng = np.random.default_rng(seed)
+    val_groups: set[str] = set()
+    for _label, gs in sorted(by_label.items()):
+        order = list(rng.permutation(len(gs)))
+        n_val = max(1, round(len(gs) * val_fraction)) if len(gs) > 1 else 0
+        val_groups.update(gs[i] for i in order[:n_val])
+    train = tuple(it for it in items if it.group not in val_groups)
+    val = tuple(it for it in items if it.group in val_groups)
+    return train, val
+
+
+def class_index(item: SeriesItem, recipe: Recipe) -> int:
+    """The training target of a series: its sequence or its task label, as a class index."""
+    name = item.sequence.value if recipe.task == "sequence" else item.label
+    if name not in recipe.labels:
+        raise DataError(f"series label '{name}' is not one of {recipe.labels}")
+    return recipe.labels.index(name)
+
+
+def series_slices(
+    pixels: npt.NDArray[Any], recipe: Recipe, *, n: int | None = None
+) -> torch.Tensor:
+    """The slices a bundle of this recipe reads from one series, prepared like inference."""
+    idx = select_slices(pixels, recipe.slice_mode, n or recipe.slice_n)
+    return preprocess(
+        pixels, idx, size=recipe.size, channels=recipe.channels, low=NORM_LOW, high=NORM_HIGH
+    )
+
+
+def build_slice_set(
+    items: Sequence[SeriesItem],
+    recipe: Recipe,
+    *,
+    load: Callable[[SeriesItem], npt.NDArray[Any]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SliceSet:
+    """Load every series, take its slices and stack them with their labels."""
+    load = load or load_pixels
+    xs, ys, ss = [], [], []
+    labels, groups, uids = [], [], []
+    for i, it in enumerate(items):
+        target = class_index(it, recipe)
+        x = series_slices(load(it), recipe)
+        xs.append(x.half())
+        ys.append(torch.full((x.shape[0],), target, dtype=torch.int64))
+        ss.append(torch.full((x.shape[0],), i, dtype=torch.int64))
+        labels.append(target)
+        groups.append(it.group)
+        uids.append(it.series_uid)
+        if progress is not None:
+            progress(i + 1, len(items))
+    if not xs:
+        raise DataError("no series to build slices from")
+    return SliceSet(
+        x=torch.cat(xs),
+        y=torch.cat(ys),
+        series=torch.cat(ss),
+        series_labels=tuple(labels),
+        series_groups=tuple(groups),
+        series_uids=tuple(uids),
+    )
+
+
+def load_pixels(item: SeriesItem) -> npt.NDArray[Any]:
+    """The series' pixels (slices, rows, cols) in native values via node.dicomio."""
+    from node.dicomio import load_series
+
+    return load_series(item.paths).pixels

@@ -1,0 +1,141 @@
+"""Training data: CSV labels, patient-disjoint splits, slice sets, augmentation, a tiny run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from node import bundles
+from node.records import SequenceLabel
+from node.train import data, recipes, trainer
+from node.train.command import train_bundle
+
+torch.set_num_threads(1)
+
+
+def _item(i: int, label: str | None, seq: str = "T1C", group: str | None = None) -> data.SeriesItem:
+    return data.SeriesItem(
+        group=group or f"g{i}",
+        study_uid=f"1.{i}",
+        series_uid=f"1.{i}.1",
+        sequence=SequenceLabel(seq),
+        label=label,
+        paths=(Path(f"/x/{i}.dcm"),),
+    )
+
+
+def _phantom(item: data.SeriesItem) -> np.ndarray:
+    """Positive studies ('gbm') carry a bright spot in the upper left; all have a 'brain'."""
+    rng = np.random.default_rng(int(item.study_uid.split(".")[1]))
+    vol = rng.normal(10, 2, (6, 48, 48)).astype(np.float32)
+    vol[:, 8:40, 8:40] += 300
+    if item.label == "gbm":
+        vol[:, 10:20, 10:20] += 900
+    return vol
+
+
+def test_read_csv_labels(tmp_path: Path) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text("StudyInstanceUID,label,extra\n1.2,gbm,x\n1.3,,y\n1.4,pcnsl,z\n")
+    assert data.read_csv_labels(csv, ("StudyInstanceUID",)) == {"1.2": "gbm", "1.4": "pcnsl"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("uid,label\n1,gbm\n")
+    with pytest.raises(data.DataError, match="StudyInstanceUID"):
+        data.read_csv_labels(bad, ("StudyInstanceUID",))
+
+
+def test_split_is_patient_disjoint_and_stratified() -> None:
+    items = [_item(i, "gbm" if i % 2 else "pcnsl", group=f"p{i // 2}") for i in range(40)]
+    items += [_item(100 + i, "gbm", group=f"p{i}") for i in range(3)]  # same patients again
+    train, val = data.split_groups(
+        items, val_fraction=0.25, seed=1, label_of=lambda it: it.label or ""
+    )
+    assert len(train) + len(val) == len(items)
+    assert not {i.group for i in train} & {i.group for i in val}
+    assert val and train
+    again = data.split_groups(items, val_fraction=0.25, seed=1, label_of=lambda it: it.label or "")
+    assert [i.series_uid for i in again[1]] == [i.series_uid for i in val]
+    with pytest.raises(ValueError):
+        data.split_groups(items, val_fraction=1.0, seed=1, label_of=lambda it: "")
+
+
+def test_select_items_by_sequence_and_label() -> None:
+    recipe = recipes.get_recipe("gbm_pcnsl")
+    items = [_item(1, "gbm"), _item(2, None), _item(3, "pcnsl", "FLAIR"), _item(4, "pcnsl")]
+    assert [i.study_uid for i in data.select_items(items, recipe)] == ["1.1", "1.4"]
+    with pytest.raises(data.DataError, match="not one of"):
+        data.select_items([_item(5, "lgg")], recipe)
+    seq = recipes.get_recipe("sequence")
+    assert len(data.select_items(items, seq)) == 4
+    assert data.class_index(items[2], seq) == list(SequenceLabel).index(SequenceLabel.FLAIR)
+
+
+def test_build_slice_set_matches_inference_preprocessing() -> None:
+    recipe = recipes.get_recipe("gbm_pcnsl")
+    items = [_item(1, "gbm"), _item(2, "pcnsl")]
+    s = data.build_slice_set(items, recipe, load=_phantom)
+    assert s.x.shape == (12, 1, 128, 128) and s.x.dtype == torch.float16
+    assert s.y.tolist() == [1] * 6 + [0] * 6
+    assert s.series.tolist() == [0] * 6 + [1] * 6
+    assert s.series_labels == (1, 0)
+    vol = _phantom(items[0])
+    idx = bundles.select_slices(vol, recipe.slice_mode, recipe.slice_n)
+    ref = bundles.preprocess(vol, idx, size=(128, 128), channels=1, low=0.5, high=99.5)
+    assert torch.allclose(s.x[:6].float(), ref, atol=1e-3)
+
+
+def test_augment_batch_is_seeded_and_bounded() -> None:
+    x = torch.rand(4, 1, 32, 32)
+    aug = recipes.get_recipe("tubers").augment
+    a = trainer.augment_batch(x, aug, torch.Generator().manual_seed(3))
+    b = trainer.augment_batch(x, aug, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, x)
+    none = recipes.Augment(hflip=False)
+    assert torch.equal(trainer.augment_batch(x, none, torch.Generator()), x)
+
+
+def test_published_recipe_needs_a_weights_file(tmp_path: Path) -> None:
+    r = recipes.get_recipe("gbm_pcnsl", "published")
+    assert r.network_name == "EfficientNetBN" and r.size == (380, 380)
+    assert r.network_args["model_name"] == "efficientnet-b4"
+    assert r.network_args["pretrained"] is False
+    assert recipes.get_recipe("tubers", "published").augment.rotate_deg == 30
+    assert recipes.get_recipe("sequence", "published").network_name == "ResNet"
+    from node.errors import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable, match="not found"):
+        net = bundles.build_network("ResNet", recipes.get_recipe("tubers_flair").network_args)
+        trainer.load_pretrained(net, tmp_path / "missing.pt")
+    src = bundles.build_network("ResNet", recipes.get_recipe("tubers_flair").network_args)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    dst = bundles.build_network("ResNet", recipes.get_recipe("tubers_flair").network_args)
+    assert trainer.load_pretrained(dst, tmp_path / "w.pt") == len(src.state_dict())
+    with pytest.raises(ValueError, match="unknown task"):
+        recipes.get_recipe("spleen")
+
+
+@pytest.mark.slow
+def test_tiny_training_run_writes_a_loadable_bundle(tmp_path: Path) -> None:
+    items = [_item(i, "gbm" if i % 2 else "pcnsl") for i in range(16)]
+    out = train_bundle(
+        recipes.get_recipe("gbm_pcnsl"),
+        items,
+        tmp_path / "b",
+        seed=0,
+        epochs=3,
+        data_description="unit phantoms",
+        progress=lambda _l: None,
+        load=_phantom,
+    )
+    b = bundles.load_bundle(out)
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    assert meta["training"]["epochs"] == 3
+    assert meta["training"]["split"]["n_val_patients"] >= 2
+    assert meta["temperature"] > 0
+    assert "NOT FOR CLINICAL USE" in (out / "docs" / "README.md").read_text()
+    assert b.metadata.name == "gbm_pcnsl_t1c"
