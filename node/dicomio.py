@@ -48,6 +48,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from node.errors import LoadError
+from node.log import get_logger, uid_key
 from node.records import (
     DecodeProblem,
     InstanceHeader,
@@ -64,6 +65,8 @@ _ORIENTATION_TOLERANCE = 1e-3  # direction cosines; about 0.06 degrees
 _REASON_CHARS = 300
 
 SeriesId = tuple[str, int | None]
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -556,6 +559,11 @@ def scan_study(paths: Sequence[Path]) -> StudyLoad:
                     reason=_reason(exc),
                 )
             )
+            log.warning(
+                "instance_not_decoded",
+                series_key=uid_key(header.series_uid) if header is not None else None,
+                error_type=type(exc).__name__,
+            )
             continue
         if isinstance(result, InstanceHeader):
             headers.append(result)
@@ -568,6 +576,8 @@ def scan_study(paths: Sequence[Path]) -> StudyLoad:
         decoded = by_series.pop(sid)
         volume, extra = _assemble(sid, decoded)
         del decoded
+        if extra:
+            log.info("series_frames_left_out", series_key=uid_key(sid[0]), count=len(extra))
         problems.extend(extra)
         if volume is not None:
             volumes.append(volume)

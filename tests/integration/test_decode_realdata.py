@@ -14,6 +14,7 @@ import pytest
 from pydicom.data import get_testdata_files
 from pydicom.uid import UID, generate_uid
 
+from node import pipeline
 from node.dicomio import scan_study
 from node.pipeline import cmd_process
 from node.records import SeriesVolume
@@ -177,8 +178,13 @@ def test_realdata_time_series_keep_all_time_points(realdata: Path) -> None:
 
 
 def test_cmd_process_on_realdata_xa30(
-    realdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    realdata: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # cmd_process configures logging on the live stderr: keep that from leaking to other tests.
+    monkeypatch.setattr(pipeline, "configure", lambda **_kw: None)
     args = argparse.Namespace(
         directory=realdata / "dcm_qa_xa30", rules=tmp_path / "none.yaml", out=tmp_path / "out"
     )

@@ -29,6 +29,12 @@ from tests.unit.test_dicomio import SENTINEL_NAME, write_mr
 PHI_STRINGS = (SENTINEL_NAME, "Zyxwvut", "SENTINEL-ID-4711", "19010203", "ACC-SENTINEL")
 
 
+@pytest.fixture(autouse=True)
+def _keep_log_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cmd_process configures logging on the live stderr; keep that from leaking across tests."""
+    monkeypatch.setattr(pipeline, "configure", lambda **_kw: None)
+
+
 def _study(tmp_path: Path, *, n_series: int = 2, n_slices: int = 3) -> tuple[str, list[Path]]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     study = generate_uid()
@@ -193,3 +199,23 @@ def test_cmd_process_reads_an_existing_rule_file(
     args = argparse.Namespace(directory=tmp_path / "in", rules=rules, out=tmp_path / "out")
     assert cmd_process(args) == 0
     assert f"rules: {rules}" in capsys.readouterr().out
+
+
+def test_one_uid_with_two_numbers_gets_two_audit_entries_with_distinct_keys(
+    tmp_path: Path,
+) -> None:
+    study, series = generate_uid(), generate_uid()
+    tmp_path.mkdir(exist_ok=True)
+    paths = [
+        write_mr(tmp_path / f"n{n}.dcm", study=study, series=series, position=(0, 0, 0), number=n)
+        for n in (1, 2)
+    ]
+    outcome = process_study(_job(study, paths), Rules(), out_dir=tmp_path / "out")
+    audit = json.loads(outcome.audit_path.read_text())
+    entries = audit["series"]
+    assert [e["series_number"] for e in entries] == [1, 2]
+    assert {e["series_instance_uid"] for e in entries} == {series}
+    assert all(e["uid_shared_with_other_numbers"] for e in entries)
+    assert entries[0]["series_key"] == uid_key(f"{series}#1")
+    assert entries[0]["series_key"] != entries[1]["series_key"]
+    assert outcome.n_series == 2
