@@ -27,6 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -103,6 +104,17 @@ def _uid_name(uid: str) -> str:
     return name or uid
 
 
+def _n_positions(volume: SeriesVolume) -> int:
+    """Slice positions per time point: the first run of rising positions along the normal."""
+    ori = volume.slices[0].geometry.orientation
+    normal = np.cross(ori[:3], ori[3:])
+    d = [float(np.dot(normal, s.geometry.position)) for s in volume.slices]
+    n = 1
+    while n < len(d) and d[n] - d[n - 1] > 1e-3:
+        n += 1
+    return n
+
+
 def _series_entries(loaded: StudyLoad) -> list[dict[str, Any]]:
     """One audit entry per series: what arrived, how it decoded, its geometry."""
     headers: dict[SeriesId, list[InstanceHeader]] = defaultdict(list)
@@ -145,7 +157,7 @@ def _series_entries(loaded: StudyLoad) -> list[dict[str, Any]]:
         }
         if vol is not None:
             geom = vol.slices[0].geometry
-            n_positions = len({s.geometry.position for s in vol.slices})
+            n_positions = _n_positions(vol)
             entry.update(
                 {
                     "volume_shape": list(vol.pixels.shape),
