@@ -538,3 +538,34 @@ def test_siemens_mosaic_is_unpacked_into_placed_slices(tmp_path: Path, normal_si
     assert _firsts(volume.pixels) == values
     assert volume.slice_spacing_mm == pytest.approx(4.0)
     assert {s.frame_number for s in volume.slices} == {None}
+
+
+def test_enhanced_localizer_planes_keep_the_largest_plane(tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    frames = [((0.0, 0.0, float(z)), z, None, 1.0) for z in (0, 5, 10)]
+    path = write_enhanced(tmp_path / "loc.dcm", study=study, series=series, frames=frames)
+    # Turn the middle frame sagittal: a three-plane localizer stored in one object.
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    ori = Dataset()
+    ori.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+    ds.PerFrameFunctionalGroupsSequence[1].PlaneOrientationSequence = DicomSequence([ori])
+    ds.save_as(path, enforce_file_format=True)
+    volumes, problems = load_study([path])
+    assert [v.pixels.shape[0] for v in volumes] == [2]
+    assert _firsts(volumes[0].pixels) == [1.0, 11.0]  # stored value + intercept 1
+    (problem,) = problems
+    assert "also holds frames kept" in problem.reason and "1 frame(s)" in problem.reason
+
+
+def test_read_headers_lists_images_and_reports_non_dicom(tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    image = write_mr(tmp_path / "i.dcm", study=study, series=series, position=(0, 0, 0), number=8)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"DICM" * 10)
+    headers, problems = read_headers([image, junk])
+    (h,) = headers
+    assert (h.series_uid, h.series_number, h.rows, h.columns, h.n_frames) == (series, 8, 4, 5, 1)
+    assert h.sop_class_uid == MR and h.has_pixels and h.series_description == "t1_mprage_sag"
+    assert [p.path for p in problems] == [junk]
