@@ -128,7 +128,10 @@ EXPECTED_VOLUMES = {
 }
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
+@pytest.mark.parametrize(
+    "folder",
+    [pytest.param(f, marks=pytest.mark.slow) if f == "dcm_qa_xa30" else f for f in FOLDERS],
+)
 def test_every_realdata_series_loads_with_plausible_geometry(realdata: Path, folder: str) -> None:
     files = sorted(p for p in (realdata / folder).rglob("*") if p.is_file())
     t0 = time.perf_counter()
@@ -177,6 +180,7 @@ def test_realdata_time_series_keep_all_time_points(realdata: Path) -> None:
     assert {s.frame_number for s in volume.slices} == set(range(1, 40))
 
 
+@pytest.mark.slow
 def test_cmd_process_on_realdata_xa30(
     realdata: Path,
     tmp_path: Path,
