@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     _rules_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    p = cmd("requeue", "node.outbox:cmd_requeue", "send dead-lettered deliveries again")
+    _rules_arg(p)
+    p.add_argument("--destination", default=None, help="only this destination (default: all)")
+
     p = cmd("check", "node.config:cmd_check", "validate a rule file; print every problem")
     p.add_argument("rules_file", type=Path)
     p.add_argument(

@@ -1,0 +1,234 @@
+"""The outbox: idempotent enqueue, backoff with jitter, dead letter, requeue, independent destinations."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from structlog.testing import capture_logs
+
+from node.config import DeliverySettings, DicomDestination, DicomWebDestination, Rules
+from node.errors import SendError
+from node.outbox import (
+    DeliveryState,
+    Outbox,
+    backoff_s,
+    cmd_requeue,
+    deliver_due,
+)
+from node.report import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
+from node.send import SendResult
+
+PACS = DicomDestination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
+WEB = DicomWebDestination(name="web", url="http://127.0.0.1:8042/dicom-web")
+DELIVERY = DeliverySettings(
+    max_attempts=3, backoff_initial_s=10, backoff_max_s=100, jitter_fraction=0.2
+)
+RULES = Rules(destinations=(PACS, WEB), delivery=DELIVERY)
+
+
+def obj(uid: str, sop_class: str = SC_SOP_CLASS_UID, study: str = "1.2.3") -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = uid
+    ds.StudyInstanceUID = study
+    ds.PatientName = "Secret^Patient"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    return ds
+
+
+class FakeSender:
+    """Records calls; destinations in `down` raise, SOP UIDs in `refuse` get a failure status."""
+
+    def __init__(self, down: set[str] = set(), refuse: dict[str, bool] | None = None) -> None:
+        self.down = set(down)
+        self.refuse = refuse or {}  # uid -> retryable
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __call__(
+        self, dest: DicomDestination | DicomWebDestination, paths: Sequence[Path]
+    ) -> tuple[SendResult, ...]:
+        uids = [pydicom.dcmread(p).SOPInstanceUID for p in paths]
+        self.calls.append((dest.name, uids))
+        if dest.name in self.down:
+            raise SendError(f"destination {dest.name} cannot be reached", retryable=True)
+        return tuple(
+            SendResult(
+                sop_instance_uid=u,
+                sent_sop_instance_uid=u,
+                sent_sop_class_uid=SC_SOP_CLASS_UID,
+                delivered=u not in self.refuse,
+                status_code=0xA700 if u in self.refuse else 0,
+                retryable=self.refuse.get(u, False),
+                message="x",
+            )
+            for u in uids
+        )
+
+
+def states(outbox: Outbox) -> dict[tuple[str, str], DeliveryState]:
+    return {(r.sop_uid, r.destination): r.state for r in outbox.all()}
+
+
+def test_backoff_doubles_jitters_and_caps() -> None:
+    rng = random.Random(1)
+    no_jitter = DeliverySettings(backoff_initial_s=5, backoff_max_s=60, jitter_fraction=0)
+    assert [backoff_s(a, no_jitter, rng) for a in (1, 2, 3, 4, 5, 9)] == [5, 10, 20, 40, 60, 60]
+    waits = [backoff_s(2, DELIVERY, rng) for _ in range(200)]
+    assert min(waits) >= 16 and max(waits) <= 24 and len(set(waits)) > 100
+    assert all(backoff_s(10, DELIVERY, rng) <= 100 for _ in range(100))
+
+
+def test_enqueue_is_idempotent_and_atomic(tmp_path: Path) -> None:
+    with Outbox(tmp_path) as outbox:
+        assert outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs", "web"], now=0) == 4
+        assert outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs", "web"], now=5) == 0
+        assert len(outbox.all()) == 4
+        files = sorted(p.name for p in (tmp_path / "outbox" / "objects").iterdir())
+        assert files == ["1.1.dcm", "1.2.dcm"]  # no temp files left
+        assert pydicom.dcmread(tmp_path / "outbox" / "objects" / "1.1.dcm").SOPInstanceUID == "1.1"
+
+
+def test_delivers_and_survives_restart(tmp_path: Path) -> None:
+    with Outbox(tmp_path) as outbox:
+        outbox.enqueue([obj("1.1")], ["pacs"], now=0)
+        rows = outbox.claim_due("pacs", 0, 10)
+        assert [r.state for r in rows] == [DeliveryState.PENDING]  # as read before the claim
+    # the sender died while 'sending': a new process takes the row up again
+    with Outbox(tmp_path) as outbox:
+        assert states(outbox)[("1.1", "pacs")] == DeliveryState.PENDING
+        sender = FakeSender()
+        counts = deliver_due(outbox, RULES, 1.0, send=sender, rng=random.Random(0))
+        assert counts.delivered == 1 and sender.calls == [("pacs", ["1.1"])]
+        assert states(outbox)[("1.1", "pacs")] == DeliveryState.DELIVERED
+        assert deliver_due(outbox, RULES, 2.0, send=sender).delivered == 0  # nothing twice
+
+
+def test_down_destination_does_not_block_the_other(tmp_path: Path) -> None:
+    with Outbox(tmp_path) as outbox:
+        outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs", "web"], now=0)
+        sender = FakeSender(down={"pacs"})
+        with capture_logs() as logs:
+            counts = deliver_due(outbox, RULES, 0.0, send=sender, rng=random.Random(0))
+        assert counts.delivered == 2 and counts.retrying == 2 and counts.unreachable == ("pacs",)
+        s = states(outbox)
+        assert s[("1.1", "web")] == s[("1.2", "web")] == DeliveryState.DELIVERED
+        assert s[("1.1", "pacs")] == DeliveryState.PENDING
+        pacs_rows = [r for r in outbox.all() if r.destination == "pacs"]
+        assert all(8.0 <= r.next_attempt_at <= 12.0 for r in pacs_rows)  # 10 s +-20 %
+        assert all(
+            r.attempts == 1 and "cannot be reached" in (r.last_error or "") for r in pacs_rows
+        )
+        attempts = [e for e in logs if e["event"] == "delivery_attempt"]
+        assert {(e["destination"], e["object_kind"], e["attempt"]) for e in attempts} == {
+            ("pacs", "sc", 1),
+            ("web", "sc", 1),
+        }
+        assert "Secret" not in repr(logs)
+        # not due yet: nothing is tried
+        sender.calls.clear()
+        deliver_due(outbox, RULES, 5.0, send=sender)
+        assert sender.calls == []
+        # back up: delivered on the next due pass
+        sender.down.clear()
+        counts = deliver_due(outbox, RULES, 13.0, send=sender)
+        assert counts.delivered == 2
+        assert set(states(outbox).values()) == {DeliveryState.DELIVERED}
+
+
+def test_dead_letter_after_max_attempts_and_requeue(tmp_path: Path) -> None:
+    with Outbox(tmp_path) as outbox:
+        outbox.enqueue([obj("1.1")], ["pacs"], now=0)
+        sender = FakeSender(down={"pacs"})
+        now = 0.0
+        for _ in range(3):
+            deliver_due(outbox, RULES, now, send=sender, rng=random.Random(0))
+            now += 1000
+        (row,) = outbox.all()
+        assert row.state == DeliveryState.DEAD and row.attempts == 3
+        assert deliver_due(outbox, RULES, now, send=sender) == deliver_due(
+            outbox, RULES, now, send=sender
+        )
+        assert len(sender.calls) == 3  # dead rows are not tried
+        assert outbox.requeue(now=now, destination="web") == 0
+        assert outbox.requeue(now=now) == 1
+        (row,) = outbox.all()
+        assert row.state == DeliveryState.PENDING and row.attempts == 0
+        sender.down.clear()
+        assert deliver_due(outbox, RULES, now, send=sender).delivered == 1
+
+
+def test_permanent_failure_goes_dead_at_once_retryable_backs_off(tmp_path: Path) -> None:
+    with Outbox(tmp_path) as outbox:
+        outbox.enqueue([obj("1.1"), obj("1.2"), obj("1.3")], ["pacs"], now=0)
+        sender = FakeSender(refuse={"1.1": False, "1.2": True})
+        counts = deliver_due(outbox, RULES, 0.0, send=sender, rng=random.Random(0))
+        assert (counts.delivered, counts.retrying, counts.dead) == (1, 1, 1)
+        s = states(outbox)
+        assert s[("1.1", "pacs")] == DeliveryState.DEAD
+        assert s[("1.2", "pacs")] == DeliveryState.PENDING
+        row = next(r for r in outbox.all() if r.sop_uid == "1.2")
+        assert row.last_status_code == 0xA700
+
+
+def test_unknown_destination_rows_wait(tmp_path: Path) -> None:
+    with Outbox(tmp_path) as outbox:
+        outbox.enqueue([obj("1.1")], ["gone"], now=0)
+        sender = FakeSender()
+        assert deliver_due(outbox, RULES, 1.0, send=sender).delivered == 0
+        assert sender.calls == [] and states(outbox)[("1.1", "gone")] == DeliveryState.PENDING
+
+
+def test_previous_sr(tmp_path: Path) -> None:
+    sr = SR_SOP_CLASS_UIDS["comprehensive3d"]
+    with Outbox(tmp_path) as outbox:
+        outbox.enqueue([obj("1.1", sr), obj("1.2")], ["pacs"], now=0)
+        outbox.enqueue([obj("1.3", sr)], ["pacs"], now=10)
+        assert (
+            outbox.previous_sr("1.2.3", exclude_sop_uid="1.3")
+            == tmp_path / "outbox" / "objects" / "1.1.dcm"
+        )
+        assert (
+            outbox.previous_sr("1.2.3", exclude_sop_uid="1.9")
+            == tmp_path / "outbox" / "objects" / "1.3.dcm"
+        )
+        assert outbox.previous_sr("9.9", exclude_sop_uid="1.3") is None
+
+
+def test_cmd_requeue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = tmp_path / "spool"
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(f"storage:\n  spool_dir: {spool}\nmodels_dir: {tmp_path}\n")
+    args = argparse.Namespace(rules=rules_file, destination=None)
+    assert cmd_requeue(args) == 0
+    assert "0 deliveries requeued" in capsys.readouterr().out
+    with Outbox(spool) as outbox:
+        outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs"], now=0)
+        for row in outbox.claim_due("pacs", 0, 10):
+            outbox.mark_failed(
+                row,
+                error="x",
+                status_code=None,
+                retryable=False,
+                settings=DELIVERY,
+                now=0,
+                rng=random.Random(0),
+            )
+    assert cmd_requeue(args) == 0
+    assert "2 deliveries requeued" in capsys.readouterr().out
+    with Outbox(spool) as outbox:
+        assert set(states(outbox).values()) == {DeliveryState.PENDING}
+    from node.cli import main
+
+    assert main(["requeue", "--rules", str(rules_file), "--destination", "pacs"]) == 0
+    assert "0 deliveries requeued for pacs" in capsys.readouterr().out
