@@ -1,4 +1,4 @@
-"""The outbox: idempotent enqueue, backoff with jitter, dead letter, requeue, independent destinations."""
+"""The outbox: idempotent enqueue, backoff, dead letter, requeue, independent destinations."""
 
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def obj(uid: str, sop_class: str = SC_SOP_CLASS_UID, study: str = "1.2.3") -> Da
 class FakeSender:
     """Records calls; destinations in `down` raise, SOP UIDs in `refuse` get a failure status."""
 
-    def __init__(self, down: set[str] = set(), refuse: dict[str, bool] | None = None) -> None:
+    def __init__(
+        self, down: frozenset[str] = frozenset(), refuse: dict[str, bool] | None = None
+    ) -> None:
         self.down = set(down)
         self.refuse = refuse or {}  # uid -> retryable
         self.calls: list[tuple[str, list[str]]] = []
