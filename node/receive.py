@@ -149,15 +149,15 @@ class Receiver:
         return int(self._server.server_address[1]) if self._server else self.settings.port
 
     def active_associations(self) -> int:
-        """Associations currently open with us."""
-        return len(self.ae.active_associations)
+        """Associations currently established with us (closing threads are not counted)."""
+        return sum(1 for a in self.ae.active_associations if a.is_established)
 
     def stop(self, grace_s: float) -> None:
         """Stop accepting; let open associations finish within `grace_s`, then abort them."""
         if self._server is not None:
             self._server.shutdown()
         deadline = time.monotonic() + grace_s
-        while self.ae.active_associations and time.monotonic() < deadline:
+        while self.active_associations() and time.monotonic() < deadline:
             time.sleep(0.05)
         self.ae.shutdown()
 

@@ -45,8 +45,7 @@ def pipeline_processor(rules: Rules) -> Processor:
     def run(job: StudyJob) -> StudyOutcome:
         from node.pipeline import process_study
 
-        out_dir = rules.storage.spool_dir / "results" / job.study_uid
-        outcome = process_study(job, rules, out_dir=out_dir)
+        outcome = process_study(job, rules, out_dir=rules.storage.spool_dir / "results")
         assert isinstance(outcome, StudyOutcome)
         return outcome
 
@@ -115,9 +114,9 @@ class Node:
         """Stop accepting, let work finish within `grace_s`, release what is left, close."""
         log.info("node_stopping", duration_ms=round(grace_s * 1000))
         deadline = time.monotonic() + grace_s
-        self.receiver.stop(grace_s)
-        self._stop.set()
+        self._stop.set()  # the scheduler and the workers take no new work
         self._work.set()
+        self.receiver.stop(grace_s)
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._inflight_lock:
@@ -186,9 +185,13 @@ class Node:
         error_type = None
         try:
             outcome = self.processor(job)
-        except NodeError as exc:  # a known, deterministic failure of this study: do not retry
+        except NodeError as exc:
+            # Our own error about this study (bad input) is deterministic: do not retry. A
+            # NodeError wrapping a third-party error (I/O, memory) may pass: retry it.
             error_type = type(exc).__name__
-            state = StudyStatus.FAILED
+            cause = exc.__cause__
+            transient = cause is not None and not isinstance(cause, NodeError)
+            state = StudyStatus.READY if transient else StudyStatus.FAILED
         except Exception as exc:  # the per-job guard: retried, then dead letter
             error_type = type(exc).__name__
             state = StudyStatus.READY
