@@ -62,7 +62,21 @@ _REFORMAT_TOKENS = frozenset(
     }
 )
 _PHASE_TOKENS = frozenset(
-    {"P", "PHASE", "PHASE MAP", "R", "REAL", "I", "IMAGINARY", "FIELD_MAP", "B0", "B0MAP", "B0 MAP"}
+    {
+        "P",
+        "PHASE",
+        "PHASE MAP",
+        "R",
+        "REAL",
+        "I",
+        "IMAGINARY",
+        "FIELD_MAP",
+        "B0",
+        "B0MAP",
+        "B0 MAP",
+        "VELOCITY",
+        "FLOW_ENCODED",
+    }
 )
 _PERFUSION_TOKENS = frozenset(
     {"ASL", "PERFUSION", "RCBF", "CBF", "RELCBF", "CBV", "RCBV", "MTT", "TTP", "TMAX", "PWI"}
@@ -87,7 +101,7 @@ _DIFFUSION_DERIVED_OTHER = frozenset(
         "ISOTROPIC_FA",
     }
 )
-_MULTI_ECHO_OTHER = frozenset({"SWI", "MNIP", "T2_STAR", "T2STAR", "R2STAR", "T2STAR_MAP", "QSM"})
+_SUSCEPTIBILITY_TOKENS = frozenset({"SWI", "MNIP", "T2_STAR", "T2STAR", "R2STAR", "QSM", "SWAN"})
 _DIXON_TOKENS = frozenset({"DIXON", "IN_PHASE", "OUT_PHASE", "OPP_PHASE", "WATER", "FAT"})
 
 # Description keywords that make a series OTHER whatever its physics (regexes on a normalised
@@ -96,9 +110,10 @@ _OTHER_WORDS: tuple[tuple[str, str], ...] = (
     (r"\b(bold|fmri|f mri|resting|rest\d*|rsfmri|task)\b", "fMRI"),
     (r"\b(field ?map\w*|fmap|b0 ?map|b0map|b0rf|3db0map|b0|shim|phase ?diff\w*)\b", "field map"),
     (
-        r"\b(asl|pcasl|pasl|casl|perfusion\w*|perf|cbf|relcbf|rcbf|cbv|dsc|dce|ttp|mtt|tmax)\b",
+        r"\b(asl|pcasl|pasl|casl|perfusion\w*|perf|cbf|relcbf|rcbf|cbv|rcbv|dsc|dce|ttp|mtt|tmax)\b",
         "ASL",
     ),
+    (r"\b(dir|double ?ir|psir|mp2rage|inv1|inv2|t1 ?map\w*|t2 ?map\w*|mapit)\b", "map"),
     (
         r"\b(localizer|localiser|locali[sz]er\w*|scout|survey|3 ?plane|tri ?pilot|aahead\w*)\b",
         "loc",
@@ -228,6 +243,24 @@ def _rule_phase_or_field_map(h: SeriesHeader) -> TagVerdict | None:
         # Dixon pairs have the same echo spacing but a short TR (3D VIBE/mDixon): not a field map.
         return _verdict(
             L.OTHER, 0.85, "field-map", f"dual-echo GRE magnitude, TE {tes[0]:g}/{tes[1]:g}"
+        )
+    return None
+
+
+def _rule_maps_and_angiography(h: SeriesHeader) -> TagVerdict | None:
+    """Quantitative maps (T1/T2/B1 maps), susceptibility images and time-of-flight angiography."""
+    tokens = set(h.image_type)
+    maps = sorted(t for t in tokens if t.endswith(("MAP", "_MAP", " MAP")) and t != "FIELD_MAP")
+    if maps:
+        return _verdict(L.OTHER, 0.93, "quantitative-map", f"ImageType {maps[0]}")
+    swi = sorted(tokens & _SUSCEPTIBILITY_TOKENS)
+    if swi:
+        return _verdict(L.OTHER, 0.93, "susceptibility", f"ImageType {swi[0]}")
+    name = h.sequence_name.lower()
+    tof_option = any("TOF" in option for option in h.scan_options)
+    if tof_option or "tof" in name or re.search(r"fl3d\d*r?_t\d+", name):
+        return _verdict(
+            L.OTHER, 0.9, "angiography", f"time-of-flight angiography ({h.sequence_name or 'TOF'})"
         )
     return None
 
@@ -371,6 +404,9 @@ def _rule_structural(h: SeriesHeader) -> TagVerdict | None:
         return None
     if te >= 60 and tr >= 1500:
         return _verdict(L.T2, 0.9, "t2-se", f"long TE and TR spin echo, {physics}")
+    if te >= 80 and tr >= 900 and family == "SE":
+        # Single-shot fast spin echo (HASTE/SSFSE) runs at a short TR but is T2-weighted.
+        return _verdict(L.T2, 0.8, "t2-ssfse", f"long-TE single-shot spin echo, {physics}")
     if family == "SE" and te < 30 and tr < 1000:
         return _verdict(L.T1, 0.88, "t1-se", f"short TE and TR spin echo, {physics}")
     if family == "SE" and te < 40 and tr >= 1500:
@@ -383,6 +419,7 @@ _PHYSICS_RULES: tuple[Callable[[SeriesHeader], TagVerdict | None], ...] = (
     _rule_colour,
     _rule_localizer,
     _rule_reformat,
+    _rule_maps_and_angiography,
     _rule_perfusion,
     _rule_diffusion,
     _rule_phase_or_field_map,

@@ -358,6 +358,20 @@ def test_physics_rules_per_vendor(kw: dict[str, Any], label: SequenceLabel, rule
         ({**GE_T2, "series_description": "Ax T2 SWAN"}, "description-other"),
         ({**GE_T2, "protocol_name": "3D TOF angio"}, "description-other"),
         ({"series_description": "Survey"}, "description-other"),
+        ({**SIEMENS_MPRAGE, "series_description": "t1_mp2rage_INV2"}, "description-other"),
+        ({"image_type": ("DERIVED", "PRIMARY", "T1 MAP", "ND")}, "quantitative-map"),
+        ({"image_type": ("ORIGINAL", "PRIMARY", "M", "SWI", "ND")}, "susceptibility"),
+        (
+            {
+                "sequence_name": "*fl3d1r_t70",
+                "scanning_sequence": ("GR",),
+                "repetition_time_ms": 21.0,
+                "echo_time_ms": 3.6,
+                "flip_angle_deg": 18.0,
+            },
+            "angiography",
+        ),
+        ({"image_type": ("ORIGINAL", "PRIMARY", "VELOCITY", "NONE")}, "phase/field-map"),
     ],
 )
 def test_non_routable_series_are_other(kw: dict[str, Any], rule: str) -> None:
@@ -649,3 +663,24 @@ def test_study_context_other_studies_are_separate() -> None:
     decisions = classify_headers([pre, post_elsewhere])
     assert decisions[0].label is L.T1 and decisions[0].method is DecisionMethod.TAGS
     assert isinstance(decisions[1], SequenceDecision)
+
+
+def test_single_shot_t2_with_short_tr_is_t2() -> None:
+    verdict = classify_by_tags(
+        hdr(sequence_name="*h2d1_320", repetition_time_ms=1000.0, echo_time_ms=91.0)
+    )
+    assert verdict.label is L.T2 and verdict.rule == "t2-ssfse"
+
+
+def test_time_of_flight_is_not_a_t1_even_without_description() -> None:
+    verdict = classify_by_tags(
+        hdr(
+            manufacturer="ge",
+            scanning_sequence=("GR",),
+            scan_options=("TOF_GEMS", "FAST_GEMS"),
+            repetition_time_ms=24.0,
+            echo_time_ms=3.4,
+            flip_angle_deg=20.0,
+        )
+    )
+    assert verdict.label is L.OTHER and verdict.rule == "angiography"
