@@ -58,22 +58,25 @@ class SliceSet:
     series_uids: tuple[str, ...]
 
 
-def read_csv_labels(path: Path, key_columns: Sequence[str]) -> dict[str, str]:
-    """UID -> label from a CSV whose key column is one of key_columns (case-insensitive)."""
+def read_csv_labels(
+    path: Path, key_columns: Sequence[str], label_columns: Sequence[str] = ("label",)
+) -> dict[str, str]:
+    """UID -> label from a CSV: the first key and label columns found (case-insensitive)."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             fields = {f.strip().lower(): f for f in reader.fieldnames or ()}
             key = next((fields[k.lower()] for k in key_columns if k.lower() in fields), None)
-            if key is None or "label" not in fields:
+            lab = next((fields[k.lower()] for k in label_columns if k.lower() in fields), None)
+            if key is None or lab is None:
                 raise DataError(
-                    f"{path}: needs a '{key_columns[0]}' column and a 'label' column "
-                    f"(found {sorted(fields)})"
+                    f"{path}: needs a '{key_columns[0]}' column and a '{label_columns[0]}' "
+                    f"column (found {sorted(fields)})"
                 )
             out = {}
             for row in reader:
                 uid = (row.get(key) or "").strip()
-                label = (row.get(fields["label"]) or "").strip()
+                label = (row.get(lab) or "").strip()
                 if uid and label.lower() not in _NOT_APPLICABLE:
                     out[uid] = label
             return out
@@ -177,8 +180,9 @@ def load_synth(root: Path, task: str) -> tuple[SeriesItem, ...]:
                 sequence = SequenceLabel.OTHER
             files = series.get("files") or series.get("paths") or []
             paths = tuple(sorted(root / str(f) for f in files))
-            if not paths and series.get("dir"):
-                paths = tuple(_files(root / str(series["dir"])))
+            folder = series.get("folder") or series.get("dir")
+            if not paths and folder:
+                paths = tuple(_files(root / str(folder)))
             items.append(
                 SeriesItem(
                     group="s" + _hashed(group),
@@ -228,7 +232,7 @@ def load_items(root: Path, task: str, labels_csv: Path | None = None) -> tuple[S
     if task == "sequence":
         series_labels = read_csv_labels(labels_csv, ("series_uid", "SeriesInstanceUID"))
         return scan_dicom_folder(root, sequence_of=series_labels)
-    study_labels = read_csv_labels(labels_csv, ("StudyInstanceUID", "study_uid"))
+    study_labels = read_csv_labels(labels_csv, ("StudyInstanceUID", "study_uid"), ("label", task))
     return tuple(_with_label(it, study_labels.get(it.study_uid)) for it in scan_dicom_folder(root))
 
 
