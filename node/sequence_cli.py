@@ -56,13 +56,18 @@ def _bundle_dir(settings: SequenceSettings) -> Path:
     return local if local.is_dir() else _REPO_MODELS / settings.bundle
 
 
-def run_cnn(directory: Path, headers: Sequence[SeriesHeader], settings: SequenceSettings) -> CnnRun:
+def run_cnn(
+    directory: Path,
+    headers: Sequence[SeriesHeader],
+    settings: SequenceSettings,
+    bundle_dir: Path | None = None,
+) -> CnnRun:
     """Run the sequence CNN on every series, or say plainly why it is not available."""
     try:
         from node import bundles, dicomio  # torch is imported only when the CNN is wanted
     except ImportError as exc:
         return CnnRun(verdicts=None, status=f"sequence CNN bundle not available: {exc}")
-    path = _bundle_dir(settings)
+    path = bundle_dir if bundle_dir is not None else _bundle_dir(settings)
     try:
         bundle = bundles.load_bundle(path)
     except NodeError as exc:

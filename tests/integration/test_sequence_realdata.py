@@ -112,3 +112,60 @@ def test_evaluate_sequences_writes_metrics(tmp_path: Path) -> None:
     assert metrics["confusion"]["ADC"] == {"ADC": 2}
     assert set(metrics["methods"]) == {"tags", "fused"}  # no CNN: never invented
     assert len(read_labels(REALDATA / "labels.csv")) == 40  # one Philips UID listed twice
+
+
+def test_cnn_path_runs_a_bundle_and_fuses(tmp_path: Path) -> None:
+    """With a (random-weight) sequence bundle present, every image series gets CNN votes."""
+    torch = pytest.importorskip("torch")
+    from monai.networks.nets import ResNet
+
+    from node.bundles import write_bundle
+    from node.config import SequenceSettings
+    from node.records import DecisionMethod
+    from node.sequence_cli import run_cnn
+
+    folder = REALDATA / "dcm_qa_fmap" / "In" / "Siemens"
+    if not folder.is_dir():
+        pytest.skip("dcm_qa_fmap is not in ../shared/realdata")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    args = {
+        "block": "basic",
+        "layers": [1, 1, 1, 1],
+        "block_inplanes": [8, 16, 32, 64],
+        "spatial_dims": 2,
+        "n_input_channels": 1,
+        "num_classes": len(SequenceLabel),
+    }
+    network = ResNet(**args)
+    metadata = {
+        "name": "sequence-test",
+        "version": "0.0.1",
+        "task": "sequence",
+        "labels": [label.value for label in SequenceLabel],
+        "input": {
+            "size": [64, 64],
+            "channels": 1,
+            "normalisation": {"method": "percentile", "low": 0.5, "high": 99.5},
+            "slice_selection": {"mode": "central_window", "n": 5},
+        },
+        "temperature": 1.0,
+        "network": {"name": "ResNet", "args": args, "cam_layer": "layer4"},
+    }
+    bundle = write_bundle(tmp_path / "sequence", metadata, network.state_dict(), "test card")
+    headers = read_series_headers([folder])
+    settings = SequenceSettings(slices_per_series=5)
+    run = run_cnn(folder, headers, settings, bundle_dir=bundle)
+    assert run.status.startswith("sequence CNN sequence-test 0.0.1: ran on 4 of 4 series")
+    assert run.verdicts is not None
+    for verdict in run.verdicts:
+        assert verdict is not None
+        assert verdict.n_slices == 5
+        assert sum(n for _, n in verdict.votes) == 5
+        assert 0 < verdict.confidence <= 1
+    decisions = classify_headers(headers, run.verdicts)
+    for d in decisions:
+        # The tags are sure these are field maps; a random CNN never makes them routable.
+        assert d.label is SequenceLabel.OTHER
+        assert d.cnn_label is not None and d.cnn_votes
+        assert d.method in (DecisionMethod.FUSED, DecisionMethod.TAGS)
