@@ -1,0 +1,151 @@
+"""MR contrast from tissue properties and acquisition parameters (standard signal equations)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tissue:
+    """Relaxation and diffusion properties of one tissue (about 1.5-3 T)."""
+
+    pd: float  # proton density, relative
+    t1_ms: float
+    t2_ms: float
+    adc: float  # apparent diffusion coefficient, 1e-3 mm^2/s
+    gd_r1: float = 0.0  # added relaxation rate 1/T1 after gadolinium, 1/s
+    fat: bool = False  # suppressed by the fat saturation of EPI diffusion
+
+
+# Per tissue: the values of the normal head, then the lesion tissues phenotypes draw on.
+TISSUES: dict[str, Tissue] = {
+    "scalp": Tissue(pd=0.9, t1_ms=360, t2_ms=90, adc=0.1, gd_r1=0.3, fat=True),
+    "skull": Tissue(pd=0.08, t1_ms=500, t2_ms=15, adc=0.1),
+    "csf": Tissue(pd=1.0, t1_ms=4200, t2_ms=2000, adc=3.0),
+    "gm": Tissue(pd=0.82, t1_ms=1400, t2_ms=100, adc=0.85),
+    "wm": Tissue(pd=0.70, t1_ms=750, t2_ms=75, adc=0.72),
+    "edema": Tissue(pd=0.90, t1_ms=1500, t2_ms=210, adc=1.45, gd_r1=0.05),
+    "enhancing": Tissue(pd=0.85, t1_ms=1450, t2_ms=120, adc=1.10, gd_r1=3.0),
+    "necrosis": Tissue(pd=0.95, t1_ms=2600, t2_ms=320, adc=2.20),
+    "infiltrative": Tissue(pd=0.88, t1_ms=1600, t2_ms=170, adc=1.35, gd_r1=0.0),
+    "lymphoma": Tissue(pd=0.80, t1_ms=1250, t2_ms=88, adc=0.50, gd_r1=3.0),
+    "tuber": Tissue(pd=0.88, t1_ms=1500, t2_ms=185, adc=1.1),
+    "nodule": Tissue(pd=0.70, t1_ms=700, t2_ms=60, adc=0.8),
+    "wmh": Tissue(pd=0.86, t1_ms=1300, t2_ms=150, adc=1.0),
+}
+TISSUE_ORDER = tuple(TISSUES)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Acquisition:
+    """The physics of one series: which equation and which parameters."""
+
+    equation: str  # "se", "gre", "ir", "epi"
+    tr_ms: float
+    te_ms: float
+    ti_ms: float | None = None
+    flip_deg: float = 90.0
+    b_value: float = 0.0  # s/mm^2 (epi diffusion)
+    contrast: bool = False  # after gadolinium
+    fat_sat: bool = False
+
+
+def flair_null_ti(tr_ms: float, t1_ms: float = TISSUES["csf"].t1_ms) -> float:
+    """Inversion time that nulls a tissue of the given T1 at this TR."""
+    return t1_ms * math.log(2.0 / (1.0 + math.exp(-tr_ms / t1_ms)))
+
+
+def tissue_signal(t: Tissue, acq: Acquisition) -> float:
+    """Magnitude signal of a pure tissue voxel for this acquisition."""
+    r1 = 1000.0 / t.t1_ms + (t.gd_r1 if acq.contrast else 0.0)
+    t1 = 1000.0 / r1
+    e1 = math.exp(-acq.tr_ms / t1)
+    e2 = math.exp(-acq.te_ms / t.t2_ms)
+    if acq.equation == "se":
+        s = t.pd * (1 - e1) * e2
+    elif acq.equation == "gre":
+        a = math.radians(acq.flip_deg)
+        s = t.pd * math.sin(a) * (1 - e1) / (1 - math.cos(a) * e1) * e2
+    elif acq.equation == "ir":
+        ti = acq.ti_ms if acq.ti_ms is not None else 0.0
+        s = t.pd * abs(1 - 2 * math.exp(-ti / t1) + e1) * e2
+    elif acq.equation == "epi":
+        s = t.pd * (1 - e1) * e2 * math.exp(-acq.b_value * t.adc * 1e-3)
+    else:
+        raise ValueError(f"unknown signal equation {acq.equation!r}")
+    if t.fat and acq.fat_sat:
+        s *= 0.08
+    return s
+
+
+def render(
+    fractions: dict[str, FloatArray],
+    acq: Acquisition,
+    tissues: dict[str, Tissue],
+) -> FloatArray:
+    """Noise-free image: the partial-volume sum of each tissue's signal."""
+    shape = next(iter(fractions.values())).shape
+    out = np.zeros(shape, dtype=np.float32)
+    for name, frac in fractions.items():
+        if name in tissues:
+            out += np.float32(tissue_signal(tissues[name], acq)) * frac
+    return out
+
+
+def jitter_tissues(rng: np.random.Generator, base: dict[str, Tissue]) -> dict[str, Tissue]:
+    """Per-subject tissue variation: a few percent on every property."""
+    out = {}
+    for name, t in base.items():
+        f = rng.normal(1.0, 0.04, 4)
+        out[name] = replace(
+            t,
+            pd=t.pd * float(f[0]),
+            t1_ms=t.t1_ms * float(f[1]),
+            t2_ms=t.t2_ms * float(f[2]),
+            adc=t.adc * float(f[3]),
+        )
+    return out
+
+
+def bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> FloatArray:
+    """Smooth multiplicative receive-coil shading, about +-strength."""
+    s, r, c = shape
+    z = np.linspace(-1, 1, s, dtype=np.float32)[:, None, None]
+    y = np.linspace(-1, 1, r, dtype=np.float32)[None, :, None]
+    x = np.linspace(-1, 1, c, dtype=np.float32)[None, None, :]
+    a = rng.normal(0, 1, 7).astype(np.float32)
+    log = a[0] * x + a[1] * y + a[2] * z * 0.5 + a[3] * x * y + a[4] * (x**2 - 0.33) + a[5] * (y**2 - 0.33) + a[6] * x * z
+    field: FloatArray = np.exp(strength * 0.5 * log).astype(np.float32)
+    return field
+
+
+def blur_inplane(img: FloatArray, sigma_px: float) -> FloatArray:
+    """Lower effective in-plane resolution (a smaller acquisition matrix, interpolated)."""
+    if sigma_px <= 0.05:
+        return img
+    out: FloatArray = ndimage.gaussian_filter(img, (0, sigma_px, sigma_px), truncate=2.5).astype(np.float32)
+    return out
+
+
+def upsample_inplane(img: FloatArray, rows: int, cols: int) -> FloatArray:
+    """Linear interpolation of each slice to the display matrix, as scanners do."""
+    s, r, c = img.shape
+    if (r, c) == (rows, cols):
+        return img
+    out: FloatArray = ndimage.zoom(img, (1, rows / r, cols / c), order=1, prefilter=False, grid_mode=True, mode="nearest").astype(np.float32)
+    return out
+
+
+def rician(rng: np.random.Generator, img: FloatArray, sigma: float) -> FloatArray:
+    """Magnitude of the image plus complex Gaussian noise."""
+    n1 = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(sigma)
+    n2 = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(sigma)
+    out: FloatArray = np.sqrt((img + n1) ** 2 + n2**2).astype(np.float32)
+    return out

@@ -1,0 +1,350 @@
+"""Synthetic study generator: determinism, layout, headers vs truth, lesion ground truth, options."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from node.synth import PHENOTYPES, VENDORS, generate_study, study_labels, study_plan, write_studies
+from node.synth.anatomy import load_template
+from node.synth.study import SynthStudy
+
+SMALL = {"size": 64, "slices": 12}
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    write_studies(out, studies=4, seed=11, vendors=list(VENDORS), size=48, slices=8)
+    return out
+
+
+def _typical(phenotype: str, vendor: str = "siemens", start: int = 100, **kw: int) -> SynthStudy:
+    for seed in range(start, start + 30):
+        st = generate_study(seed, phenotype=phenotype, vendor=vendor, distractors=False, **{**SMALL, **kw})
+        if not st.atypical and st.lesions:
+            return st
+    raise AssertionError(f"no typical {phenotype} drawn")
+
+
+def _sphere(st: SynthStudy, lesion: dict[str, object], frac: float) -> np.ndarray:
+    """Voxels within frac * radius of a manifest lesion centre, on the routed grid."""
+    g = st.grid
+    pts = g.points()
+    c = np.array(lesion["center_mm"], dtype=np.float32)
+    r = float(lesion["radius_mm"])  # type: ignore[arg-type]
+    return np.linalg.norm(pts - c, axis=-1) <= frac * r
+
+
+def _pixels(st: SynthStudy, kind: str) -> np.ndarray:
+    s = next(x for x in st.series if x.kind == kind)
+    return np.stack([ds.pixel_array for ds in s.datasets]).astype(np.float32)
+
+
+def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, seed in ((a, 3), (b, 3), (c, 4)):
+        write_studies(out, studies=2, seed=seed, size=32, slices=4)
+    ha, hb, hc = _hashes(a), _hashes(b), _hashes(c)
+    assert len(ha) > 40
+    assert ha == hb
+    assert ha["study_0001/series_002/1.dcm"] != hc["study_0001/series_002/1.dcm"]
+
+
+def test_layout_manifest_and_csvs(written: Path) -> None:
+    m = json.loads((written / "manifest.json").read_text())
+    assert m["generator"] == "neuronode.synth" and m["seed"] == 11
+    assert [s["folder"] for s in m["studies"]] == [f"study_{i:04d}" for i in range(1, 5)]
+    assert sorted(s["vendor"] for s in m["studies"]) == sorted(VENDORS)
+    with (written / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["series_uid", "label", "study_uid", "description"]
+    n_series = sum(len(s["series"]) for s in m["studies"])
+    assert len(rows) == n_series == 4 * 11
+    with (written / "study_labels.csv").open() as fh:
+        srows = list(csv.DictReader(fh))
+    assert list(srows[0]) == ["StudyInstanceUID", "phenotype", "gbm_pcnsl", "glioma_grade", "tubers"]
+    for st, row in zip(m["studies"], srows, strict=True):
+        assert row["StudyInstanceUID"] == st["study_uid"]
+        assert {k: row[k] for k in ("gbm_pcnsl", "glioma_grade", "tubers")} == st["labels"] == study_labels(st["phenotype"])
+        for s in st["series"]:
+            files = sorted((written / s["folder"]).glob("*.dcm"))
+            assert len(files) == s["n_instances"]
+            assert {"series_uid", "series_number", "label", "description", "kind", "n_instances"} <= set(s)
+        for les in st["lesions"]:
+            assert len(les["center_mm"]) == 3 and len(les["center_voxel"]) == 3 and les["radius_mm"] > 0
+
+
+def test_study_labels_mapping() -> None:
+    assert study_labels("gbm") == {"gbm_pcnsl": "gbm", "glioma_grade": "high", "tubers": ""}
+    assert study_labels("pcnsl") == {"gbm_pcnsl": "pcnsl", "glioma_grade": "", "tubers": ""}
+    assert study_labels("lgg")["glioma_grade"] == "low"
+    assert study_labels("hgg")["glioma_grade"] == "high"
+    assert study_labels("tsc")["tubers"] == "present"
+    assert study_labels("normal") == {"gbm_pcnsl": "", "glioma_grade": "", "tubers": "absent"}
+    with pytest.raises(ValueError, match="phenotype"):
+        study_labels("meningioma")
+
+
+def test_manifest_labels_agree_with_headers(written: Path) -> None:
+    m = json.loads((written / "manifest.json").read_text())
+    for st in m["studies"]:
+        by_kind = {}
+        for s in st["series"]:
+            files = sorted((written / s["folder"]).glob("*.dcm"), key=lambda p: int(p.stem))
+            dss = [pydicom.dcmread(f) for f in files]
+            ds = dss[0]
+            by_kind[s["kind"]] = dss
+            assert ds.SeriesInstanceUID == s["series_uid"] and ds.StudyInstanceUID == st["study_uid"]
+            assert ds.SeriesNumber == s["series_number"]
+            assert ds.get("SeriesDescription", "") == s["description"]
+            assert ds.PatientID == st["patient_id"] and str(ds.PatientName).startswith("SYNTH^CASE")
+            assert ds.SpecificCharacterSet == "ISO_IR 100"
+            expected = {"t1": "T1", "t1c": "T1C", "t2": "T2", "flair": "FLAIR", "dwi": "DWI", "adc": "ADC"}.get(s["kind"], "OTHER")
+            assert s["label"] == expected
+            if s["kind"] == "dwi":
+                assert sorted({float(d.DiffusionBValue) for d in dss}) == [0.0, 1000.0]
+            if s["kind"] == "adc":
+                assert "ADC" in ds.ImageType and ds.ImageType[0] == "DERIVED"
+            if s["kind"] == "flair":
+                assert "IR" in ds.ScanningSequence and float(ds.InversionTime) > 1500
+            if s["kind"] == "bold":
+                assert ds.NumberOfTemporalPositions == 3
+        t1, t1c = by_kind["t1"][0], by_kind["t1c"][0]
+        assert (t1.RepetitionTime, t1.EchoTime, t1.ScanningSequence) == (t1c.RepetitionTime, t1c.EchoTime, t1c.ScanningSequence)
+        assert t1c.SeriesNumber > t1.SeriesNumber and t1c.AcquisitionTime > t1.AcquisitionTime
+        assert "ContrastBolusAgent" not in t1
+        frames = {ds.FrameOfReferenceUID for dss in by_kind.values() for ds in dss}
+        assert len(frames) == 1
+
+
+@pytest.mark.parametrize(
+    ("vendor", "tag", "creator", "expected"),
+    [
+        ("siemens", (0x0019, 0x0C), "SIEMENS MR HEADER", 1000),
+        ("ge", (0x0043, 0x39), "GEMS_PARM_01", 1000),
+        ("philips", (0x2001, 0x03), "Philips Imaging DD 001", 1000.0),
+    ],
+)
+def test_vendor_private_b_value(vendor: str, tag: tuple[int, int], creator: str, expected: float) -> None:
+    st = generate_study(5, phenotype="normal", vendor=vendor, size=32, slices=4, distractors=False)
+    dwi = next(s for s in st.series if s.kind == "dwi")
+    ds = dwi.datasets[-1]
+    block = ds.private_block(tag[0], creator)
+    value = block[tag[1]].value
+    first = value[0] if vendor == "ge" else value
+    assert float(first) == expected
+    assert float(ds.DiffusionBValue) == 1000.0
+
+
+def test_geometry_consistent() -> None:
+    st = generate_study(8, phenotype="normal", vendor="ge", size=32, slices=6, distractors=False)
+    dss = next(s for s in st.series if s.kind == "t2").datasets
+    iop = np.array(dss[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    ipp = np.array([d.ImagePositionPatient for d in dss], dtype=float)
+    steps = np.diff(ipp, axis=0)
+    spacing = float(dss[0].SpacingBetweenSlices)
+    assert np.allclose(steps, normal * spacing, atol=1e-3)
+    assert float(dss[0].SliceThickness) <= spacing
+    assert len({d.FrameOfReferenceUID for d in dss}) == 1
+
+
+def test_gbm_enhances_on_t1c_not_on_t1() -> None:
+    st = _typical("gbm")
+    les = st.lesions[0]
+    t1, t1c = _pixels(st, "t1"), _pixels(st, "t1c")
+    wm = st.volumes["wm_fraction"] > 0.9
+    ref = float(np.median(t1[wm]))
+    inside = _sphere(st, les, 1.0)
+    far = ~_sphere(st, les, 2.5) & wm
+    enhancing = (t1c - t1) > 0.4 * ref
+    assert enhancing[inside].sum() > 20
+    assert enhancing[inside].mean() > 0.1
+    assert enhancing[far].mean() < 0.01
+    # On T1 alone the lesion is not brighter than white matter.
+    assert float(np.percentile(t1[inside], 90)) < 1.2 * ref
+
+
+def test_lgg_does_not_enhance() -> None:
+    st = _typical("lgg")
+    t1, t1c = _pixels(st, "t1"), _pixels(st, "t1c")
+    ref = float(np.median(t1[st.volumes["wm_fraction"] > 0.9]))
+    inside = _sphere(st, st.lesions[0], 0.8)
+    assert ((t1c - t1) > 0.4 * ref)[inside].mean() < 0.02
+
+
+def test_pcnsl_adc_below_white_matter() -> None:
+    st = _typical("pcnsl", vendor="ge", size=96)
+    adc = _pixels(st, "adc")
+    k, r, c = st.lesions[0]["center_voxel"]  # type: ignore[misc]
+    assert st.volumes["lesion_fraction"][k, r, c] > 0.5  # the lesion is where the manifest says
+    inside = (st.volumes["lesion_fraction"] > 0.8) & _sphere(st, st.lesions[0], 1.0)
+    wm = (st.volumes["wm_fraction"] > 0.9) & (adc > 0)
+    assert inside.sum() > 20
+    assert float(adc[inside].mean()) < 0.9 * float(adc[wm].mean())
+    gbm = _typical("gbm", vendor="ge", size=96)
+    core = _sphere(gbm, gbm.lesions[0], 0.3)
+    wm2 = (gbm.volumes["wm_fraction"] > 0.9) & (_pixels(gbm, "adc") > 0)
+    g_adc = _pixels(gbm, "adc")
+    assert float(g_adc[core].mean()) > float(g_adc[wm2].mean())
+
+
+def test_tubers_bright_on_flair() -> None:
+    st = _typical("tsc", vendor="philips")
+    flair = _pixels(st, "flair")
+    tubers = [les for les in st.lesions if les["kind"] == "tuber"]
+    assert len(tubers) >= 2
+    inside = np.zeros(flair.shape, dtype=bool)
+    for les in tubers:
+        inside |= _sphere(st, les, 0.5)
+    wm = (st.volumes["wm_fraction"] > 0.9) & ~inside
+    assert float(flair[inside].mean()) > 1.25 * float(flair[wm].mean())
+
+
+def test_flair_csf_dark_t2_csf_bright_t1_wm_over_gm() -> None:
+    st = generate_study(21, phenotype="normal", vendor="siemens", distractors=False, **SMALL)
+    from node.synth.anatomy import centred_grid, sample_anatomy  # noqa: F401  (shape check only)
+
+    wm = st.volumes["wm_fraction"] > 0.9
+    t2, flair, t1 = st.volumes["t2"], st.volumes["flair"], st.volumes["t1"]
+    vent_mask = (t2 > np.percentile(t2[t2 > 0], 99)) & (st.volumes["adc"] > 2.0)
+    assert vent_mask.sum() > 10
+    assert t2[vent_mask].mean() > 2 * t2[wm].mean()
+    assert flair[vent_mask].mean() < 0.6 * flair[wm].mean()
+    assert t1[wm].mean() > t1[vent_mask].mean()
+
+
+def test_phenotype_and_vendor_mix_cycles() -> None:
+    plan = study_plan(24, 7, None, None)
+    assert {p for _, p, _ in plan} == set(PHENOTYPES)
+    assert {v for _, _, v in plan} == set(VENDORS)
+    assert len({(p, v) for _, p, v in plan}) >= 12
+    assert plan == study_plan(24, 7, None, None)
+    assert [p for _, p, _ in study_plan(3, 1, ["tsc"], ["ge"])] == ["tsc"] * 3
+    with pytest.raises(ValueError, match="vendor"):
+        study_plan(1, 1, None, ["canon"])
+
+
+def test_descriptions_sometimes_blank_or_misleading() -> None:
+    statuses = []
+    for seed in range(40):
+        st = generate_study(seed, phenotype="normal", vendor="siemens", size=32, slices=4, distractors=False)
+        statuses += [s.description_status for s in st.series]
+    bad = sum(s != "ok" for s in statuses) / len(statuses)
+    assert 0.03 < bad < 0.2
+    assert {"blank", "misleading"} <= set(statuses)
+
+
+def test_contrast_agent_on_some_post_contrast_series() -> None:
+    has = []
+    for seed in range(12):
+        st = generate_study(seed, phenotype="normal", vendor="philips", size=32, slices=4, distractors=False)
+        has.append("ContrastBolusAgent" in next(s for s in st.series if s.kind == "t1c").datasets[0])
+    assert 0 < sum(has) < len(has)
+
+
+def test_distractors_small_and_other(written: Path) -> None:
+    m = json.loads((written / "manifest.json").read_text())
+    kinds = {s["kind"]: s for s in m["studies"][0]["series"]}
+    assert set(kinds) >= {"localizer", "bold", "fieldmap", "fa", "reformat"}
+    assert all(kinds[k]["label"] == "OTHER" for k in ("localizer", "bold", "fieldmap", "fa", "reformat"))
+    assert kinds["localizer"]["n_instances"] == 3
+    loc = [pydicom.dcmread(p) for p in (written / kinds["localizer"]["folder"]).glob("*.dcm")]
+    assert len({tuple(d.ImageOrientationPatient) for d in loc}) == 3
+    st = generate_study(1, phenotype="normal", vendor="ge", size=32, slices=4, distractors=False)
+    assert [s.kind for s in st.series] == ["t2", "flair", "dwi", "adc", "t1", "t1c"]
+
+
+def test_enhanced_multiframe() -> None:
+    st = generate_study(4, phenotype="gbm", vendor="siemens", size=32, slices=6, enhanced=True, distractors=False)
+    for s in st.series:
+        assert len(s.datasets) == 1
+        ds = s.datasets[0]
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4.1"
+        n = 12 if s.kind == "dwi" else 6
+        assert ds.NumberOfFrames == n and len(ds.PerFrameFunctionalGroupsSequence) == n
+        assert ds.pixel_array.shape == (n, 32, 32)
+    dwi = next(s for s in st.series if s.kind == "dwi").datasets[0]
+    bvals = [f.MRDiffusionSequence[0].DiffusionBValue for f in dwi.PerFrameFunctionalGroupsSequence]
+    assert bvals == [0.0] * 6 + [1000.0] * 6
+
+
+@pytest.mark.parametrize("ts", ["implicit", "rle", "jpeg-ls", "jpeg2000"])
+def test_transfer_syntaxes_round_trip(tmp_path: Path, ts: str) -> None:
+    ref, out = tmp_path / "ref", tmp_path / ts
+    write_studies(ref, studies=1, seed=2, size=32, slices=4, vendors=["ge"], distractors=False)
+    write_studies(out, studies=1, seed=2, size=32, slices=4, vendors=["ge"], distractors=False, transfer_syntax=ts)
+    for p in sorted(ref.rglob("*.dcm"))[:10]:
+        a = pydicom.dcmread(p)
+        b = pydicom.dcmread(out / p.relative_to(ref))
+        assert np.array_equal(a.pixel_array, b.pixel_array)
+        if ts != "implicit":
+            assert b.file_meta.TransferSyntaxUID.is_compressed
+
+
+def test_unavailable_or_unknown_transfer_syntax(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no encoder available.*jpeg-lossless"):
+        write_studies(tmp_path, studies=1, seed=1, size=32, slices=4, transfer_syntax="jpeg-lossless")
+    with pytest.raises(ValueError, match="transfer_syntax must be one of"):
+        write_studies(tmp_path, studies=1, seed=1, size=32, slices=4, transfer_syntax="zip")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="phenotype"):
+        generate_study(1, phenotype="x", vendor="ge")
+    with pytest.raises(ValueError, match="vendor"):
+        generate_study(1, phenotype="gbm", vendor="x")
+    with pytest.raises(ValueError, match="size"):
+        generate_study(1, phenotype="gbm", vendor="ge", size=8)
+
+
+def test_procedural_fallback_without_nilearn(monkeypatch: pytest.MonkeyPatch) -> None:
+    load_template.cache_clear()
+    monkeypatch.setitem(sys.modules, "nilearn", None)  # import nilearn -> ImportError
+    try:
+        assert load_template().source == "procedural"
+        st = generate_study(3, phenotype="gbm", vendor="generic", size=32, slices=8, distractors=False, template_source="procedural")
+        t2 = st.volumes["t2"]
+        assert t2.max() > 0 and st.lesions
+        with pytest.raises(ImportError):
+            load_template("mni152")
+    finally:
+        load_template.cache_clear()
+
+
+def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli import main
+
+    rc = main(["synth", "--out", str(tmp_path / "o"), "--studies", "1", "--seed", "2", "--size", "32", "--slices", "4", "--phenotype", "tsc", "--vendor", "philips", "--no-distractors"])
+    assert rc == 0
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["studies"][0]["phenotype"] == "tsc" and m["studies"][0]["vendor"] == "philips"
+    assert len(m["studies"][0]["series"]) == 6
+    rc = main(["synth", "--out", str(tmp_path / "p"), "--phenotype", "meningioma"])
+    assert rc == 2
+    assert "phenotype" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_speed_one_full_size_study() -> None:
+    load_template()
+    generate_study(0, phenotype="gbm", vendor="siemens", size=64, slices=8, distractors=False)  # warm up
+    t0 = time.perf_counter()
+    st = generate_study(1, phenotype="gbm", vendor="siemens", size=256, slices=24, distractors=False)
+    elapsed = time.perf_counter() - t0
+    print(f"one 6-series 256x256x24 study: {elapsed:.2f} s")
+    assert sum(len(s.datasets) for s in st.series) == 24 * 7
+    assert elapsed < 5.0
