@@ -304,7 +304,9 @@ class _Accumulator:
                 if part:
                     self.complex_parts.setdefault(part, None)
             for item in _items(group, "MRTimingAndRelatedParametersSequence"):
-                self.tr = self.tr if self.tr is not None else _first_float(item.RepetitionTime)
+                self.tr = (
+                    self.tr if self.tr is not None else _first_float(item.get("RepetitionTime"))
+                )
                 flip = _first_float(item.get("FlipAngle"))
                 self.flip = self.flip if self.flip is not None else flip
                 etl = _first_float(item.get("EchoTrainLength"))
@@ -387,7 +389,9 @@ def _finish(acc: _Accumulator, manufacturer: str) -> SeriesHeader:
     for group in _frame_groups(ds):
         for item in _items(group, "PixelMeasuresSequence"):
             spacing = spacing or _floats(item.get("PixelSpacing"))
-            thickness = thickness if thickness is not None else _first_float(item.SliceThickness)
+            thickness = (
+                thickness if thickness is not None else _first_float(item.get("SliceThickness"))
+            )
     scanning = _tokens(ds.get("ScanningSequence"))
     inversion = acc.inversion_recovery
     if inversion is None and scanning:

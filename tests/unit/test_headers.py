@@ -310,3 +310,18 @@ def test_read_series_headers_accepts_single_files(tmp_path: Path) -> None:
     (headers,) = read_series_headers([path])
     assert headers.series_description == "t1_se_tra"
     assert read_series_headers([tmp_path / "missing"]) == ()
+
+
+def test_enhanced_groups_with_missing_values_do_not_fail() -> None:
+    ds = enhanced([["ORIGINAL", "PRIMARY", "M", "NONE"]], [30.0], [0.0])
+    timing = ds.SharedFunctionalGroupsSequence[0].MRTimingAndRelatedParametersSequence[0]
+    del timing.RepetitionTime
+    del ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness
+    h = header_from_datasets([ds])
+    assert h.repetition_time_ms is None and h.slice_thickness is None
+    assert h.flip_angle_deg == 12.0
+
+
+def test_header_needs_an_instance() -> None:
+    with pytest.raises(ValueError, match="at least one instance"):
+        header_from_datasets([])
