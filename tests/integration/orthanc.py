@@ -65,6 +65,7 @@ class OrthancServer:
         node_port: int,
         accepted_sop_classes: Sequence[str] | None = None,
         lua_script: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
         dicomweb: bool = True,
     ) -> None:
         binary = orthanc_binary()
@@ -101,6 +102,12 @@ class OrthancServer:
         }
         if accepted_sop_classes is not None:
             config["AcceptedSopClasses"] = list(accepted_sop_classes)
+        if tls is not None:  # (certificate, private key, trusted client certificates/CA)
+            config["DicomTlsEnabled"] = True
+            config["DicomTlsCertificate"] = str(tls[0])
+            config["DicomTlsPrivateKey"] = str(tls[1])
+            config["DicomTlsTrustedCertificates"] = str(tls[2])
+            config["DicomTlsRemoteCertificateRequired"] = True
         if lua_script is not None:  # e.g. a ReceivedInstanceFilter that refuses some objects
             lua_path = workdir / "filter.lua"
             lua_path.write_text(lua_script)
@@ -205,6 +212,69 @@ class OrthancServer:
         return self.post("/instances", path.read_bytes())
 
 
+def make_test_pki(folder: Path) -> dict[str, Path]:
+    """A throw-away CA with a server (127.0.0.1) and a client certificate, via openssl."""
+    openssl = system_tool("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {name: folder / name for name in ("ca.crt", "ca.key")}
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=folder)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=neuronode test CA",
+    )
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for role in ("server", "client"):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{role}.key",
+            "-out",
+            f"{role}.csr",
+            "-subj",
+            f"/CN=neuronode test {role}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{role}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{role}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            str(ext),
+        )
+        files[f"{role}.crt"] = folder / f"{role}.crt"
+        files[f"{role}.key"] = folder / f"{role}.key"
+    return files
+
+
 @pytest.fixture
 def orthanc_factory() -> Iterator[Any]:
     """Start Orthancs with chosen options; every one is stopped at teardown."""
@@ -218,6 +288,7 @@ def orthanc_factory() -> Iterator[Any]:
         node_port: int | None = None,
         accepted_sop_classes: Sequence[str] | None = None,
         lua_script: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> OrthancServer:
         workdir = Path(tempfile.mkdtemp(prefix="orthanc-"))
         dirs.append(workdir)
@@ -227,6 +298,7 @@ def orthanc_factory() -> Iterator[Any]:
                 node_port=node_port or free_port(),
                 accepted_sop_classes=accepted_sop_classes,
                 lua_script=lua_script,
+                tls=tls,
             )
         except NotImplementedError as exc:
             pytest.skip(str(exc))

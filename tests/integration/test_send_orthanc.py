@@ -29,6 +29,7 @@ from node.send import send_dicom, send_stow
 from tests.conftest import free_port
 from tests.integration.orthanc import (  # noqa: F401 - fixtures
     OrthancServer,
+    make_test_pki,
     orthanc,
     orthanc_factory,
 )
@@ -262,3 +263,34 @@ def test_unreachable_orthanc_port_raises_retryable(orthanc: OrthancServer) -> No
     assert info.value.retryable
     with pytest.raises(SendError):
         send_stow(DicomWebDestination(name="w", url=orthanc.dicomweb_url), [sr])
+
+
+@pytest.mark.slow
+def test_cstore_over_tls(orthanc_factory: Any, tmp_path: Path) -> None:
+    pki = make_test_pki(tmp_path / "pki")
+    server: OrthancServer = orthanc_factory(
+        tls=(pki["server.crt"], pki["server.key"], pki["ca.crt"])
+    )
+    sr, scs = results_for_study()
+    dest = DicomDestination(
+        name="pacs_tls",
+        ae_title=server.aet,
+        host="127.0.0.1",
+        port=server.dicom_port,
+        tls=True,
+        tls_ca_file=pki["ca.crt"],
+        tls_cert_file=pki["client.crt"],
+        tls_key_file=pki["client.key"],
+    )
+    results = send_dicom(dest, [sr, *scs], calling_ae="NEURONODE")
+    assert all(r.delivered for r in results)
+    assert str(sr.SOPInstanceUID) in server.by_sop_uid()
+    # Without TLS the same port does not talk DICOM; with an unknown CA the handshake fails.
+    plain = dest.model_copy(update={"tls": False})
+    with pytest.raises(SendError) as info:
+        send_dicom(plain, [sr], calling_ae="NEURONODE")
+    assert info.value.retryable
+    other = make_test_pki(tmp_path / "other")
+    wrong_ca = dest.model_copy(update={"tls_ca_file": other["ca.crt"]})
+    with pytest.raises(SendError):
+        send_dicom(wrong_ca, [sr], calling_ae="NEURONODE")
