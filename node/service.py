@@ -87,9 +87,11 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._inflight: dict[int, StudyJob] = {}
         self._inflight_lock = threading.Lock()
+        self._started_at = time.time()
 
     def start(self) -> None:
         """Take back orphaned jobs, then start the SCP, the scheduler and the workers."""
+        self._started_at = time.time()
         n = self.queue.release_orphans()
         if n:
             log.warning("orphaned_jobs_released", count=n)
@@ -138,8 +140,10 @@ class Node:
                     self._work.set()
                 now = time.time()
                 for study in self.spool.receiving_studies():
+                    # After a restart a sender may be about to resume: give it a full quiet
+                    # period from our start, not from its last instance before the outage.
                     decision = decide_ready(
-                        last_instance_at=study.last_received_at,
+                        last_instance_at=max(study.last_received_at, self._started_at),
                         now=now,
                         quiet_period_s=c.quiet_period_s,
                         series=study.series,

@@ -122,7 +122,7 @@ class NodeProc:
             try:
                 if predicate():
                     return
-            except sqlite3.OperationalError:
+            except (sqlite3.OperationalError, IndexError):  # table or row not there yet
                 pass
             time.sleep(0.1)
         raise AssertionError(
