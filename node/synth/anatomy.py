@@ -1,4 +1,4 @@
-"""A subject's head: MNI152 tissue maps (or a procedural head), deformed per subject, sampled on a grid.
+"""A subject's head: MNI152 tissue maps (or a procedural head), deformed, sampled on a grid.
 
 Tissue maps live in template space (RAS mm); a ``Subject`` maps patient LPS points to template
 points with a random affine, a smooth elastic field and a ventricle enlargement, so every
@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -70,7 +71,8 @@ class Grid:
             self.row_dir, dtype=np.float32
         )
         out = o + kk[:, None, None, :] + rr[None, :, None, :] + cc[None, None, :, :]
-        return out.astype(np.float32)
+        res: FloatArray = out.astype(np.float32)
+        return res
 
     def voxel_of(self, point: npt.ArrayLike) -> tuple[float, float, float]:
         """(slice, row, col) of a patient point (fractional)."""
@@ -120,13 +122,14 @@ def centred_grid(
 
 def _nilearn_data_dir() -> Path:
     """Folder of the MNI152 templates shipped inside the nilearn wheel (ImportError if absent)."""
-    import nilearn  # noqa: PLC0415  (optional extra)
+    import nilearn
 
     return Path(nilearn.__file__).parent / "datasets" / "data"
 
 
 def _to_u8(a: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
-    return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    out: npt.NDArray[np.uint8] = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    return out
 
 
 def _mni_template() -> Template:
@@ -135,13 +138,13 @@ def _mni_template() -> Template:
     nilearn's T1 template is brain-extracted, so the intracranial CSF, skull and scalp are built
     as shells around the closed brain mask.
     """
-    import nibabel as nib  # noqa: PLC0415
+    import nibabel as nib
 
     data = _nilearn_data_dir()
     step = 1.5
 
     def load(name: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
-        img = nib.load(data / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
+        img: Any = nib.load(data / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
         a = np.asarray(img.dataobj, dtype=np.float32) / 255.0
         a = ndimage.zoom(a, 1.0 / step, order=1, prefilter=False)
         aff = np.asarray(img.affine, dtype=np.float64) @ np.diag([step, step, step, 1.0])
@@ -198,10 +201,14 @@ def _procedural_template() -> Template:
     fold /= float(np.abs(fold).max())
 
     def ell(a: float, b: float, c: float, dz: float = 0.0) -> npt.NDArray[np.float32]:
-        return np.sqrt(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz - dz) / c) ** 2)
+        r: npt.NDArray[np.float32] = np.sqrt(
+            ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz - dz) / c) ** 2
+        )
+        return r
 
     def inside(r: npt.NDArray[np.float32], width: float = 0.02) -> npt.NDArray[np.float32]:
-        return np.clip((1.0 - r) / width * 0.5 + 0.5, 0.0, 1.0)
+        f: npt.NDArray[np.float32] = np.clip((1.0 - r) / width * 0.5 + 0.5, 0.0, 1.0)
+        return f
 
     head = inside(ell(78, 100, 90))
     skull_out = inside(ell(72, 94, 84))
@@ -253,11 +260,19 @@ class Subject:
 
 
 def _rotation(ax: float, ay: float, az: float) -> npt.NDArray[np.float64]:
-    cx, sx, cy, sy, cz, sz = (math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az))
+    cx, sx, cy, sy, cz, sz = (
+        math.cos(ax),
+        math.sin(ax),
+        math.cos(ay),
+        math.sin(ay),
+        math.cos(az),
+        math.sin(az),
+    )
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    out: npt.NDArray[np.float64] = rz @ ry @ rx
+    return out
 
 
 def random_subject(rng: np.random.Generator, template_source: str = "auto") -> Subject:
@@ -271,7 +286,9 @@ def random_subject(rng: np.random.Generator, template_source: str = "auto") -> S
         warp_k=rng.normal(0, 1, (n, 3)) * (2 * math.pi / 110.0),
         warp_phase=rng.uniform(0, 2 * math.pi, n),
         warp_amp=rng.normal(0, 1.4, (n, 3)),
-        ventricle_gain=float(rng.choice([rng.uniform(-0.15, 0.2), rng.uniform(0.2, 0.55)], p=[0.75, 0.25])),
+        ventricle_gain=float(
+            rng.choice([rng.uniform(-0.15, 0.2), rng.uniform(0.2, 0.55)], p=[0.75, 0.25])
+        ),
         template_source=template_source,
     )
 

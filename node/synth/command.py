@@ -1,4 +1,4 @@
-"""`neuronode synth`: write synthetic studies (and optionally the PNG grids) from the command line."""
+"""`neuronode synth`: write synthetic studies (and optionally the PNG grids)."""
 
 from __future__ import annotations
 
@@ -31,11 +31,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
         print(f"neuronode synth: {exc}")
         return 2
     if args.figures is not None:
-        from node.synth.figures import write_figures  # noqa: PLC0415  (matplotlib is slow to import)
+        from node.synth.figures import write_figures
 
         for path in write_figures(args.figures, seed=args.seed, size=args.size, slices=args.slices):
             print(path)
-    n_series = sum(len(s["series"]) for s in manifest.studies)  # type: ignore[arg-type]
-    log.info("synth_done", count=len(manifest.studies), n_series=n_series, duration_ms=round((time.perf_counter() - t0) * 1000))
+    n_series = sum(len(s["series"]) for s in manifest.studies)  # type: ignore[arg-type,misc]
+    log.info(
+        "synth_done",
+        count=len(manifest.studies),
+        n_series=n_series,
+        duration_ms=round((time.perf_counter() - t0) * 1000),
+    )
     print(f"wrote {len(manifest.studies)} studies ({n_series} series) to {args.out}")
     return 0

@@ -114,14 +114,24 @@ def jitter_tissues(rng: np.random.Generator, base: dict[str, Tissue]) -> dict[st
     return out
 
 
-def bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> FloatArray:
+def bias_field(
+    rng: np.random.Generator, shape: tuple[int, int, int], strength: float
+) -> FloatArray:
     """Smooth multiplicative receive-coil shading, about +-strength."""
     s, r, c = shape
     z = np.linspace(-1, 1, s, dtype=np.float32)[:, None, None]
     y = np.linspace(-1, 1, r, dtype=np.float32)[None, :, None]
     x = np.linspace(-1, 1, c, dtype=np.float32)[None, None, :]
     a = rng.normal(0, 1, 7).astype(np.float32)
-    log = a[0] * x + a[1] * y + a[2] * z * 0.5 + a[3] * x * y + a[4] * (x**2 - 0.33) + a[5] * (y**2 - 0.33) + a[6] * x * z
+    log = (
+        a[0] * x
+        + a[1] * y
+        + a[2] * z * 0.5
+        + a[3] * x * y
+        + a[4] * (x**2 - 0.33)
+        + a[5] * (y**2 - 0.33)
+        + a[6] * x * z
+    )
     field: FloatArray = np.exp(strength * 0.5 * log).astype(np.float32)
     return field
 
@@ -130,16 +140,20 @@ def blur_inplane(img: FloatArray, sigma_px: float) -> FloatArray:
     """Lower effective in-plane resolution (a smaller acquisition matrix, interpolated)."""
     if sigma_px <= 0.05:
         return img
-    out: FloatArray = ndimage.gaussian_filter(img, (0, sigma_px, sigma_px), truncate=2.5).astype(np.float32)
+    out: FloatArray = ndimage.gaussian_filter(img, (0, sigma_px, sigma_px), truncate=2.5).astype(
+        np.float32
+    )
     return out
 
 
 def upsample_inplane(img: FloatArray, rows: int, cols: int) -> FloatArray:
     """Linear interpolation of each slice to the display matrix, as scanners do."""
-    s, r, c = img.shape
+    _, r, c = img.shape
     if (r, c) == (rows, cols):
         return img
-    out: FloatArray = ndimage.zoom(img, (1, rows / r, cols / c), order=1, prefilter=False, grid_mode=True, mode="nearest").astype(np.float32)
+    out: FloatArray = ndimage.zoom(
+        img, (1, rows / r, cols / c), order=1, prefilter=False, grid_mode=True, mode="nearest"
+    ).astype(np.float32)
     return out
 
 

@@ -9,7 +9,15 @@ import numpy as np
 from node.synth.phenotypes import PHENOTYPES
 from node.synth.study import SynthStudy, generate_study
 
-_PANELS = (("t1", "T1"), ("t1c", "T1C"), ("t2", "T2"), ("flair", "FLAIR"), ("dwi_b0", "DWI b=0"), ("dwi", "DWI b=1000"), ("adc", "ADC"))
+_PANELS = (
+    ("t1", "T1"),
+    ("t1c", "T1C"),
+    ("t2", "T2"),
+    ("flair", "FLAIR"),
+    ("dwi_b0", "DWI b=0"),
+    ("dwi", "DWI b=1000"),
+    ("adc", "ADC"),
+)
 
 
 def lesion_slice(study: SynthStudy) -> int:
@@ -23,10 +31,10 @@ def lesion_slice(study: SynthStudy) -> int:
 
 def study_figure(study: SynthStudy, path: Path) -> Path:
     """One row of panels: each routed contrast's slice through the lesion."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     k = lesion_slice(study)
     fig, axes = plt.subplots(1, len(_PANELS), figsize=(2.0 * len(_PANELS), 2.35))
@@ -37,7 +45,9 @@ def study_figure(study: SynthStudy, path: Path) -> Path:
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     atyp = " (atypical)" if study.atypical else ""
-    fig.suptitle(f"{study.phenotype}{atyp}, {study.vendor}, slice {k + 1}/{study.grid.shape[0]}", fontsize=10)
+    fig.suptitle(
+        f"{study.phenotype}{atyp}, {study.vendor}, slice {k + 1}/{study.grid.shape[0]}", fontsize=10
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
@@ -45,13 +55,22 @@ def study_figure(study: SynthStudy, path: Path) -> Path:
     return path
 
 
-def write_figures(out: Path, *, seed: int, size: int = 256, slices: int = 24, vendor: str = "siemens") -> tuple[Path, ...]:
+def write_figures(
+    out: Path, *, seed: int, size: int = 256, slices: int = 24, vendor: str = "siemens"
+) -> tuple[Path, ...]:
     """synth_<phenotype>.png for every phenotype (typical cases, same vendor) into out."""
     paths = []
     for i, ph in enumerate(PHENOTYPES):
         # Pick the first seed whose draw is typical, so the docs show the textbook picture.
         for j in range(50):
-            st = generate_study(seed + 1000 * i + j, phenotype=ph, vendor=vendor, size=size, slices=slices, distractors=False)
+            st = generate_study(
+                seed + 1000 * i + j,
+                phenotype=ph,
+                vendor=vendor,
+                size=size,
+                slices=slices,
+                distractors=False,
+            )
             if not st.atypical:
                 break
         paths.append(study_figure(st, out / f"synth_{ph}.png"))

@@ -51,7 +51,7 @@ class Lesion:
             "kind": self.kind,
             "center_mm": [round(v, 2) for v in self.center_mm],
             "radius_mm": round(self.radius_mm, 2),
-            "center_voxel": [int(round(k)), int(round(r)), int(round(c))],
+            "center_voxel": [round(k), round(r), round(c)],
             "solid_tissue": self.solid_tissue,
             "enhancing_tissue": self.enhancing_tissue,
             "necrotic_core_fraction": round(self.core_fraction, 3),
@@ -65,7 +65,9 @@ def _inside(d: FloatArray, width: float) -> FloatArray:
     return out
 
 
-def _lesion_parts(les: Lesion, pts: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+def _lesion_parts(
+    les: Lesion, pts: FloatArray
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     """Solid, enhancing-share, core and oedema fractions of one lesion at points (..., 3)."""
     rng = np.random.default_rng(les.shape_seed)
     d = pts - np.array(les.center_mm, dtype=np.float32)
@@ -94,7 +96,9 @@ def _lesion_parts(les: Lesion, pts: FloatArray) -> tuple[FloatArray, FloatArray,
             patch = np.zeros_like(solid)
             for cxyz in centres:
                 e = d - cxyz
-                patch = np.maximum(patch, np.exp(-np.einsum("...i,...i->...", e, e) / (2 * width**2)))
+                patch = np.maximum(
+                    patch, np.exp(-np.einsum("...i,...i->...", e, e) / (2 * width**2))
+                )
             thr = 1.0 - les.enhancing_fraction
             enh = np.clip((patch - thr) / 0.12 + 0.5, 0, 1).astype(np.float32)
     edema = np.zeros_like(solid)
@@ -157,7 +161,7 @@ def _pick(
     s = grid.shape[0]
     m = mask.copy()
     m[: int(s * slice_band[0])] = False
-    m[int(math.ceil(s * slice_band[1])) :] = False
+    m[math.ceil(s * slice_band[1]) :] = False
     idx = np.argwhere(m)
     if len(idx) == 0:
         return None
@@ -226,7 +230,11 @@ def draw_lesions(
             lesions.append(
                 Lesion(
                     kind="pcnsl",
-                    center_mm=centre(near_vent if rng.random() < 0.8 else deep_wm, avoid=tuple(x.center_mm for x in lesions), min_sep_mm=35.0),
+                    center_mm=centre(
+                        near_vent if rng.random() < 0.8 else deep_wm,
+                        avoid=tuple(x.center_mm for x in lesions),
+                        min_sep_mm=35.0,
+                    ),
                     radius_mm=float(rng.uniform(10, 19) if i == 0 else rng.uniform(7, 12)),
                     solid_tissue="lymphoma",
                     enhancing_tissue="lymphoma",
@@ -262,7 +270,9 @@ def draw_lesions(
                 solid_tissue="infiltrative",
                 core_fraction=0.0 if atypical else float(rng.choice([0.0, rng.uniform(0.2, 0.45)])),
                 edema_mm=float(rng.uniform(3, 12)),
-                enhancing_fraction=float(rng.uniform(0.15, 0.3) if atypical else rng.uniform(0.5, 0.95)),
+                enhancing_fraction=float(
+                    rng.uniform(0.15, 0.3) if atypical else rng.uniform(0.5, 0.95)
+                ),
                 softness=0.22,
                 shape_seed=seed,
             )
@@ -273,41 +283,88 @@ def draw_lesions(
         junction = (gm > 0.3) & (wm > 0.3)
         n = 1 if atypical else int(rng.integers(3, 9))
         for i in range(n):
-            p = _pick(rng, junction, grid, slice_band=(0.3, 0.8), avoid=tuple(x.center_mm for x in lesions), min_sep_mm=22.0)
+            p = _pick(
+                rng,
+                junction,
+                grid,
+                slice_band=(0.3, 0.8),
+                avoid=tuple(x.center_mm for x in lesions),
+                min_sep_mm=22.0,
+            )
             if p is None:
                 continue
             lesions.append(
-                Lesion(kind="tuber", center_mm=p, radius_mm=float(rng.uniform(5.5, 11) if not atypical else rng.uniform(4, 6)), solid_tissue="tuber", softness=0.4, shape_seed=seed + i)
+                Lesion(
+                    kind="tuber",
+                    center_mm=p,
+                    radius_mm=float(rng.uniform(5.5, 11) if not atypical else rng.uniform(4, 6)),
+                    solid_tissue="tuber",
+                    softness=0.4,
+                    shape_seed=seed + i,
+                )
             )
         if atypical:
             over["tuber"] = {"t2_ms": 135.0}
         if rng.random() < 0.4:
             wall = _near(vent > 0.5, grid, 4.0) & (vent < 0.3) & (wm > 0.3)
             for i in range(int(rng.integers(1, 4))):
-                p = _pick(rng, wall, grid, slice_band=(0.3, 0.75), avoid=tuple(x.center_mm for x in lesions), min_sep_mm=10.0)
+                p = _pick(
+                    rng,
+                    wall,
+                    grid,
+                    slice_band=(0.3, 0.75),
+                    avoid=tuple(x.center_mm for x in lesions),
+                    min_sep_mm=10.0,
+                )
                 if p is not None:
                     lesions.append(
-                        Lesion(kind="subependymal_nodule", center_mm=p, radius_mm=float(rng.uniform(2.5, 5)), solid_tissue="nodule", enhancing_fraction=float(rng.choice([0.0, 1.0])), softness=0.3, shape_seed=seed + 50 + i)
+                        Lesion(
+                            kind="subependymal_nodule",
+                            center_mm=p,
+                            radius_mm=float(rng.uniform(2.5, 5)),
+                            solid_tissue="nodule",
+                            enhancing_fraction=float(rng.choice([0.0, 1.0])),
+                            softness=0.3,
+                            shape_seed=seed + 50 + i,
+                        )
                     )
     elif phenotype == "normal" and atypical:
         # Small nonspecific white-matter hyperintensities: bright on FLAIR, not tubers.
         for i in range(int(rng.integers(1, 4))):
-            p = _pick(rng, deep_wm, grid, slice_band=(0.4, 0.8), avoid=tuple(x.center_mm for x in lesions), min_sep_mm=15.0)
+            p = _pick(
+                rng,
+                deep_wm,
+                grid,
+                slice_band=(0.4, 0.8),
+                avoid=tuple(x.center_mm for x in lesions),
+                min_sep_mm=15.0,
+            )
             if p is not None:
-                lesions.append(Lesion(kind="wmh", center_mm=p, radius_mm=float(rng.uniform(2, 4)), solid_tissue="wmh", softness=0.4, shape_seed=seed + i))
+                lesions.append(
+                    Lesion(
+                        kind="wmh",
+                        center_mm=p,
+                        radius_mm=float(rng.uniform(2, 4)),
+                        solid_tissue="wmh",
+                        softness=0.4,
+                        shape_seed=seed + i,
+                    )
+                )
     return PhenotypeDraw(lesions=tuple(lesions), tissue_overrides=over, atypical=atypical)
 
 
 def _near(mask: npt.NDArray[np.bool_], grid: Grid, mm: float) -> npt.NDArray[np.bool_]:
     """Voxels within mm of the mask (anisotropic grid aware)."""
-    from scipy import ndimage  # noqa: PLC0415
+    from scipy import ndimage
 
     d = ndimage.distance_transform_edt(~mask, sampling=(grid.slice_mm, *grid.pixel_mm))
     out: npt.NDArray[np.bool_] = d <= mm
     return out
 
 
-def override_tissues(tissues: dict[str, Tissue], over: dict[str, dict[str, float]]) -> dict[str, Tissue]:
+def override_tissues(
+    tissues: dict[str, Tissue], over: dict[str, dict[str, float]]
+) -> dict[str, Tissue]:
     """Tissue table with a phenotype's per-study changes applied."""
     out = dict(tissues)
     for name, fields in over.items():

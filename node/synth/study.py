@@ -1,4 +1,4 @@
-"""Synthetic studies end to end: anatomy + phenotype -> contrasts -> vendor headers -> files + truth."""
+"""Synthetic studies end to end: anatomy + phenotype -> contrasts -> vendor headers -> files."""
 
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ def _time(base_s: float) -> str:
 def _quantize(img: FloatArray, vendor: Vendor, slope: float | None) -> npt.NDArray[np.int32]:
     top = 2 ** (vendor.bits_stored - (1 if vendor.signed else 0)) - 1
     q = img / (slope or 1.0)
-    return np.clip(np.rint(q), 0, top).astype(np.int32)
+    out: npt.NDArray[np.int32] = np.clip(np.rint(q), 0, top).astype(np.int32)
+    return out
 
 
 def _header(seed: int, index: int, vendor: Vendor, rng: np.random.Generator) -> StudyHeader:
@@ -167,7 +168,16 @@ def _frames(grid: Grid, times: Sequence[str], **kw: object) -> tuple[FrameSpec, 
 
 
 def _acq(p: Protocol, *, contrast: bool = False, b: float = 0.0) -> Acquisition:
-    return Acquisition(equation=p.equation, tr_ms=p.tr_ms, te_ms=p.te_ms, ti_ms=p.ti_ms, flip_deg=p.flip_deg, b_value=b, contrast=contrast, fat_sat=p.fat_sat)
+    return Acquisition(
+        equation=p.equation,
+        tr_ms=p.tr_ms,
+        te_ms=p.te_ms,
+        ti_ms=p.ti_ms,
+        flip_deg=p.flip_deg,
+        b_value=b,
+        contrast=contrast,
+        fat_sat=p.fat_sat,
+    )
 
 
 def generate_study(
@@ -199,7 +209,12 @@ def generate_study(
     protocols["t1"] = t1_protocol
     # FLAIR: the site's TI nulls CSF at its TR (within a few percent).
     fl = protocols["flair"]
-    protocols["flair"] = Protocol(**{**{f: getattr(fl, f) for f in fl.__slots__}, "ti_ms": round(flair_null_ti(fl.tr_ms) * float(rng.uniform(0.98, 1.03)))})  # type: ignore[arg-type]
+    protocols["flair"] = Protocol(
+        **{
+            **{f: getattr(fl, f) for f in fl.__slots__},
+            "ti_ms": round(flair_null_ti(fl.tr_ms) * float(rng.uniform(0.98, 1.03))),
+        }
+    )
 
     # Geometry of the routed series: axial, tilted a few degrees to the AC-PC line.
     tilt = math.radians(float(rng.uniform(-10, 10)))
@@ -210,20 +225,50 @@ def generate_study(
     centre = (float(rng.uniform(-3, 3)), float(rng.uniform(-6, 6)), float(rng.uniform(-4, 6)))
     row_dir = (1.0, 0.0, 0.0)
     col_dir = (0.0, math.cos(tilt), -math.sin(tilt))
-    grid = centred_grid(centre=centre, row_dir=row_dir, col_dir=col_dir, shape=(slices, size, size), fov_mm=fov, slice_mm=slice_mm, thickness_mm=thickness)
+    grid = centred_grid(
+        centre=centre,
+        row_dir=row_dir,
+        col_dir=col_dir,
+        shape=(slices, size, size),
+        fov_mm=fov,
+        slice_mm=slice_mm,
+        thickness_mm=thickness,
+    )
     am = min(size, _ANATOMY_MATRIX)
-    agrid = centred_grid(centre=centre, row_dir=row_dir, col_dir=col_dir, shape=(slices, am, am), fov_mm=fov, slice_mm=slice_mm, thickness_mm=thickness)
+    agrid = centred_grid(
+        centre=centre,
+        row_dir=row_dir,
+        col_dir=col_dir,
+        shape=(slices, am, am),
+        fov_mm=fov,
+        slice_mm=slice_mm,
+        thickness_mm=thickness,
+    )
 
     subject = random_subject(rng, template_source)
     anatomy = sample_anatomy(subject, agrid)
     draw = draw_lesions(rng, phenotype, agrid, anatomy)
     fractions = apply_lesions(anatomy, draw.lesions, agrid)
     tissues = override_tissues(jitter_tissues(rng, TISSUES), draw.tissue_overrides)
-    texture = (1.0 + 0.05 * ndimage.gaussian_filter(rng.standard_normal(agrid.shape).astype(np.float32), (0.5, 1.5, 1.5)) * 3.0).astype(np.float32)
+    texture = (
+        1.0
+        + 0.05
+        * ndimage.gaussian_filter(
+            rng.standard_normal(agrid.shape).astype(np.float32), (0.5, 1.5, 1.5)
+        )
+        * 3.0
+    ).astype(np.float32)
 
     # Acquisition order and times.
     kinds = [k for k in SCAN_ORDER if k in ROUTED_KINDS or distractors]
-    t0 = float(int(hdr.study_time[:2]) * 3600 + int(hdr.study_time[2:4]) * 60 + int(hdr.study_time[4:6])) + 60
+    t0 = (
+        float(
+            int(hdr.study_time[:2]) * 3600
+            + int(hdr.study_time[2:4]) * 60
+            + int(hdr.study_time[4:6])
+        )
+        + 60
+    )
     times: dict[str, float] = {}
     t = t0
     for k in kinds:
@@ -241,7 +286,9 @@ def generate_study(
     pixels: dict[str, npt.NDArray[np.int32]] = {}
     frames: dict[str, tuple[FrameSpec, ...]] = {}
 
-    def acquire(acq: Acquisition, p: Protocol, level: float, bias: FloatArray, sigma_ref: float) -> FloatArray:
+    def acquire(
+        acq: Acquisition, p: Protocol, level: float, bias: FloatArray, sigma_ref: float
+    ) -> FloatArray:
         img = render(fractions, acq, tissues) * texture
         img = upsample_inplane(img, size, size)
         img = blur_inplane(img, 0.5 * (1.0 / p.resolution - 1.0) * size / 256 * 2)
@@ -250,7 +297,6 @@ def generate_study(
         return rician(nrng, img, sigma_ref * scale / p.snr)
 
     shape3 = (slices, size, size)
-    slice_times = lambda k: [_time(times[k] + i * 0.0) for i in range(slices)]  # noqa: E731
     # T1 and T1C: same protocol and scaling; T1C after gadolinium.
     p1 = protocols["t1"]
     bias_t1 = bias_field(nrng, shape3, 0.35)
@@ -261,7 +307,9 @@ def generate_study(
     for kind in ("t2", "flair"):
         p = protocols[kind]
         lvl = wm_level * float(rng.uniform(0.8, 1.6))
-        volumes[kind] = acquire(_acq(p), p, lvl, bias_field(nrng, shape3, 0.3), tissue_signal(tissues["gm"], _acq(p)))
+        volumes[kind] = acquire(
+            _acq(p), p, lvl, bias_field(nrng, shape3, 0.3), tissue_signal(tissues["gm"], _acq(p))
+        )
     pd = protocols["dwi"]
     bias_d = bias_field(nrng, shape3, 0.3)
     lvl = wm_level * float(rng.uniform(0.8, 1.5))
@@ -277,13 +325,15 @@ def generate_study(
     brain = ndimage.binary_erosion(b0 > 0.25 * lvl, iterations=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         adc = np.log(np.maximum(b0, 1e-3) / np.maximum(b1000, 1e-3)) / _B_VALUE * 1e3  # 1e-3 mm2/s
-    adc = np.where(brain, np.clip(adc, 0.0, 4.0), 0.0).astype(np.float32)
+    adc_map: FloatArray = np.where(brain, np.clip(adc, 0.0, 4.0), 0.0).astype(np.float32)
     volumes["dwi_b0"] = b0
     volumes["dwi"] = b1000
-    volumes["adc"] = adc
+    volumes["adc"] = adc_map
     # Normal-appearing white matter (lesion tissue excluded), for checks and training masks.
     volumes["wm_fraction"] = np.clip(upsample_inplane(fractions["wm"], size, size), 0.0, 1.0)
-    solid = sum((fractions[t] for t in _LESION_TISSUES if t in fractions), np.zeros(agrid.shape, np.float32))
+    solid = sum(
+        (fractions[t] for t in _LESION_TISSUES if t in fractions), np.zeros(agrid.shape, np.float32)
+    )
     volumes["lesion_fraction"] = np.clip(upsample_inplane(solid, size, size), 0.0, 1.0)
 
     label_slope = slope if slope else None
@@ -291,14 +341,37 @@ def generate_study(
     for kind in ("t1", "t1c", "t2", "flair"):
         pixels[kind] = _quantize(volumes[kind], v, label_slope)
         frames[kind] = _frames(grid, routed_times[kind])
-    pixels["dwi"] = np.concatenate([_quantize(b0, v, label_slope), _quantize(b1000, v, label_slope)])
+    pixels["dwi"] = np.concatenate(
+        [_quantize(b0, v, label_slope), _quantize(b1000, v, label_slope)]
+    )
     seqname = {"siemens": ("*ep_b0", "*ep_b1000t")}.get(vendor, (None, None))
-    frames["dwi"] = _frames(grid, routed_times["dwi"], b_value=0.0, sequence_name=seqname[0]) + _frames(grid, routed_times["dwi"], b_value=_B_VALUE, sequence_name=seqname[1])
-    pixels["adc"] = np.clip(np.rint(adc * 1000.0 / (label_slope or 1.0)), 0, 2 ** (v.bits_stored - (1 if v.signed else 0)) - 1).astype(np.int32)
+    frames["dwi"] = _frames(
+        grid, routed_times["dwi"], b_value=0.0, sequence_name=seqname[0]
+    ) + _frames(grid, routed_times["dwi"], b_value=_B_VALUE, sequence_name=seqname[1])
+    pixels["adc"] = np.clip(
+        np.rint(adc_map * 1000.0 / (label_slope or 1.0)),
+        0,
+        2 ** (v.bits_stored - (1 if v.signed else 0)) - 1,
+    ).astype(np.int32)
     frames["adc"] = _frames(grid, routed_times["adc"])
     protocols["t1c"] = p1
     if distractors:
-        _distractors(seed, subject, draw.lesions, tissues, protocols, grid, size, times, pixels, frames, v, label_slope, nrng, rng)
+        _distractors(
+            seed,
+            subject,
+            draw.lesions,
+            tissues,
+            protocols,
+            grid,
+            size,
+            times,
+            pixels,
+            frames,
+            v,
+            label_slope,
+            nrng,
+            rng,
+        )
 
     # Descriptions: vendor convention, with ~10% blank or misleading.
     t1c_desc = str(rng.choice(t1c_names))
@@ -334,7 +407,15 @@ def generate_study(
         else:
             datasets = build_classic(hdr, spec)
         series_list.append(
-            SynthSeries(kind=kind, label=KIND_LABEL.get(kind, "OTHER"), description=desc, description_status=status, series_uid=s_uid, series_number=spec.series_number, datasets=datasets)
+            SynthSeries(
+                kind=kind,
+                label=KIND_LABEL.get(kind, "OTHER"),
+                description=desc,
+                description_status=status,
+                series_uid=s_uid,
+                series_number=spec.series_number,
+                datasets=datasets,
+            )
         )
     lesions = tuple(les.truth(grid) for les in draw.lesions)
     return SynthStudy(
@@ -370,8 +451,8 @@ def _distractors(
     rng: np.random.Generator,
 ) -> None:
     """Localizer, BOLD, field map, FA map and coronal reformat: small, all labelled OTHER."""
-    from node.synth.anatomy import Subject  # noqa: PLC0415
-    from node.synth.phenotypes import Lesion  # noqa: PLC0415
+    from node.synth.anatomy import Subject
+    from node.synth.phenotypes import Lesion
 
     assert isinstance(subject, Subject)
     les = tuple(x for x in lesions if isinstance(x, Lesion))
@@ -386,30 +467,60 @@ def _distractors(
         acq = _acq(p)
         img = render(f, acq, tissues)
         scale = level / max(tissue_signal(tissues["wm"], acq), 1e-6)
-        img = rician(nrng, img * np.float32(scale), tissue_signal(tissues["gm"], acq) * scale / p.snr)
+        img = rician(
+            nrng, img * np.float32(scale), tissue_signal(tissues["gm"], acq) * scale / p.snr
+        )
         return _quantize(img, v, slope)
 
     level = float(rng.uniform(*v.white_matter_level))
     # 3-plane localizer: one axial, one sagittal, one coronal image.
     planes = (((1, 0, 0), (0, 1, 0)), ((0, 1, 0), (0, 0, -1)), ((1, 0, 0), (0, 0, -1)))
-    loc_imgs, loc_frames = [], []
+    loc_imgs: list[npt.NDArray[np.int32]] = []
+    loc_frames: list[FrameSpec] = []
     for rd, cd in planes:
-        g = centred_grid(centre=(0.0, 0.0, 10.0), row_dir=rd, col_dir=cd, shape=(1, small, small), fov_mm=260, slice_mm=8, thickness_mm=8)
+        g = centred_grid(
+            centre=(0.0, 0.0, 10.0),
+            row_dir=rd,
+            col_dir=cd,
+            shape=(1, small, small),
+            fov_mm=260,
+            slice_mm=8,
+            thickness_mm=8,
+        )
         loc_imgs.append(image(g, protocols["localizer"], level)[0])
         loc_frames.extend(_frames(g, [_time(times["localizer"])]))
     pixels["localizer"] = np.stack(loc_imgs)
     frames["localizer"] = tuple(loc_frames)
     # BOLD: 64x64, 6 slices, 3 time points, slice order repeated per volume.
-    g = centred_grid(centre=grid.position(grid.shape[0] // 2), row_dir=grid.row_dir, col_dir=grid.col_dir, shape=(6, 64, 64), fov_mm=220, slice_mm=4.0, thickness_mm=3.6)
+    g = centred_grid(
+        centre=grid.position(grid.shape[0] // 2),
+        row_dir=grid.row_dir,
+        col_dir=grid.col_dir,
+        shape=(6, 64, 64),
+        fov_mm=220,
+        slice_mm=4.0,
+        thickness_mm=3.6,
+    )
     base = image(g, protocols["bold"], level * 0.5).astype(np.float32)
-    vols, fr = [], []
+    vols: list[npt.NDArray[np.int32]] = []
+    fr: list[FrameSpec] = []
     for tp in range(3):
-        vols.append(np.clip(base * (1 + 0.01 * nrng.standard_normal(base.shape)), 0, top).astype(np.int32))
+        vols.append(
+            np.clip(base * (1 + 0.01 * nrng.standard_normal(base.shape)), 0, top).astype(np.int32)
+        )
         fr.extend(_frames(g, [_time(times["bold"] + 2.0 * tp)], temporal_index=tp + 1))
     pixels["bold"] = np.concatenate(vols)
     frames["bold"] = tuple(fr)
     # Field map: a smooth phase image (stored 0..4095 around 2048) masked to the head.
-    g = centred_grid(centre=grid.position(grid.shape[0] // 2), row_dir=grid.row_dir, col_dir=grid.col_dir, shape=(6, 64, 64), fov_mm=220, slice_mm=5.0, thickness_mm=4.0)
+    g = centred_grid(
+        centre=grid.position(grid.shape[0] // 2),
+        row_dir=grid.row_dir,
+        col_dir=grid.col_dir,
+        shape=(6, 64, 64),
+        fov_mm=220,
+        slice_mm=5.0,
+        thickness_mm=4.0,
+    )
     f = fractions(g)
     head = (f["scalp"] + f["skull"] + f["csf"] + f["gm"] + f["wm"]) > 0.3
     zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, n) for n in g.shape), indexing="ij")
@@ -417,13 +528,31 @@ def _distractors(
     pixels["fieldmap"] = np.where(head, np.clip(phase, 0, 4095), 0).astype(np.int32)
     frames["fieldmap"] = _frames(g, [_time(times["fieldmap"])])
     # FA map: high in white matter, x1000.
-    g = centred_grid(centre=grid.position(grid.shape[0] // 2), row_dir=grid.row_dir, col_dir=grid.col_dir, shape=(6, small, small), fov_mm=230, slice_mm=grid.slice_mm, thickness_mm=grid.thickness_mm)
+    g = centred_grid(
+        centre=grid.position(grid.shape[0] // 2),
+        row_dir=grid.row_dir,
+        col_dir=grid.col_dir,
+        shape=(6, small, small),
+        fov_mm=230,
+        slice_mm=grid.slice_mm,
+        thickness_mm=grid.thickness_mm,
+    )
     f = fractions(g)
-    fa = (0.12 * f["gm"] + 0.55 * f["wm"] + 0.08 * f["csf"]) * (1 + 0.1 * nrng.standard_normal(g.shape))
+    fa = (0.12 * f["gm"] + 0.55 * f["wm"] + 0.08 * f["csf"]) * (
+        1 + 0.1 * nrng.standard_normal(g.shape)
+    )
     pixels["fa"] = np.clip(np.rint(fa * 1000 / (slope or 1.0)), 0, top).astype(np.int32)
     frames["fa"] = _frames(g, [_time(times["fa"])])
     # Coronal reformat of the T1.
-    g = centred_grid(centre=(0.0, 0.0, 10.0), row_dir=(1.0, 0.0, 0.0), col_dir=(0.0, 0.0, -1.0), shape=(5, small, small), fov_mm=240, slice_mm=10.0, thickness_mm=3.0)
+    g = centred_grid(
+        centre=(0.0, 0.0, 10.0),
+        row_dir=(1.0, 0.0, 0.0),
+        col_dir=(0.0, 0.0, -1.0),
+        shape=(5, small, small),
+        fov_mm=240,
+        slice_mm=10.0,
+        thickness_mm=3.0,
+    )
     pixels["reformat"] = image(g, protocols["t1"], level)
     frames["reformat"] = _frames(g, [_time(times["reformat"])])
 
@@ -442,7 +571,12 @@ class Manifest:
 
     def as_json(self) -> dict[str, object]:
         """The manifest.json content."""
-        return {"generator": GENERATOR, "version": VERSION, "seed": self.seed, "studies": list(self.studies)}
+        return {
+            "generator": GENERATOR,
+            "version": VERSION,
+            "seed": self.seed,
+            "studies": list(self.studies),
+        }
 
     @classmethod
     def load(cls, root: Path) -> Manifest:
@@ -451,7 +585,9 @@ class Manifest:
         return cls(root=root, seed=int(data["seed"]), studies=tuple(data["studies"]))
 
 
-def study_plan(studies: int, seed: int, phenotypes: Sequence[str] | None, vendors: Sequence[str] | None) -> tuple[tuple[int, str, str], ...]:
+def study_plan(
+    studies: int, seed: int, phenotypes: Sequence[str] | None, vendors: Sequence[str] | None
+) -> tuple[tuple[int, str, str], ...]:
     """(study seed, phenotype, vendor) per study: a deterministic cycle permuted by the seed."""
     phs = tuple(phenotypes) if phenotypes else PHENOTYPES
     vds = tuple(vendors) if vendors else VENDORS
@@ -486,7 +622,7 @@ def write_studies(
     transfer_syntax: str = "explicit",
     distractors: bool = True,
 ) -> Manifest:
-    """Write studies as OUT/<study>/<series>/<n>.dcm plus manifest.json, labels.csv, study_labels.csv."""
+    """Write OUT/<study>/<series>/<n>.dcm plus manifest.json, labels.csv and study_labels.csv."""
     if studies < 1:
         raise ValueError(f"studies must be >= 1, not {studies}")
     ts = check_transfer_syntax(transfer_syntax)
@@ -496,7 +632,16 @@ def write_studies(
     study_rows = []
     for i, (sseed, ph, vd) in enumerate(study_plan(studies, seed, phenotypes, vendors)):
         t0 = time.perf_counter()
-        st = generate_study(sseed, phenotype=ph, vendor=vd, size=size, slices=slices, enhanced=enhanced, distractors=distractors, index=i)
+        st = generate_study(
+            sseed,
+            phenotype=ph,
+            vendor=vd,
+            size=size,
+            slices=slices,
+            enhanced=enhanced,
+            distractors=distractors,
+            index=i,
+        )
         folder = f"study_{i + 1:04d}"
         series_entries = []
         for j, s in enumerate(st.series):
@@ -504,14 +649,48 @@ def write_studies(
             for n, ds in enumerate(s.datasets):
                 write_dataset(encode(ds, ts), out / folder / sfolder / f"{n + 1}.dcm")
             series_entries.append(
-                {"series_uid": s.series_uid, "series_number": s.series_number, "folder": f"{folder}/{sfolder}", "label": s.label, "description": s.description, "description_status": s.description_status, "kind": s.kind, "n_instances": len(s.datasets), "n_frames": sum(int(getattr(d, "NumberOfFrames", 1)) for d in s.datasets)}
+                {
+                    "series_uid": s.series_uid,
+                    "series_number": s.series_number,
+                    "folder": f"{folder}/{sfolder}",
+                    "label": s.label,
+                    "description": s.description,
+                    "description_status": s.description_status,
+                    "kind": s.kind,
+                    "n_instances": len(s.datasets),
+                    "n_frames": sum(int(getattr(d, "NumberOfFrames", 1)) for d in s.datasets),
+                }
             )
             label_rows.append((s.series_uid, s.label, st.study_uid, s.description))
         entries.append(
-            {"study_uid": st.study_uid, "folder": folder, "seed": sseed, "phenotype": ph, "vendor": vd, "patient_id": st.patient_id, "atypical": st.atypical, "labels": st.labels, "lesions": list(st.lesions), "series": series_entries}
+            {
+                "study_uid": st.study_uid,
+                "folder": folder,
+                "seed": sseed,
+                "phenotype": ph,
+                "vendor": vd,
+                "patient_id": st.patient_id,
+                "atypical": st.atypical,
+                "labels": st.labels,
+                "lesions": list(st.lesions),
+                "series": series_entries,
+            }
         )
-        study_rows.append((st.study_uid, ph, st.labels["gbm_pcnsl"], st.labels["glioma_grade"], st.labels["tubers"]))
-        log.info("synth_study_written", study_key=uid_key(st.study_uid), n_series=len(st.series), duration_ms=round((time.perf_counter() - t0) * 1000))
+        study_rows.append(
+            (
+                st.study_uid,
+                ph,
+                st.labels["gbm_pcnsl"],
+                st.labels["glioma_grade"],
+                st.labels["tubers"],
+            )
+        )
+        log.info(
+            "synth_study_written",
+            study_key=uid_key(st.study_uid),
+            n_series=len(st.series),
+            duration_ms=round((time.perf_counter() - t0) * 1000),
+        )
     manifest = Manifest(root=out, seed=seed, studies=tuple(entries))
     (out / "manifest.json").write_text(json.dumps(manifest.as_json(), indent=1) + "\n")
     with (out / "labels.csv").open("w", newline="") as fh:

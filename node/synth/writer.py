@@ -1,4 +1,4 @@
-"""DICOM writing for synthetic studies: one header builder for every vendor, classic or enhanced MR."""
+"""DICOM writing for synthetic studies: one header builder for all vendors, classic or enhanced."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
-    JPEGLSLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
@@ -41,7 +41,9 @@ _ENCODER_PACKAGES = {
     "rle": "numpy (pydicom's native RLE encoder)",
     "jpeg-ls": "pyjpegls",
     "jpeg2000": "pylibjpeg and pylibjpeg-openjpeg",
-    "jpeg-lossless": "none: pydicom 3 has no JPEG Lossless (Process 14) encoder; use jpeg-ls, jpeg2000 or rle",
+    "jpeg-lossless": (
+        "nothing: pydicom 3 has no JPEG Lossless (Process 14) encoder; use jpeg-ls, jpeg2000 or rle"
+    ),
 }
 
 
@@ -51,7 +53,7 @@ def check_transfer_syntax(name: str) -> UID:
         raise ValueError(f"transfer_syntax must be one of {tuple(TRANSFER_SYNTAXES)}, not {name!r}")
     uid = TRANSFER_SYNTAXES[name]
     if uid.is_compressed:
-        from pydicom.pixels import get_encoder  # noqa: PLC0415
+        from pydicom.pixels.encoders.base import get_encoder
 
         try:
             available = get_encoder(uid).is_available
@@ -142,8 +144,10 @@ def _window(pixels: npt.NDArray[np.integer], slope: float) -> tuple[float, float
     return (float(round((lo + hi) / 2 * slope, 1)), float(round(max(hi - lo, 1) * slope, 1)))
 
 
-def _common(ds: Dataset, study: StudyHeader, series: SeriesSpec, sop_class: UID, sop_uid: str) -> None:
-    """Attributes every instance of a study shares: SOP common, patient, study, series, equipment."""
+def _common(
+    ds: Dataset, study: StudyHeader, series: SeriesSpec, sop_class: UID, sop_uid: str
+) -> None:
+    """Attributes every instance shares: SOP common, patient, study, series, equipment."""
     v = study.vendor
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class
@@ -223,7 +227,9 @@ def _contrast(ds: Dataset, series: SeriesSpec) -> None:
         ds.ContrastBolusVolume = "7.5"
 
 
-def _pixels(ds: Dataset, study: StudyHeader, pixels: npt.NDArray[np.integer], slope: float | None) -> None:
+def _pixels(
+    ds: Dataset, study: StudyHeader, pixels: npt.NDArray[np.integer], slope: float | None
+) -> None:
     v = study.vendor
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -306,9 +312,22 @@ def build_enhanced(study: StudyHeader, series: SeriesSpec) -> tuple[Dataset, ...
     """One Enhanced MR Image Storage instance holding every frame (shared + per-frame groups)."""
     p = series.protocol
     ds = Dataset()
-    _common(ds, study, series, ENHANCED_MR_IMAGE_STORAGE, make_uid(study.seed, series.series_uid, "sop", "mf"))
+    _common(
+        ds,
+        study,
+        series,
+        ENHANCED_MR_IMAGE_STORAGE,
+        make_uid(study.seed, series.series_uid, "sop", "mf"),
+    )
     derived = p.image_type[0] == "DERIVED"
-    it3 = {"t1": "T1", "t1c": "T1", "t2": "T2", "flair": "FLAIR", "dwi": "DIFFUSION", "adc": "DIFFUSION"}.get(series.kind, "UNKNOWN")
+    it3 = {
+        "t1": "T1",
+        "t1c": "T1",
+        "t2": "T2",
+        "flair": "FLAIR",
+        "dwi": "DIFFUSION",
+        "adc": "DIFFUSION",
+    }.get(series.kind, "UNKNOWN")
     ds.ImageType = [p.image_type[0], "PRIMARY", it3, "NONE"]
     ds.AcquisitionDateTime = study.study_date + series.series_time
     ds.AcquisitionDuration = 120.0
@@ -319,7 +338,16 @@ def build_enhanced(study: StudyHeader, series: SeriesSpec) -> tuple[Dataset, ...
     ds.VolumetricProperties = "VOLUME"
     ds.VolumeBasedCalculationTechnique = "NONE"
     ds.ComplexImageComponent = "MAGNITUDE"
-    ds.AcquisitionContrast = {"t1": "T1", "t1c": "T1", "t2": "T2", "flair": "T2", "dwi": "DIFFUSION", "adc": "DIFFUSION", "bold": "T2_STAR", "fieldmap": "UNKNOWN"}.get(series.kind, "UNKNOWN")
+    ds.AcquisitionContrast = {
+        "t1": "T1",
+        "t1c": "T1",
+        "t2": "T2",
+        "flair": "T2",
+        "dwi": "DIFFUSION",
+        "adc": "DIFFUSION",
+        "bold": "T2_STAR",
+        "fieldmap": "UNKNOWN",
+    }.get(series.kind, "UNKNOWN")
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     del ds.AcquisitionDate  # enhanced objects carry AcquisitionDateTime instead
@@ -334,7 +362,11 @@ def build_enhanced(study: StudyHeader, series: SeriesSpec) -> tuple[Dataset, ...
     if not derived:
         ds.PulseSequenceName = p.sequence_name.strip("*")[:16]
         ds.MRAcquisitionType = p.acquisition_type
-        ds.EchoPulseSequence = "GRADIENT" if "GR" in p.scanning_sequence and "SE" not in p.scanning_sequence else "SPIN"
+        ds.EchoPulseSequence = (
+            "GRADIENT"
+            if "GR" in p.scanning_sequence and "SE" not in p.scanning_sequence
+            else "SPIN"
+        )
         if ds.EchoPulseSequence == "SPIN":
             ds.MultipleSpinEcho = "NO"
         ds.MultiPlanarExcitation = "YES" if p.acquisition_type == "2D" else "NO"
@@ -361,8 +393,24 @@ def build_enhanced(study: StudyHeader, series: SeriesSpec) -> tuple[Dataset, ...
                     CodingSchemeDesignator="SRT",
                     CodeMeaning="Gadolinium",
                     ContrastBolusAgentNumber=1,
-                    ContrastBolusAdministrationRouteSequence=Sequence([_item(CodeValue="47625008", CodingSchemeDesignator="SCT", CodeMeaning="Intravenous route")]),
-                    ContrastBolusIngredientCodeSequence=Sequence([_item(CodeValue="C-17800", CodingSchemeDesignator="SRT", CodeMeaning="Gadolinium")]),
+                    ContrastBolusAdministrationRouteSequence=Sequence(
+                        [
+                            _item(
+                                CodeValue="47625008",
+                                CodingSchemeDesignator="SCT",
+                                CodeMeaning="Intravenous route",
+                            )
+                        ]
+                    ),
+                    ContrastBolusIngredientCodeSequence=Sequence(
+                        [
+                            _item(
+                                CodeValue="C-17800",
+                                CodingSchemeDesignator="SRT",
+                                CodeMeaning="Gadolinium",
+                            )
+                        ]
+                    ),
                     ContrastBolusVolume=7.5,
                     ContrastBolusIngredientConcentration=1.0,
                 )
@@ -374,51 +422,191 @@ def build_enhanced(study: StudyHeader, series: SeriesSpec) -> tuple[Dataset, ...
     wc, ww = _window(series.pixels, slope)
     f0 = frames[0]
     shared = Dataset()
-    shared.PixelMeasuresSequence = Sequence([_item(PixelSpacing=[_fmt(f0.pixel_mm[0]), _fmt(f0.pixel_mm[1])], SliceThickness=_fmt(f0.thickness_mm), SpacingBetweenSlices=_fmt(f0.slice_mm))])
-    shared.FrameAnatomySequence = Sequence(
-        [_item(FrameLaterality="U", AnatomicRegionSequence=Sequence([_item(CodeValue="12738006", CodingSchemeDesignator="SCT", CodeMeaning="Brain")]))]
+    shared.PixelMeasuresSequence = Sequence(
+        [
+            _item(
+                PixelSpacing=[_fmt(f0.pixel_mm[0]), _fmt(f0.pixel_mm[1])],
+                SliceThickness=_fmt(f0.thickness_mm),
+                SpacingBetweenSlices=_fmt(f0.slice_mm),
+            )
+        ]
     )
-    shared.PlaneOrientationSequence = Sequence([_item(ImageOrientationPatient=[_fmt(x) for x in (*f0.row_dir, *f0.col_dir)])])
-    shared.PixelValueTransformationSequence = Sequence([_item(RescaleIntercept="0", RescaleSlope=_fmt(slope), RescaleType="US")])
+    shared.FrameAnatomySequence = Sequence(
+        [
+            _item(
+                FrameLaterality="U",
+                AnatomicRegionSequence=Sequence(
+                    [_item(CodeValue="12738006", CodingSchemeDesignator="SCT", CodeMeaning="Brain")]
+                ),
+            )
+        ]
+    )
+    shared.PlaneOrientationSequence = Sequence(
+        [_item(ImageOrientationPatient=[_fmt(x) for x in (*f0.row_dir, *f0.col_dir)])]
+    )
+    shared.PixelValueTransformationSequence = Sequence(
+        [_item(RescaleIntercept="0", RescaleSlope=_fmt(slope), RescaleType="US")]
+    )
     shared.FrameVOILUTSequence = Sequence([_item(WindowCenter=_fmt(wc), WindowWidth=_fmt(ww))])
     if not derived:
         shared.MRTimingAndRelatedParametersSequence = Sequence(
-            [_item(RepetitionTime=float(p.tr_ms), FlipAngle=float(p.flip_deg), EchoTrainLength=p.echo_train, RFEchoTrainLength=p.echo_train, GradientEchoTrainLength=1 if p.equation == "epi" else 0, GradientOutputType="DB_DT", GradientOutput=10.0, SpecificAbsorptionRateSequence=Sequence([_item(SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY", SpecificAbsorptionRateValue=0.5)]), OperatingModeSequence=Sequence([_item(OperatingModeType="GRADIENT", OperatingMode="IEC_NORMAL"), _item(OperatingModeType="RF", OperatingMode="IEC_NORMAL")]))]
+            [
+                _item(
+                    RepetitionTime=float(p.tr_ms),
+                    FlipAngle=float(p.flip_deg),
+                    EchoTrainLength=p.echo_train,
+                    RFEchoTrainLength=p.echo_train,
+                    GradientEchoTrainLength=1 if p.equation == "epi" else 0,
+                    GradientOutputType="DB_DT",
+                    GradientOutput=10.0,
+                    SpecificAbsorptionRateSequence=Sequence(
+                        [
+                            _item(
+                                SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY",
+                                SpecificAbsorptionRateValue=0.5,
+                            )
+                        ]
+                    ),
+                    OperatingModeSequence=Sequence(
+                        [
+                            _item(OperatingModeType="GRADIENT", OperatingMode="IEC_NORMAL"),
+                            _item(OperatingModeType="RF", OperatingMode="IEC_NORMAL"),
+                        ]
+                    ),
+                )
+            ]
         )
         shared.MRFOVGeometrySequence = Sequence(
-            [_item(InPlanePhaseEncodingDirection="COLUMN" if p.equation == "epi" else "ROW", MRAcquisitionFrequencyEncodingSteps=int(series.pixels.shape[2] * p.resolution), MRAcquisitionPhaseEncodingStepsInPlane=int(series.pixels.shape[1] * p.resolution), PercentSampling=100.0, PercentPhaseFieldOfView=100.0)]
+            [
+                _item(
+                    InPlanePhaseEncodingDirection="COLUMN" if p.equation == "epi" else "ROW",
+                    MRAcquisitionFrequencyEncodingSteps=int(series.pixels.shape[2] * p.resolution),
+                    MRAcquisitionPhaseEncodingStepsInPlane=int(
+                        series.pixels.shape[1] * p.resolution
+                    ),
+                    PercentSampling=100.0,
+                    PercentPhaseFieldOfView=100.0,
+                )
+            ]
         )
         shared.MREchoSequence = Sequence([_item(EffectiveEchoTime=float(p.te_ms))])
         shared.MRModifierSequence = Sequence(
-            [_item(InversionRecovery="YES" if p.ti_ms else "NO", **({"InversionTimes": [float(p.ti_ms)]} if p.ti_ms else {}), FlowCompensation="NONE", Spoiling="RF" if p.equation == "gre" else "NONE", T2Preparation="NO", SpectrallySelectedExcitation="NONE", SpatialPresaturation="NONE", PartialFourier="NO", ParallelAcquisition="NO")]
+            [
+                _item(
+                    InversionRecovery="YES" if p.ti_ms else "NO",
+                    **({"InversionTimes": [float(p.ti_ms)]} if p.ti_ms else {}),
+                    FlowCompensation="NONE",
+                    Spoiling="RF" if p.equation == "gre" else "NONE",
+                    T2Preparation="NO",
+                    SpectrallySelectedExcitation="NONE",
+                    SpatialPresaturation="NONE",
+                    PartialFourier="NO",
+                    ParallelAcquisition="NO",
+                )
+            ]
         )
-        shared.MRImagingModifierSequence = Sequence([_item(MagnetizationTransfer="NONE", BloodSignalNulling="NO", Tagging="NONE", TransmitterFrequency=series.imaging_frequency_mhz, PixelBandwidth=200.0)])
-        shared.MRReceiveCoilSequence = Sequence([_item(ReceiveCoilName="Head_32", ReceiveCoilManufacturerName=study.vendor.manufacturer, ReceiveCoilType="MULTICOIL", QuadratureReceiveCoil="NO", MultiCoilDefinitionSequence=Sequence([_item(MultiCoilElementName="HEA", MultiCoilElementUsed="YES")]))])
-        shared.MRTransmitCoilSequence = Sequence([_item(TransmitCoilName="Body", TransmitCoilManufacturerName=study.vendor.manufacturer, TransmitCoilType="BODY")])
+        shared.MRImagingModifierSequence = Sequence(
+            [
+                _item(
+                    MagnetizationTransfer="NONE",
+                    BloodSignalNulling="NO",
+                    Tagging="NONE",
+                    TransmitterFrequency=series.imaging_frequency_mhz,
+                    PixelBandwidth=200.0,
+                )
+            ]
+        )
+        shared.MRReceiveCoilSequence = Sequence(
+            [
+                _item(
+                    ReceiveCoilName="Head_32",
+                    ReceiveCoilManufacturerName=study.vendor.manufacturer,
+                    ReceiveCoilType="MULTICOIL",
+                    QuadratureReceiveCoil="NO",
+                    MultiCoilDefinitionSequence=Sequence(
+                        [_item(MultiCoilElementName="HEA", MultiCoilElementUsed="YES")]
+                    ),
+                )
+            ]
+        )
+        shared.MRTransmitCoilSequence = Sequence(
+            [
+                _item(
+                    TransmitCoilName="Body",
+                    TransmitCoilManufacturerName=study.vendor.manufacturer,
+                    TransmitCoilType="BODY",
+                )
+            ]
+        )
         shared.MRAveragesSequence = Sequence([_item(NumberOfAverages=1.0)])
     if series.contrast_agent:
-        shared.ContrastBolusUsageSequence = Sequence([_item(ContrastBolusAgentNumber=1, ContrastBolusAgentAdministered="YES", ContrastBolusAgentDetected="YES")])
+        shared.ContrastBolusUsageSequence = Sequence(
+            [
+                _item(
+                    ContrastBolusAgentNumber=1,
+                    ContrastBolusAgentAdministered="YES",
+                    ContrastBolusAgentDetected="YES",
+                )
+            ]
+        )
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per = []
     for i, fr in enumerate(frames):
         f = Dataset()
-        content = _item(FrameAcquisitionDateTime=study.study_date + (fr.time or series.series_time), FrameReferenceDateTime=study.study_date + (fr.time or series.series_time), FrameAcquisitionDuration=100.0, StackID="1", InStackPositionNumber=i + 1, DimensionIndexValues=[1, i + 1])
+        content = _item(
+            FrameAcquisitionDateTime=study.study_date + (fr.time or series.series_time),
+            FrameReferenceDateTime=study.study_date + (fr.time or series.series_time),
+            FrameAcquisitionDuration=100.0,
+            StackID="1",
+            InStackPositionNumber=i + 1,
+            DimensionIndexValues=[1, i + 1],
+        )
         if fr.temporal_index:
             content.TemporalPositionIndex = fr.temporal_index
         f.FrameContentSequence = Sequence([content])
-        f.PlanePositionSequence = Sequence([_item(ImagePositionPatient=[_fmt(x) for x in fr.position])])
+        f.PlanePositionSequence = Sequence(
+            [_item(ImagePositionPatient=[_fmt(x) for x in fr.position])]
+        )
         ftype = [p.image_type[0], "PRIMARY", it3, "NONE"]
-        f.MRImageFrameTypeSequence = Sequence([_item(FrameType=ftype, PixelPresentation="MONOCHROME", VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE", ComplexImageComponent="MAGNITUDE", AcquisitionContrast=ds.AcquisitionContrast)])
+        f.MRImageFrameTypeSequence = Sequence(
+            [
+                _item(
+                    FrameType=ftype,
+                    PixelPresentation="MONOCHROME",
+                    VolumetricProperties="VOLUME",
+                    VolumeBasedCalculationTechnique="NONE",
+                    ComplexImageComponent="MAGNITUDE",
+                    AcquisitionContrast=ds.AcquisitionContrast,
+                )
+            ]
+        )
         if fr.b_value is not None and not derived:
-            f.MRDiffusionSequence = Sequence([_item(DiffusionBValue=float(fr.b_value), DiffusionDirectionality="ISOTROPIC" if fr.b_value > 0 else "NONE")])
+            f.MRDiffusionSequence = Sequence(
+                [
+                    _item(
+                        DiffusionBValue=float(fr.b_value),
+                        DiffusionDirectionality="ISOTROPIC" if fr.b_value > 0 else "NONE",
+                    )
+                ]
+            )
         per.append(f)
     ds.PerFrameFunctionalGroupsSequence = Sequence(per)
     dim_uid = make_uid(study.seed, series.series_uid, "dim")
     ds.DimensionOrganizationSequence = Sequence([_item(DimensionOrganizationUID=dim_uid)])
     ds.DimensionIndexSequence = Sequence(
         [
-            _item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00209056, FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="Stack ID"),
-            _item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00209057, FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="In-Stack Position Number"),
+            _item(
+                DimensionOrganizationUID=dim_uid,
+                DimensionIndexPointer=0x00209056,
+                FunctionalGroupPointer=0x00209111,
+                DimensionDescriptionLabel="Stack ID",
+            ),
+            _item(
+                DimensionOrganizationUID=dim_uid,
+                DimensionIndexPointer=0x00209057,
+                FunctionalGroupPointer=0x00209111,
+                DimensionDescriptionLabel="In-Stack Position Number",
+            ),
         ]
     )
     ds.NumberOfFrames = n

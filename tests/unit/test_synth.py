@@ -1,4 +1,4 @@
-"""Synthetic study generator: determinism, layout, headers vs truth, lesion ground truth, options."""
+"""Synthetic study generator: determinism, layout, headers vs truth, lesion truth, options."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ SMALL = {"size": 64, "slices": 12}
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,9 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _typical(phenotype: str, vendor: str = "siemens", start: int = 100, **kw: int) -> SynthStudy:
     for seed in range(start, start + 30):
-        st = generate_study(seed, phenotype=phenotype, vendor=vendor, distractors=False, **{**SMALL, **kw})
+        st = generate_study(
+            seed, phenotype=phenotype, vendor=vendor, distractors=False, **{**SMALL, **kw}
+        )
         if not st.atypical and st.lesions:
             return st
     raise AssertionError(f"no typical {phenotype} drawn")
@@ -75,16 +81,37 @@ def test_layout_manifest_and_csvs(written: Path) -> None:
     assert len(rows) == n_series == 4 * 11
     with (written / "study_labels.csv").open() as fh:
         srows = list(csv.DictReader(fh))
-    assert list(srows[0]) == ["StudyInstanceUID", "phenotype", "gbm_pcnsl", "glioma_grade", "tubers"]
+    assert list(srows[0]) == [
+        "StudyInstanceUID",
+        "phenotype",
+        "gbm_pcnsl",
+        "glioma_grade",
+        "tubers",
+    ]
     for st, row in zip(m["studies"], srows, strict=True):
         assert row["StudyInstanceUID"] == st["study_uid"]
-        assert {k: row[k] for k in ("gbm_pcnsl", "glioma_grade", "tubers")} == st["labels"] == study_labels(st["phenotype"])
+        assert (
+            {k: row[k] for k in ("gbm_pcnsl", "glioma_grade", "tubers")}
+            == st["labels"]
+            == study_labels(st["phenotype"])
+        )
         for s in st["series"]:
             files = sorted((written / s["folder"]).glob("*.dcm"))
             assert len(files) == s["n_instances"]
-            assert {"series_uid", "series_number", "label", "description", "kind", "n_instances"} <= set(s)
+            assert {
+                "series_uid",
+                "series_number",
+                "label",
+                "description",
+                "kind",
+                "n_instances",
+            } <= set(s)
         for les in st["lesions"]:
-            assert len(les["center_mm"]) == 3 and len(les["center_voxel"]) == 3 and les["radius_mm"] > 0
+            assert (
+                len(les["center_mm"]) == 3
+                and len(les["center_voxel"]) == 3
+                and les["radius_mm"] > 0
+            )
 
 
 def test_study_labels_mapping() -> None:
@@ -107,12 +134,21 @@ def test_manifest_labels_agree_with_headers(written: Path) -> None:
             dss = [pydicom.dcmread(f) for f in files]
             ds = dss[0]
             by_kind[s["kind"]] = dss
-            assert ds.SeriesInstanceUID == s["series_uid"] and ds.StudyInstanceUID == st["study_uid"]
+            assert (
+                ds.SeriesInstanceUID == s["series_uid"] and ds.StudyInstanceUID == st["study_uid"]
+            )
             assert ds.SeriesNumber == s["series_number"]
             assert ds.get("SeriesDescription", "") == s["description"]
             assert ds.PatientID == st["patient_id"] and str(ds.PatientName).startswith("SYNTH^CASE")
             assert ds.SpecificCharacterSet == "ISO_IR 100"
-            expected = {"t1": "T1", "t1c": "T1C", "t2": "T2", "flair": "FLAIR", "dwi": "DWI", "adc": "ADC"}.get(s["kind"], "OTHER")
+            expected = {
+                "t1": "T1",
+                "t1c": "T1C",
+                "t2": "T2",
+                "flair": "FLAIR",
+                "dwi": "DWI",
+                "adc": "ADC",
+            }.get(s["kind"], "OTHER")
             assert s["label"] == expected
             if s["kind"] == "dwi":
                 assert sorted({float(d.DiffusionBValue) for d in dss}) == [0.0, 1000.0]
@@ -123,7 +159,11 @@ def test_manifest_labels_agree_with_headers(written: Path) -> None:
             if s["kind"] == "bold":
                 assert ds.NumberOfTemporalPositions == 3
         t1, t1c = by_kind["t1"][0], by_kind["t1c"][0]
-        assert (t1.RepetitionTime, t1.EchoTime, t1.ScanningSequence) == (t1c.RepetitionTime, t1c.EchoTime, t1c.ScanningSequence)
+        assert (t1.RepetitionTime, t1.EchoTime, t1.ScanningSequence) == (
+            t1c.RepetitionTime,
+            t1c.EchoTime,
+            t1c.ScanningSequence,
+        )
         assert t1c.SeriesNumber > t1.SeriesNumber and t1c.AcquisitionTime > t1.AcquisitionTime
         assert "ContrastBolusAgent" not in t1
         frames = {ds.FrameOfReferenceUID for dss in by_kind.values() for ds in dss}
@@ -138,7 +178,9 @@ def test_manifest_labels_agree_with_headers(written: Path) -> None:
         ("philips", (0x2001, 0x03), "Philips Imaging DD 001", 1000.0),
     ],
 )
-def test_vendor_private_b_value(vendor: str, tag: tuple[int, int], creator: str, expected: float) -> None:
+def test_vendor_private_b_value(
+    vendor: str, tag: tuple[int, int], creator: str, expected: float
+) -> None:
     st = generate_study(5, phenotype="normal", vendor=vendor, size=32, slices=4, distractors=False)
     dwi = next(s for s in st.series if s.kind == "dwi")
     ds = dwi.datasets[-1]
@@ -241,7 +283,9 @@ def test_phenotype_and_vendor_mix_cycles() -> None:
 def test_descriptions_sometimes_blank_or_misleading() -> None:
     statuses = []
     for seed in range(40):
-        st = generate_study(seed, phenotype="normal", vendor="siemens", size=32, slices=4, distractors=False)
+        st = generate_study(
+            seed, phenotype="normal", vendor="siemens", size=32, slices=4, distractors=False
+        )
         statuses += [s.description_status for s in st.series]
     bad = sum(s != "ok" for s in statuses) / len(statuses)
     assert 0.03 < bad < 0.2
@@ -251,8 +295,12 @@ def test_descriptions_sometimes_blank_or_misleading() -> None:
 def test_contrast_agent_on_some_post_contrast_series() -> None:
     has = []
     for seed in range(12):
-        st = generate_study(seed, phenotype="normal", vendor="philips", size=32, slices=4, distractors=False)
-        has.append("ContrastBolusAgent" in next(s for s in st.series if s.kind == "t1c").datasets[0])
+        st = generate_study(
+            seed, phenotype="normal", vendor="philips", size=32, slices=4, distractors=False
+        )
+        has.append(
+            "ContrastBolusAgent" in next(s for s in st.series if s.kind == "t1c").datasets[0]
+        )
     assert 0 < sum(has) < len(has)
 
 
@@ -260,7 +308,9 @@ def test_distractors_small_and_other(written: Path) -> None:
     m = json.loads((written / "manifest.json").read_text())
     kinds = {s["kind"]: s for s in m["studies"][0]["series"]}
     assert set(kinds) >= {"localizer", "bold", "fieldmap", "fa", "reformat"}
-    assert all(kinds[k]["label"] == "OTHER" for k in ("localizer", "bold", "fieldmap", "fa", "reformat"))
+    assert all(
+        kinds[k]["label"] == "OTHER" for k in ("localizer", "bold", "fieldmap", "fa", "reformat")
+    )
     assert kinds["localizer"]["n_instances"] == 3
     loc = [pydicom.dcmread(p) for p in (written / kinds["localizer"]["folder"]).glob("*.dcm")]
     assert len({tuple(d.ImageOrientationPatient) for d in loc}) == 3
@@ -269,7 +319,9 @@ def test_distractors_small_and_other(written: Path) -> None:
 
 
 def test_enhanced_multiframe() -> None:
-    st = generate_study(4, phenotype="gbm", vendor="siemens", size=32, slices=6, enhanced=True, distractors=False)
+    st = generate_study(
+        4, phenotype="gbm", vendor="siemens", size=32, slices=6, enhanced=True, distractors=False
+    )
     for s in st.series:
         assert len(s.datasets) == 1
         ds = s.datasets[0]
@@ -286,7 +338,16 @@ def test_enhanced_multiframe() -> None:
 def test_transfer_syntaxes_round_trip(tmp_path: Path, ts: str) -> None:
     ref, out = tmp_path / "ref", tmp_path / ts
     write_studies(ref, studies=1, seed=2, size=32, slices=4, vendors=["ge"], distractors=False)
-    write_studies(out, studies=1, seed=2, size=32, slices=4, vendors=["ge"], distractors=False, transfer_syntax=ts)
+    write_studies(
+        out,
+        studies=1,
+        seed=2,
+        size=32,
+        slices=4,
+        vendors=["ge"],
+        distractors=False,
+        transfer_syntax=ts,
+    )
     for p in sorted(ref.rglob("*.dcm"))[:10]:
         a = pydicom.dcmread(p)
         b = pydicom.dcmread(out / p.relative_to(ref))
@@ -296,8 +357,10 @@ def test_transfer_syntaxes_round_trip(tmp_path: Path, ts: str) -> None:
 
 
 def test_unavailable_or_unknown_transfer_syntax(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no encoder available.*jpeg-lossless"):
-        write_studies(tmp_path, studies=1, seed=1, size=32, slices=4, transfer_syntax="jpeg-lossless")
+    with pytest.raises(ValueError, match=r"no encoder available.*jpeg-lossless"):
+        write_studies(
+            tmp_path, studies=1, seed=1, size=32, slices=4, transfer_syntax="jpeg-lossless"
+        )
     with pytest.raises(ValueError, match="transfer_syntax must be one of"):
         write_studies(tmp_path, studies=1, seed=1, size=32, slices=4, transfer_syntax="zip")
 
@@ -316,7 +379,15 @@ def test_procedural_fallback_without_nilearn(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "nilearn", None)  # import nilearn -> ImportError
     try:
         assert load_template().source == "procedural"
-        st = generate_study(3, phenotype="gbm", vendor="generic", size=32, slices=8, distractors=False, template_source="procedural")
+        st = generate_study(
+            3,
+            phenotype="gbm",
+            vendor="generic",
+            size=32,
+            slices=8,
+            distractors=False,
+            template_source="procedural",
+        )
         t2 = st.volumes["t2"]
         assert t2.max() > 0 and st.lesions
         with pytest.raises(ImportError):
@@ -328,7 +399,26 @@ def test_procedural_fallback_without_nilearn(monkeypatch: pytest.MonkeyPatch) ->
 def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from node.cli import main
 
-    rc = main(["synth", "--out", str(tmp_path / "o"), "--studies", "1", "--seed", "2", "--size", "32", "--slices", "4", "--phenotype", "tsc", "--vendor", "philips", "--no-distractors"])
+    rc = main(
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "o"),
+            "--studies",
+            "1",
+            "--seed",
+            "2",
+            "--size",
+            "32",
+            "--slices",
+            "4",
+            "--phenotype",
+            "tsc",
+            "--vendor",
+            "philips",
+            "--no-distractors",
+        ]
+    )
     assert rc == 0
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["studies"][0]["phenotype"] == "tsc" and m["studies"][0]["vendor"] == "philips"
@@ -341,9 +431,13 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.slow
 def test_speed_one_full_size_study() -> None:
     load_template()
-    generate_study(0, phenotype="gbm", vendor="siemens", size=64, slices=8, distractors=False)  # warm up
+    generate_study(
+        0, phenotype="gbm", vendor="siemens", size=64, slices=8, distractors=False
+    )  # warm up
     t0 = time.perf_counter()
-    st = generate_study(1, phenotype="gbm", vendor="siemens", size=256, slices=24, distractors=False)
+    st = generate_study(
+        1, phenotype="gbm", vendor="siemens", size=256, slices=24, distractors=False
+    )
     elapsed = time.perf_counter() - t0
     print(f"one 6-series 256x256x24 study: {elapsed:.2f} s")
     assert sum(len(s.datasets) for s in st.series) == 24 * 7
