@@ -371,47 +371,48 @@ def deliver_due(
         rows = outbox.claim_due(name, now, batch)
         if not rows:
             continue
-        try:
-            results = sender(dest, [r.path for r in rows])
-        except SendError as exc:
+        outcomes = _send_batch(sender, dest, rows)
+        if all(isinstance(o, SendError) and o.retryable for _, o in outcomes):
             unreachable.append(name)
-            for row in rows:
-                state = outbox.mark_failed(
-                    row,
-                    error=str(exc),
-                    status_code=None,
-                    retryable=exc.retryable,
-                    settings=rules.delivery,
-                    now=now,
-                    rng=rand,
-                )
-                _log_attempt(row, state, None)
-                dead += state == DeliveryState.DEAD
-                retrying += state == DeliveryState.PENDING
-            continue
-        by_uid = {r.sop_instance_uid: r for r in results}
-        for row in rows:
-            result = by_uid.get(row.sop_uid)
-            if result is not None and result.delivered:
-                outbox.mark_delivered(row, result, now=now)
+        for row, outcome in outcomes:
+            if isinstance(outcome, SendResult) and outcome.delivered:
+                outbox.mark_delivered(row, outcome, now=now)
                 state = DeliveryState.DELIVERED
                 delivered += 1
             else:
                 state = outbox.mark_failed(
                     row,
-                    error=result.message if result else "no result for this object",
-                    status_code=result.status_code if result else None,
-                    retryable=result.retryable if result else True,
+                    error=str(outcome) if isinstance(outcome, SendError) else outcome.message,
+                    status_code=None if isinstance(outcome, SendError) else outcome.status_code,
+                    retryable=outcome.retryable,
                     settings=rules.delivery,
                     now=now,
                     rng=rand,
                 )
                 dead += state == DeliveryState.DEAD
                 retrying += state == DeliveryState.PENDING
-            _log_attempt(row, state, result.status_code if result else None)
+            _log_attempt(
+                row, state, None if isinstance(outcome, SendError) else outcome.status_code
+            )
     return DeliveryCounts(
         delivered=delivered, retrying=retrying, dead=dead, unreachable=tuple(unreachable)
     )
+
+
+def _send_batch(
+    sender: SendFn, dest: Destination, rows: Sequence[Delivery]
+) -> list[tuple[Delivery, SendResult | SendError]]:
+    """Send rows together; a permanent batch error (an unreadable file) is retried one by one
+    so it dead-letters only the object that caused it."""
+    try:
+        results = sender(dest, [r.path for r in rows])
+    except SendError as exc:
+        if exc.retryable or len(rows) == 1:
+            return [(row, exc) for row in rows]
+        return [pair for row in rows for pair in _send_batch(sender, dest, [row])]
+    by_uid = {r.sop_instance_uid: r for r in results}
+    missing = SendError("the sender returned no result for this object", retryable=True)
+    return [(row, by_uid.get(row.sop_uid, missing)) for row in rows]
 
 
 def _log_attempt(row: Delivery, state: DeliveryState, status_code: int | None) -> None:

@@ -234,3 +234,33 @@ def test_cmd_requeue(
 
     assert main(["requeue", "--rules", str(rules_file), "--destination", "pacs"]) == 0
     assert "0 deliveries requeued for pacs" in capsys.readouterr().out
+
+
+def test_unreadable_object_dead_letters_alone(tmp_path: Path) -> None:
+    from node.send import send_dicom
+
+    with Outbox(tmp_path) as outbox:
+        outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs"], now=0)
+        (tmp_path / "outbox" / "objects" / "1.1.dcm").write_bytes(b"garbage")
+        stored: list[str] = []
+
+        class Assoc:
+            accepted_sop_classes = frozenset({SC_SOP_CLASS_UID})
+
+            def store(self, dataset: Dataset) -> int:
+                stored.append(str(dataset.SOPInstanceUID))
+                return 0
+
+            def release(self) -> None:
+                pass
+
+        def send(dest: DicomDestination | DicomWebDestination, paths: Sequence[Path]):  # type: ignore[no-untyped-def]
+            assert isinstance(dest, DicomDestination)
+            return send_dicom(dest, paths, calling_ae="NEURONODE", connect=lambda *a: Assoc())
+
+        counts = deliver_due(outbox, RULES, 0.0, send=send, rng=random.Random(0))
+        assert (counts.delivered, counts.dead, counts.unreachable) == (1, 1, ())
+        assert stored == ["1.2"]
+        s = states(outbox)
+        assert s[("1.1", "pacs")] == DeliveryState.DEAD
+        assert s[("1.2", "pacs")] == DeliveryState.DELIVERED
