@@ -715,14 +715,41 @@ def _start_time(h: SeriesHeader) -> tuple[float, int]:
     return (first, h.series_number or 0)
 
 
+_INJECTION_GAP_S = 120.0  # a repeat for motion follows at once; a post-contrast run does not
+
+
+def _injection_gap(
+    earlier: SeriesHeader, later: SeriesHeader, headers: Sequence[SeriesHeader]
+) -> bool:
+    """Whether the later series started long enough after the earlier, or after other series."""
+    if earlier.acquisition_times is None or later.acquisition_times is None:
+        return False
+    end, start = earlier.acquisition_times[1], later.acquisition_times[0]
+    if start <= end:
+        return False
+    if start - end >= _INJECTION_GAP_S:
+        return True
+    return any(
+        h.study_uid == earlier.study_uid
+        and h.acquisition_times is not None
+        and end < h.acquisition_times[0] < start
+        for h in headers
+    )
+
+
 def apply_study_context(
-    decisions: Sequence[SequenceDecision], headers: Sequence[SeriesHeader]
+    decisions: Sequence[SequenceDecision],
+    headers: Sequence[SeriesHeader],
+    *,
+    time_alone: bool = True,
 ) -> tuple[SequenceDecision, ...]:
     """Of two or more T1 series of one protocol, the later one(s) with contrast evidence is T1C.
 
     ``decisions[i]`` must belong to ``headers[i]``. Evidence is the contrast agent tag, a
     post-contrast description, or the CNN's T1C vote, present on the later series and absent on
-    the earlier one; the earlier series is then T1 (pre-contrast).
+    the earlier one; the earlier series is then T1 (pre-contrast). With ``time_alone``, a pair
+    without any such evidence still splits pre/post when the later run came after a gap or
+    other series (an immediate repeat is taken as a motion repeat and left alone).
     """
     if len(decisions) != len(headers):
         raise ValueError("decisions and headers must be aligned (same length and order)")
@@ -745,6 +772,21 @@ def apply_study_context(
             continue
         members.sort(key=lambda c: _start_time(c.header))
         first_post = next((k for k, c in enumerate(members) if c.evidence), None)
+        if first_post is None and time_alone and len(members) == 2:
+            if _injection_gap(members[0].header, members[1].header, headers):
+                out[members[1].index] = replace(
+                    members[1].decision,
+                    label=L.T1C,
+                    confidence=0.65,
+                    method=DecisionMethod.STUDY_CONTEXT,
+                    reasons=(
+                        *members[1].decision.reasons,
+                        "study context: later of 2 series of one T1 protocol, acquired after a "
+                        "gap or other series (no contrast tag or description): assumed "
+                        "post-contrast",
+                    ),
+                )
+            continue
         if first_post is None or first_post == 0:
             continue  # no evidence, or the earliest already has it: nothing to tell apart
         if not all(c.evidence for c in members[first_post:]):

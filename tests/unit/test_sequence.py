@@ -684,3 +684,35 @@ def test_time_of_flight_is_not_a_t1_even_without_description() -> None:
         )
     )
     assert verdict.label is L.OTHER and verdict.rule == "angiography"
+
+
+def test_study_context_time_alone_splits_pre_and_post_after_a_gap() -> None:
+    pre = t1_series("1.1", 3, 36000.0)
+    post = t1_series("1.2", 9, 36900.0)  # starts 10 min after pre ended, no tag, no words
+    decisions = classify_headers([pre, post])
+    assert [d.label for d in decisions] == [L.T1, L.T1C]
+    assert decisions[1].method is DecisionMethod.STUDY_CONTEXT
+    assert decisions[1].confidence == pytest.approx(0.65)
+    assert "assumed post-contrast" in decisions[1].reasons[-1]
+    kept = apply_study_context(
+        [fuse(h.series_uid, classify_by_tags(h), None) for h in (pre, post)],
+        [pre, post],
+        time_alone=False,
+    )
+    assert [d.label for d in kept] == [L.T1, L.T1]
+
+
+def test_study_context_immediate_repeat_or_same_acquisition_stays_t1() -> None:
+    pre = t1_series("1.1", 3, 36000.0)
+    repeat = t1_series("1.2", 4, 36330.0)  # 30 s after pre ended: a motion repeat
+    assert [d.label for d in classify_headers([pre, repeat])] == [L.T1, L.T1]
+    norm_copy = t1_series("1.3", 5, 36000.0)  # ND and NORM copies of one acquisition
+    assert [d.label for d in classify_headers([pre, norm_copy])] == [L.T1, L.T1]
+
+
+def test_study_context_time_alone_counts_series_in_between() -> None:
+    pre = t1_series("1.1", 3, 36000.0)
+    t2 = hdr(**GE_T2, series_uid="1.5", series_number=4, acquisition_times=(36310.0, 36350.0))
+    post = t1_series("1.2", 9, 36360.0)  # only 60 s after pre, but a T2 ran in between
+    decisions = classify_headers([pre, t2, post])
+    assert [d.label for d in decisions] == [L.T1, L.T2, L.T1C]
