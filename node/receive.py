@@ -138,6 +138,7 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_REJECTED, self._on_rejected),
         ]
         self._server = self.ae.start_server(
             (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
@@ -184,6 +185,18 @@ class Receiver:
         rsd = REJECT_CALLED_AE if reason.startswith("called") else REJECT_CALLING_AE
         assoc.acse.send_reject(*rsd)
         assoc.kill()
+
+    def _on_rejected(self, event: Any) -> None:
+        """pynetdicom's own rejections (too many associations): one line each."""
+        rq = event.assoc.requestor.primitive
+        rj = event.assoc.acceptor.primitive
+        busy = rj is not None and (rj.result_source, rj.diagnostic) == (0x03, 0x02)
+        log.warning(
+            "association_rejected",
+            calling_ae=str(rq.calling_ae_title).strip() if rq is not None else None,
+            peer_host=str(event.assoc.requestor.address),
+            reason="too many associations" if busy else "rejected during negotiation",
+        )
 
     def _on_established(self, event: Any) -> None:
         assoc = event.assoc

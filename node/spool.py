@@ -496,9 +496,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     """`neuronode status`: studies by state, queue depth and recent failures, from the index."""
     from node.config import load_rules
     from node.jobs import JobQueue
-    from node.log import load_or_create_key, set_correlation_key
+    from node.log import configure, load_or_create_key, set_correlation_key
 
     rules = load_rules(args.rules)
+    configure(rules.logging.format, "warning")  # stderr: stdout is the report (maybe JSON)
     spool_dir = rules.storage.spool_dir
     index_path = spool_dir / "index.sqlite"
     if not index_path.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,3 +171,29 @@ def test_bytes_are_stored_as_received_big_endian(receiver: tuple[Receiver, Spool
     stored = pydicom.dcmread(path)
     assert stored.file_meta.TransferSyntaxUID == dcm_uid.ExplicitVRBigEndian
     assert (stored.pixel_array == ds.pixel_array).all()
+
+
+def test_max_associations_rejects_and_logs(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    spool = Spool(tmp_path / "spool", min_free_disk_mb=0)
+    rx = Receiver(_settings(port=free_port(), max_associations=1), spool)
+    rx.start()
+    try:
+        first = _scu().associate("127.0.0.1", rx.port, ae_title="NEURONODE")
+        assert first.is_established
+        with capture_logs() as logs:
+            second = _scu().associate("127.0.0.1", rx.port, ae_title="NEURONODE")
+            for _ in range(100):  # the handler logs in the association thread
+                if logs:
+                    break
+                time.sleep(0.02)
+        assert second.is_rejected
+        first.release()
+        assert any(
+            e["event"] == "association_rejected" and e["reason"] == "too many associations"
+            for e in logs
+        ), logs
+    finally:
+        rx.stop(1.0)
+        spool.close()

@@ -230,3 +230,41 @@ def test_overlong_uid_is_quarantined_not_truncated(spool: Spool) -> None:
     res = spool.store(_mr("1.2.3", study + ".1", "1.2.3.1.2"), calling_ae="A")
     assert res.status == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     assert res.reason == "invalid SeriesInstanceUID"
+
+
+def test_cmd_status_reports_states_queue_and_failures_without_uids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from node.jobs import JobQueue
+    from node.spool import cmd_status
+
+    spool_dir = tmp_path / "sp"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"storage:\n  spool_dir: {spool_dir}\n  min_free_disk_mb: 0\n")
+    args = argparse.Namespace(rules=rules, json=True)
+    assert cmd_status(args) == 1  # no index yet
+    capsys.readouterr()
+    s = Spool(spool_dir, min_free_disk_mb=0)
+    q = JobQueue(s.index, owner="t", lease_s=60, max_attempts=1)
+    s.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"), calling_ae="A")
+    s.store(_mr("1.2.4", "1.2.4.1", "1.2.4.1.1"), calling_ae="A")
+    s.store(b"junk", calling_ae="A")
+    q.enqueue("1.2.3")
+    job = q.claim()
+    assert job is not None
+    q.fail(job, error="RuntimeError", permanent=False)
+    q.enqueue("1.2.4")
+    s.close()
+    capsys.readouterr()
+    assert cmd_status(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["studies"]["dead"] == 1 and doc["studies"]["ready"] == 1
+    assert doc["queue_depth"] == 1 and doc["processing"] == 0 and doc["quarantined"] == 1
+    (fail,) = doc["recent_failures"]
+    assert fail["state"] == "dead" and fail["error"] == "RuntimeError"
+    assert "1.2.3" not in json.dumps(doc)
+    assert cmd_status(argparse.Namespace(rules=rules, json=False)) == 0
+    text = capsys.readouterr().out
+    assert "queue depth: 1 ready" in text and "dead" in text and "1.2.3" not in text
