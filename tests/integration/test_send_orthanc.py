@@ -143,7 +143,8 @@ class StrictPacs:
         return status
 
     def close(self) -> None:
-        self.server.shutdown()
+        if self.server is not None:
+            self.server.shutdown()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
 from structlog.testing import capture_logs
 
 from node.config import DeliverySettings, DicomDestination, DicomWebDestination, Rules
@@ -34,14 +35,14 @@ RULES = Rules(destinations=(PACS, WEB), delivery=DELIVERY)
 
 def obj(uid: str, sop_class: str = SC_SOP_CLASS_UID, study: str = "1.2.3") -> Dataset:
     ds = Dataset()
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = uid
+    ds.SOPClassUID = UID(sop_class)
+    ds.SOPInstanceUID = UID(uid)
     ds.StudyInstanceUID = study
     ds.PatientName = "Secret^Patient"
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
     return ds
 
 
@@ -117,7 +118,7 @@ def test_delivers_and_survives_restart(tmp_path: Path) -> None:
 def test_down_destination_does_not_block_the_other(tmp_path: Path) -> None:
     with Outbox(tmp_path) as outbox:
         outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs", "web"], now=0)
-        sender = FakeSender(down={"pacs"})
+        sender = FakeSender(down=frozenset({"pacs"}))
         with capture_logs() as logs:
             counts = deliver_due(outbox, RULES, 0.0, send=sender, rng=random.Random(0))
         assert counts.delivered == 2 and counts.retrying == 2 and counts.unreachable == ("pacs",)
@@ -149,7 +150,7 @@ def test_down_destination_does_not_block_the_other(tmp_path: Path) -> None:
 def test_dead_letter_after_max_attempts_and_requeue(tmp_path: Path) -> None:
     with Outbox(tmp_path) as outbox:
         outbox.enqueue([obj("1.1")], ["pacs"], now=0)
-        sender = FakeSender(down={"pacs"})
+        sender = FakeSender(down=frozenset({"pacs"}))
         now = 0.0
         for _ in range(3):
             deliver_due(outbox, RULES, now, send=sender, rng=random.Random(0))

@@ -49,7 +49,8 @@ def mr_small() -> Path:
 def blob(rows: int, cols: int, cy: float, cx: float, sigma: float) -> np.ndarray:
     """A Gaussian blob in 0..1: a made-up Grad-CAM map."""
     y, x = np.mgrid[0:rows, 0:cols]
-    return np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma**2)).astype(np.float32)
+    out: np.ndarray = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma**2)).astype(np.float32)
+    return out
 
 
 def slice_of(path: Path, frame: int | None) -> tuple[SliceRef, np.ndarray]:
@@ -220,6 +221,7 @@ def test_heatmap_images_classic_mr() -> None:
     assert sc.PhotometricInterpretation == "RGB" and sc.BurnedInAnnotation == "YES"
     assert (sc.Rows, sc.Columns) == (src.Rows, src.Columns)
     assert [float(v) for v in sc.PixelSpacing] == [float(v) for v in src.PixelSpacing]
+    assert list(sc.PatientOrientation) == ["L", "P"]  # axial: rows run to the left, columns back
     ref = sc.SourceImageSequence[0]
     assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
     assert "ReferencedFrameNumber" not in ref

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
 from structlog.testing import capture_logs
 
 from node.config import DicomDestination, DicomWebDestination
@@ -29,14 +30,14 @@ SR3D = SR_SOP_CLASS_UIDS["comprehensive3d"]
 def obj(sop_class: str, uid: str) -> Dataset:
     """A minimal object with file meta, like the ones the outbox stores."""
     ds = Dataset()
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = uid
+    ds.SOPClassUID = UID(sop_class)
+    ds.SOPInstanceUID = UID(uid)
     ds.PatientName = "Secret^Patient"
     ds.ContentSequence = []
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
     return ds
 
 
