@@ -10,9 +10,10 @@ import copy
 import hashlib
 import re
 import textwrap
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import highdicom as hd
 import numpy as np
@@ -28,6 +29,7 @@ from node.config import OutputSettings
 from node.errors import ReportError
 from node.records import FindingStatus, Heatmap, SeriesPrediction, StudyResult, TaskFinding
 
+T = TypeVar("T")
 SrClass = Literal["comprehensive3d", "comprehensive", "enhanced"]
 
 SR_SOP_CLASS_UIDS: Final[dict[SrClass, str]] = {
@@ -121,6 +123,13 @@ def _copy_entity_attributes(src: Dataset, dst: Dataset) -> None:
             dst[keyword] = copy.deepcopy(src[keyword])
     if "SpecificCharacterSet" in src:
         dst.SpecificCharacterSet = src.SpecificCharacterSet
+
+
+def _quietly(build: Callable[..., T], /, **kwargs: Any) -> T:
+    """Call a highdicom constructor without its person-name warnings: they quote the name."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+        return build(**kwargs)
 
 
 def _read_header(path: Path) -> Dataset:
@@ -272,7 +281,8 @@ def build_heatmap_images(
             _orientation_letters(geom.orientation[3:]),
         )
         try:
-            sc = hd.sc.SCImage.from_ref_dataset(
+            sc = _quietly(
+                hd.sc.SCImage.from_ref_dataset,
                 ref_dataset=src,
                 pixel_array=pixels,
                 photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
@@ -283,7 +293,7 @@ def build_heatmap_images(
                 sop_instance_uid=sop_uid,
                 instance_number=number,
                 manufacturer=MANUFACTURER,
-                pixel_spacing=geom.pixel_spacing,  # type: ignore[arg-type]  # hint says int
+                pixel_spacing=geom.pixel_spacing,
                 patient_orientation=orientation,
                 transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
             )
@@ -532,7 +542,8 @@ def build_sr(
         "enhanced": hd.sr.EnhancedSR,
     }[sop_class]
     try:
-        sr = cls(
+        sr = _quietly(
+            cls,
             evidence=evidence,
             content=report,
             series_instance_uid=result_uid(
