@@ -17,8 +17,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -34,7 +32,8 @@ from node.config import (
 )
 from node.errors import SendError, SpoolError
 from node.log import get_logger, uid_key
-from node.send import SendResult, object_kind, send_dicom, send_stow
+from node.records import Delivery, DeliveryCounts, DeliveryState, SendResult
+from node.send import object_kind, send_dicom, send_stow
 
 log = get_logger(__name__)
 
@@ -65,43 +64,6 @@ _SCHEMA: Final = (
     """,
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(destination, state, next_attempt_at)",
 )
-
-
-class DeliveryState(StrEnum):
-    """Where one object stands at one destination."""
-
-    PENDING = "pending"
-    SENDING = "sending"
-    DELIVERED = "delivered"
-    DEAD = "dead"  # dead letter: gave up; `neuronode requeue` sends it again
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Delivery:
-    """One outbox row: an object on disk bound for one destination."""
-
-    row_id: int
-    sop_uid: str
-    destination: str
-    study_uid: str
-    sop_class_uid: str
-    path: Path
-    state: DeliveryState
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    last_status_code: int | None
-    sent_sop_uid: str | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeliveryCounts:
-    """What one pass of the sender did."""
-
-    delivered: int = 0
-    retrying: int = 0
-    dead: int = 0
-    unreachable: tuple[str, ...] = ()  # destinations that could not be reached this pass
 
 
 def backoff_s(attempts: int, settings: DeliverySettings, rng: random.Random) -> float:

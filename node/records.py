@@ -370,3 +370,56 @@ class Route:
     series_uid: str
     sequence: SequenceLabel  # the label that matched the route
     weight: float  # the route's weight; several series to one bundle are averaged first
+
+
+# --- delivery (issue 6) ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendResult:
+    """What became of one object at one destination after one attempt."""
+
+    sop_instance_uid: str  # the object as it was queued
+    sent_sop_instance_uid: str  # what the peer holds (differs after an SR fallback)
+    sent_sop_class_uid: str
+    delivered: bool  # success, or a warning status under which the peer kept the object
+    status_code: int | None  # DIMSE status or HTTP status; None when nothing was answered
+    retryable: bool  # for a failure: worth trying again later
+    message: str
+
+
+class DeliveryState(StrEnum):
+    """Where one result object stands at one destination in the outbox."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    DEAD = "dead"  # dead letter: gave up; `neuronode requeue` sends it again
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delivery:
+    """One outbox row: an object file bound for one destination."""
+
+    row_id: int
+    sop_uid: str
+    destination: str
+    study_uid: str
+    sop_class_uid: str
+    path: Path
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float  # unix time
+    last_error: str | None
+    last_status_code: int | None
+    sent_sop_uid: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryCounts:
+    """What one pass of the sender did."""
+
+    delivered: int = 0
+    retrying: int = 0
+    dead: int = 0
+    unreachable: tuple[str, ...] = ()  # destinations that could not be reached this pass

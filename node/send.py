@@ -10,7 +10,6 @@ import contextlib
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -21,6 +20,7 @@ from pydicom.dataset import Dataset
 from node.config import DicomDestination, DicomWebDestination
 from node.errors import ReportError, SendError, StoreStatus
 from node.log import get_logger, uid_key
+from node.records import SendResult
 from node.report import (
     SC_SOP_CLASS_UID,
     SR_FALLBACK_ORDER,
@@ -59,19 +59,6 @@ OUT_OF_RESOURCES_PREFIX: Final = 0xA7  # 0xA7xx: refused for lack of resources, 
 
 # Always proposed, so the PACS tells us which SR classes it takes even before we need them.
 BASE_SOP_CLASSES: Final = (*SR_SOP_CLASS_UIDS.values(), SC_SOP_CLASS_UID)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SendResult:
-    """What became of one object at one destination."""
-
-    sop_instance_uid: str  # the object as it was queued
-    sent_sop_instance_uid: str  # what the peer holds (differs after an SR fallback)
-    sent_sop_class_uid: str
-    delivered: bool
-    status_code: int | None  # DIMSE status or HTTP status; None when nothing was sent
-    retryable: bool  # for a failure: worth trying again later
-    message: str
 
 
 def object_kind(sop_class_uid: str) -> str:

@@ -18,7 +18,8 @@ from structlog.testing import capture_logs
 
 from node.config import DeliverySettings, DicomDestination, DicomWebDestination, Rules
 from node.errors import SendError
-from node.outbox import DeliveryState, Outbox, deliver_due
+from node.outbox import Outbox, deliver_due
+from node.records import DeliveryState
 from node.report import (
     SC_SOP_CLASS_UID,
     SR_SOP_CLASS_UIDS,

@@ -16,14 +16,13 @@ from structlog.testing import capture_logs
 from node.config import DeliverySettings, DicomDestination, DicomWebDestination, Rules
 from node.errors import SendError
 from node.outbox import (
-    DeliveryState,
     Outbox,
     backoff_s,
     cmd_requeue,
     deliver_due,
 )
+from node.records import DeliveryState, SendResult
 from node.report import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
-from node.send import SendResult
 
 PACS = DicomDestination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
 WEB = DicomWebDestination(name="web", url="http://127.0.0.1:8042/dicom-web")
