@@ -233,9 +233,12 @@ def test_overlong_uid_is_quarantined_not_truncated(spool: Spool) -> None:
 
 
 def test_cmd_status_reports_states_queue_and_failures_without_uids(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import argparse
+
+    # The command configures process-wide logging onto stderr; keep pytest's streams clean.
+    monkeypatch.setattr("node.log.configure", lambda *_a, **_k: None)
 
     from node.jobs import JobQueue
     from node.spool import cmd_status
