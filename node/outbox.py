@@ -11,11 +11,13 @@ locks and neither schema constrains the other. Objects are files under
 from __future__ import annotations
 
 import argparse
+import contextvars
 import os
 import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -316,24 +318,34 @@ def deliver_due(
     rng: random.Random | None = None,
     batch: int = 50,
 ) -> DeliveryCounts:
-    """One sender pass: each destination's due rows, one destination at a time.
+    """One sender pass: each destination's due rows, the destinations sent in parallel.
 
-    A destination that cannot be reached only backs off its own rows; the others are sent.
+    Each destination has its own association in its own thread, so one that is down (or
+    slow to time out) only backs off its own rows; the database is written here only.
     """
     sender = send or default_sender(rules)
     rand = rng or random.Random()
     by_name = {d.name: d for d in rules.destinations}
     delivered = retrying = dead = 0
     unreachable: list[str] = []
+    claimed: list[tuple[str, Destination, tuple[Delivery, ...]]] = []
     for name in outbox.destinations_due(now):
         dest = by_name.get(name)
         if dest is None:
             log.warning("outbox_unknown_destination", destination=name)
             continue
         rows = outbox.claim_due(name, now, batch)
-        if not rows:
-            continue
-        outcomes = _send_batch(sender, dest, rows)
+        if rows:
+            claimed.append((name, dest, rows))
+    if not claimed:
+        return DeliveryCounts()
+    with ThreadPoolExecutor(max_workers=len(claimed), thread_name_prefix="sender") as pool:
+        futures = [
+            (name, pool.submit(contextvars.copy_context().run, _send_batch, sender, dest, rows))
+            for name, dest, rows in claimed
+        ]
+        sent = [(name, future.result()) for name, future in futures]
+    for name, outcomes in sent:
         if all(isinstance(o, SendError) and o.retryable for _, o in outcomes):
             unreachable.append(name)
         for row, outcome in outcomes:

@@ -264,3 +264,26 @@ def test_unreadable_object_dead_letters_alone(tmp_path: Path) -> None:
         s = states(outbox)
         assert s[("1.1", "pacs")] == DeliveryState.DEAD
         assert s[("1.2", "pacs")] == DeliveryState.DELIVERED
+
+
+def test_destinations_are_sent_in_parallel(tmp_path: Path) -> None:
+    """A destination stuck in its connect timeout does not hold up the other one."""
+    import threading
+
+    web_done = threading.Event()
+    seen_by_pacs: list[bool] = []
+
+    def send(
+        dest: DicomDestination | DicomWebDestination, paths: Sequence[Path]
+    ) -> tuple[SendResult, ...]:
+        if dest.name == "pacs":  # "hangs" until the web destination has been served
+            seen_by_pacs.append(web_done.wait(timeout=5))
+            raise SendError("destination pacs cannot be reached", retryable=True)
+        web_done.set()
+        return FakeSender()(dest, paths)
+
+    with Outbox(tmp_path) as outbox:
+        outbox.enqueue([obj("1.1")], ["pacs", "web"], now=0)
+        counts = deliver_due(outbox, RULES, 0.0, send=send, rng=random.Random(0))
+    assert seen_by_pacs == [True]  # web finished while pacs was still trying
+    assert counts.delivered == 1 and counts.unreachable == ("pacs",)
