@@ -369,6 +369,27 @@ def header_from_datasets(datasets: Iterable[Dataset]) -> SeriesHeader:
     return _finish(acc, manufacturer)
 
 
+def _enhanced_scanning(ds: Dataset, inversion: bool | None) -> tuple[str, ...]:
+    """Classic ScanningSequence codes for an enhanced MR object (it has none of its own)."""
+    echo = _text(ds.get("EchoPulseSequence")).upper()
+    codes = {"SPIN": ("SE",), "GRADIENT": ("GR",), "BOTH": ("SE", "GR")}.get(echo, ())
+    if _text(ds.get("EchoPlanarPulseSequence")).upper() == "YES":
+        codes = ("EP", *codes)
+    if inversion:
+        codes = (*codes, "IR")
+    return codes
+
+
+def _enhanced_options(ds: Dataset) -> tuple[str, ...]:
+    """Scan options implied by the enhanced MR pulse-sequence flags (TOF, phase contrast)."""
+    options: tuple[str, ...] = ()
+    if _text(ds.get("TimeOfFlightContrast")).upper() == "YES":
+        options += ("TOF",)
+    if _text(ds.get("PhaseContrast")).upper() == "YES":
+        options += ("PHASE_CONTRAST",)
+    return options
+
+
 def _finish(acc: _Accumulator, manufacturer: str) -> SeriesHeader:
     ds = acc.first
     image_type = tuple(acc.image_type)
@@ -396,6 +417,9 @@ def _finish(acc: _Accumulator, manufacturer: str) -> SeriesHeader:
     inversion = acc.inversion_recovery
     if inversion is None and scanning:
         inversion = "IR" in scanning
+    if not scanning:
+        scanning = _enhanced_scanning(ds, inversion)
+    scan_options = _tokens(ds.get("ScanOptions")) + _enhanced_options(ds)
     sequence_name = _text(ds.get("SequenceName")) or _text(ds.get("PulseSequenceName"))
     if not sequence_name and manufacturer == "ge":
         sequence_name = _text(_private(ds, 0x0019, "GEMS_ACQU_01", 0x9C)) or _text(
@@ -417,7 +441,7 @@ def _finish(acc: _Accumulator, manufacturer: str) -> SeriesHeader:
         image_type=image_type,
         scanning_sequence=scanning,
         sequence_variant=_tokens(ds.get("SequenceVariant")),
-        scan_options=_tokens(ds.get("ScanOptions")),
+        scan_options=scan_options,
         mr_acquisition_type=_text(ds.get("MRAcquisitionType")).upper(),
         echo_pulse_sequence=_text(ds.get("EchoPulseSequence")).upper(),
         inversion_recovery=inversion,

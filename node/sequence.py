@@ -101,6 +101,7 @@ _DIFFUSION_DERIVED_OTHER = frozenset(
         "ISOTROPIC_FA",
     }
 )
+_REFORMAT_WORDS = r"\b(mpr|mprs|reformat\w*|reconstruct\w*|mip|mnip|minip|curved|thick ?slab)\b"
 _SUSCEPTIBILITY_TOKENS = frozenset({"SWI", "MNIP", "T2_STAR", "T2STAR", "R2STAR", "QSM", "SWAN"})
 _DIXON_TOKENS = frozenset({"DIXON", "IN_PHASE", "OUT_PHASE", "OPP_PHASE", "WATER", "FAT"})
 
@@ -217,6 +218,8 @@ def _rule_reformat(h: SeriesHeader) -> TagVerdict | None:
         return _verdict(L.OTHER, 0.92, "reformat", f"derived reformat/projection ({found[0]})")
     if {"DERIVED", "SECONDARY"} <= tokens and "3D" in tokens:
         return _verdict(L.OTHER, 0.85, "reformat", "ImageType DERIVED\\SECONDARY 3D reformat")
+    if "DERIVED" in tokens and re.search(_REFORMAT_WORDS, _description(h)):
+        return _verdict(L.OTHER, 0.85, "reformat", "derived image described as a reformat")
     return None
 
 
@@ -257,6 +260,8 @@ def _rule_maps_and_angiography(h: SeriesHeader) -> TagVerdict | None:
     if swi:
         return _verdict(L.OTHER, 0.93, "susceptibility", f"ImageType {swi[0]}")
     name = h.sequence_name.lower()
+    if "PHASE_CONTRAST" in h.scan_options:
+        return _verdict(L.OTHER, 0.9, "angiography", "phase-contrast flow/angiography")
     tof_option = any("TOF" in option for option in h.scan_options)
     if tof_option or "tof" in name or re.search(r"fl3d\d*r?_t\d+", name):
         return _verdict(
@@ -303,6 +308,21 @@ def _rule_diffusion(h: SeriesHeader) -> TagVerdict | None:
             )
         if max_b is not None:
             return _verdict(L.OTHER, 0.7, "diffusion-low-b", f"low b-values only (<= {max_b:g})")
+        if "DERIVED" in tokens:
+            # A derived diffusion image without b-values is a computed map, not a trace image
+            # (trace images carry their b-value): only the description can say which map.
+            said = _description_label(_description(h))
+            if said is L.ADC:
+                return _verdict(
+                    L.ADC, 0.75, "adc-derived", "derived diffusion image, description names ADC"
+                )
+            if said is L.DWI and not _description_other(_description(h)):
+                return _verdict(
+                    L.DWI, 0.7, "dwi-derived", "derived diffusion image, description names DWI"
+                )
+            return _verdict(
+                L.OTHER, 0.7, "diffusion-derived", "derived diffusion image of unknown kind"
+            )
         return _verdict(L.DWI, 0.8, "dwi-imagetype", "ImageType DIFFUSION (b-values not recorded)")
     return None
 

@@ -325,3 +325,17 @@ def test_enhanced_groups_with_missing_values_do_not_fail() -> None:
 def test_header_needs_an_instance() -> None:
     with pytest.raises(ValueError, match="at least one instance"):
         header_from_datasets([])
+
+
+def test_enhanced_pulse_sequence_flags_become_classic_codes() -> None:
+    ds = enhanced([["ORIGINAL", "PRIMARY", "M", "NONE"]], [30.0], [0.0])
+    ds.EchoPlanarPulseSequence = "YES"
+    ds.TimeOfFlightContrast = "YES"
+    ds.PhaseContrast = "NO"
+    h = header_from_datasets([ds])
+    assert h.scanning_sequence == ("EP", "GR")
+    assert h.scan_options == ("TOF",)
+    ds.EchoPulseSequence = "SPIN"
+    ds.EchoPlanarPulseSequence = "NO"
+    ds.SharedFunctionalGroupsSequence[0].MRModifierSequence[0].InversionRecovery = "YES"
+    assert header_from_datasets([ds]).scanning_sequence == ("SE", "IR")

@@ -716,3 +716,29 @@ def test_study_context_time_alone_counts_series_in_between() -> None:
     post = t1_series("1.2", 9, 36360.0)  # only 60 s after pre, but a T2 ran in between
     decisions = classify_headers([pre, t2, post])
     assert [d.label for d in decisions] == [L.T1, L.T2, L.T1C]
+
+
+def test_derived_diffusion_without_b_values_is_a_map() -> None:
+    derived = ("DERIVED", "PRIMARY", "DIFFUSION", "NONE")
+    adc = classify_by_tags(hdr(image_type=derived, series_description="dADC"))
+    unknown = classify_by_tags(hdr(image_type=derived))
+    original = classify_by_tags(hdr(image_type=("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE")))
+    assert (adc.label, adc.rule) == (L.ADC, "adc-derived")
+    assert (unknown.label, unknown.rule) == (L.OTHER, "diffusion-derived")
+    assert (original.label, original.rule) == (L.DWI, "dwi-imagetype")
+
+
+def test_derived_image_described_as_mpr_is_a_reformat_but_mpr_alone_is_t1() -> None:
+    derived = classify_by_tags(
+        hdr(image_type=("DERIVED", "PRIMARY", "T1", "NONE"), series_description="t1_MPR_cor")
+    )
+    original = classify_by_tags(hdr(**SIEMENS_MPRAGE, series_description="T1_MPR_sag"))
+    assert (derived.label, derived.rule) == (L.OTHER, "reformat")
+    assert original.label is L.T1
+
+
+def test_enhanced_time_of_flight_and_phase_contrast_flags() -> None:
+    tof = classify_by_tags(hdr(scan_options=("TOF",), scanning_sequence=("GR",)))
+    pc = classify_by_tags(hdr(scan_options=("PHASE_CONTRAST",)))
+    assert (tof.label, tof.rule) == (L.OTHER, "angiography")
+    assert (pc.label, pc.rule) == (L.OTHER, "angiography")
