@@ -234,6 +234,22 @@ def _caption(finding: TaskFinding, pred: SeriesPrediction) -> tuple[str, ...]:
     )
 
 
+def heatmap_uid(
+    study_uid: str, pred: SeriesPrediction, hm: Heatmap, *, uid_root: str | None
+) -> str:
+    """A heatmap image's SOP Instance UID: fixed by its source slice, task and model version."""
+    return result_uid(
+        "sc",
+        study_uid,
+        hm.source.sop_instance_uid,
+        str(hm.source.frame_number or 0),
+        pred.task,
+        pred.model_id,
+        pred.model_version,
+        uid_root=uid_root,
+    )
+
+
 def _select_heatmaps(
     result: StudyResult, per_series: int
 ) -> tuple[tuple[TaskFinding, SeriesPrediction, Heatmap], ...]:
@@ -264,16 +280,7 @@ def build_heatmap_images(
         if str(src.StudyInstanceUID) != result.study_uid:
             raise ReportError("a heatmap source slice belongs to another study")
         frame = hm.source.frame_number
-        sop_uid = result_uid(
-            "sc",
-            result.study_uid,
-            hm.source.sop_instance_uid,
-            str(frame or 0),
-            pred.task,
-            pred.model_id,
-            pred.model_version,
-            uid_root=uid_root,
-        )
+        sop_uid = heatmap_uid(result.study_uid, pred, hm, uid_root=uid_root)
         pixels = burn_caption(overlay_cam(hm.image, hm.cam), _caption(finding, pred))
         geom = hm.source.geometry
         orientation = (
@@ -367,16 +374,7 @@ def _task_group(
     seen_src: set[tuple[str, int | None]] = set()
     for pred in finding.contributions:
         for hm in pred.heatmaps:
-            sc_uid = result_uid(
-                "sc",
-                study_uid,
-                hm.source.sop_instance_uid,
-                str(hm.source.frame_number or 0),
-                pred.task,
-                pred.model_id,
-                pred.model_version,
-                uid_root=uid_root,
-            )
+            sc_uid = heatmap_uid(study_uid, pred, hm, uid_root=uid_root)
             if sc_uid in heatmaps:
                 hm_refs.append(hd.sr.SourceImageForMeasurement.from_source_image(heatmaps[sc_uid]))
             key = (hm.source.sop_instance_uid, hm.source.frame_number)
@@ -412,7 +410,8 @@ def _task_group(
     alternative = "" if not finding.negative_label else f" versus {finding.negative_label}"
     group[0].ContentSequence.append(
         _text(
-            f"{finding.positive_label}{alternative}: {finding.status.value}. {finding.reason}."
+            f"{finding.positive_label}{alternative}: {finding.status.value}."
+            f" {finding.reason.rstrip('.')}."
             " Heatmaps are attention maps, not a localisation. " + NOT_FOR_DIAGNOSTIC_USE
         )
     )
