@@ -21,7 +21,7 @@ from node.errors import ConfigError, NodeError
 from node.headers import read_series_headers
 from node.log import get_logger
 from node.records import CnnVerdict, FusionPolicy, SequenceDecision, SequenceLabel, SeriesHeader
-from node.sequence import classify_headers, cnn_verdict
+from node.sequence import classify_headers
 
 log = get_logger(__name__)
 
@@ -83,13 +83,12 @@ def run_cnn(
             verdicts.append(None)
             continue
         try:
-            slices = bundles.classify_slices(bundle, volume, settings.slices_per_series)
+            # The same series vote the pipeline uses (node.bundles), so figures match.
+            verdicts.append(bundles.classify_series(bundle, volume, settings.slices_per_series))
         except NodeError as exc:
             failed += 1
             log.warning("sequence_cnn_failed", error_type=type(exc).__name__)
             verdicts.append(None)
-            continue
-        verdicts.append(cnn_verdict(slices.labels, slices.confidences))
     ran = sum(v is not None for v in verdicts)
     meta = bundle.metadata
     status = f"sequence CNN {meta.name} {meta.version}: ran on {ran} of {len(headers)} series"
