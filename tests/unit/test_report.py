@@ -337,3 +337,20 @@ def test_bad_arguments() -> None:
         build_sr(make_result(mr_small()), (), uid_root=None, sop_class="basic")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="StudyResult"):
         build_heatmap_images("x", OUT, uid_root=None)  # type: ignore[arg-type]
+
+
+def test_wrong_study_and_missing_sources_are_report_errors() -> None:
+    import dataclasses
+
+    result = make_result(mr_small())
+    other = dataclasses.replace(result, study_uid="1.2.3")
+    with pytest.raises(ReportError, match="another study"):
+        build_sr(other, (), uid_root=None)
+    with pytest.raises(ReportError, match="another study"):
+        build_heatmap_images(other, OUT, uid_root=None)
+    with pytest.raises(ReportError, match="no source"):
+        build_sr(dataclasses.replace(result, source_paths=()), (), uid_root=None)
+    with pytest.raises(ReportError, match="cannot read"):
+        build_sr(
+            dataclasses.replace(result, source_paths=(Path("/nonexistent.dcm"),)), (), uid_root=None
+        )
