@@ -19,7 +19,7 @@ from typing import Any
 from node.config import Rules, SequenceSettings
 from node.errors import ConfigError, NodeError
 from node.headers import read_series_headers
-from node.log import get_logger
+from node.log import configure, get_logger
 from node.records import CnnVerdict, FusionPolicy, SequenceDecision, SequenceLabel, SeriesHeader
 from node.sequence import classify_headers
 
@@ -109,6 +109,8 @@ def _check_directory(directory: Path) -> None:
 def _classify(
     directory: Path, no_cnn: bool
 ) -> tuple[tuple[SeriesHeader, ...], tuple[SequenceDecision, ...], CnnRun]:
+    # Log lines go to stderr so the table (or --json) on stdout stays clean.
+    configure(fmt="auto", level="warning", stream=sys.stderr)
     _check_directory(directory)
     settings = _settings()
     headers = read_series_headers([directory])
