@@ -198,7 +198,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         report = evaluate_task(bundle, items, out=args.out, progress=stderr_progress)
     if getattr(args, "record", False):
-        record_evaluation(bundle_dir, report, _describe(args.data))
+        record_evaluation(bundle_dir, report, _describe(args.data), args.out)
     summary = {
         k: report.get(k)
         for k in ("model", "n_patients", "n_series", "auc", "auc_ci", "ece", "accuracy")

@@ -10,6 +10,7 @@ to form a keyed hash used as the split group, never logged or stored.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 from collections import defaultdict
@@ -24,10 +25,17 @@ import torch
 
 from node.bundles import preprocess, select_slices
 from node.errors import NodeError
-from node.records import SequenceLabel
+from node.records import SequenceLabel, SeriesVolume
 from node.train.recipes import NORM_HIGH, NORM_LOW, Recipe
 
 _NOT_APPLICABLE = ("", "none", "null", "na", "n/a")
+# Manifest lesion kinds that carry each task's evidence.
+EVIDENCE_KINDS: dict[str, tuple[str, ...]] = {
+    "gbm_pcnsl": ("gbm", "pcnsl"),
+    "glioma_grade": ("lgg", "hgg", "gbm"),
+    "tubers": ("tuber", "subependymal_nodule"),
+}
+Loaded = npt.NDArray[Any] | SeriesVolume
 
 
 class DataError(NodeError):
@@ -44,6 +52,10 @@ class SeriesItem:
     sequence: SequenceLabel  # what the series is
     label: str | None  # the study's label for the task (None: not labelled for this task)
     paths: tuple[Path, ...]
+    # Task lesions as (centre slice index, radius mm) when the data says where they are (synth);
+    # then slices away from every lesion get an uninformative target instead of the study label.
+    lesions: tuple[tuple[int, float], ...] = ()
+    lesions_known: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -51,7 +63,8 @@ class SliceSet:
     """Network-ready slices of many series with their labels and provenance."""
 
     x: torch.Tensor  # (n, channels, H, W) float16 to save memory; cast per batch
-    y: torch.Tensor  # (n,) int64 class index
+    y: torch.Tensor  # (n,) int64 class index (the series label)
+    target: torch.Tensor  # (n, n_classes) float32 training target (soft away from lesions)
     series: torch.Tensor  # (n,) int64 index into series_labels/series_groups
     series_labels: tuple[int, ...]
     series_groups: tuple[str, ...]
@@ -170,6 +183,12 @@ def load_synth(root: Path, task: str) -> tuple[SeriesItem, ...]:
         if raw_label is not None and str(raw_label).lower() not in _NOT_APPLICABLE:
             label = str(raw_label)
         group = str(study.get("patient_key") or study.get("patient_id") or study_uid)
+        kinds = EVIDENCE_KINDS.get(task, ())
+        lesions = tuple(
+            (int(les["center_voxel"][0]), float(les["radius_mm"]))
+            for les in study.get("lesions", [])
+            if isinstance(les, Mapping) and les.get("kind") in kinds
+        )
         for series in study.get("series", []):
             if not isinstance(series, Mapping):
                 continue
@@ -191,6 +210,8 @@ def load_synth(root: Path, task: str) -> tuple[SeriesItem, ...]:
                     sequence=sequence,
                     label=label,
                     paths=paths,
+                    lesions=lesions,
+                    lesions_known=task in EVIDENCE_KINDS,
                 )
             )
     if not items:
@@ -210,14 +231,7 @@ def load_synth(root: Path, task: str) -> tuple[SeriesItem, ...]:
 
 
 def _with_paths(item: SeriesItem, paths: tuple[Path, ...]) -> SeriesItem:
-    return SeriesItem(
-        group=item.group,
-        study_uid=item.study_uid,
-        series_uid=item.series_uid,
-        sequence=item.sequence,
-        label=item.label,
-        paths=paths,
-    )
+    return dataclasses.replace(item, paths=paths)
 
 
 def load_items(root: Path, task: str, labels_csv: Path | None = None) -> tuple[SeriesItem, ...]:
@@ -237,14 +251,7 @@ def load_items(root: Path, task: str, labels_csv: Path | None = None) -> tuple[S
 
 
 def _with_label(item: SeriesItem, label: str | None) -> SeriesItem:
-    return SeriesItem(
-        group=item.group,
-        study_uid=item.study_uid,
-        series_uid=item.series_uid,
-        sequence=item.sequence,
-        label=label,
-        paths=item.paths,
-    )
+    return dataclasses.replace(item, label=label)
 
 
 def select_items(items: Iterable[SeriesItem], recipe: Recipe) -> tuple[SeriesItem, ...]:
@@ -301,30 +308,62 @@ def class_index(item: SeriesItem, recipe: Recipe) -> int:
 
 def series_slices(
     pixels: npt.NDArray[Any], recipe: Recipe, *, n: int | None = None
-) -> torch.Tensor:
+) -> tuple[tuple[int, ...], torch.Tensor]:
     """The slices a bundle of this recipe reads from one series, prepared like inference."""
     idx = select_slices(pixels, recipe.slice_mode, n or recipe.slice_n)
-    return preprocess(
+    x = preprocess(
         pixels, idx, size=recipe.size, channels=recipe.channels, low=NORM_LOW, high=NORM_HIGH
     )
+    return idx, x
+
+
+def slice_targets(
+    item: SeriesItem,
+    indices: Sequence[int],
+    n_classes: int,
+    target: int,
+    spacing_mm: float | None,
+) -> torch.Tensor:
+    """Per-slice target distributions: the series label, or uniform on lesion-free slices.
+
+    With known lesions, a slice within 0.7 radius of a task lesion's centre carries the study
+    label; other slices of a study that has lesions carry no evidence either way and get a
+    uniform target (teaching logit 0 there, which keeps the series mean logit honest). A study
+    without task lesions (a normal control) keeps its label on every slice."""
+    out = torch.zeros(len(indices), n_classes)
+    out[:, target] = 1.0
+    if not item.lesions_known or not item.lesions or spacing_mm is None or spacing_mm <= 0:
+        return out
+    for j, i in enumerate(indices):
+        near = any(abs(i - k) * spacing_mm <= 0.7 * r for k, r in item.lesions)
+        if not near:
+            out[j] = 1.0 / n_classes
+    return out
 
 
 def build_slice_set(
     items: Sequence[SeriesItem],
     recipe: Recipe,
     *,
-    load: Callable[[SeriesItem], npt.NDArray[Any]] | None = None,
+    load: Callable[[SeriesItem], Loaded] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SliceSet:
-    """Load every series, take its slices and stack them with their labels."""
-    load = load or load_pixels
-    xs, ys, ss = [], [], []
+    """Load every series, take its slices and stack them with their labels and targets."""
+    load = load or load_volume
+    xs, ys, ts, ss = [], [], [], []
     labels, groups, uids = [], [], []
+    k = len(recipe.labels)
     for i, it in enumerate(items):
         target = class_index(it, recipe)
-        x = series_slices(load(it), recipe)
+        loaded = load(it)
+        if isinstance(loaded, SeriesVolume):
+            pixels, spacing = loaded.pixels, loaded.slice_spacing_mm
+        else:
+            pixels, spacing = loaded, None
+        idx, x = series_slices(pixels, recipe)
         xs.append(x.half())
         ys.append(torch.full((x.shape[0],), target, dtype=torch.int64))
+        ts.append(slice_targets(it, idx, k, target, spacing))
         ss.append(torch.full((x.shape[0],), i, dtype=torch.int64))
         labels.append(target)
         groups.append(it.group)
@@ -336,11 +375,19 @@ def build_slice_set(
     return SliceSet(
         x=torch.cat(xs),
         y=torch.cat(ys),
+        target=torch.cat(ts),
         series=torch.cat(ss),
         series_labels=tuple(labels),
         series_groups=tuple(groups),
         series_uids=tuple(uids),
     )
+
+
+def load_volume(item: SeriesItem) -> SeriesVolume:
+    """The series as the node would load it (node.dicomio)."""
+    from node.dicomio import load_series
+
+    return load_series(item.paths)
 
 
 def load_pixels(item: SeriesItem) -> npt.NDArray[Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from node.bundles import Bundle, classify_slices, predict_series
 from node.records import SequenceLabel, SeriesVolume
 from node.sequence import vote_slices
 from node.train import plots
-from node.train.data import DataError, SeriesItem
+from node.train.data import DataError, SeriesItem, load_volume
 from node.train.metrics import (
     binary_report,
     expected_calibration_error,
@@ -34,13 +35,6 @@ from node.train.recipes import get_recipe
 
 VolumeLoader = Callable[[SeriesItem], SeriesVolume]
 Progress = Callable[[str], None]
-
-
-def load_volume(item: SeriesItem) -> SeriesVolume:
-    """The series as the node would see it (node.dicomio)."""
-    from node.dicomio import load_series
-
-    return load_series(item.paths)
 
 
 def _logit(p: float) -> float:
@@ -329,6 +323,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
             "",
             *_metrics_table(test),
         ]
+        lines += ["", *(f"![{f}]({f})" for f in test.get("figures", ()))]
     else:
         lines.append("Not evaluated on held-out data yet (run `neuronode evaluate`).")
     val = metrics.get("validation")
@@ -374,12 +369,22 @@ def model_card(meta: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record_evaluation(bundle_dir: Path, report: Mapping[str, Any], data: str) -> None:
-    """Store held-out metrics in the bundle's metadata and rewrite its card (weights unchanged)."""
+def record_evaluation(
+    bundle_dir: Path, report: Mapping[str, Any], data: str, figures: Path | None = None
+) -> None:
+    """Store held-out metrics in the bundle's metadata and rewrite its card (weights unchanged).
+
+    With figures (the evaluation's --out folder) its ROC and reliability PNGs go to docs/."""
     meta_path = bundle_dir / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     keep = {k: v for k, v in report.items() if k not in ("errors", "reliability")}
     keep["data"] = data
+    copied = []
+    for name in ("roc.png", "reliability.png"):
+        if figures is not None and (figures / name).is_file():
+            shutil.copyfile(figures / name, bundle_dir / "docs" / name)
+            copied.append(name)
+    keep["figures"] = copied
     meta.setdefault("metrics", {})["test"] = keep
     meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     (bundle_dir / "docs" / "README.md").write_text(model_card(meta), encoding="utf-8")

@@ -163,15 +163,16 @@ def train_model(
             if idx.numel() < 2:
                 continue  # batch norm needs two samples
             xb = augment_batch(train.x[idx].float(), recipe.augment, gen)
-            loss = F.cross_entropy(network(xb), train.y[idx])
+            loss = F.cross_entropy(network(xb), train.target[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total += float(loss.detach()) * idx.numel()
             count += idx.numel()
         vlogits = _logits(network, val.x)
-        vloss = float(F.cross_entropy(vlogits, val.y))
-        vacc = float((vlogits.argmax(1) == val.y).float().mean())
+        vloss = float(F.cross_entropy(vlogits, val.target))
+        informative = val.target.max(dim=1).values > 0.75
+        vacc = float((vlogits.argmax(1) == val.y)[informative].float().mean())
         row = {
             "epoch": float(epoch),
             "train_loss": total / max(count, 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -86,6 +87,17 @@ def test_build_slice_set_matches_inference_preprocessing() -> None:
     idx = bundles.select_slices(vol, recipe.slice_mode, recipe.slice_n)
     ref = bundles.preprocess(vol, idx, size=(128, 128), channels=1, low=0.5, high=99.5)
     assert torch.allclose(s.x[:6].float(), ref, atol=1e-3)
+    assert torch.equal(s.target.argmax(1), s.y)  # no lesion info: hard targets
+
+
+def test_slice_targets_uniform_away_from_known_lesions() -> None:
+    it = dataclasses.replace(_item(1, "gbm"), lesions=((5, 10.0),), lesions_known=True)
+    t = data.slice_targets(it, [1, 4, 5, 6, 9], 2, 1, 5.0)  # 0.7 * 10 mm = 1 slice of 5 mm
+    assert t.tolist() == [[0.5, 0.5], [0, 1], [0, 1], [0, 1], [0.5, 0.5]]
+    control = dataclasses.replace(_item(2, "pcnsl"), lesions=(), lesions_known=True)
+    assert data.slice_targets(control, [1, 9], 2, 0, 5.0).tolist() == [[1, 0], [1, 0]]
+    unknown = dataclasses.replace(it, lesions_known=False)
+    assert data.slice_targets(unknown, [1], 2, 1, 5.0).tolist() == [[0, 1]]
 
 
 def test_augment_batch_is_seeded_and_bounded() -> None:
