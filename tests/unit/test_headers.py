@@ -339,3 +339,42 @@ def test_enhanced_pulse_sequence_flags_become_classic_codes() -> None:
     ds.EchoPlanarPulseSequence = "NO"
     ds.SharedFunctionalGroupsSequence[0].MRModifierSequence[0].InversionRecovery = "YES"
     assert header_from_datasets([ds]).scanning_sequence == ("SE", "IR")
+
+
+def test_private_tags_carry_vendor_series_through_the_rules() -> None:
+    """Blank descriptions: the private b-value alone makes DWI, per vendor."""
+    from node.records import SequenceLabel
+    from node.sequence import classify_by_tags
+
+    def dwi(vendor: str, b: float) -> Dataset:
+        ds = mr(
+            1,
+            Manufacturer=vendor,
+            SeriesDescription="",
+            ScanningSequence=["EP", "SE"],
+            ImageType=["ORIGINAL", "PRIMARY", "OTHER"],
+            RepetitionTime="6000",
+            EchoTime="80",
+        )
+        if vendor.startswith("GE"):
+            block = ds.private_block(0x0043, "GEMS_PARM_01", create=True)
+            block.add_new(0x39, "IS", [1_000_000_000 + int(b), 8, 0, 0])
+        elif vendor.startswith("Philips"):
+            block = ds.private_block(0x2001, "Philips Imaging DD 001", create=True)
+            block.add_new(0x03, "FL", b)
+        elif vendor.startswith("TOSHIBA"):
+            ds.ImageComments = f"b={int(b)}(0.1,0.2,0.97)"
+        elif vendor == "UIH":
+            ds.add_new((0x0065, 0x1009), "FD", b)
+        else:
+            block = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+            block.add_new(0x0C, "IS", str(int(b)))
+        return ds
+
+    for vendor in ("GE MEDICAL SYSTEMS", "Philips", "TOSHIBA_MEC", "UIH", "SIEMENS"):
+        verdict = classify_by_tags(header_from_datasets([dwi(vendor, 1000.0)]))
+        assert verdict.label is SequenceLabel.DWI, vendor
+        assert verdict.rule == "dwi-bvalue"
+        # The same EPI without any b-value is not routed as DWI.
+        plain = mr(1, Manufacturer=vendor, SeriesDescription="", ScanningSequence=["EP", "SE"])
+        assert classify_by_tags(header_from_datasets([plain])).label is SequenceLabel.OTHER
