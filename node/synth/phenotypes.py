@@ -90,9 +90,9 @@ def _lesion_parts(
             enh = np.ones_like(solid)
         else:
             # Patchy enhancement: a few random blobs inside the lesion, thresholded.
-            n = 7
-            centres = rng.normal(0, 0.55, (n, 3)).astype(np.float32) * np.float32(les.radius_mm)
-            width = np.float32(les.radius_mm * 0.35)
+            n = 10
+            centres = rng.normal(0, 0.5, (n, 3)).astype(np.float32) * np.float32(les.radius_mm)
+            width = np.float32(les.radius_mm * 0.4)
             patch = np.zeros_like(solid)
             for cxyz in centres:
                 e = d - cxyz

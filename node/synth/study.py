@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from pydicom import config as dcm_config
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
@@ -402,10 +403,12 @@ def generate_study(
             temporal_positions=3 if kind == "bold" else None,
             imaging_frequency_mhz=freq,
         )
-        if enhanced and kind != "localizer":
-            datasets = build_enhanced(hdr, spec)
-        else:
-            datasets = build_classic(hdr, spec)
+        # Values are built by this module to fit their VRs: skip pydicom's per-value checks.
+        with dcm_config.disable_value_validation():
+            if enhanced and kind != "localizer":
+                datasets = build_enhanced(hdr, spec)
+            else:
+                datasets = build_classic(hdr, spec)
         series_list.append(
             SynthSeries(
                 kind=kind,
