@@ -124,7 +124,8 @@ _OTHER_WORDS: tuple[tuple[str, str], ...] = (
     (r"\b(tof|angio|mra|mrv|pc ?mra|venogra\w*|arteriogra\w*)\b", "angiography"),
     (r"\b(mip|mpr ?thick|reformat\w*|subtract\w*)\b", "reformat/MIP"),
     (
-        r"\b(fa|colfa|col fa|tensor\w*|trace ?fa|eadc|exp ?adc|tractography|fibre\w*|fiber\w*)\b",
+        r"\b(fa|colfa|col fa|tensor\w*|trace ?fa|eadc|exp ?adc|exponential\w*|tractography|"
+        r"fibre\w*|fiber\w*)\b",
         "DTI",
     ),
     (r"\b(svs|csi|spectro\w*|mrs|press|steam|chemical ?shift)\b", "spectroscopy"),
@@ -163,6 +164,11 @@ def _norm(text: str) -> str:
 
 def _description(h: SeriesHeader) -> str:
     return _norm(f"{h.series_description} {h.protocol_name}")
+
+
+def _matching(tokens: set[str], names: frozenset[str]) -> list[str]:
+    """ImageType tokens in ``names``, also in Philips form (ADC_SE, P_FFE, EADC_UNSPECIFIED)."""
+    return sorted(t for t in tokens if t in names or t.split("_")[0] in names)
 
 
 def _abstain(reason: str) -> TagVerdict:
@@ -230,7 +236,7 @@ def _is_field_map_name(name: str) -> bool:
 
 def _rule_phase_or_field_map(h: SeriesHeader) -> TagVerdict | None:
     tokens = set(h.image_type)
-    phase = sorted(tokens & _PHASE_TOKENS)
+    phase = _matching(tokens, _PHASE_TOKENS)
     if phase:
         return _verdict(L.OTHER, 0.95, "phase/field-map", f"ImageType {'/'.join(phase)}")
     parts = set(h.complex_parts) - {"MAGNITUDE"}
@@ -271,7 +277,7 @@ def _rule_maps_and_angiography(h: SeriesHeader) -> TagVerdict | None:
 
 
 def _rule_perfusion(h: SeriesHeader) -> TagVerdict | None:
-    found = sorted(set(h.image_type) & _PERFUSION_TOKENS)
+    found = _matching(set(h.image_type), _PERFUSION_TOKENS)
     if found:
         return _verdict(L.OTHER, 0.95, "perfusion/ASL", f"ImageType {'/'.join(found)}")
     if "PERFUSION" in h.acquisition_contrast:
@@ -281,7 +287,7 @@ def _rule_perfusion(h: SeriesHeader) -> TagVerdict | None:
 
 def _rule_diffusion(h: SeriesHeader) -> TagVerdict | None:
     tokens = set(h.image_type)
-    derived_other = sorted(tokens & _DIFFUSION_DERIVED_OTHER)
+    derived_other = _matching(tokens, _DIFFUSION_DERIVED_OTHER)
     if derived_other:
         return _verdict(
             L.OTHER, 0.95, "diffusion-map", f"diffusion-derived map ({derived_other[0]})"
@@ -311,7 +317,8 @@ def _rule_diffusion(h: SeriesHeader) -> TagVerdict | None:
         if "DERIVED" in tokens:
             # A derived diffusion image without b-values is a computed map, not a trace image
             # (trace images carry their b-value): only the description can say which map.
-            said = _description_label(_description(h))
+            text = _description(h)
+            said = None if _description_other(text) else _description_label(text)
             if said is L.ADC:
                 return _verdict(
                     L.ADC, 0.75, "adc-derived", "derived diffusion image, description names ADC"
@@ -351,7 +358,8 @@ def _is_epi(h: SeriesHeader) -> bool:
 def _rule_epi_without_diffusion(h: SeriesHeader) -> TagVerdict | None:
     if not _is_epi(h):
         return None
-    said = _description_label(_description(h))
+    text = _description(h)
+    said = None if _description_other(text) else _description_label(text)
     if said in (L.DWI, L.ADC):
         # Diffusion EPI whose b-values and ImageType were not recorded (or were stripped): the
         # description is the only evidence left, so it decides with moderate confidence.

@@ -742,3 +742,32 @@ def test_enhanced_time_of_flight_and_phase_contrast_flags() -> None:
     pc = classify_by_tags(hdr(scan_options=("PHASE_CONTRAST",)))
     assert (tof.label, tof.rule) == (L.OTHER, "angiography")
     assert (pc.label, pc.rule) == (L.OTHER, "angiography")
+
+
+@pytest.mark.parametrize(
+    ("image_type", "label"),
+    [
+        (("ORIGINAL", "PRIMARY", "P_FFE", "P", "FFE"), L.OTHER),  # Philips phase
+        (("ORIGINAL", "PRIMARY", "R_IR", "R", "IR"), L.OTHER),  # Philips real
+        (("DERIVED", "PRIMARY", "EADC_UNSPECIFIED", "EADC"), L.OTHER),  # Philips exponential ADC
+        (("DERIVED", "PRIMARY", "FA_UNSPECIFIED", "FA"), L.OTHER),  # Philips FA
+        (("ORIGINAL", "PRIMARY", "ADC_UNSPECIFIED", "ADC"), L.ADC),
+        (("ORIGINAL", "PRIMARY", "M_SE", "M", "SE"), L.T2),  # magnitude: physics decides
+    ],
+)
+def test_philips_image_type_tokens(image_type: tuple[str, ...], label: SequenceLabel) -> None:
+    kw = {**GE_T2, "manufacturer": "philips", "image_type": image_type}
+    assert classify_by_tags(hdr(**kw)).label is label
+
+
+def test_ge_exponential_adc_description_is_not_adc() -> None:
+    verdict = classify_by_tags(
+        hdr(
+            manufacturer="ge",
+            series_description="Exponential Apparent Diffusion Coefficient",
+            scanning_sequence=("EP", "SE"),
+            image_type=("DERIVED", "PRIMARY", "OTHER"),
+            echo_time_ms=80.0,
+        )
+    )
+    assert verdict.label is L.OTHER
