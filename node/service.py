@@ -12,6 +12,7 @@ import fcntl
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -151,13 +152,18 @@ class Node:
                     )
                     if decision.ready and self.queue.enqueue(study.study_uid) is not None:
                         self._work.set()
-            except (NodeError, OSError) as exc:
+            except (NodeError, OSError, sqlite3.Error) as exc:
                 log.error("scheduler_error", error_type=type(exc).__name__)
             self._stop.wait(c.poll_interval_s)
 
     def _work_loop(self) -> None:
         while not self._stop.is_set():
-            job = self.queue.claim()
+            try:
+                job = self.queue.claim()
+            except sqlite3.Error as exc:  # index busy or failing: keep the worker alive
+                log.error("claim_failed", error_type=type(exc).__name__)
+                self._stop.wait(1.0)
+                continue
             if job is None:
                 self._work.wait(self.rules.completion.poll_interval_s)
                 self._work.clear()
@@ -210,6 +216,10 @@ class Node:
                 )
         except JobError:
             log.warning("job_lease_lost", job_id=job.job_id, study_key=uid_key(job.study_uid))
+            return
+        except sqlite3.Error as exc:
+            # The result could not be recorded: the lease runs out and the job is redone.
+            log.error("job_record_failed", job_id=job.job_id, error_type=type(exc).__name__)
             return
         log.info(
             "job_finished",

@@ -17,9 +17,11 @@ import os
 import re
 import shutil
 import sqlite3
+import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +154,20 @@ def parse_instance(data: bytes, *, transfer_syntax_uid: str | None = None) -> _P
         )
         values = {name: ds.get(name) for name in _TAGS}
         ts = transfer_syntax_uid or str(ds.file_meta.get("TransferSyntaxUID", "") or "")
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+    except (
+        InvalidDicomError,
+        ValueError,  # includes UnicodeError
+        EOFError,
+        OSError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        NotImplementedError,
+        OverflowError,
+        struct.error,
+        zlib.error,
+    ) as exc:
         raise InvalidInstance(f"unparseable: {type(exc).__name__}") from exc
     uids: dict[str, str] = {}
     for name in _TAGS[:4]:

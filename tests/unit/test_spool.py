@@ -271,3 +271,20 @@ def test_cmd_status_reports_states_queue_and_failures_without_uids(
     assert cmd_status(argparse.Namespace(rules=rules, json=False)) == 0
     text = capsys.readouterr().out
     assert "queue depth: 1 ready" in text and "dead" in text and "1.2.3" not in text
+
+
+def test_truncated_or_corrupted_bytes_never_raise(spool: Spool) -> None:
+    data = _mr("1.2.3", "1.2.3.1", "1.2.3.1.1")
+    outcomes = set()
+    for cut in (0, 10, 131, 140, 200, 400, 700, len(data) // 2):
+        res = spool.store(data[:cut], calling_ae="X")
+        outcomes.add(res.status)
+        if res.status != StoreStatus.SUCCESS:
+            assert res.quarantine_path is not None and res.quarantine_path.exists()
+    corrupt = bytearray(data)
+    corrupt[300:340] = b"\xff" * 40
+    res = spool.store(bytes(corrupt), calling_ae="X")
+    assert res.status in set(StoreStatus)
+    assert StoreStatus.CANNOT_UNDERSTAND in outcomes or (
+        StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS in outcomes
+    )
