@@ -815,6 +815,27 @@ def apply_study_context(
                     ),
                 )
             continue
+        if first_post == 0 and time_alone and len(members) == 2:
+            earlier, later = members
+            tag_only = all(
+                c.header.contrast_agent and not re.search(_CONTRAST_WORDS, _description(c.header))
+                for c in members
+            )
+            if tag_only and _injection_gap(earlier.header, later.header, headers):
+                # The agent tag on both runs of one T1 protocol is an exam-level entry: the
+                # earlier run, after a gap, is taken as the pre-contrast one.
+                out[earlier.index] = replace(
+                    earlier.decision,
+                    label=L.T1,
+                    confidence=0.6,
+                    method=DecisionMethod.STUDY_CONTEXT,
+                    reasons=(
+                        *earlier.decision.reasons,
+                        "study context: contrast tag on both runs of one T1 protocol (entered "
+                        "for the whole exam); the earlier run is taken as pre-contrast",
+                    ),
+                )
+            continue
         if first_post is None or first_post == 0:
             continue  # no evidence, or the earliest already has it: nothing to tell apart
         if not all(c.evidence for c in members[first_post:]):

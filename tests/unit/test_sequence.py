@@ -641,11 +641,25 @@ def test_study_context_leaves_single_or_unmatched_series() -> None:
     assert all(d.method is DecisionMethod.TAGS for d in decisions)
 
 
-def test_study_context_ignores_evidence_on_the_earliest() -> None:
+def test_study_context_keeps_evidence_on_the_earliest_without_time_rule() -> None:
+    a = t1_series("1.1", 3, 36000.0, contrast_agent="Gd")
+    b = t1_series("1.2", 9, 37800.0, contrast_agent="Gd")
+    decisions = [fuse(h.series_uid, classify_by_tags(h), None) for h in (a, b)]
+    out = apply_study_context(decisions, [a, b], time_alone=False)
+    assert [d.label for d in out] == [L.T1C, L.T1C]
+
+
+def test_study_context_exam_level_contrast_tag_makes_the_earlier_run_pre() -> None:
     a = t1_series("1.1", 3, 36000.0, contrast_agent="Gd")
     b = t1_series("1.2", 9, 37800.0, contrast_agent="Gd")
     decisions = classify_headers([a, b])
-    assert [d.label for d in decisions] == [L.T1C, L.T1C]
+    assert [d.label for d in decisions] == [L.T1, L.T1C]
+    assert decisions[0].method is DecisionMethod.STUDY_CONTEXT
+    assert "entered for the whole exam" in decisions[0].reasons[-1]
+    # Words on the series (not just the exam-level tag) are believed as they are.
+    c = t1_series("1.3", 3, 36000.0, contrast_agent="Gd", series_description="T1 post")
+    d = t1_series("1.4", 9, 37800.0, contrast_agent="Gd", series_description="T1 post")
+    assert [x.label for x in classify_headers([c, d])] == [L.T1C, L.T1C]
 
 
 def test_study_context_needs_aligned_inputs() -> None:
