@@ -29,6 +29,7 @@ from node.log import configure, get_logger, load_or_create_key, set_correlation_
 from node.receive import Receiver
 from node.records import StudyJob, StudyOutcome, StudyStatus
 from node.spool import Spool
+from node.web import HTTP_PORT_ENV, WebServer
 
 log = get_logger(__name__)
 
@@ -83,6 +84,14 @@ class Node:
             log.warning("test_delay_active", duration_ms=round(float(delay) * 1000))
             self.processor = _with_test_delay(self.processor, float(delay))
         self.receiver = Receiver(rules.node, self.spool)
+        self.web: WebServer | None = None
+        http_port = os.environ.get(HTTP_PORT_ENV)
+        if http_port:
+            self.web = WebServer(
+                self.spool,
+                port=int(http_port),
+                active_associations=self.receiver.active_associations,
+            )
         self._stop = threading.Event()
         self._work = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -97,6 +106,8 @@ class Node:
         if n:
             log.warning("orphaned_jobs_released", count=n)
         self.receiver.start()
+        if self.web is not None:
+            self.web.start()
         self._spawn("scheduler", self._schedule_loop)
         for i in range(self.rules.processing.workers):
             self._spawn(f"worker-{i}", self._work_loop)
@@ -128,6 +139,8 @@ class Node:
             with contextlib.suppress(JobError):
                 self.queue.release(job)
                 log.warning("job_released", job_id=job.job_id, study_key=uid_key(job.study_uid))
+        if self.web is not None:
+            self.web.stop()
         self.spool.close()
         self._lock_file.close()
         log.info("node_stopped")
