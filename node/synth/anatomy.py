@@ -189,16 +189,16 @@ def _mni_template() -> Template:
 def _procedural_template() -> Template:
     """A smooth ellipsoidal head with folded cortex: used when nilearn is not installed."""
     step = 2.0
-    shape = (96, 112, 96)
+    shape = (104, 128, 108)
     affine = np.diag([step, step, step, 1.0])
-    affine[:3, 3] = [-95.0, -130.0, -70.0]
+    affine[:3, 3] = [-103.0, -146.0, -92.0]
     ijk = np.indices(shape, dtype=np.float32)
     x, y, z = (ijk[i] * step + affine[i, 3] for i in range(3))
     cx, cy, cz = _BRAIN_CENTRE_RAS
     rng = np.random.default_rng(12345)
     # Gyral folding: a band-limited random field modulating the cortex depth.
     fold = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 2.0)
-    fold /= float(np.abs(fold).max())
+    fold /= float(fold.std())
 
     def ell(a: float, b: float, c: float, dz: float = 0.0) -> npt.NDArray[np.float32]:
         r: npt.NDArray[np.float32] = np.sqrt(
@@ -210,17 +210,19 @@ def _procedural_template() -> Template:
         f: npt.NDArray[np.float32] = np.clip((1.0 - r) / width * 0.5 + 0.5, 0.0, 1.0)
         return f
 
-    head = inside(ell(78, 100, 90))
-    skull_out = inside(ell(72, 94, 84))
-    ic = inside(ell(66, 88, 78))
-    brain = inside(ell(63, 85, 75))
-    wm = inside(ell(52, 72, 60) - 0.07 * fold)
+    head = inside(ell(72, 92, 84))
+    skull_out = inside(ell(67, 87, 79))
+    ic = inside(ell(62, 82, 73))
+    brain = inside(ell(60, 80, 71))
+    wm = inside(ell(52, 72, 63) - 0.025 * fold)
+    # Sulci: CSF clefts in the cortical ribbon where the folding field is high.
+    sulci = np.clip((fold - 0.9) / 0.4, 0, 1) * (1 - wm) * brain
     vent = inside(
         np.sqrt(((np.abs(x - cx) - 9) / 6) ** 2 + ((y - cy) / 28) ** 2 + ((z - cz - 6) / 9) ** 2),
         0.15,
     )
     wm = np.clip(wm - vent, 0, 1)
-    gm = np.clip(brain - wm - vent, 0, 1)
+    gm = np.clip(brain - wm - vent - sulci, 0, 1)
     csf = np.clip(ic - gm - wm, 0, 1)
     skull = np.clip(skull_out - ic, 0, 1)
     scalp = np.clip(head - skull_out, 0, 1)
