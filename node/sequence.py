@@ -536,7 +536,7 @@ def classify_by_tags(h: SeriesHeader) -> TagVerdict:
             + (f"; physics alone said {physics.label}" if physics else ""),
         )
     if physics is not None and physics.label is not None:
-        if desc_label is None or desc_label in (physics.label, L.T1C):
+        if desc_label is None or desc_label is physics.label:
             verdict = physics
             if desc_label == physics.label:
                 verdict = replace(
@@ -544,8 +544,6 @@ def classify_by_tags(h: SeriesHeader) -> TagVerdict:
                     confidence=round(min(0.98, physics.confidence + 0.04), 3),
                     reason=f"{physics.reason}; description agrees",
                 )
-        elif physics.label is L.T1 and desc_label is L.T1:
-            verdict = physics
         else:
             verdict = replace(
                 physics,

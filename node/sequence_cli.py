@@ -314,7 +314,8 @@ def cmd_evaluate_sequences(args: argparse.Namespace) -> int:
     print(cnn.status)
     print(
         f"{len(headers)} series read, {len({h.series_uid for h in headers})} series UIDs, "
-        f"{labelled} series labelled (unlabelled series skipped)"
+        f"{labelled} of them labelled ({len(truth)} labelled UIDs in the file; "
+        "unlabelled series skipped)"
     )
     sections: dict[str, Any] = {}
     sections["tags"] = score(
