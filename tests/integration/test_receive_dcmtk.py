@@ -44,6 +44,8 @@ PROPOSE = {
     "1.2.840.10008.1.2.5": "-xr",
 }
 
+SENDERS = 4
+
 # A receive-only node: nothing becomes ready while these tests run.
 # Files dcmtk refuses to read (e.g. pydicom's deliberately mis-encoded samples): never sent.
 IGNORED_BY_DCMTK: set[Path] = set()
@@ -146,7 +148,22 @@ def _send_and_check(
     for p, ds in batch:
         by_ts[str(ds.file_meta.TransferSyntaxUID)].append(p)
     for ts, files in by_ts.items():
-        out, acked = storescu(tool, node, files, opts=("-R", PROPOSE[ts]))
+        # pynetdicom answers one association at ~20 small instances/s (latency, not CPU):
+        # several senders at once, as a PACS would do, keep the test fast.
+        chunks = [files[i::SENDERS] for i in range(SENDERS) if files[i::SENDERS]]
+        results: list[tuple[subprocess.CompletedProcess[str], dict[Path, bool]]] = []
+
+        def send(chunk: list[Path]) -> None:
+            results.append(storescu(tool, node, chunk, opts=("-R", PROPOSE[ts])))  # noqa: B023
+
+        threads = [threading.Thread(target=send, args=(c,)) for c in chunks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == len(chunks)
+        acked = {p: ok for _, a in results for p, ok in a.items()}
+        out = results[0][0]
         not_acked = [str(p) for p in files if not acked.get(p) and p not in IGNORED_BY_DCMTK]
         assert not not_acked, f"{UID(ts).name}: not acknowledged {not_acked}\n{out.stdout[-3000:]}"
     rows = {
