@@ -421,6 +421,7 @@ def build_enhanced(study: StudyHeader, series: SeriesSpec) -> tuple[Dataset, ...
     slope = series.rescale_slope or 1.0
     wc, ww = _window(series.pixels, slope)
     f0 = frames[0]
+    normal0 = np.cross(f0.row_dir, f0.col_dir)
     shared = Dataset()
     shared.PixelMeasuresSequence = Sequence(
         [
@@ -550,16 +551,26 @@ def build_enhanced(study: StudyHeader, series: SeriesSpec) -> tuple[Dataset, ...
             ]
         )
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    # Dimensions: stack, position in the stack, then b-value (DWI) or time (BOLD) when they vary.
+    positions = sorted({fr.position for fr in frames}, key=lambda q: float(np.dot(q, normal0)))
+    b_values = sorted({fr.b_value for fr in frames if fr.b_value is not None})
+    b_dim = len(b_values) > 1 and not derived
+    t_dim = any(fr.temporal_index for fr in frames)
     per = []
-    for i, fr in enumerate(frames):
+    for fr in frames:
         f = Dataset()
+        index = [1, positions.index(fr.position) + 1]
+        if b_dim:
+            index.append(b_values.index(fr.b_value or 0.0) + 1)
+        elif t_dim:
+            index.append(fr.temporal_index or 1)
         content = _item(
             FrameAcquisitionDateTime=study.study_date + (fr.time or series.series_time),
             FrameReferenceDateTime=study.study_date + (fr.time or series.series_time),
             FrameAcquisitionDuration=100.0,
             StackID="1",
-            InStackPositionNumber=i + 1,
-            DimensionIndexValues=[1, i + 1],
+            InStackPositionNumber=index[1],
+            DimensionIndexValues=index,
         )
         if fr.temporal_index:
             content.TemporalPositionIndex = fr.temporal_index
@@ -609,6 +620,24 @@ def build_enhanced(study: StudyHeader, series: SeriesSpec) -> tuple[Dataset, ...
             ),
         ]
     )
+    if b_dim:
+        ds.DimensionIndexSequence.append(
+            _item(
+                DimensionOrganizationUID=dim_uid,
+                DimensionIndexPointer=0x00189087,
+                FunctionalGroupPointer=0x00189117,
+                DimensionDescriptionLabel="Diffusion b-value",
+            )
+        )
+    elif t_dim:
+        ds.DimensionIndexSequence.append(
+            _item(
+                DimensionOrganizationUID=dim_uid,
+                DimensionIndexPointer=0x00209128,
+                FunctionalGroupPointer=0x00209111,
+                DimensionDescriptionLabel="Temporal Position Index",
+            )
+        )
     ds.NumberOfFrames = n
     ds.ContentDate = study.study_date
     ds.ContentTime = series.series_time
