@@ -332,6 +332,12 @@ def test_enhanced_multiframe() -> None:
     dwi = next(s for s in st.series if s.kind == "dwi").datasets[0]
     bvals = [f.MRDiffusionSequence[0].DiffusionBValue for f in dwi.PerFrameFunctionalGroupsSequence]
     assert bvals == [0.0] * 6 + [1000.0] * 6
+    assert len(dwi.DimensionIndexSequence) == 3
+    index = [
+        tuple(f.FrameContentSequence[0].DimensionIndexValues)
+        for f in dwi.PerFrameFunctionalGroupsSequence
+    ]
+    assert index[0] == (1, 1, 1) and index[6] == (1, 1, 2) and len(set(index)) == 12
 
 
 @pytest.mark.parametrize("ts", ["implicit", "rle", "jpeg-ls", "jpeg2000"])
