@@ -1,7 +1,10 @@
-"""`neuronode serve`: the SCP, the completion scheduler and the study workers in one process.
+"""`neuronode serve`: the SCP, the completion scheduler, the study workers and the sender in one
+process.
 
 SIGTERM/SIGINT stop it cleanly: no new associations, open ones get a grace period, in-flight
-jobs finish within the grace period or give their lease back, and the index is closed.
+jobs finish within the grace period or give their lease back, the sender finishes its current
+pass (the outbox keeps whatever it did not send), and the index is closed. `serve` refuses to
+start when a bundle an enabled task needs cannot be loaded: the node never runs half its models.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import IO
 
 from node.completion import decide_ready
 from node.config import Rules, load_rules
-from node.errors import JobError, NodeError, SpoolError
+from node.errors import ConfigError, JobError, NodeError, SpoolError
 from node.jobs import JobQueue
 from node.log import configure, get_logger, load_or_create_key, set_correlation_key, uid_key
 from node.receive import Receiver
@@ -36,6 +39,7 @@ log = get_logger(__name__)
 Processor = Callable[[StudyJob], StudyOutcome]
 
 SHUTDOWN_GRACE_S = 10.0
+SENDER_INTERVAL_S = 1.0  # how often the sender looks for due deliveries
 # Test hook only: seconds each job sleeps before the pipeline runs, so a test can kill the
 # node while a study is processing. Logged loudly when set.
 TEST_DELAY_ENV = "NEURONODE_TEST_PROCESS_DELAY_S"
@@ -47,7 +51,9 @@ def pipeline_processor(rules: Rules) -> Processor:
     def run(job: StudyJob) -> StudyOutcome:
         from node.pipeline import process_study
 
-        outcome = process_study(job, rules, out_dir=rules.storage.spool_dir / "results")
+        outcome = process_study(
+            job, rules, out_dir=rules.storage.spool_dir / "results", deliver=True
+        )
         assert isinstance(outcome, StudyOutcome)
         return outcome
 
@@ -111,6 +117,8 @@ class Node:
         self._spawn("scheduler", self._schedule_loop)
         for i in range(self.rules.processing.workers):
             self._spawn(f"worker-{i}", self._work_loop)
+        if self.rules.destinations:
+            self._spawn("sender", self._send_loop)
         self._work.set()
         log.info(
             "node_started",
@@ -248,6 +256,38 @@ class Node:
             duration_ms=round((time.monotonic() - started) * 1000),
         )
 
+    def _send_loop(self) -> None:
+        """Deliver due outbox rows to every destination until stopped.
+
+        Each pass sends the destinations in parallel (outbox.deliver_due), so one that is down
+        backs off only its own rows. The outbox has its own SQLite connection in this thread.
+        """
+        from node.outbox import Outbox, deliver_due
+
+        try:
+            outbox = Outbox(self.rules.storage.spool_dir)
+        except (sqlite3.Error, OSError) as exc:
+            log.error("sender_failed", error_type=type(exc).__name__)
+            return
+        try:
+            while not self._stop.is_set():
+                try:
+                    counts = deliver_due(outbox, self.rules, time.time())
+                except (NodeError, OSError, sqlite3.Error) as exc:
+                    log.error("sender_error", error_type=type(exc).__name__)
+                else:
+                    if counts.delivered or counts.dead or counts.retrying:
+                        log.info(
+                            "sender_pass",
+                            count=counts.delivered,
+                            n_failed=counts.retrying + counts.dead,
+                        )
+                        if counts.delivered:
+                            continue  # more may be due right away (batches of 50)
+                self._stop.wait(SENDER_INTERVAL_S)
+        finally:
+            outbox.close()
+
     def _renew_loop(self, job: StudyJob, done: threading.Event) -> None:
         interval = max(0.5, self.rules.processing.lease_s / 3)
         while not done.wait(interval):
@@ -272,6 +312,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`neuronode serve --rules R`: run until SIGTERM/SIGINT, then stop cleanly and exit 0."""
     rules = load_rules(args.rules)
     configure(rules.logging.format, rules.logging.level)
+    from node.pipeline import check_bundles
+
+    problems = check_bundles(rules)
+    if problems:
+        for problem in problems:
+            log.error("bundle_unavailable", reason=problem)
+        raise ConfigError(
+            "refusing to start: a bundle an enabled task needs cannot be served\n  "
+            + "\n  ".join(problems)
+            + f"\n(fix models_dir or the bundle, or set enabled: false on the task; "
+            f"`neuronode check {args.rules}` lists what is missing)"
+        )
     rules.storage.spool_dir.mkdir(parents=True, exist_ok=True)
     set_correlation_key(load_or_create_key(rules.storage.spool_dir / "log.key"))
     node = Node(rules)
