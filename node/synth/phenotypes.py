@@ -15,7 +15,7 @@ FloatArray = npt.NDArray[np.float32]
 
 PHENOTYPES = ("gbm", "pcnsl", "lgg", "hgg", "tsc", "normal")
 # Fraction of studies of each phenotype drawn with atypical features (see draw_lesions).
-ATYPICAL_FRACTION = 0.15
+ATYPICAL_FRACTION = 0.08
 
 
 def study_labels(phenotype: str) -> dict[str, str]:
@@ -214,7 +214,7 @@ def draw_lesions(
                 center_mm=centre(deep_wm),
                 radius_mm=float(rng.uniform(13, 24)),
                 solid_tissue="enhancing",
-                core_fraction=float(rng.uniform(0.0, 0.2) if atypical else rng.uniform(0.45, 0.75)),
+                core_fraction=float(rng.uniform(0.1, 0.3) if atypical else rng.uniform(0.45, 0.75)),
                 edema_mm=float(rng.uniform(6, 20)),
                 enhancing_fraction=1.0,
                 softness=0.12,
@@ -238,7 +238,7 @@ def draw_lesions(
                     radius_mm=float(rng.uniform(10, 19) if i == 0 else rng.uniform(7, 12)),
                     solid_tissue="lymphoma",
                     enhancing_tissue="lymphoma",
-                    core_fraction=float(rng.uniform(0.35, 0.55)) if atypical else 0.0,
+                    core_fraction=float(rng.uniform(0.3, 0.45)) if atypical else 0.0,
                     edema_mm=float(rng.uniform(4, 14)),
                     enhancing_fraction=1.0,
                     softness=0.2,
