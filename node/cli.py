@@ -127,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="writes metrics.json, roc.png, ...")
     p.add_argument("--record", action="store_true", help="store metrics in the bundle's card")
 
+    p = cmd("demo", "node.demo:cmd_demo", "synthetic study -> running node -> results")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=None, help="synthetic study seed")
+    p.add_argument("--phenotype", default=None, help="gbm (default), pcnsl, lgg, hgg, tsc, normal")
+    p.add_argument(
+        "--keep-running", action="store_true", help="leave Orthanc and the node up until Ctrl-C"
+    )
+
     return parser
 
 
