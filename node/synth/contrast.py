@@ -36,7 +36,7 @@ TISSUES: dict[str, Tissue] = {
     "necrosis": Tissue(pd=0.95, t1_ms=2600, t2_ms=320, adc=2.20),
     "infiltrative": Tissue(pd=0.92, t1_ms=1600, t2_ms=230, adc=1.4),
     "lymphoma": Tissue(pd=0.80, t1_ms=1250, t2_ms=88, adc=0.50, gd_r1=3.0),
-    "tuber": Tissue(pd=0.88, t1_ms=1500, t2_ms=185, adc=1.1),
+    "tuber": Tissue(pd=0.9, t1_ms=1550, t2_ms=215, adc=1.1),
     "nodule": Tissue(pd=0.70, t1_ms=700, t2_ms=60, adc=0.8),
     "wmh": Tissue(pd=0.86, t1_ms=1300, t2_ms=150, adc=1.0),
 }
