@@ -93,7 +93,9 @@ class StudyProgress:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _Parsed:
+class ParsedInstance:
+    """The UIDs and expected-count hints read from a received instance."""
+
     ref: InstanceRef
     images_in_acquisition: int | None
     temporal_positions: int | None
@@ -146,7 +148,7 @@ def _positive_int(value: Any) -> int | None:
     return n if n > 0 else None
 
 
-def parse_instance(data: bytes, *, transfer_syntax_uid: str | None = None) -> _Parsed:
+def parse_instance(data: bytes, *, transfer_syntax_uid: str | None = None) -> ParsedInstance:
     """Read only the UIDs and count hints of a received instance; raise InvalidInstance."""
     try:
         ds = pydicom.dcmread(
@@ -178,7 +180,7 @@ def parse_instance(data: bytes, *, transfer_syntax_uid: str | None = None) -> _P
         if not is_valid_uid(uid):
             raise InvalidInstance(f"invalid {name}")
         uids[name] = uid
-    return _Parsed(
+    return ParsedInstance(
         ref=InstanceRef(
             sop_class_uid=uids["SOPClassUID"],
             sop_instance_uid=uids["SOPInstanceUID"],
@@ -335,7 +337,7 @@ class Spool:
                 self._inflight_cv.notify_all()
 
     def _store_parsed(
-        self, data: bytes, parsed: _Parsed, *, calling_ae: str, now: float
+        self, data: bytes, parsed: ParsedInstance, *, calling_ae: str, now: float
     ) -> StoreResult:
         ref = parsed.ref
         rel = instance_relpath(ref)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from node.config import Rules
 from node.errors import JobError
 from node.jobs import JobQueue
 from node.records import StudyJob, StudyOutcome, StudyStatus
@@ -238,3 +241,82 @@ def test_state_survives_reopen_of_index(tmp_path: Path, clock: Clock) -> None:
         assert job is not None and job.study_uid == "1.2.3"
     finally:
         s2.close()
+
+
+# --- the workers of node.service.Node, with an injected processor ------------------------------
+
+
+def _node_rules(tmp_path: Path, **processing: float) -> Rules:
+    from tests.conftest import free_port
+
+    return Rules.model_validate(
+        {
+            "node": {"port": free_port(), "accept_unknown_callers": True},
+            "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_disk_mb": 0},
+            "completion": {"quiet_period_s": 0.5, "poll_interval_s": 0.05},
+            "processing": {"workers": 2, "lease_s": 30, **processing},
+        }
+    )
+
+
+def _wait(pred: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met")
+
+
+def test_node_processes_each_ready_study_once(tmp_path: Path) -> None:
+    from node.service import Node
+
+    calls: list[StudyJob] = []
+    lock = threading.Lock()
+
+    def counting(job: StudyJob) -> StudyOutcome:
+        with lock:
+            calls.append(job)
+        return _outcome(job)
+
+    node = Node(_node_rules(tmp_path), processor=counting)
+    node.start()
+    try:
+        for study in ("1.2.3", "1.2.4"):
+            for i in (1, 2, 3):
+                node.spool.store(_mr(study, study + ".1", f"{study}.1.{i}"), calling_ae="A")
+        _wait(lambda: len(calls) >= 2 and node.queue.summary().processing == 0)
+        time.sleep(0.8)  # more than a quiet period: nothing is processed twice
+        assert sorted(j.study_uid for j in calls) == ["1.2.3", "1.2.4"]
+        assert all(len(j.instance_paths) == 3 and j.attempt == 1 for j in calls)
+        node.spool.store(_mr("1.2.3", "1.2.3.2", "1.2.3.2.1"), calling_ae="A")  # re-opens
+        _wait(lambda: len(calls) == 3)
+        assert calls[2].study_uid == "1.2.3" and calls[2].reopened
+        assert len(calls[2].instance_paths) == 4
+    finally:
+        node.stop(grace_s=2)
+
+
+def test_node_failures_retry_then_dead_and_node_errors_fail_once(tmp_path: Path) -> None:
+    from node.errors import LoadError
+    from node.service import Node
+
+    calls: dict[str, int] = {}
+
+    def failing(job: StudyJob) -> StudyOutcome:
+        calls[job.study_uid] = calls.get(job.study_uid, 0) + 1
+        if job.study_uid == "1.2.3":
+            raise RuntimeError("transient?")
+        raise LoadError("no usable series")
+
+    node = Node(_node_rules(tmp_path, max_attempts=2), processor=failing)
+    node.start()
+    try:
+        node.spool.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"), calling_ae="A")
+        node.spool.store(_mr("1.2.4", "1.2.4.1", "1.2.4.1.1"), calling_ae="A")
+        _wait(lambda: len(node.queue.summary().recent_failures) == 2, timeout_s=20)
+        states = {f.error: f.state for f in node.queue.summary().recent_failures}
+        assert states == {"RuntimeError": "dead", "LoadError": "failed"}
+        assert calls == {"1.2.3": 2, "1.2.4": 1}
+    finally:
+        node.stop(grace_s=2)
