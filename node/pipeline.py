@@ -139,6 +139,7 @@ class StudyContext:
     predecessor_sr: str | None = None  # SOP Instance UID the new SR supersedes
     destinations: tuple[str, ...] = ()
     n_enqueued: int | None = None
+    n_own_results: int = 0  # our own SR/SC instances that came back with the study
     stage_ms: tuple[tuple[str, float], ...] = field(default_factory=tuple)
 
 
@@ -215,9 +216,39 @@ def check_bundles(rules: Rules) -> tuple[str, ...]:
 # --- stages ---------------------------------------------------------------------------------------
 
 
+def is_own_result(header: InstanceHeader) -> bool:
+    """An SR or heatmap this node made, come back with the study (a PACS forwarding whole
+    studies): it is neither analysed nor allowed to change the result UIDs."""
+    from node.report import (
+        SC_SERIES_DESCRIPTION,
+        SC_SOP_CLASS_UID,
+        SR_SERIES_DESCRIPTION,
+        SR_SOP_CLASS_UIDS,
+    )
+
+    return (
+        header.sop_class_uid in SR_SOP_CLASS_UIDS.values()
+        and header.series_description == SR_SERIES_DESCRIPTION
+    ) or (
+        header.sop_class_uid == SC_SOP_CLASS_UID
+        and header.series_description == SC_SERIES_DESCRIPTION
+    )
+
+
 def stage_load(ctx: StudyContext) -> StudyContext:
-    """Read every instance of the study into ordered series volumes."""
-    return replace(ctx, loaded=scan_study(ctx.job.instance_paths))
+    """Read every instance of the study into ordered series volumes (our own results left out)."""
+    loaded = scan_study(ctx.job.instance_paths)
+    own = {h.path for h in loaded.headers if is_own_result(h)}
+    if not own:
+        return replace(ctx, loaded=loaded)
+    own_series = {series_id(h) for h in loaded.headers if h.path in own}
+    loaded = StudyLoad(
+        headers=tuple(h for h in loaded.headers if h.path not in own),
+        volumes=tuple(v for v in loaded.volumes if volume_id(v) not in own_series),
+        problems=tuple(p for p in loaded.problems if p.path not in own),
+    )
+    log.info("own_results_ignored", study_key=uid_key(ctx.job.study_uid), count=len(own))
+    return replace(ctx, loaded=loaded, n_own_results=len(own))
 
 
 def _volumes(ctx: StudyContext) -> dict[SeriesId, SeriesVolume]:
@@ -677,6 +708,7 @@ def _prediction_entry(p: SeriesPrediction) -> dict[str, Any]:
 def _result_entries(ctx: StudyContext) -> dict[str, Any]:
     """The analysis part of the audit: sequences, routes, predictions, findings, objects."""
     return {
+        "own_results_ignored": ctx.n_own_results,
         "qualifies": ctx.qualifies,
         "qualify_reason": ctx.qualify_reason,
         "sequence_cnn": ctx.sequence_cnn,
