@@ -339,3 +339,66 @@ def test_serve_refuses_to_start_when_a_task_bundle_is_missing(
 
 def test_stage_names_are_in_pipeline_order() -> None:
     assert [s for s, _ in STAGES] == list(Stage)
+
+
+def test_sender_thread_delivers_the_outbox_and_stops_cleanly(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    import time
+
+    from node.demo import LocalPacs
+    from node.service import Node
+    from tests.conftest import free_port
+
+    process_study(_job(world, _paths(world)), _rules(world), out_dir=tmp_path / "made")
+    made = _audit(tmp_path / "made", world)["objects"]
+    pacs = LocalPacs(tmp_path / "pacs")
+    spool = tmp_path / "spool"
+    rules = _rules(
+        world,
+        node={"port": free_port()},
+        storage={"spool_dir": str(spool), "min_free_disk_mb": 1},
+        destinations=[
+            {
+                "kind": "dicom",
+                "name": "up",
+                "ae_title": pacs.aet,
+                "host": "127.0.0.1",
+                "port": pacs.port,
+            },
+            {
+                "kind": "dicom",
+                "name": "down",
+                "ae_title": "NOBODY",
+                "host": "127.0.0.1",
+                "port": free_port(),
+            },
+        ],
+        delivery={"backoff_initial_s": 0.2, "backoff_max_s": 0.5, "max_attempts": 100},
+    )
+    with Outbox(spool) as outbox:
+        outbox.enqueue([pydicom.dcmread(o["file"]) for o in made], ("up", "down"), now=time.time())
+    node = Node(rules, processor=lambda job: pytest.fail("no study was sent"))
+    node.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(pacs.received) < len(made):
+            time.sleep(0.1)
+        assert set(pacs.received) == {o["sop_instance_uid"] for o in made}
+        with Outbox(spool) as outbox:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                down = [r for r in outbox.all() if r.destination == "down"]
+                if all(r.attempts >= 1 for r in down):
+                    break
+                time.sleep(0.1)
+            rows = outbox.all()
+        # The destination that is down backs off its own rows; the other is unaffected.
+        assert {r.state.value for r in rows if r.destination == "up"} == {"delivered"}
+        assert all(r.state.value == "pending" and r.attempts >= 1 for r in down)
+    finally:
+        t0 = time.monotonic()
+        node.stop(grace_s=5.0)
+        pacs.stop()
+    assert time.monotonic() - t0 < 6.0
+    assert not any(t.is_alive() for t in node._threads if t.name == "sender")
