@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("train", "node.train.command:cmd_train", "train a model bundle (patient-level split)")
     p.add_argument("task", help="sequence, gbm_pcnsl[_t1c|_adc], glioma_grade[_t1c|_flair], ...")
-    p.add_argument("--data", type=Path, required=True, help="synth folder or DICOM folder")
+    p.add_argument(
+        "--data", type=Path, action="append", required=True, help="data folder (repeatable)"
+    )
     p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
     p.add_argument("--out", type=Path, default=None, help="bundle folder (default models/NAME)")
     p.add_argument("--epochs", type=int, default=None)
@@ -134,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-running", action="store_true", help="leave Orthanc and the node up until Ctrl-C"
     )
+
+    p = cmd("bench", "node.bench:cmd_bench", "print speed and memory figures")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="synth, sequence, specialists, receive, dicomio (repeatable; default: all)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    p.add_argument("--repeat", type=int, default=1, help="median of N runs (default 1)")
 
     return parser
 

@@ -171,7 +171,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """`neuronode train TASK --data DIR [--labels CSV] [--out DIR] ...`."""
     _threads()
     recipe = get_recipe(args.task, args.recipe)
-    items = load_items(args.data, recipe.task, args.labels)
+    folders = args.data if isinstance(args.data, list) else [args.data]
+    items = [it for folder in folders for it in load_items(folder, recipe.task, args.labels)]
     out = args.out or Path("models") / recipe.bundle_name
     train_bundle(
         recipe,
@@ -180,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         epochs=args.epochs,
         pretrained=args.pretrained,
-        data_description=_describe(args.data),
+        data_description="; ".join(_describe(f) for f in folders),
     )
     print(out)
     return 0

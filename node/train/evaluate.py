@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from node import NOT_FOR_CLINICAL_USE
 from node.bundles import Bundle, classify_slices, predict_series
+from node.errors import LoadError
 from node.records import SequenceLabel, SeriesVolume
 from node.sequence import vote_slices
 from node.train import plots
@@ -128,8 +129,13 @@ def evaluate_sequence(
     meta = bundle.metadata
     names = meta.labels
     ys, qs, groups, mean_probs, conf, errors = [], [], [], [], [], []
+    skipped = []
     for i, it in enumerate(items):
-        volume = load(it)
+        try:
+            volume = load(it)
+        except LoadError as exc:
+            skipped.append({"series_uid": it.series_uid, "reason": str(exc)})
+            continue
         sc = classify_slices(bundle, volume, n_slices)
         winner, votes, _fraction = vote_slices(sc.labels)
         mp = sc.probabilities.mean(axis=0).astype(np.float64)
@@ -181,6 +187,7 @@ def evaluate_sequence(
             "ece_kind": "top-label confidence of the series mean probability",
             "t1_t1c_confusion_rate": t1_t1c_errors / n_t1_t1c if n_t1_t1c else None,
             "errors": errors,
+            "skipped": skipped,
         }
     )
     if out is not None:

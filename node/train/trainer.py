@@ -122,6 +122,21 @@ def series_mean_logits(slice_logits: torch.Tensor, data: SliceSet) -> np.ndarray
     return out
 
 
+def _epoch_order(train: SliceSet, gen: torch.Generator) -> torch.Tensor:
+    """This epoch's slices, shuffled: every informative slice and as many uninformative ones.
+
+    Lesion-free slices of lesion studies (uniform targets) would otherwise be most of each
+    epoch while teaching only 'no evidence here'; a fresh random subset each epoch keeps that
+    lesson at a fraction of the cost."""
+    informative = train.target.max(dim=1).values > 0.75
+    inf_idx = torch.nonzero(informative).ravel()
+    un_idx = torch.nonzero(~informative).ravel()
+    if un_idx.numel() > inf_idx.numel() > 0:
+        un_idx = un_idx[torch.randperm(un_idx.numel(), generator=gen)[: inf_idx.numel()]]
+    both = torch.cat([inf_idx, un_idx])
+    return both[torch.randperm(both.numel(), generator=gen)]
+
+
 def train_model(
     recipe: Recipe,
     train: SliceSet,
@@ -149,16 +164,17 @@ def train_model(
     best_loss, best_epoch, best_state = math.inf, 0, None
     history: list[dict[str, float]] = []
     stale = 0
-    n = train.x.shape[0]
+    n_seen = 0
     for epoch in range(1, n_epochs + 1):
         t0 = time.perf_counter()
         if recipe.lr_decay_after_epoch is not None and epoch > recipe.lr_decay_after_epoch:
             for group in opt.param_groups:
                 group["lr"] *= recipe.lr_decay_gamma
         network.train()
-        order = torch.randperm(n, generator=gen)
+        order = _epoch_order(train, gen)
         total, count = 0.0, 0
-        for s in range(0, n, recipe.batch_size):
+        n_seen = order.numel()
+        for s in range(0, n_seen, recipe.batch_size):
             idx = order[s : s + recipe.batch_size]
             if idx.numel() < 2:
                 continue  # batch norm needs two samples

@@ -92,7 +92,7 @@ def test_build_slice_set_matches_inference_preprocessing() -> None:
 
 def test_slice_targets_uniform_away_from_known_lesions() -> None:
     it = dataclasses.replace(_item(1, "gbm"), lesions=((5, 10.0),), lesions_known=True)
-    t = data.slice_targets(it, [1, 4, 5, 6, 9], 2, 1, 5.0)  # 0.7 * 10 mm = 1 slice of 5 mm
+    t = data.slice_targets(it, [1, 4, 5, 6, 9], 2, 1, 5.0)  # 0.9 * 10 mm: one slice of 5 mm either side
     assert t.tolist() == [[0.5, 0.5], [0, 1], [0, 1], [0, 1], [0.5, 0.5]]
     control = dataclasses.replace(_item(2, "pcnsl"), lesions=(), lesions_known=True)
     assert data.slice_targets(control, [1, 9], 2, 0, 5.0).tolist() == [[1, 0], [1, 0]]
