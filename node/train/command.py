@@ -162,9 +162,31 @@ def _describe(data: Path) -> str:
         if isinstance(m, dict):
             keys = ("seed", "size", "slices", "vendors", "phenotypes")
             parts = [f"{k}={m[k]}" for k in keys if k in m]
-            n = len(m.get("studies", []))
-            return f"node/synth studies (n={n}, " + ", ".join(parts) + ")"
+            studies = m.get("studies", [])
+            n = len(studies)
+            return (
+                f"node/synth studies (n={n}, " + ", ".join(parts) + _geometry(data, studies) + ")"
+            )
     return f"DICOM folder {data.name}"
+
+
+def _geometry(data: Path, studies: list[Any]) -> str:
+    """', 128 x 128 x 16 slices' from the first routed series of a synth folder."""
+    import pydicom
+
+    for study in studies[:1]:
+        for series in study.get("series", []):
+            if series.get("label") in (None, "OTHER") or not series.get("folder"):
+                continue
+            files = sorted((data / series["folder"]).glob("*.dcm"))
+            if not files:
+                continue
+            try:
+                ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+            except (OSError, ValueError, TypeError, EOFError):
+                return ""
+            return f", {ds.Rows} x {ds.Columns} x {series.get('n_instances')} slices"
+    return ""
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -326,16 +326,17 @@ def slice_targets(
 ) -> torch.Tensor:
     """Per-slice target distributions: the series label, or uniform on lesion-free slices.
 
-    With known lesions, a slice within 0.9 radius of a task lesion's centre carries the study
-    label; other slices of a study that has lesions carry no evidence either way and get a
-    uniform target (teaching logit 0 there, which keeps the series mean logit honest). A study
+    With known lesions, a slice cutting a task lesion in a section of at least 3 mm radius
+    carries the study label; other slices of a study that has lesions carry no evidence either
+    way and get a uniform target (teaching logit 0 there, which keeps the series mean logit honest). A study
     without task lesions (a normal control) keeps its label on every slice."""
     out = torch.zeros(len(indices), n_classes)
     out[:, target] = 1.0
     if not item.lesions_known or not item.lesions or spacing_mm is None or spacing_mm <= 0:
         return out
     for j, i in enumerate(indices):
-        near = any(abs(i - k) * spacing_mm <= 0.9 * r for k, r in item.lesions)
+        # the lesion's cross-section on this slice is at least 3 mm in radius (visible)
+        near = any(((i - k) * spacing_mm) ** 2 <= r * r - 9.0 for k, r in item.lesions)
         if not near:
             out[j] = 1.0 / n_classes
     return out

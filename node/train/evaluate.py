@@ -243,7 +243,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
     lines = [
         f"# {name} (version {meta['version']})",
         "",
-        f"> **NOT FOR CLINICAL USE.** {NOT_FOR_CLINICAL_USE} This model was trained only on",
+        "> **NOT FOR CLINICAL USE.** Research software. This model was trained only on",
         "> synthetic phantoms (node/synth); it has never seen a patient and must not inform any",
         "> clinical decision.",
         "",
@@ -265,9 +265,12 @@ def model_card(meta: Mapping[str, Any]) -> str:
             "Series-level aggregation: **mean logit** over the brain-bearing slices, then",
             f"temperature scaling (T = {meta['temperature']:.3f}). A mean logit is robust to a",
             "few off-lesion or artefact slices (one confident slice cannot dominate as with a",
-            "max); slices without lesion evidence sit near logit 0 because the network is",
-            "trained on all brain slices with the study label, so they dilute but do not flip",
-            "the answer, and the temperature fitted on validation series restores the scale.",
+            "max); slices without lesion evidence sit near logit 0 because in training they",
+            "get a uniform target (slices through a lesion carry the study label; every slice",
+            "of a lesion-free control carries its label), so they dilute but do not flip the",
+            "answer, and the temperature fitted on validation series restores the scale.",
+            "Without lesion positions (a hospital's own data) every slice carries the study",
+            "label.",
         ]
     norm = inp["normalisation"]
     lines += [
