@@ -328,8 +328,8 @@ def slice_targets(
 
     With known lesions, a slice cutting a task lesion in a section of at least 3 mm radius
     carries the study label; other slices of a study that has lesions carry no evidence either
-    way and get a uniform target (teaching logit 0 there, which keeps the series mean logit honest). A study
-    without task lesions (a normal control) keeps its label on every slice."""
+    way and get a uniform target (teaching logit 0 there, which keeps the series mean logit
+    honest). A study without task lesions (a normal control) keeps its label on every slice."""
     out = torch.zeros(len(indices), n_classes)
     out[:, target] = 1.0
     if not item.lesions_known or not item.lesions or spacing_mm is None or spacing_mm <= 0:

@@ -92,7 +92,8 @@ def test_build_slice_set_matches_inference_preprocessing() -> None:
 
 def test_slice_targets_uniform_away_from_known_lesions() -> None:
     it = dataclasses.replace(_item(1, "gbm"), lesions=((5, 10.0),), lesions_known=True)
-    t = data.slice_targets(it, [1, 4, 5, 6, 9], 2, 1, 5.0)  # 0.9 * 10 mm: one slice of 5 mm either side
+    # radius 10 mm, 5 mm slices: sections >= 3 mm radius one slice either side of the centre
+    t = data.slice_targets(it, [1, 4, 5, 6, 9], 2, 1, 5.0)
     assert t.tolist() == [[0.5, 0.5], [0, 1], [0, 1], [0, 1], [0.5, 0.5]]
     control = dataclasses.replace(_item(2, "pcnsl"), lesions=(), lesions_known=True)
     assert data.slice_targets(control, [1, 9], 2, 0, 5.0).tolist() == [[1, 0], [1, 0]]
