@@ -9,6 +9,8 @@ no fsync or index), so the ratio says what the node's own work costs whatever th
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -18,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -114,10 +116,19 @@ class _Peak:
     max_rss_mb: float = 0.0  # ru_maxrss: the process's lifetime peak
 
 
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc), so RSS shows live memory."""
+    gc.collect()
+    # Not glibc: the figures then include memory freed earlier but kept by malloc.
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @contextmanager
 def peak_memory() -> Iterator[_Peak]:
-    """Measure how far the resident set grew above its level at the start of the block."""
+    """Peak resident memory during the block, and how far it rose above the start."""
     out = _Peak()
+    _release_free_memory()
     before = _status_kb("VmRSS")
     exact = before is not None and _reset_peak()
     try:
@@ -128,6 +139,19 @@ def peak_memory() -> Iterator[_Peak]:
         if before is not None and hwm is not None:
             out.mb = hwm / _KB
             out.growth_mb = max(0.0, (hwm - before) / _KB)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with n torch intra-op threads, then restore the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def timed(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
@@ -285,16 +309,11 @@ def _pure_forward(bundle: Any, n: int, threads: int | None = None) -> float:
 
     meta = bundle.metadata
     x = torch.rand(n, meta.channels, *meta.size, generator=torch.Generator().manual_seed(0))
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads if threads is not None else torch.get_num_threads()):
         forward_logits(bundle, x[:1])  # first call of a shape pays for kernel selection
         t0 = time.perf_counter()
         forward_logits(bundle, x)
         return time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(before)
 
 
 def bench_sequence(study: BenchStudy, work: Path, settings: BenchSettings) -> BenchRecord:
@@ -327,6 +346,8 @@ def bench_sequence(study: BenchStudy, work: Path, settings: BenchSettings) -> Be
     tags_s, _ = timed(lambda: classify_headers(read_series_headers(study.paths)), settings.repeat)
     ref_s, _ = timed(lambda: _pure_forward(bundle, n_images), settings.repeat)
     ref1_s, _ = timed(lambda: _pure_forward(bundle, n_images, threads=1), settings.repeat)
+    with torch_threads(1):
+        total1_s, _ = timed(lambda: stage_classify(ctx), settings.repeat)
     truth = dict(study.labels)
     correct = sum(d.label == truth.get(d.series_uid) for d in done.decisions)
     return BenchRecord(
@@ -345,6 +366,7 @@ def bench_sequence(study: BenchStudy, work: Path, settings: BenchSettings) -> Be
             ("series", len(done.decisions)),
             ("correct_labels", correct),
             ("cnn_images", n_images),
+            ("classify_s_1_thread", round(total1_s, 3)),
             ("cnn_s", round(cnn_s, 3)),
             ("cnn_images_per_s", round(n_images / cnn_s, 1)),
             ("bare_images_per_s", round(n_images / ref_s, 1)),
@@ -475,6 +497,8 @@ def bench_specialists(
     cold_s = time.perf_counter() - t0
     with peak_memory() as peak:
         warm_s, audit = timed(run, settings.repeat)
+    with torch_threads(1):
+        warm1_s, _ = timed(run, settings.repeat)
     # Reference: the bare forward of every model that ran, on as many slices as it read.
     ref_s = 0.0
     n_images = 0
@@ -509,6 +533,7 @@ def bench_specialists(
                 ("predictions", len(audit.get("predictions", ()))),
                 ("status", str(audit.get("status", ""))),
                 ("cold_s", round(cold_s, 3)),
+                ("warm_s_1_thread", round(warm1_s, 3)),
                 *stages,
                 ("max_rss_mb", round(peak.max_rss_mb, 1)),
             ),
