@@ -354,6 +354,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
         "  real patients, scanners or pathology.",
         "- Small CPU-sized network from scratch; no external validation.",
         "- Grad-CAM maps are attention maps, not a localisation.",
+        *(f"- {text}" for text in meta.get("known_limits", ())),
         "",
         "## Reproduce",
         "",

@@ -170,7 +170,7 @@ def get_recipe(name: str, variant: str = "small") -> Recipe:
             lr_decay_after_epoch=6 if task == "sequence" else 10,
             lr_decay_gamma=0.8,
             weight_decay=1e-4,
-            patience=4 if task == "sequence" else 6,
+            patience=4 if task == "sequence" else 10,
             augment=augment,
             val_fraction=0.25,
             needs_pretrained=False,
