@@ -438,6 +438,8 @@ def bench_model(
     n = len(pred.slice_indices)
     ref_s, _ = timed(lambda: _pure_forward(bundle, n), settings.repeat)
     ref1_s, _ = timed(lambda: _pure_forward(bundle, n, threads=1), settings.repeat)
+    with torch_threads(1):
+        pred1_s, _ = timed(lambda: predict_series(bundle, volume), settings.repeat)
     return BenchRecord(
         name=name,
         figure=round(n / pred_s, 1),
@@ -453,6 +455,7 @@ def bench_model(
             ("slices", n),
             ("predict_s", round(pred_s, 3)),
             ("gradcam_s", round(cam_s, 3)),
+            ("images_per_s_1_thread", round(n / pred1_s, 1)),
             ("bare_images_per_s_1_thread", round(n / ref1_s, 1)),
             ("heatmaps", len(cam.heatmaps)),
             ("probability", round(pred.probability, 3)),
