@@ -69,6 +69,7 @@ class BundleMetadata:
     slice_mode: str  # brain_range or central_window
     slice_n: int  # how many slices at most
     temperature: float
+    calibration_bias: float  # added to logit / temperature (Platt scaling); 0 = temperature only
     series_aggregation: str
     network_name: str
     network_args: Mapping[str, Any]
@@ -171,6 +172,9 @@ def parse_metadata(raw: Mapping[str, Any], where: str) -> BundleMetadata:
     temperature = _need(raw, "temperature", (int, float), where)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ModelUnavailable(f"{where}: temperature must be a positive number")
+    bias = raw.get("calibration_bias", 0.0)
+    if not isinstance(bias, int | float) or not math.isfinite(bias):
+        raise ModelUnavailable(f"{where}: calibration_bias must be a finite number")
     aggregation = raw.get("series_aggregation", "mean_logit")
     if aggregation not in AGGREGATIONS:
         raise ModelUnavailable(f"{where}: series_aggregation must be one of {AGGREGATIONS}")
@@ -204,6 +208,7 @@ def parse_metadata(raw: Mapping[str, Any], where: str) -> BundleMetadata:
         slice_mode=str(mode),
         slice_n=n,
         temperature=float(temperature),
+        calibration_bias=float(bias),
         series_aggregation=str(aggregation),
         network_name=str(net_name),
         network_args=dict(args),
@@ -353,6 +358,7 @@ def inference_config(meta: Mapping[str, Any]) -> dict[str, Any]:
         },
         "postprocessing": {
             "temperature": meta["temperature"],
+            "calibration_bias": meta.get("calibration_bias", 0.0),
             "series_aggregation": meta.get("series_aggregation", "mean_logit"),
         },
         "note": "neuronode reads configs/metadata.json; this file mirrors it for MONAI tools.",
@@ -477,7 +483,8 @@ def predict_series(
         label = meta.sequences[0]
     else:
         label = sequence
-    prob = _sigmoid(series_logit / t)
+    b = meta.calibration_bias
+    prob = _sigmoid(series_logit / t + b)
     log.debug("series_predicted", model_id=meta.name, task=meta.task, probability=round(prob, 4))
     return SeriesPrediction(
         task=meta.task,
@@ -487,7 +494,7 @@ def predict_series(
         sequence=label,
         probability=prob,
         slice_indices=indices,
-        slice_probabilities=tuple(_sigmoid(float(z) / t) for z in slice_logit),
+        slice_probabilities=tuple(_sigmoid(float(z) / t + b) for z in slice_logit),
     )
 
 

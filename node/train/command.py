@@ -26,9 +26,15 @@ from node.train.data import (
     split_groups,
 )
 from node.train.evaluate import evaluate_sequence, evaluate_task, model_card, record_evaluation
-from node.train.metrics import binary_report, multiclass_report
+from node.train.metrics import binary_report, multiclass_report, nll
 from node.train.recipes import Recipe, bundle_metadata, get_recipe, resolve_bundle_name
-from node.train.trainer import Progress, series_mean_logits, stderr_progress, train_model
+from node.train.trainer import (
+    Progress,
+    calibrate,
+    series_mean_logits,
+    stderr_progress,
+    train_model,
+)
 
 log = get_logger(__name__)
 
@@ -87,6 +93,7 @@ def train_bundle(
         val_metrics["level"] = "slice"
     else:
         z = series_mean_logits(network_logits, val_set) / result.temperature
+        z = z + result.calibration_bias
         p = 1.0 / (1.0 + np.exp(-z))
         val_metrics = binary_report(np.asarray(val_set.series_labels), p, seed=seed)
         val_metrics.pop("reliability", None)
@@ -129,6 +136,7 @@ def train_bundle(
     meta = bundle_metadata(
         recipe,
         temperature=round(result.temperature, 4),
+        calibration_bias=round(result.calibration_bias, 4),
         training=training,
         metrics={"validation": val_metrics},
     )
@@ -140,6 +148,35 @@ def train_bundle(
     )
     progress(f"[{recipe.bundle_name}] wrote {out} in {training['wall_time_s']} s")
     return out
+
+
+def recalibrate_bundle(
+    bundle_dir: Path, items: Sequence[SeriesItem], *, seed: int = 0
+) -> tuple[float, float]:
+    """Refit a task bundle's calibration on its own validation split (same data and seed as
+    training, so the split is the same); weights are untouched, so their SHA-256 still holds."""
+    meta_path = bundle_dir / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    recipe = get_recipe(meta["name"], meta["training"].get("recipe", "small"))
+    chosen = select_items(items, recipe)
+    _train, val_items = split_groups(
+        chosen,
+        val_fraction=recipe.val_fraction,
+        seed=seed,
+        label_of=lambda it: str(class_index(it, recipe)),
+    )
+    val_set = build_slice_set(val_items, recipe)
+    state = torch.load(bundle_dir / "models" / "model.pt", map_location="cpu", weights_only=True)
+    z = series_mean_logits(_val_logits(recipe, state, val_set.x), val_set)
+    y = np.asarray(val_set.series_labels)
+    temperature, bias = calibrate(z, y, binary=True)
+    meta["temperature"] = round(temperature, 4)
+    meta["calibration_bias"] = round(bias, 4)
+    meta["training"]["val_nll_after"] = round(nll(z / temperature + bias, y), 4)
+    meta["training"]["calibration"] = "Platt scaling refitted on the validation split"
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (bundle_dir / "docs" / "README.md").write_text(model_card(meta), encoding="utf-8")
+    return temperature, bias
 
 
 def _val_logits(recipe: Recipe, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -263,7 +263,8 @@ def model_card(meta: Mapping[str, Any]) -> str:
             f"{desc[0]} (`{meta['labels'][0]}`) from a {', '.join(inp['sequences'])} series.",
             "",
             "Series-level aggregation: **mean logit** over the brain-bearing slices, then",
-            f"temperature scaling (T = {meta['temperature']:.3f}). A mean logit is robust to a",
+            f"calibration p = sigmoid(z / T + b), T = {meta['temperature']:.3f},"
+            f" b = {meta.get('calibration_bias', 0.0):.3f}. A mean logit is robust to a",
             "few off-lesion or artefact slices (one confident slice cannot dominate as with a",
             "max); slices without lesion evidence sit near logit 0 because in training they",
             "get a uniform target (slices through a lesion carry the study label; every slice",
@@ -313,8 +314,9 @@ def model_card(meta: Mapping[str, Any]) -> str:
         "",
         "## Calibration",
         "",
-        f"Temperature {meta['temperature']:.3f}, fitted on the validation split by minimising"
-        " the negative log-likelihood"
+        f"Temperature {meta['temperature']:.3f} and bias {meta.get('calibration_bias', 0.0):.3f}"
+        " (Platt scaling of the series mean logit; temperature only for the sequence CNN),"
+        " fitted on the validation split by minimising the negative log-likelihood"
         + (
             f" (validation NLL {_fmt(training.get('val_nll_before'))} ->"
             f" {_fmt(training.get('val_nll_after'))})."

@@ -260,3 +260,27 @@ def multiclass_report(
             class_names[i]: {class_names[j]: int(cm[i, j]) for j in range(k)} for i in range(k)
         },
     }
+
+
+def fit_platt(
+    logits: npt.ArrayLike, labels: npt.ArrayLike, *, l2: float = 1e-3
+) -> tuple[float, float]:
+    """Platt scaling of a binary logit: (a, b) with p = sigmoid(a z + b), by Newton's method.
+
+    A temperature alone can only stretch the logit; the bias also corrects the asymmetry of a
+    mean over slices (a diluted positive vs a uniformly negative control)."""
+    z = np.asarray(logits, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    if z.size == 0 or y.min() == y.max():
+        return 1.0, 0.0
+    w = np.array([1.0, 0.0])
+    x = np.stack([z, np.ones_like(z)], axis=1)
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -50, 50)))
+        grad = x.T @ (p - y) + l2 * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w = w - step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(w[0]), float(w[1])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from node.bundles import build_network
 from node.errors import ModelUnavailable
 from node.train.data import SliceSet
-from node.train.metrics import fit_temperature, nll
+from node.train.metrics import fit_platt, fit_temperature, nll
 from node.train.recipes import Augment, Recipe
 
 Progress = Callable[[str], None]
@@ -41,6 +41,7 @@ class TrainResult:
 
     state_dict: dict[str, torch.Tensor]
     temperature: float
+    calibration_bias: float
     best_epoch: int
     epochs_run: int
     history: tuple[dict[str, float], ...]
@@ -137,6 +138,26 @@ def _epoch_order(train: SliceSet, gen: torch.Generator) -> torch.Tensor:
     return both[torch.randperm(both.numel(), generator=gen)]
 
 
+def calibrate(
+    z: np.ndarray[Any, Any], y: np.ndarray[Any, Any], *, binary: bool
+) -> tuple[float, float]:
+    """(temperature, bias) fitted on validation logits: Platt scaling for binary series logits
+    (temperature only if the fitted slope is not positive), temperature for multi-class."""
+    if binary:
+        a, b = fit_platt(z, y)
+        if a > 1e-3:
+            return 1.0 / a, b
+    return fit_temperature(z, y), 0.0
+
+
+def _calibrated_nll(
+    z: np.ndarray[Any, Any], y: np.ndarray[Any, Any], temperature: float, bias: float
+) -> float:
+    if z.ndim == 1:
+        return nll(z / temperature + bias, y, 1.0)
+    return nll(z, y, temperature)
+
+
 def train_model(
     recipe: Recipe,
     train: SliceSet,
@@ -220,15 +241,19 @@ def train_model(
     else:
         z = series_mean_logits(vlogits, val)
         y = np.asarray(val.series_labels)
-    temperature = fit_temperature(z, y)
-    progress(f"[{recipe.bundle_name}] best epoch {best_epoch}, temperature {temperature:.3f}")
+    temperature, bias = calibrate(z, y, binary=recipe.task != "sequence")
+    progress(
+        f"[{recipe.bundle_name}] best epoch {best_epoch}, temperature {temperature:.3f},"
+        f" bias {bias:.3f}"
+    )
     return TrainResult(
         state_dict=best_state,
         temperature=temperature,
+        calibration_bias=bias,
         best_epoch=best_epoch,
         epochs_run=len(history),
         history=tuple(history),
         wall_time_s=time.perf_counter() - start,
         val_nll_before=nll(z, y, 1.0),
-        val_nll_after=nll(z, y, temperature),
+        val_nll_after=_calibrated_nll(z, y, temperature, bias),
     )
