@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -181,6 +182,9 @@ def test_predict_series(tmp_path: Path) -> None:
         z = b.network(x)
     mean_logit = float((z[:, 1] - z[:, 0]).mean())
     assert pred.probability == pytest.approx(1 / (1 + np.exp(-mean_logit / 1.5)), rel=1e-4)
+    biased = dataclasses.replace(b, metadata=dataclasses.replace(b.metadata, calibration_bias=0.7))
+    expected = 1 / (1 + np.exp(-(mean_logit / 1.5 + 0.7)))
+    assert bundles.predict_series(biased, volume).probability == pytest.approx(expected, rel=1e-4)
     # scaling the native values does not change the answer
     scaled = make_volume()
     object.__setattr__(scaled, "pixels", scaled.pixels * 7 + 30)

@@ -96,3 +96,13 @@ def test_input_validation() -> None:
         metrics.roc_auc([0, 1], [0.1, 1.2])
     with pytest.raises(ValueError, match="values"):
         metrics.roc_auc([0, 1, 1], [0.1, 0.2])
+
+
+def test_fit_platt_recovers_slope_and_bias() -> None:
+    rng = np.random.default_rng(5)
+    z = rng.normal(0, 2, 5000)
+    y = (rng.random(5000) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))).astype(int)
+    a, b = metrics.fit_platt(z, y)
+    assert a == pytest.approx(0.5, abs=0.08)
+    assert b == pytest.approx(-1.0, abs=0.12)
+    assert metrics.fit_platt([1.0, 2.0], [1, 1]) == (1.0, 0.0)  # one class: identity
