@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from node import bundles
-from node.records import SequenceLabel
+from node.records import SequenceLabel, SeriesVolume
 from node.train import data, recipes, trainer
 from node.train.command import train_bundle
+from tests.unit.test_bundles import make_volume
 
 torch.set_num_threads(1)
 
@@ -152,3 +153,16 @@ def test_tiny_training_run_writes_a_loadable_bundle(tmp_path: Path) -> None:
     assert meta["temperature"] > 0
     assert "NOT FOR CLINICAL USE" in (out / "docs" / "README.md").read_text()
     assert b.metadata.name == "gbm_pcnsl_t1c"
+    from node.train.evaluate import evaluate_task, record_evaluation
+
+    def volume(it: data.SeriesItem) -> SeriesVolume:
+        pix = _phantom(it)
+        return dataclasses.replace(make_volume(n=pix.shape[0], rows=48, cols=48), pixels=pix)
+
+    report = evaluate_task(b, items, out=tmp_path / "eval", load=volume)
+    assert report["n_patients"] == 16 and len(report["auc_ci"]) == 2
+    assert (tmp_path / "eval" / "roc.png").stat().st_size > 1000
+    record_evaluation(out, report, "unit phantoms", tmp_path / "eval")
+    card = (out / "docs" / "README.md").read_text()
+    assert f"{report['auc']:.3f}" in card and "![roc.png](roc.png)" in card
+    bundles.load_bundle(out)  # metadata rewrite keeps the weights' checksum valid
