@@ -254,7 +254,7 @@ class SeriesHeader:
     model: str
     sop_class_uid: str
     modality: str
-    image_type: tuple[str, ...]  # upper-case tokens, ImageType + enhanced FrameType, first-seen order
+    image_type: tuple[str, ...]  # upper-case tokens (ImageType + enhanced FrameType), as seen
     scanning_sequence: tuple[str, ...]  # SE, IR, GR, EP, RM
     sequence_variant: tuple[str, ...]  # SK, MTC, SS, TRSS, SP, MP, OSP, NONE
     scan_options: tuple[str, ...]
@@ -322,6 +322,11 @@ class FusionPolicy:
         SequenceLabel.OTHER,
     )  # on disagreement, a confident tag verdict of these labels wins (physics is decisive)
     prefer_tags_min_confidence: float = 0.85
+    # The CNN sees one slice at a time: on slices without a lesion or a vessel, T1 before and
+    # after gadolinium look alike (the sequence bundle's card: 36% T1/T1C swaps on synth). So by
+    # default a CNN vote for T1 or T1C counts as agreement on the T1 family, and whether there
+    # was contrast is decided by the tags and the study context.
+    cnn_decides_contrast: bool = False
 
 
 # --- dicomio: headers and a loaded study (issue 2) --------------------------------------------

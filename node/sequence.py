@@ -657,8 +657,19 @@ def fuse(
             reasons=(*reasons, f"CNN alone below {policy.min_cnn_confidence}: OTHER"),
             **common,  # type: ignore[arg-type]
         )
-    if tag_label == cnn.label:
+    t1_family = {L.T1, L.T1C}
+    family_only = (
+        not policy.cnn_decides_contrast
+        and tag_label != cnn.label
+        and {tag_label, cnn.label} <= t1_family
+    )
+    if tag_label == cnn.label or family_only:
         confidence = 1.0 - (1.0 - tag.confidence) * (1.0 - cnn.confidence)
+        agree = (
+            "tags and CNN agree on the T1 family; contrast decided by the tags and study context"
+            if family_only
+            else "tags and CNN agree"
+        )
         if max(tag.confidence, cnn.confidence) < policy.min_confidence:
             return SequenceDecision(
                 label=L.OTHER,
@@ -671,7 +682,7 @@ def fuse(
             label=tag_label,
             confidence=round(min(0.99, confidence), 3),
             method=DecisionMethod.FUSED,
-            reasons=(*reasons, "tags and CNN agree"),
+            reasons=(*reasons, agree),
             **common,  # type: ignore[arg-type]
         )
     if tag_label in policy.prefer_tags_for and tag.confidence >= policy.prefer_tags_min_confidence:

@@ -563,9 +563,20 @@ def test_fuse_policy_prefers_confident_tags_for_physics_labels() -> None:
 
 
 def test_fuse_policy_without_disagreement_to_other() -> None:
-    policy = FusionPolicy(disagreement_to_other=False, prefer_tags_for=())
+    policy = FusionPolicy(
+        disagreement_to_other=False, prefer_tags_for=(), cnn_decides_contrast=True
+    )
     d = fuse("1.2", tag(L.T1, 0.6), cnn(L.T1C, 0.9), policy)
     assert d.label is L.T1C and d.method is DecisionMethod.CNN
+
+
+def test_fuse_cnn_contrast_opinion_counts_only_when_the_policy_says_so() -> None:
+    family = fuse("1.2", tag(L.T1C, 0.9), cnn(L.T1, 0.9))
+    assert family.label is L.T1C and family.cnn_label is L.T1
+    strict = fuse("1.2", tag(L.T1C, 0.9), cnn(L.T1, 0.9), FusionPolicy(cnn_decides_contrast=True))
+    assert strict.label is L.OTHER
+    # family agreement is only for T1/T1C: any other pair still disagrees
+    assert fuse("1.2", tag(L.T1, 0.9), cnn(L.FLAIR, 0.9)).label is L.OTHER
 
 
 def test_fuse_tags_only_and_low_confidence() -> None:
@@ -625,7 +636,9 @@ def test_study_context_resolves_t1_t1c_disagreement() -> None:
         fuse("1.1", classify_by_tags(pre), cnn(L.T1, 0.8)),
         fuse("1.2", classify_by_tags(post), cnn(L.T1C, 0.8)),
     )
-    assert decisions[1].label is L.OTHER  # tags T1 vs CNN T1C
+    # tags T1 vs CNN T1C: the CNN agrees on the T1 family and leaves contrast to the tags
+    assert decisions[1].label is L.T1 and decisions[1].method is DecisionMethod.FUSED
+    assert "contrast decided by the tags" in decisions[1].reasons[-1]
     out = apply_study_context(decisions, [pre, post])
     assert out[0].label is L.T1
     assert out[1].label is L.T1C
