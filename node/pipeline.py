@@ -196,10 +196,15 @@ def required_bundles(rules: Rules) -> tuple[tuple[str, Path], ...]:
     )
 
 
-def check_bundles(rules: Rules) -> tuple[str, ...]:
-    """Why each bundle an enabled task needs cannot be served (empty: all load and verify)."""
+def check_bundles(rules: Rules, load: Callable[[Path], object] | None = None) -> tuple[str, ...]:
+    """Why each bundle an enabled task needs cannot be served (empty: all load and verify).
+
+    ``load`` defaults to a plain load; `neuronode process` passes ``worker_bundle`` so the
+    check also warms the cache of the thread that then runs the study.
+    """
     from node.bundles import load_bundle
 
+    loader = load if load is not None else load_bundle
     problems: list[str] = []
     seen: set[Path] = set()
     for task, path in required_bundles(rules):
@@ -207,7 +212,7 @@ def check_bundles(rules: Rules) -> tuple[str, ...]:
             continue
         seen.add(path)
         try:
-            load_bundle(path)
+            loader(path)
         except ModelUnavailable as exc:
             problems.append(f"task {task}: {exc}")
     return tuple(problems)
@@ -958,6 +963,8 @@ def cmd_process(args: argparse.Namespace) -> int:
         f"{scan.n_skipped} other file(s) skipped"
     )
     print(NOT_FOR_CLINICAL_USE)
+    for problem in check_bundles(rules, worker_bundle):
+        print(f"warning: {problem} (studies routed to it will fail; see neuronode check)")
     failures = 0
     for study_uid, paths in scan.studies:
         job = StudyJob(job_id=0, study_uid=study_uid, instance_paths=paths, attempt=1)
