@@ -146,9 +146,10 @@ _DESC_LABEL: tuple[tuple[str, SequenceLabel], ...] = (
 )
 
 _CONTRAST_WORDS = (
-    r"(?<![a-z0-9])(\+ ?c|c ?\+|\+ ?gd|gd|gad\w*|gado\w*|post\w*|km|\+ ?km|ce|contrast|"
+    # '+C', '+GD', '+KM' may be glued to the word before ('T1W_3D_TFE+C'); the rest are words
+    r"(?:\+ ?(?:c|gd|km)|(?<![a-z0-9])(?:c ?\+|gd|gad\w*|gado\w*|post\w*|km|ce|contrast|"
     r"mdc|kontrast\w*|t1c|t1ce|t1 ?c|t1gd|enh\w*|dotarem|gadavist|prohance|magnevist|"
-    r"multihance|clariscan)(?![a-z0-9])"
+    r"multihance|clariscan))(?![a-z0-9])"
 )
 _PRE_WORDS = (
     r"\b(pre|pre ?contrast|pre ?gd|pre ?gad|pre ?c|pre ?km|nativ|native|noncontrast|"

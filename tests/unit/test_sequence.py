@@ -424,7 +424,7 @@ def test_agreeing_description_raises_confidence() -> None:
 
 
 def test_description_contrast_words_make_t1c() -> None:
-    for text in ("T1 MPRAGE +C", "t1_mprage_post_gd", "T1 KM", "T1W_3D_TFE post"):
+    for text in ("T1 MPRAGE +C", "t1_mprage_post_gd", "T1 KM", "T1W_3D_TFE post", "T1W_3D_TFE+C"):
         verdict = classify_by_tags(hdr(**SIEMENS_MPRAGE, series_description=text))
         assert verdict.label is L.T1C, text
         assert "description says post-contrast" in verdict.reason
