@@ -418,8 +418,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _say()
         _say(NOT_FOR_CLINICAL_USE)
         _say(f"demo finished in {time.monotonic() - started:.0f} s")
-        if args.keep_running and orthanc is not None:
-            _say(f"keeping Orthanc ({orthanc.url}) and the node running; Ctrl-C to stop")
+        if args.keep_running:
+            pacs_where = orthanc.url if orthanc is not None else f"port {destination['port']}"
+            _say(f"keeping the PACS ({pacs_where}) and the node running; Ctrl-C to stop")
             try:
                 while True:
                     time.sleep(1)
