@@ -286,7 +286,10 @@ def _default_tasks() -> dict[str, TaskSettings]:
                 route("glioma_grade_flair", SequenceLabel.FLAIR, 0.5),
             ),
         ),
+        # Off by default: the shipped tubers bundles know only TSC vs normal brains and call
+        # tumour studies "tubers present"; a paediatric epilepsy site turns it on.
         "tubers": TaskSettings(
+            enabled=False,
             positive_label="cortical tubers",
             negative_label="no cortical tubers",
             models=(

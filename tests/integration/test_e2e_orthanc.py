@@ -74,7 +74,11 @@ def _bundles(tmp: Path) -> tuple[Path, dict[str, Any], str]:
                 if r.bundle in bundles and _loads(models / r.bundle)
             ]
             if routes:
-                tasks[name] = {**defaults[name].model_dump(mode="json"), "models": routes}
+                tasks[name] = {
+                    **defaults[name].model_dump(mode="json"),
+                    "models": routes,
+                    "enabled": True,
+                }
         return tasks
 
     tasks = tasks_in(shipped)

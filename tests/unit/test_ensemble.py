@@ -148,7 +148,11 @@ def test_band_boundaries(p: float, status: FindingStatus) -> None:
 
 def test_fuse_study_covers_enabled_tasks_in_order() -> None:
     tasks = Rules().tasks
-    tasks = {**tasks, "glioma_grade": tasks["glioma_grade"].model_copy(update={"enabled": False})}
+    tasks = {
+        **tasks,
+        "glioma_grade": tasks["glioma_grade"].model_copy(update={"enabled": False}),
+        "tubers": tasks["tubers"].model_copy(update={"enabled": True}),
+    }
     rules = Rules().model_copy(update={"tasks": tasks})
     findings = fuse_study(rules, [pred("tubers_t2", 0.95, task="tubers")])
     assert [f.task for f in findings] == ["gbm_pcnsl", "tubers"]

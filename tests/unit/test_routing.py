@@ -41,8 +41,19 @@ def full_study() -> list[SequenceDecision]:
     ]
 
 
+def all_tasks() -> Rules:
+    """The built-in rules with every task on (tubers is off by default)."""
+    tasks = {k: v.model_copy(update={"enabled": True}) for k, v in Rules().tasks.items()}
+    return Rules(tasks=tasks)
+
+
+def test_tubers_is_off_by_default_and_not_routed() -> None:
+    assert Rules().tasks["tubers"].enabled is False
+    assert all(r.task != "tubers" for r in route_study(full_study(), Rules()))
+
+
 def test_full_study_default_routes() -> None:
-    routes = route_study(full_study(), Rules())
+    routes = route_study(full_study(), all_tasks())
     assert [(r.task, r.bundle, r.series_uid, r.sequence, r.weight) for r in routes] == [
         ("gbm_pcnsl", "gbm_pcnsl_t1c", "2", L.T1C, 1.0),
         ("gbm_pcnsl", "gbm_pcnsl_adc", "6", L.ADC, 0.5),
@@ -55,29 +66,29 @@ def test_full_study_default_routes() -> None:
 
 
 def test_other_is_never_routed_even_if_nothing_else() -> None:
-    assert route_study([decision("7", L.OTHER), decision("8", L.OTHER)], Rules()) == ()
+    assert route_study([decision("7", L.OTHER), decision("8", L.OTHER)], all_tasks()) == ()
 
 
 def test_task_without_matching_series_gets_no_routes() -> None:
-    routes = route_study([decision("3", L.T2)], Rules())
+    routes = route_study([decision("3", L.T2)], all_tasks())
     assert {r.task for r in routes} == {"tubers"}
 
 
 def test_two_series_with_one_label_are_both_routed() -> None:
-    routes = route_study([decision("a", L.FLAIR), decision("b", L.FLAIR)], Rules())
+    routes = route_study([decision("a", L.FLAIR), decision("b", L.FLAIR)], all_tasks())
     tubers = [(r.bundle, r.series_uid) for r in routes if r.task == "tubers"]
     assert tubers == [("tubers_flair", "a"), ("tubers_flair", "b")]
 
 
 def test_series_listed_twice_is_routed_once() -> None:
-    routes = route_study([decision("a", L.T2), decision("a", L.T2)], Rules())
+    routes = route_study([decision("a", L.T2), decision("a", L.T2)], all_tasks())
     assert [r.series_uid for r in routes] == ["a"]
 
 
 def test_disabled_task_gets_no_routes() -> None:
-    tasks = dict(Rules().tasks)
+    tasks = dict(all_tasks().tasks)
     tasks["tubers"] = tasks["tubers"].model_copy(update={"enabled": False})
-    rules = Rules().model_copy(update={"tasks": tasks})
+    rules = all_tasks().model_copy(update={"tasks": tasks})
     assert {r.task for r in route_study(full_study(), rules)} == {"gbm_pcnsl", "glioma_grade"}
 
 
@@ -101,7 +112,7 @@ tasks:
 
 def test_routing_does_not_depend_on_confidence() -> None:
     """Confidence is applied by the classifier (below min_confidence it says OTHER)."""
-    routes = route_study([decision("2", L.T1C, confidence=0.1)], Rules())
+    routes = route_study([decision("2", L.T1C, confidence=0.1)], all_tasks())
     assert len(routes) == 2
 
 
@@ -136,7 +147,7 @@ def test_study_qualifies_body_parts() -> None:
 def test_explain_names_series_labels_routes_and_tasks() -> None:
     decisions = [decision("2", L.T1C), decision("4", L.FLAIR), decision("4b", L.FLAIR)]
     decisions += [decision("7", L.OTHER), decision("1", L.T1)]
-    text = explain_routes(decisions, Rules(), series_names={"2": "#2 't1_mprage_gd'"})
+    text = explain_routes(decisions, all_tasks(), series_names={"2": "#2 't1_mprage_gd'"})
     lines = text.splitlines()
     assert lines[0] == "series #2 't1_mprage_gd': T1C (confidence 0.90, by fused)"
     assert "    because: rule for T1C" in lines
@@ -153,9 +164,9 @@ def test_explain_names_series_labels_routes_and_tasks() -> None:
 
 
 def test_explain_not_assessable_and_disabled() -> None:
-    tasks = dict(Rules().tasks)
+    tasks = dict(all_tasks().tasks)
     tasks["glioma_grade"] = tasks["glioma_grade"].model_copy(update={"enabled": False})
-    rules = Rules().model_copy(update={"tasks": tasks})
+    rules = all_tasks().model_copy(update={"tasks": tasks})
     text = explain_routes([decision("3", L.T2)], rules)
     assert "task gbm_pcnsl: NOT ASSESSABLE: no series labelled ADC or T1C" in text
     assert "task glioma_grade: disabled" in text
@@ -180,7 +191,7 @@ def test_cmd_explain_on_real_scanner_series(
     assert "series #5 'anat-T1w_acq-tfl': T1" in out
     assert "task gbm_pcnsl: weighted_mean_logit: gbm_pcnsl_t1c skipped (no T1C series;" in out
     assert "gbm_pcnsl_adc on 2 series, averaged (weight 0.5)" in out
-    assert "task tubers: NOT ASSESSABLE: no series labelled FLAIR or T2" in out
+    assert "task tubers: disabled" in out
 
 
 def test_cmd_explain_rejects_bad_rules_and_missing_folder(
