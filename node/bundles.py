@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,20 @@ class SliceClassification:
 
 
 # --- metadata ----------------------------------------------------------------------------------
+
+
+THREADS_ENV = "NEURONODE_TORCH_THREADS"
+
+
+def set_torch_threads() -> int:
+    """Torch intra-op threads: $NEURONODE_TORCH_THREADS, else 1.
+
+    On 2 shared cores, 2 torch threads ran the networks 4-7x slower than 1 while the node's
+    other threads worked (docs/benchmarks.md), so one thread per process is the default.
+    """
+    n = max(1, int(os.environ.get(THREADS_ENV, "1")))
+    torch.set_num_threads(n)
+    return n
 
 
 def _need(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -306,9 +306,12 @@ def heatmap_png(delivered: tuple[Delivered, ...], target: Path) -> bool:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """`neuronode demo --out DIR`: synthetic study -> running node -> results in the PACS."""
+    from node.bundles import set_torch_threads
     from node.config import load_rules
     from node.pipeline import check_bundles, format_results
     from node.service import Node
+
+    set_torch_threads()
 
     started = time.monotonic()
     out: Path = args.out.absolute()

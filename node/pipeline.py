@@ -942,6 +942,9 @@ def _summary_table(audit: dict[str, Any]) -> str:
 
 def cmd_process(args: argparse.Namespace) -> int:
     """`neuronode process DIR`: run the pipeline on each study of a folder, without network."""
+    from node.bundles import set_torch_threads
+
+    set_torch_threads()
     directory: Path = args.directory
     out_dir: Path = args.out if args.out is not None else DEFAULT_OUT
     rules_path: Path = args.rules

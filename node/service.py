@@ -312,7 +312,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`neuronode serve --rules R`: run until SIGTERM/SIGINT, then stop cleanly and exit 0."""
     rules = load_rules(args.rules)
     configure(rules.logging.format, rules.logging.level)
+    from node.bundles import set_torch_threads
     from node.pipeline import check_bundles
+
+    set_torch_threads()
 
     problems = check_bundles(rules)
     if problems:

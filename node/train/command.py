@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +39,9 @@ log = get_logger(__name__)
 
 
 def _threads() -> None:
-    # Shared 2-core machine: one thread unless the operator says otherwise.
-    torch.set_num_threads(int(os.environ.get("NEURONODE_TORCH_THREADS", "1")))
+    from node.bundles import set_torch_threads
+
+    set_torch_threads()
 
 
 def train_bundle(
