@@ -510,6 +510,7 @@ def predict_series(
         probability=prob,
         slice_indices=indices,
         slice_probabilities=tuple(_sigmoid(float(z) / t + b) for z in slice_logit),
+        weights_sha256=meta.weights_sha256,
     )
 
 

@@ -204,6 +204,9 @@ class SeriesPrediction:
     slice_indices: tuple[int, ...]
     slice_probabilities: tuple[float, ...]
     heatmaps: tuple[Heatmap, ...] = ()
+    # The bundle's weights digest: result UIDs depend on it, so retrained weights published
+    # under the same version still give new UIDs (and never overwrite different content).
+    weights_sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)

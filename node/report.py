@@ -90,10 +90,14 @@ def result_uid(kind: str, *parts: str, uid_root: str | None) -> str:
 
 
 def _model_parts(result: StudyResult) -> tuple[str, ...]:
-    """Sorted model identities, so a new model version gives new result UIDs."""
+    """Sorted model identities (name, version, weights digest): new weights give new UIDs."""
     return tuple(
         sorted(
-            {f"{p.model_id}@{p.model_version}" for f in result.findings for p in f.contributions}
+            {
+                f"{p.model_id}@{p.model_version}#{p.weights_sha256}"
+                for f in result.findings
+                for p in f.contributions
+            }
         )
     )
 
@@ -237,7 +241,7 @@ def _caption(finding: TaskFinding, pred: SeriesPrediction) -> tuple[str, ...]:
 def heatmap_uid(
     study_uid: str, pred: SeriesPrediction, hm: Heatmap, *, uid_root: str | None
 ) -> str:
-    """A heatmap image's SOP Instance UID: fixed by its source slice, task and model version."""
+    """A heatmap image's SOP Instance UID: fixed by its source slice, task and model weights."""
     return result_uid(
         "sc",
         study_uid,
@@ -246,6 +250,7 @@ def heatmap_uid(
         pred.task,
         pred.model_id,
         pred.model_version,
+        pred.weights_sha256,
         uid_root=uid_root,
     )
 

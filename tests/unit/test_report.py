@@ -93,6 +93,7 @@ def make_result(
     status: FindingStatus = FindingStatus.PRESENT,
     version: str = "1.0.0",
     extra_series: tuple[str, ...] = (),
+    weights: str = "",
 ) -> StudyResult:
     """A hand-made StudyResult over a real source file with Gaussian-blob heatmaps."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -119,6 +120,7 @@ def make_result(
         slice_indices=tuple(range(len(frames))),
         slice_probabilities=tuple(0.9 for _ in frames),
         heatmaps=tuple(heatmaps),
+        weights_sha256=weights,
     )
     gbm = TaskFinding(
         task="gbm_pcnsl",
@@ -310,6 +312,11 @@ def test_sr_uids_and_predecessor() -> None:
     assert f"supersedes report {sr1.SOPInstanceUID}" in texts
     newer = make_result(mr_small(), version="2.0.0")
     assert build_sr(newer, (), uid_root=None).SOPInstanceUID != sr1.SOPInstanceUID
+    # retrained weights under the same version: new SR and heatmap UIDs, never a silent overwrite
+    retrained = make_result(mr_small(), weights="ab" * 32)
+    assert build_sr(retrained, (), uid_root=None).SOPInstanceUID != sr1.SOPInstanceUID
+    new_scs = build_heatmap_images(retrained, OUT, uid_root=None)
+    assert {d.SOPInstanceUID for d in new_scs}.isdisjoint({d.SOPInstanceUID for d in scs})
     other = pydicom.dcmread(mr_small(), stop_before_pixels=True)
     other.StudyInstanceUID = "1.2.3"
     with pytest.raises(ReportError, match="another study"):
