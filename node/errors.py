@@ -50,6 +50,14 @@ class LoadError(NodeError):
     """A series could not be assembled into slices (geometry or pixel decoding)."""
 
 
+class StageFailed(NodeError):
+    """A pipeline stage failed with an error that was not already a NodeError; `stage` names it."""
+
+    def __init__(self, message: str, *, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
 class ModelUnavailable(NodeError):
     """A model bundle cannot be served (missing weights, failed checksum, bad metadata)."""
 

@@ -45,7 +45,7 @@ from pydicom.uid import UID
 from node import NOT_FOR_CLINICAL_USE, __version__
 from node.config import Rules, load_rules
 from node.dicomio import SeriesId, scan_study, series_id, volume_id
-from node.errors import ModelUnavailable, NodeError, ReportError
+from node.errors import ModelUnavailable, NodeError, ReportError, StageFailed
 from node.log import configure, get_logger, uid_key
 from node.records import (
     FindingStatus,
@@ -85,14 +85,6 @@ class Stage(StrEnum):
     REPORT = "report"
     OUTBOX = "outbox"
     AUDIT = "audit"
-
-
-class StageFailed(NodeError):
-    """A pipeline stage failed with an error that was not already a NodeError."""
-
-    def __init__(self, message: str, *, stage: Stage) -> None:
-        super().__init__(message)
-        self.stage = stage
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
