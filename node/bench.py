@@ -383,22 +383,10 @@ def bench_sequence(study: BenchStudy, work: Path, settings: BenchSettings) -> Be
 
 def available_tasks(models_dir: Path) -> tuple[dict[str, TaskSettings], tuple[str, ...]]:
     """The default tasks cut down to routes whose bundle loads, and why each other one does not."""
-    from node.bundles import load_bundle
+    from node.pipeline import loadable_tasks
 
-    tasks: dict[str, TaskSettings] = {}
-    missing: list[str] = []
-    for name, task in Rules().tasks.items():
-        routes = []
-        for route in task.models:
-            try:
-                load_bundle(models_dir / route.bundle)
-            except ModelUnavailable as exc:
-                missing.append(f"{route.bundle}: {exc}")
-                continue
-            routes.append(route)
-        if routes:
-            tasks[name] = task.model_copy(update={"models": tuple(routes)})
-    return tasks, tuple(missing)
+    tasks, left_out = loadable_tasks(models_dir)
+    return tasks, tuple(f"{r.bundle}: {r.reason}" for r in left_out)
 
 
 def _skipped(name: str, why: str) -> BenchRecord:

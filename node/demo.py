@@ -23,7 +23,7 @@ from typing import Any, Final
 import yaml
 
 from node import NOT_FOR_CLINICAL_USE
-from node.errors import ConfigError, ModelUnavailable, NodeError
+from node.errors import ConfigError, NodeError
 from node.log import configure, load_or_create_key, set_correlation_key, uid_key
 from node.orthanc import OrthancServer, free_port, orthanc_binary, system_tool
 
@@ -51,24 +51,17 @@ def models_dir() -> Path:
 
 def available_tasks(models: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The built-in tasks keeping only routes whose bundle loads; and what was left out, why."""
-    from node.bundles import load_bundle
     from node.config import Rules
+    from node.pipeline import loadable_tasks
 
-    tasks: dict[str, Any] = {}
-    notes: list[str] = []
-    for name, task in Rules().tasks.items():
-        routes = []
-        for route in task.models:
-            try:
-                load_bundle(models / route.bundle)
-            except ModelUnavailable as exc:
-                notes.append(f"{name}: route {route.bundle} left out ({exc})")
-                continue
-            routes.append(route.model_dump(mode="json"))
-        if routes:
-            tasks[name] = {**task.model_dump(mode="json"), "models": routes}
-        else:
-            notes.append(f"task {name} disabled: none of its bundles is available")
+    loadable, left_out = loadable_tasks(models)
+    notes = [f"{r.task}: route {r.bundle} left out ({r.reason})" for r in left_out]
+    notes += [
+        f"task {name} disabled: none of its bundles is available"
+        for name in Rules().tasks
+        if name not in loadable
+    ]
+    tasks = {name: task.model_dump(mode="json") for name, task in loadable.items()}
     return tasks, tuple(notes)
 
 

@@ -43,7 +43,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from node import NOT_FOR_CLINICAL_USE, __version__
-from node.config import Rules, load_rules
+from node.config import Rules, TaskSettings, load_rules
 from node.dicomio import SeriesId, scan_study, series_id, volume_id
 from node.errors import ModelUnavailable, NodeError, ReportError, StageFailed
 from node.log import configure, get_logger, uid_key
@@ -208,6 +208,38 @@ def check_bundles(rules: Rules, load: Callable[[Path], object] | None = None) ->
         except ModelUnavailable as exc:
             problems.append(f"task {task}: {exc}")
     return tuple(problems)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeftOutRoute:
+    """A route of a task dropped because its bundle cannot be served, and why."""
+
+    task: str
+    bundle: str
+    reason: str
+
+
+def loadable_tasks(
+    models_dir: Path,
+) -> tuple[dict[str, TaskSettings], tuple[LeftOutRoute, ...]]:
+    """The built-in tasks cut down to the routes whose bundle loads (demo, bench); a task with
+    no loadable route is left out."""
+    from node.bundles import load_bundle
+
+    tasks: dict[str, TaskSettings] = {}
+    left_out: list[LeftOutRoute] = []
+    for name, task in Rules().tasks.items():
+        routes = []
+        for route in task.models:
+            try:
+                load_bundle(models_dir / route.bundle)
+            except ModelUnavailable as exc:
+                left_out.append(LeftOutRoute(task=name, bundle=route.bundle, reason=str(exc)))
+                continue
+            routes.append(route)
+        if routes:
+            tasks[name] = task.model_copy(update={"models": tuple(routes)})
+    return tasks, tuple(left_out)
 
 
 # --- stages ---------------------------------------------------------------------------------------
