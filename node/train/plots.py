@@ -26,16 +26,9 @@ def plot_roc(y_true: npt.ArrayLike, y_prob: npt.ArrayLike, path: Path, *, title:
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc(y_true, y_prob):.3f}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(
+        plt, fig, ax, path, x="1 - specificity", y="sensitivity", title=title, legend="lower right"
+    )
 
 
 def plot_reliability(
@@ -54,10 +47,26 @@ def plot_reliability(
     )
     for b in bins:
         ax.annotate(str(b.count), (b.mean_probability, b.observed_rate), fontsize=7)
-    ax.set_xlabel("predicted probability (positive class)")
-    ax.set_ylabel("observed frequency")
+    return _finish(
+        plt,
+        fig,
+        ax,
+        path,
+        x="predicted probability (positive class)",
+        y="observed frequency",
+        title=title,
+        legend="upper left",
+    )
+
+
+def _finish(
+    plt: Any, fig: Any, ax: Any, path: Path, *, x: str, y: str, title: str, legend: str
+) -> Path:
+    """Axis labels, unit square, title and legend; save the PNG and free the figure."""
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left")
+    ax.legend(loc=legend)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     fig.tight_layout()
