@@ -122,12 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", type=Path, default=None, help="weights file (published)")
 
     p = cmd("evaluate", "node.train.command:cmd_evaluate", "evaluate a bundle on labelled data")
-    p.add_argument("task")
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("task", help="a bundle name, or a task of the rule file with --ensemble")
+    p.add_argument(
+        "--data", type=Path, action="append", required=True, help="data folder (repeatable)"
+    )
     p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
     p.add_argument("--bundle", type=Path, default=None, help="bundle folder (default models/NAME)")
     p.add_argument("--out", type=Path, default=None, help="writes metrics.json, roc.png, ...")
     p.add_argument("--record", action="store_true", help="store metrics in the bundle's card")
+    p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="score TASK's study-level ensemble (rule file) against each of its models",
+    )
+    _rules_arg(p)
+    p.add_argument("--models-dir", type=Path, default=None, help="override the rules' models_dir")
+
+    p = cmd(
+        "fit-ensemble",
+        "node.train.command:cmd_fit_ensemble",
+        "fit a task's ensemble weights and temperature on calibration studies",
+    )
+    p.add_argument("task", help="a task of the rule file: gbm_pcnsl, glioma_grade, tubers")
+    p.add_argument(
+        "--data", type=Path, action="append", required=True, help="data folder (repeatable)"
+    )
+    p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
+    p.add_argument("--out", type=Path, default=None, help="writes fit.json")
+    _rules_arg(p)
+    p.add_argument("--models-dir", type=Path, default=None, help="override the rules' models_dir")
 
     p = cmd("demo", "node.demo:cmd_demo", "synthetic study -> running node -> results")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="default: %(default)s")

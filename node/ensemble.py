@@ -12,7 +12,13 @@ For each task the rule file gives routes (bundle + weight), a method and a tempe
      fusion of calibrated models);
    - weighted_mean_probability: weighted mean of probabilities (linear pooling);
    - max_weight: the answer of the highest-weighted bundle that ran (ties averaged).
-4. The fused logit is divided by the task's temperature (study-level calibration).
+4. The fused logit is divided by the task's temperature (study-level calibration). The
+   temperature is fitted (`neuronode fit-ensemble`) on studies where every route ran: it
+   corrects the pooling of correlated, individually calibrated models (a mean of two calibrated
+   logits is under-confident when the models carry different evidence). So for the mean methods
+   it applies in full when all n routes ran and in proportion to what was pooled otherwise:
+   T_eff = 1 + (T - 1) (k - 1) / (n - 1) for k bundles that ran. One bundle alone keeps its own
+   calibration (T_eff = 1); a task with a single route, or max_weight, uses T as given.
 5. p >= band high: PRESENT, p <= band low: ABSENT, strictly inside: INDETERMINATE; no usable
    prediction: NOT_ASSESSABLE with probability None.
 """
@@ -51,6 +57,14 @@ def sigmoid(z: float) -> float:
         return 1.0 / (1.0 + math.exp(-z))
     e = math.exp(z)
     return e / (1.0 + e)
+
+
+def effective_temperature(temperature: float, n_ran: int, n_routes: int, method: str) -> float:
+    """The temperature applied when n_ran of the task's n_routes bundles ran (see step 4)."""
+    if method == "max_weight" or n_routes <= 1:
+        return temperature
+    share = (max(n_ran, 1) - 1) / (n_routes - 1)
+    return 1.0 + (temperature - 1.0) * min(share, 1.0)
 
 
 def _usable(p: SeriesPrediction) -> bool:
@@ -111,7 +125,8 @@ def fuse_task(
         total = math.fsum(weights[b] for b in ran)
         fused = math.fsum(weights[b] * per_bundle[b] for b in ran) / total
         z = fused if in_logits else logit(fused)
-    probability = sigmoid(z / task_rules.temperature)
+    t_eff = effective_temperature(task_rules.temperature, len(ran), len(order), task_rules.method)
+    probability = sigmoid(z / t_eff)
 
     low, high = task_rules.indeterminate_band
     if probability >= high:
@@ -129,9 +144,13 @@ def fuse_task(
         f"{' averaged' if len(by_bundle[b]) > 1 else ''})"
         for b in ran
     )
-    method = f"{method_words} of {used}; temperature {task_rules.temperature:g}"
+    method = f"{method_words} of {used}; temperature {t_eff:g}"
     if missing:
-        method += f"; not run: {', '.join(missing)} (weights renormalised)"
+        method += f"; not run: {', '.join(missing)} (weights renormalised"
+        if t_eff != task_rules.temperature:
+            method += f", temperature {task_rules.temperature:g} applied for {len(ran)} of"
+            method += f" {len(order)} models"
+        method += ")"
     return TaskFinding(
         task=task,
         positive_label=task_rules.positive_label,

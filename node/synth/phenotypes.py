@@ -25,7 +25,9 @@ def study_labels(phenotype: str) -> dict[str, str]:
     return {
         "gbm_pcnsl": phenotype if phenotype in ("gbm", "pcnsl") else "",
         "glioma_grade": {"lgg": "low", "hgg": "high", "gbm": "high"}.get(phenotype, ""),
-        "tubers": {"tsc": "present", "normal": "absent"}.get(phenotype, ""),
+        # Every brain without tuberous sclerosis has no cortical tubers: tumour studies are
+        # negatives too, so a tubers model learns tubers, not "any lesion".
+        "tubers": "present" if phenotype == "tsc" else "absent",
     }
 
 

@@ -17,12 +17,19 @@ import torch
 from node.bundles import load_bundle, write_bundle
 from node.log import get_logger
 from node.train.data import (
+    DataError,
     SeriesItem,
     build_slice_set,
     class_index,
     load_items,
     select_items,
     split_groups,
+)
+from node.train.ensemble_eval import (
+    collect_outputs,
+    evaluate_ensemble,
+    fit_ensemble,
+    rules_snippet,
 )
 from node.train.evaluate import evaluate_sequence, evaluate_task, model_card, record_evaluation
 from node.train.metrics import binary_report, multiclass_report, nll
@@ -246,23 +253,91 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_items(folders: Sequence[Path], task: str, labels: Path | None) -> list[SeriesItem]:
+    return [it for folder in folders for it in load_items(folder, task, labels)]
+
+
+def _task_rules(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """(task name, its rules, its loaded bundles) for --ensemble and fit-ensemble."""
+    from node.config import load_rules
+
+    rules = load_rules(args.rules)
+    task = args.task.strip().lower()
+    if task not in rules.tasks:
+        raise DataError(
+            f"'{args.task}' is not a task of {args.rules} (tasks: {', '.join(rules.tasks)})"
+        )
+    task_rules = rules.tasks[task]
+    models_dir = args.models_dir or rules.models_dir
+    bundles = {r.bundle: load_bundle(models_dir / r.bundle) for r in task_rules.models}
+    return task, task_rules, bundles
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """`neuronode evaluate TASK --data DIR [--labels CSV] [--bundle DIR] [--out OUT]`."""
+    """`neuronode evaluate TASK --data DIR [--labels CSV] [--bundle DIR] [--out OUT]`;
+    with --ensemble, TASK's study-level ensemble from the rule file against its single models."""
     _threads()
+    folders = args.data if isinstance(args.data, list) else [args.data]
+    if getattr(args, "ensemble", False):
+        task, task_rules, bundles = _task_rules(args)
+        outputs = collect_outputs(
+            task,
+            task_rules,
+            bundles,
+            _task_items(folders, task, args.labels),
+            progress=stderr_progress,
+        )
+        report = evaluate_ensemble(task, task_rules, outputs, out=args.out)
+        summary = {k: report[k] for k in ("task", "n_patients", "auc", "auc_ci", "ece")}
+        summary["single_models"] = {
+            n: {k: m[k] for k in ("n_patients", "auc", "ece")}
+            for n, m in report["single_models"].items()
+        }
+        summary["comparison"] = report["comparison"]
+        print(json.dumps(summary, indent=2))
+        return 0
     name, task, _seq = resolve_bundle_name(args.task)
     bundle_dir = args.bundle or Path("models") / name
     bundle = load_bundle(bundle_dir)
-    items = load_items(args.data, task, args.labels)
+    items = _task_items(folders, task, args.labels)
     if task == "sequence":
         report = evaluate_sequence(bundle, items, out=args.out, progress=stderr_progress)
     else:
         report = evaluate_task(bundle, items, out=args.out, progress=stderr_progress)
     if getattr(args, "record", False):
-        record_evaluation(bundle_dir, report, _describe(args.data), args.out)
+        data = "; ".join(_describe(f) for f in folders)
+        record_evaluation(bundle_dir, report, data, args.out)
     summary = {
         k: report.get(k)
         for k in ("model", "n_patients", "n_series", "auc", "auc_ci", "ece", "accuracy")
         if k in report
     }
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_fit_ensemble(args: argparse.Namespace) -> int:
+    """`neuronode fit-ensemble TASK --data DIR`: weights and temperature for the rule file,
+    fitted on labelled calibration studies (neither training nor test data)."""
+    _threads()
+    folders = args.data if isinstance(args.data, list) else [args.data]
+    task, task_rules, bundles = _task_rules(args)
+    items = _task_items(folders, task, args.labels)
+    outputs = collect_outputs(task, task_rules, bundles, items, progress=stderr_progress)
+    fit = fit_ensemble(task, task_rules, outputs)
+    result = {
+        "task": task,
+        "weights": fit.weights,
+        "temperature": fit.temperature,
+        "n_studies": fit.n_studies,
+        "log_loss_with_rules": round(fit.nll_rules, 4),
+        "log_loss_fitted": round(fit.nll_fitted, 4),
+        "data": "; ".join(_describe(f) for f in folders),
+    }
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fit.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    print("# paste under tasks: in the rule file")
+    print(rules_snippet(task, task_rules, fit))
     return 0

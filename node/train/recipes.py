@@ -164,7 +164,7 @@ def get_recipe(name: str, variant: str = "small") -> Recipe:
             network_name="ResNet",
             network_args=_tiny_resnet(n_cls),
             cam_layer="layer4",
-            epochs=12 if task == "sequence" else 20,
+            epochs={"sequence": 12, "tubers": 30}.get(task, 20),
             batch_size=32,
             lr=1e-3,
             lr_decay_after_epoch=6 if task == "sequence" else 10,

@@ -7,7 +7,15 @@ import math
 import pytest
 
 from node.config import ModelRoute, Rules, TaskSettings
-from node.ensemble import EPS, clip_probability, fuse_study, fuse_task, logit, sigmoid
+from node.ensemble import (
+    EPS,
+    clip_probability,
+    effective_temperature,
+    fuse_study,
+    fuse_task,
+    logit,
+    sigmoid,
+)
 from node.records import FindingStatus, SequenceLabel, SeriesPrediction
 
 METHODS = ("weighted_mean_logit", "weighted_mean_probability", "max_weight")
@@ -87,6 +95,32 @@ def test_temperature_scales_the_fused_logit() -> None:
     f = fuse_task("gbm_pcnsl", task_settings({"a": 1.0}, temperature=2.0), [pred("a", 0.9)])
     assert f.probability == pytest.approx(sigmoid(logit(0.9) / 2.0))
     assert "temperature 2" in f.method
+
+
+def test_fitted_temperature_applies_in_full_only_when_every_route_ran() -> None:
+    rules = task_settings({"t1c": 1.0, "adc": 0.5}, temperature=0.4)
+    both = fuse_task("gbm_pcnsl", rules, [pred("t1c", 0.8), pred("adc", 0.7, series="9")])
+    fused = (logit(0.8) + 0.5 * logit(0.7)) / 1.5
+    assert both.probability == pytest.approx(sigmoid(fused / 0.4))
+    # one of two ran: nothing was pooled, so the bundle keeps its own calibration
+    alone = fuse_task("gbm_pcnsl", rules, [pred("adc", 0.7, series="9")])
+    assert alone.probability == pytest.approx(0.7)
+    assert "temperature 0.4 applied for 1 of 2 models" in alone.method
+
+
+@pytest.mark.parametrize(
+    ("t", "k", "n", "method", "expected"),
+    [
+        (0.4, 2, 2, "weighted_mean_logit", 0.4),
+        (0.4, 1, 2, "weighted_mean_logit", 1.0),
+        (0.4, 2, 3, "weighted_mean_probability", 0.7),
+        (2.0, 3, 3, "weighted_mean_logit", 2.0),
+        (0.4, 1, 2, "max_weight", 0.4),
+        (0.4, 1, 1, "weighted_mean_logit", 0.4),
+    ],
+)
+def test_effective_temperature(t: float, k: int, n: int, method: str, expected: float) -> None:
+    assert effective_temperature(t, k, n, method) == pytest.approx(expected)
 
 
 def test_several_series_of_one_bundle_are_averaged_before_weighting() -> None:

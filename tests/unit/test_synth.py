@@ -115,12 +115,14 @@ def test_layout_manifest_and_csvs(written: Path) -> None:
 
 
 def test_study_labels_mapping() -> None:
-    assert study_labels("gbm") == {"gbm_pcnsl": "gbm", "glioma_grade": "high", "tubers": ""}
-    assert study_labels("pcnsl") == {"gbm_pcnsl": "pcnsl", "glioma_grade": "", "tubers": ""}
+    assert study_labels("gbm") == {"gbm_pcnsl": "gbm", "glioma_grade": "high", "tubers": "absent"}
+    assert study_labels("pcnsl") == {"gbm_pcnsl": "pcnsl", "glioma_grade": "", "tubers": "absent"}
     assert study_labels("lgg")["glioma_grade"] == "low"
     assert study_labels("hgg")["glioma_grade"] == "high"
     assert study_labels("tsc")["tubers"] == "present"
     assert study_labels("normal") == {"gbm_pcnsl": "", "glioma_grade": "", "tubers": "absent"}
+    # tumours have no tubers: they are the tubers task's hard negatives
+    assert {study_labels(p)["tubers"] for p in ("gbm", "pcnsl", "lgg", "hgg")} == {"absent"}
     with pytest.raises(ValueError, match="phenotype"):
         study_labels("meningioma")
 
