@@ -42,6 +42,7 @@ from node.records import (
     SeriesPrediction,
     SeriesVolume,
 )
+from node.roi import Box, RoiSpec, lesion_box
 
 log = get_logger(__name__)
 
@@ -69,6 +70,7 @@ class BundleMetadata:
     norm_high: float  # percentile mapped to 1
     slice_mode: str  # brain_range or central_window
     slice_n: int  # how many slices at most
+    roi: RoiSpec | None  # tumour-centred rectangle (node.roi); None = whole slices
     temperature: float
     calibration_bias: float  # added to logit / temperature (Platt scaling); 0 = temperature only
     series_aggregation: str
@@ -184,6 +186,10 @@ def parse_metadata(raw: Mapping[str, Any], where: str) -> BundleMetadata:
     n = sel.get("n")
     if not isinstance(n, int) or n < 1:
         raise ModelUnavailable(f"{where}: input.slice_selection.n must be a positive integer")
+    try:
+        roi = RoiSpec.from_json(inp.get("roi"))
+    except ValueError as exc:
+        raise ModelUnavailable(f"{where}: {exc}") from exc
     temperature = _need(raw, "temperature", (int, float), where)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ModelUnavailable(f"{where}: temperature must be a positive number")
@@ -222,6 +228,7 @@ def parse_metadata(raw: Mapping[str, Any], where: str) -> BundleMetadata:
         norm_high=high,
         slice_mode=str(mode),
         slice_n=n,
+        roi=roi,
         temperature=float(temperature),
         calibration_bias=float(bias),
         series_aggregation=str(aggregation),
@@ -436,20 +443,39 @@ def preprocess(
     channels: int,
     low: float,
     high: float,
+    box: Box | None = None,
 ) -> torch.Tensor:
-    """Network input (n, channels, H, W): per-series percentile scaling, bilinear resize."""
+    """Network input (n, channels, H, W): per-series percentile scaling, the series' region
+    (box) when the bundle reads one, bilinear resize."""
     vol = normalise_volume(pixels, low, high)
-    x = torch.from_numpy(np.ascontiguousarray(vol[list(indices)]))[:, None]
+    picked = vol[list(indices)]
+    if box is not None:
+        picked = picked[:, box.r0 : box.r1, box.c0 : box.c1]
+    x = torch.from_numpy(np.ascontiguousarray(picked))[:, None]
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     if channels > 1:
         x = x.repeat(1, channels, 1, 1)
     return x
 
 
+def roi_box(pixels: npt.NDArray[Any], roi: RoiSpec | None, low: float, high: float) -> Box | None:
+    """The series' tumour-centred rectangle (node.roi) on its scaled values; None without roi."""
+    return None if roi is None else lesion_box(normalise_volume(pixels, low, high), roi)
+
+
+def series_box(pixels: npt.NDArray[Any], meta: BundleMetadata) -> Box | None:
+    """The series' tumour-centred rectangle when the bundle reads one, else None."""
+    return roi_box(pixels, meta.roi, meta.norm_low, meta.norm_high)
+
+
 def prepare_slices(
-    pixels: npt.NDArray[Any], indices: tuple[int, ...], meta: BundleMetadata
+    pixels: npt.NDArray[Any],
+    indices: tuple[int, ...],
+    meta: BundleMetadata,
+    box: Box | None = None,
 ) -> torch.Tensor:
-    """Network input (n, channels, H, W) for the chosen slices of one series."""
+    """Network input (n, channels, H, W) for the chosen slices of one series (box: the
+    series' region, found here when the bundle reads one and it is not given)."""
     return preprocess(
         pixels,
         indices,
@@ -457,6 +483,7 @@ def prepare_slices(
         channels=meta.channels,
         low=meta.norm_low,
         high=meta.norm_high,
+        box=box if box is not None else series_box(pixels, meta),
     )
 
 

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from node.bundles import Bundle, prepare_slices, resolve_layer
+from node.bundles import Bundle, prepare_slices, resolve_layer, series_box
 from node.errors import InferenceError
 from node.records import FloatArray, Heatmap, SeriesPrediction, SeriesVolume
+from node.roi import Box
 
 
 def grad_cam(
@@ -64,11 +65,19 @@ def _unit_range(cam: torch.Tensor) -> torch.Tensor:
     return out.clamp(0.0, 1.0)
 
 
-def to_source_grid(cam: torch.Tensor, rows: int, cols: int) -> FloatArray:
-    """Resample an input-size map onto the source slice grid and re-normalise to 0..1."""
-    up = F.interpolate(cam[None, None], size=(rows, cols), mode="bilinear", align_corners=False)
-    out: FloatArray = _unit_range(up[0]).numpy()[0].astype(np.float32)
-    return out
+def to_source_grid(cam: torch.Tensor, rows: int, cols: int, box: Box | None = None) -> FloatArray:
+    """Resample an input-size map onto the source slice grid and re-normalise to 0..1; with a
+    region (box) the map covers that rectangle and is 0 outside it."""
+    if box is None:
+        up = F.interpolate(cam[None, None], size=(rows, cols), mode="bilinear", align_corners=False)
+        out: FloatArray = _unit_range(up[0]).numpy()[0].astype(np.float32)
+        return out
+    size = (box.r1 - box.r0, box.c1 - box.c0)
+    part = F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)
+    full = torch.zeros(1, rows, cols, dtype=part.dtype)
+    full[0, box.r0 : box.r1, box.c0 : box.c1] = part[0, 0]
+    placed: FloatArray = _unit_range(full).numpy()[0].astype(np.float32)
+    return placed
 
 
 def explain_series(
@@ -83,7 +92,8 @@ def explain_series(
     probs = np.asarray(prediction.slice_probabilities)
     order = np.argsort(-probs if positive else probs, kind="stable")[:top_k]
     chosen = tuple(prediction.slice_indices[int(i)] for i in order)
-    x = prepare_slices(volume.pixels, chosen, meta)
+    box = series_box(volume.pixels, meta)
+    x = prepare_slices(volume.pixels, chosen, meta, box)
     layer = resolve_layer(bundle.network, meta.cam_layer)
     try:
         cams = grad_cam(bundle.network, layer, x, class_index)
@@ -95,7 +105,7 @@ def explain_series(
             series_uid=volume.series_uid,
             slice_index=idx,
             source=volume.slices[idx],
-            cam=to_source_grid(cams[j], rows, cols),
+            cam=to_source_grid(cams[j], rows, cols, box),
             image=np.asarray(volume.pixels[idx], dtype=np.float32),
         )
         for j, idx in enumerate(chosen)

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from node.bundles import preprocess, select_slices
+from node.bundles import preprocess, roi_box, select_slices
 from node.errors import NodeError
 from node.records import SequenceLabel, SeriesVolume
 from node.train.recipes import NORM_HIGH, NORM_LOW, Recipe
@@ -311,8 +311,15 @@ def series_slices(
 ) -> tuple[tuple[int, ...], torch.Tensor]:
     """The slices a bundle of this recipe reads from one series, prepared like inference."""
     idx = select_slices(pixels, recipe.slice_mode, n or recipe.slice_n)
+    box = roi_box(pixels, recipe.roi, NORM_LOW, NORM_HIGH)
     x = preprocess(
-        pixels, idx, size=recipe.size, channels=recipe.channels, low=NORM_LOW, high=NORM_HIGH
+        pixels,
+        idx,
+        size=recipe.size,
+        channels=recipe.channels,
+        low=NORM_LOW,
+        high=NORM_HIGH,
+        box=box,
     )
     return idx, x
 
