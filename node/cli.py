@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", choices=("small", "published"), default="small")
     p.add_argument("--pretrained", type=Path, default=None, help="weights file (published)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="patient-level k-fold cross-validation instead of one bundle (writes OUT/cv.json"
+        " and a bundle per fold; default OUT: cv/NAME)",
+    )
 
     p = cmd("evaluate", "node.train.command:cmd_evaluate", "evaluate a bundle on labelled data")
     p.add_argument("task", help="a bundle name, or a task of the rule file with --ensemble")

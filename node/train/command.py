@@ -16,11 +16,13 @@ import torch
 
 from node.bundles import load_bundle, write_bundle
 from node.log import get_logger
+from node.train import plots
 from node.train.data import (
     DataError,
     SeriesItem,
     build_slice_set,
     class_index,
+    fold_groups,
     load_items,
     select_items,
     split_groups,
@@ -157,6 +159,86 @@ def train_bundle(
     return out
 
 
+def cross_validate(
+    recipe: Recipe,
+    items: Sequence[SeriesItem],
+    out: Path,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    epochs: int | None = None,
+    pretrained: Path | None = None,
+    data_description: str = "",
+    progress: Progress = stderr_progress,
+    load: Callable[[SeriesItem], npt.NDArray[Any]] | None = None,
+    volume_load: Callable[[SeriesItem], Any] | None = None,
+) -> dict[str, Any]:
+    """Patient-level k-fold cross-validation of a recipe: each fold's patients are held out
+    while a bundle is trained (with its own inner validation split for early stopping and
+    calibration) on the others, then scored as served; OUT/fold_k holds each fold's bundle and
+    OUT/cv.json the per-fold and pooled out-of-fold metrics (plus roc.png, reliability.png)."""
+    from node.train.data import load_volume
+    from node.train.evaluate import study_probabilities
+
+    chosen = select_items(items, recipe)
+    groups = fold_groups(
+        chosen, folds=folds, seed=seed, label_of=lambda it: str(class_index(it, recipe))
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    per_fold, ys, ps = [], [], []
+    for k, held in enumerate(groups, start=1):
+        progress(f"[{recipe.bundle_name}] fold {k}/{folds}: {len(held)} held-out patients")
+        fold_dir = train_bundle(
+            recipe,
+            [it for it in chosen if it.group not in held],
+            out / f"fold_{k}",
+            seed=seed,
+            epochs=epochs,
+            pretrained=pretrained,
+            data_description=f"{data_description} (cross-validation fold {k} of {folds})",
+            progress=progress,
+            load=load,
+        )
+        bundle = load_bundle(fold_dir)
+        test = [it for it in chosen if it.group in held]
+        _uids, y, p = study_probabilities(bundle, test, load=volume_load or load_volume)
+        report = binary_report(y, p, seed=seed)
+        report.pop("reliability", None)
+        per_fold.append({"fold": k, **report})
+        ys.append(y)
+        ps.append(p)
+    y_all, p_all = np.concatenate(ys), np.concatenate(ps)
+    pooled = binary_report(y_all, p_all, seed=seed)
+    pooled.pop("reliability", None)
+    aucs = np.asarray([f["auc"] for f in per_fold], dtype=np.float64)
+    result = {
+        "model": recipe.bundle_name,
+        "recipe": recipe.variant,
+        "folds": folds,
+        "seed": seed,
+        "split": "patient-level, stratified by label; inner validation split per fold",
+        "data": data_description,
+        "auc_mean": float(np.nanmean(aucs)),
+        "auc_sd": float(np.nanstd(aucs, ddof=1)) if folds > 1 else 0.0,
+        "auc": pooled["auc"],
+        "auc_ci": pooled["auc_ci"],
+        "ece": pooled["ece"],
+        "n_patients": pooled["n_patients"],
+        "pooled_out_of_fold": pooled,
+        "per_fold": per_fold,
+    }
+    plots.plot_roc(y_all, p_all, out / "roc.png", title=f"{recipe.bundle_name}: {folds}-fold CV")
+    plots.plot_reliability(
+        y_all,
+        p_all,
+        out / "reliability.png",
+        title=f"{recipe.bundle_name}: {folds}-fold CV",
+        ece=pooled["ece"],
+    )
+    (out / "cv.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
 def recalibrate_bundle(
     bundle_dir: Path, items: Sequence[SeriesItem], *, seed: int = 0
 ) -> tuple[float, float]:
@@ -239,6 +321,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.task, args.recipe)
     folders = args.data if isinstance(args.data, list) else [args.data]
     items = [it for folder in folders for it in load_items(folder, recipe.task, args.labels)]
+    description = "; ".join(_describe(f) for f in folders)
+    if getattr(args, "folds", None):
+        cv_out = args.out or Path("cv") / recipe.bundle_name
+        result = cross_validate(
+            recipe,
+            items,
+            cv_out,
+            folds=args.folds,
+            seed=args.seed,
+            epochs=args.epochs,
+            pretrained=args.pretrained,
+            data_description=description,
+        )
+        summary = {
+            k: result[k]
+            for k in ("model", "folds", "n_patients", "auc_mean", "auc_sd", "auc", "auc_ci", "ece")
+        }
+        print(json.dumps(summary, indent=2))
+        return 0
     out = args.out or Path("models") / recipe.bundle_name
     train_bundle(
         recipe,
@@ -247,7 +348,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         epochs=args.epochs,
         pretrained=args.pretrained,
-        data_description="; ".join(_describe(f) for f in folders),
+        data_description=description,
     )
     print(out)
     return 0

@@ -298,6 +298,31 @@ def split_groups(
     return train, val
 
 
+def fold_groups(
+    items: Sequence[SeriesItem], *, folds: int, seed: int, label_of: Callable[[SeriesItem], str]
+) -> tuple[frozenset[str], ...]:
+    """Patient groups of k folds for cross-validation, stratified by each group's first label
+    (each label's groups are shuffled and dealt round-robin, so fold sizes differ by <= 1)."""
+    if folds < 2:
+        raise ValueError("cross-validation needs at least 2 folds")
+    first: dict[str, str] = {}
+    for it in items:
+        first.setdefault(it.group, label_of(it))
+    if len(first) < folds:
+        raise DataError(f"{len(first)} patients cannot fill {folds} folds")
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for g, label in sorted(first.items()):
+        by_label[label].append(g)
+    rng = np.random.default_rng(seed)
+    out: list[set[str]] = [set() for _ in range(folds)]
+    dealt = 0
+    for _label, gs in sorted(by_label.items()):
+        for i in rng.permutation(len(gs)):
+            out[dealt % folds].add(gs[int(i)])
+            dealt += 1
+    return tuple(frozenset(f) for f in out)
+
+
 def class_index(item: SeriesItem, recipe: Recipe) -> int:
     """The training target of a series: its sequence or its task label, as a class index."""
     name = item.sequence.value if recipe.task == "sequence" else item.label

@@ -166,3 +166,57 @@ def test_tiny_training_run_writes_a_loadable_bundle(tmp_path: Path) -> None:
     card = (out / "docs" / "README.md").read_text()
     assert f"{report['auc']:.3f}" in card and "![roc.png](roc.png)" in card
     bundles.load_bundle(out)  # metadata rewrite keeps the weights' checksum valid
+
+
+def test_fold_groups_partition_patients_and_stratify() -> None:
+    items = [_item(i, "gbm" if i % 3 else "pcnsl", group=f"p{i // 2}") for i in range(60)]
+    folds = data.fold_groups(items, folds=5, seed=3, label_of=lambda it: it.label or "")
+    assert len(folds) == 5
+    everyone = {it.group for it in items}
+    assert set().union(*folds) == everyone
+    assert sum(len(f) for f in folds) == len(everyone)  # disjoint
+    assert max(len(f) for f in folds) - min(len(f) for f in folds) <= 1
+    first = {it.group: it.label for it in reversed(items)}
+    for f in folds:
+        assert {first[g] for g in f} == {"gbm", "pcnsl"}  # both labels in every fold
+    again = data.fold_groups(items, folds=5, seed=3, label_of=lambda it: it.label or "")
+    assert again == folds
+    assert data.fold_groups(items, folds=5, seed=4, label_of=lambda it: it.label or "") != folds
+    with pytest.raises(ValueError, match="2 folds"):
+        data.fold_groups(items, folds=1, seed=0, label_of=lambda it: "")
+    with pytest.raises(data.DataError, match="cannot fill"):
+        data.fold_groups(items[:4], folds=5, seed=0, label_of=lambda it: "")
+
+
+@pytest.mark.slow
+def test_cross_validation_holds_out_each_patient_once(tmp_path: Path) -> None:
+    from node.train.command import cross_validate
+
+    items = [_item(i, "gbm" if i % 2 else "pcnsl") for i in range(24)]
+
+    def volume(it: data.SeriesItem) -> SeriesVolume:
+        pix = _phantom(it)
+        return dataclasses.replace(make_volume(n=pix.shape[0], rows=48, cols=48), pixels=pix)
+
+    result = cross_validate(
+        recipes.get_recipe("gbm_pcnsl"),
+        items,
+        tmp_path / "cv",
+        folds=3,
+        epochs=2,
+        progress=lambda _l: None,
+        load=_phantom,
+        volume_load=volume,
+    )
+    assert result["n_patients"] == 24  # every patient scored exactly once, out of fold
+    assert [f["n_patients"] for f in result["per_fold"]] == [8, 8, 8]
+    assert result["auc_ci"][0] <= result["auc"] <= result["auc_ci"][1]
+    assert json.loads((tmp_path / "cv" / "cv.json").read_text())["folds"] == 3
+    for k in (1, 2, 3):
+        meta = json.loads((tmp_path / "cv" / f"fold_{k}" / "configs" / "metadata.json").read_text())
+        assert (
+            meta["training"]["split"]["n_train_patients"]
+            + meta["training"]["split"]["n_val_patients"]
+            == 16
+        )  # the fold's 8 held-out patients never train
+    assert (tmp_path / "cv" / "roc.png").stat().st_size > 1000
