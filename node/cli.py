@@ -136,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
     p.add_argument("--bundle", type=Path, default=None, help="bundle folder (default models/NAME)")
     p.add_argument("--out", type=Path, default=None, help="writes metrics.json, roc.png, ...")
-    p.add_argument("--record", action="store_true", help="store metrics in the bundle's card")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="store the test metrics in the bundle's card (with --ensemble: in each model's)",
+    )
     p.add_argument(
         "--ensemble",
         action="store_true",

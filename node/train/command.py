@@ -389,6 +389,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             progress=stderr_progress,
         )
         report = evaluate_ensemble(task, task_rules, outputs, out=args.out)
+        if getattr(args, "record", False):
+            data = "; ".join(_describe(f) for f in folders)
+            for name, single in report["single_models"].items():
+                figures = args.out / name if args.out is not None else None
+                record_evaluation(bundles[name].path, single, data, figures)
         summary = {k: report[k] for k in ("task", "n_patients", "auc", "auc_ci", "ece")}
         summary["single_models"] = {
             n: {k: m[k] for k in ("n_patients", "auc", "ece")}

@@ -248,7 +248,11 @@ def evaluate_ensemble(
     for j, name in enumerate(names):
         ran = np.isfinite(z[:, j])
         if ran.any() and 0 < y_all[ran].sum() < ran.sum():
-            singles[name] = _brief(binary_report(y_all[ran], _sigmoid(z[ran, j]), seed=seed))
+            y_j, p_j = y_all[ran], _sigmoid(z[ran, j])
+            singles[name] = _brief(binary_report(y_j, p_j, seed=seed))
+            singles[name]["level"] = "patient (one study per patient; series by mean logit)"
+            if out is not None:
+                _write_figures(out / name, name, y_j, p_j, singles[name])
     ensemble = binary_report(y_all[assessable], fused[assessable], seed=seed)
     complete = np.all(np.isfinite(z), axis=1)
     comparison: dict[str, Any] = {"n_patients": int(complete.sum())}
@@ -289,14 +293,17 @@ def evaluate_ensemble(
         "note": NOT_FOR_CLINICAL_USE,
     }
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        ya, pa = y_all[assessable], fused[assessable]
-        plots.plot_roc(ya, pa, out / "roc.png", title=f"{task} ensemble: ROC (patient level)")
-        plots.plot_reliability(
-            ya, pa, out / "reliability.png", title=f"{task} ensemble", ece=ensemble["ece"]
-        )
-        (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        _write_figures(out, f"{task} ensemble", y_all[assessable], fused[assessable], report)
     return report
+
+
+def _write_figures(out: Path, title: str, y: Array, p: Array, report: Mapping[str, Any]) -> None:
+    """OUT/metrics.json, roc.png and reliability.png for one set of patient-level answers."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots.plot_roc(y, p, out / "roc.png", title=f"{title}: ROC (patient level)")
+    ece = report["ece"] if "ece" in report else expected_calibration_error(y, p)
+    plots.plot_reliability(y, p, out / "reliability.png", title=title, ece=ece)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def rules_snippet(task: str, task_rules: TaskSettings, fit: EnsembleFit) -> str:

@@ -114,3 +114,30 @@ def test_train_and_evaluate_cli_on_synth(tmp_path: Path) -> None:
     assert {"auc", "auc_ci", "ece"} <= set(metrics)
     assert (out / "roc.png").stat().st_size > 1000
     assert (out / "reliability.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_fit_and_evaluate_the_ensemble_from_the_command_line(
+    synth_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not {"gbm_pcnsl_t1c", "gbm_pcnsl_adc"} <= set(SHIPPED):
+        pytest.skip("bundles not shipped")
+    from node import cli
+
+    rules = REPO / "routing_rules" / "default.yaml"
+    common = ["--data", str(synth_study), "--rules", str(rules), "--models-dir", str(MODELS)]
+    assert cli.main(["fit-ensemble", "gbm_pcnsl", *common, "--out", str(tmp_path / "fit")]) == 0
+    printed = capsys.readouterr().out
+    fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert set(fit["weights"]) == {"gbm_pcnsl_t1c", "gbm_pcnsl_adc"}
+    assert max(fit["weights"].values()) == 1.0 and fit["temperature"] > 0
+    assert fit["n_studies"] == 2 and fit["log_loss_fitted"] <= fit["log_loss_with_rules"] + 1e-9
+    assert f"temperature: {fit['temperature']:g}" in printed
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "gbm_pcnsl", "--ensemble", *common, "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["n_patients"] == 2 and report["n_not_assessable"] == 0
+    assert set(report["single_models"]) == {"gbm_pcnsl_t1c", "gbm_pcnsl_adc"}
+    assert report["comparison"]["n_patients"] == 2
+    for folder in (out, out / "gbm_pcnsl_t1c", out / "gbm_pcnsl_adc"):
+        assert (folder / "roc.png").stat().st_size > 1000
