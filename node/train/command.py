@@ -48,8 +48,14 @@ log = get_logger(__name__)
 
 
 def _threads() -> None:
-    from node.bundles import set_torch_threads
+    """Torch threads for this process, and log lines at warning and above only: the progress
+    lines on stderr tell the story, per-series debug lines would drown them."""
+    import sys
 
+    from node.bundles import set_torch_threads
+    from node.log import configure
+
+    configure(fmt="auto", level="warning", stream=sys.stderr)
     set_torch_threads()
 
 
