@@ -142,6 +142,23 @@ def expected_calibration_error(
     )
 
 
+def ece_if_calibrated(
+    y_prob: npt.ArrayLike, *, n_sim: int = 500, seed: int = 0, n_bins: int = 10
+) -> tuple[float, float]:
+    """(mean, 95th percentile) ECE of a perfectly calibrated model making these predictions:
+    outcomes drawn as Bernoulli(p). A finite test set has an ECE floor above 0; an observed ECE
+    inside this range is what perfect calibration would also show at this n."""
+    p = np.asarray(y_prob, dtype=np.float64).ravel()
+    if p.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    sims = [
+        expected_calibration_error((rng.random(p.size) < p).astype(np.float64), p, n_bins=n_bins)
+        for _ in range(n_sim)
+    ]
+    return float(np.mean(sims)), float(np.quantile(sims, 0.95))
+
+
 def _ratio(num: int, den: int) -> float:
     return num / den if den else math.nan
 
@@ -179,6 +196,7 @@ def binary_report(
         "npv": _ratio(tn, tn + fn),
         "f1": f1,
         "ece": expected_calibration_error(y, p),
+        "ece_if_calibrated": list(ece_if_calibrated(p, seed=seed)),
         "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
         "reliability": [
             {

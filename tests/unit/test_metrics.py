@@ -106,3 +106,19 @@ def test_fit_platt_recovers_slope_and_bias() -> None:
     assert a == pytest.approx(0.5, abs=0.08)
     assert b == pytest.approx(-1.0, abs=0.12)
     assert metrics.fit_platt([1.0, 2.0], [1, 1]) == (1.0, 0.0)  # one class: identity
+
+
+def test_ece_floor_of_a_calibrated_model_shrinks_with_n() -> None:
+    from node.train.metrics import ece_if_calibrated
+
+    rng = np.random.default_rng(0)
+    small = ece_if_calibrated(rng.random(60), seed=1)
+    large = ece_if_calibrated(rng.random(6000), seed=1)
+    assert 0 < large[0] < small[0] and small[0] <= small[1]
+    assert large[1] < 0.03  # thousands of studies: calibration is measurable to ~0.01
+    p = rng.random(400)
+    y = (rng.random(400) < p).astype(float)
+    _mean, hi = ece_if_calibrated(p, seed=2)
+    # a calibrated model lands in the range, an over-confident-positive one does not
+    assert metrics.expected_calibration_error(y, p) < hi + 0.02
+    assert metrics.expected_calibration_error(y, np.clip(p * 0.5 + 0.5, 0, 1)) > hi
