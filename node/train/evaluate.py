@@ -225,6 +225,14 @@ def _metrics_table(m: Mapping[str, Any]) -> list[str]:
         f"| patients / series | {m.get('n_patients', 'n/a')} / {m.get('n_series', 'n/a')} |",
         f"| AUC (95% bootstrap CI) | {_fmt(m.get('auc'))} ({_fmt(ci[0])} - {_fmt(ci[1])}) |",
         f"| ECE (10 bins) | {_fmt(m.get('ece'))} |",
+        *(
+            [
+                "| ECE a perfectly calibrated model would show here (mean, 95th pct) |"
+                f" {_fmt(m['ece_if_calibrated'][0])}, {_fmt(m['ece_if_calibrated'][1])} |"
+            ]
+            if m.get("ece_if_calibrated")
+            else []
+        ),
         f"| accuracy | {_fmt(m.get('accuracy'))} |",
     ]
     for key in ("sensitivity", "specificity", "ppv", "npv", "f1", "t1_t1c_confusion_rate"):
