@@ -128,7 +128,7 @@ def test_default_schema_tasks_and_routes() -> None:
     assert gbm.positive_label == "glioblastoma"
     assert [(m.bundle, m.sequences, m.weight) for m in gbm.models] == [
         ("gbm_pcnsl_t1c", (SequenceLabel.T1C,), 1.0),
-        ("gbm_pcnsl_adc", (SequenceLabel.ADC,), 0.5),
+        ("gbm_pcnsl_adc", (SequenceLabel.ADC,), 0.996),
     ]
     assert gbm.indeterminate_band == (0.35, 0.65)
     assert rules.sequence.disagreement == "other"

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.config import TaskSettings
-from node.ensemble import fuse_task, logit, sigmoid
+from node.ensemble import effective_temperature, fuse_task, logit, sigmoid
 from node.records import FindingStatus, SeriesPrediction
 from tests.unit.test_ensemble import METHODS, pred, task_settings
 
@@ -75,9 +75,10 @@ def test_renormalising_equals_running_only_present_models(
 ) -> None:
     rules, preds = case
     present = {p.model_id for p in preds}
-    only = rules.model_copy(
-        update={"models": tuple(m for m in rules.models if m.bundle in present)}
-    )
+    kept = tuple(m for m in rules.models if m.bundle in present)
+    # the fitted temperature is for all routes; with k of n it applies in proportion
+    t = effective_temperature(rules.temperature, len(kept), len(rules.models), rules.method)
+    only = rules.model_copy(update={"models": kept, "temperature": t})
     full = fuse_task("gbm_pcnsl", rules, preds)
     reduced = fuse_task("gbm_pcnsl", only, preds)
     assert full.probability == pytest.approx(reduced.probability, rel=1e-9, abs=1e-12)

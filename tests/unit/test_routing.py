@@ -56,9 +56,9 @@ def test_full_study_default_routes() -> None:
     routes = route_study(full_study(), all_tasks())
     assert [(r.task, r.bundle, r.series_uid, r.sequence, r.weight) for r in routes] == [
         ("gbm_pcnsl", "gbm_pcnsl_t1c", "2", L.T1C, 1.0),
-        ("gbm_pcnsl", "gbm_pcnsl_adc", "6", L.ADC, 0.5),
-        ("glioma_grade", "glioma_grade_t1c", "2", L.T1C, 1.0),
-        ("glioma_grade", "glioma_grade_flair", "4", L.FLAIR, 0.5),
+        ("gbm_pcnsl", "gbm_pcnsl_adc", "6", L.ADC, 0.996),
+        ("glioma_grade", "glioma_grade_t1c", "2", L.T1C, 0.69),
+        ("glioma_grade", "glioma_grade_flair", "4", L.FLAIR, 1.0),
         ("tubers", "tubers_flair", "4", L.FLAIR, 1.0),
         ("tubers", "tubers_t2", "3", L.T2, 1.0),
     ]
@@ -186,11 +186,11 @@ def test_cmd_explain_on_real_scanner_series(
     assert cmd_explain(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("study: qualifies: 4 series, modalities MR")
-    assert out.count("-> gbm_pcnsl_adc (task gbm_pcnsl, route ADC, weight 0.5)") == 2
+    assert out.count("-> gbm_pcnsl_adc (task gbm_pcnsl, route ADC, weight 0.996)") == 2
     assert "series #13 'DWI_dir80_PA_FA': OTHER" in out
     assert "series #5 'anat-T1w_acq-tfl': T1" in out
     assert "task gbm_pcnsl: weighted_mean_logit: gbm_pcnsl_t1c skipped (no T1C series;" in out
-    assert "gbm_pcnsl_adc on 2 series, averaged (weight 0.5)" in out
+    assert "gbm_pcnsl_adc on 2 series, averaged (weight 0.996)" in out
     assert "task tubers: disabled" in out
 
 
