@@ -292,6 +292,15 @@ def model_card(meta: Mapping[str, Any]) -> str:
         " computed per series on the native DICOM values after the modality LUT (not on 8-bit"
         " exports)",
         f"- slices: {inp['slice_selection']['mode']}, at most {inp['slice_selection']['n']}",
+        *(
+            [
+                f"- region: tumour-centred square found from the series itself (node.roi"
+                f" `{inp['roi']['method']}`, z {inp['roi']['z']:g}, margin {inp['roi']['margin']:g},"
+                " same in training and inference); no focal lesion: the whole head"
+            ]
+            if inp.get("roi")
+            else []
+        ),
         f"- network: MONAI `{net['name']}` {json.dumps(net['args'])}; Grad-CAM layer"
         f" `{net['cam_layer']}`",
         f"- weights SHA-256 `{meta.get('weights_sha256', '(set on write)')}` (checked at load)",
