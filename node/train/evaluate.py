@@ -294,9 +294,10 @@ def model_card(meta: Mapping[str, Any]) -> str:
         f"- slices: {inp['slice_selection']['mode']}, at most {inp['slice_selection']['n']}",
         *(
             [
-                f"- region: tumour-centred square found from the series itself (node.roi"
-                f" `{inp['roi']['method']}`, z {inp['roi']['z']:g}, margin {inp['roi']['margin']:g},"
-                " same in training and inference); no focal lesion: the whole head"
+                "- region: tumour-centred square found from the series itself (node.roi"
+                f" `{inp['roi']['method']}`, z {inp['roi']['z']:g},"
+                f" margin {inp['roi']['margin']:g}, same in training and inference);"
+                " no focal lesion: the whole head"
             ]
             if inp.get("roi")
             else []
