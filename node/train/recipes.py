@@ -104,7 +104,8 @@ def _tiny_resnet(num_classes: int, channels: int = 1) -> dict[str, Any]:
 def _task_roi(task: str, sequences: tuple[str, ...]) -> RoiSpec | None:
     """Glioma grading reads a tumour-centred rectangle (the published recipe's ROI): enhancing
     tumour on T1C is further above the brain median (z 4) than tumour and oedema on FLAIR (z 3);
-    thresholds chosen on training seed 1001 (box holds the tumour centre in 31/32 tumours)."""
+    thresholds chosen on training seed 1001 (the box holds the tumour centre in 30/32 T1C and
+    31/32 FLAIR series)."""
     if task != "glioma_grade":
         return None
     return RoiSpec(z=4.0 if "T1C" in sequences else 3.0)
