@@ -515,7 +515,8 @@ def predict_series(
     if meta.task == SEQUENCE_TASK:
         raise InferenceError(f"model {meta.name} is a sequence classifier; use classify_slices")
     indices = select_slices(volume.pixels, meta.slice_mode, meta.slice_n, max_slices=max_slices)
-    logits = forward_logits(bundle, prepare_slices(volume.pixels, indices, meta))
+    box = series_box(volume.pixels, meta)
+    logits = forward_logits(bundle, prepare_slices(volume.pixels, indices, meta, box))
     slice_logit = (logits[:, 1] - logits[:, 0]).double().numpy()
     series_logit = float(slice_logit.mean())
     t = meta.temperature
@@ -538,6 +539,7 @@ def predict_series(
         slice_indices=indices,
         slice_probabilities=tuple(_sigmoid(float(z) / t + b) for z in slice_logit),
         weights_sha256=meta.weights_sha256,
+        region=None if box is None else (box.r0, box.r1, box.c0, box.c1),
     )
 
 

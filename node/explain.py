@@ -92,7 +92,10 @@ def explain_series(
     probs = np.asarray(prediction.slice_probabilities)
     order = np.argsort(-probs if positive else probs, kind="stable")[:top_k]
     chosen = tuple(prediction.slice_indices[int(i)] for i in order)
-    box = series_box(volume.pixels, meta)
+    if prediction.region is not None:
+        box: Box | None = Box(*prediction.region, found=True)
+    else:
+        box = series_box(volume.pixels, meta)
     x = prepare_slices(volume.pixels, chosen, meta, box)
     layer = resolve_layer(bundle.network, meta.cam_layer)
     try:

@@ -207,6 +207,8 @@ class SeriesPrediction:
     # The bundle's weights digest: result UIDs depend on it, so retrained weights published
     # under the same version still give new UIDs (and never overwrite different content).
     weights_sha256: str = ""
+    # The tumour-centred square the bundle read (rows r0:r1, cols c0:c1), None = whole slices.
+    region: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)

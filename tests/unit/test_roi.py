@@ -106,6 +106,7 @@ def test_gradcam_map_lies_inside_the_region_on_the_source_grid(tmp_path: Path) -
     box = bundles.series_box(vol, meta)
     assert box is not None and box.found
     pred = bundles.predict_series(b, volume)
+    assert pred.region == (box.r0, box.r1, box.c0, box.c1)  # explain reuses it
     maps = explain.explain_series(b, volume, pred, top_k=2)
     for h in maps:
         assert h.cam.shape == (128, 128)
