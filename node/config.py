@@ -290,16 +290,17 @@ def _default_tasks() -> dict[str, TaskSettings]:
             ),
             temperature=0.661,
         ),
-        # Off by default: the shipped tubers bundles know only TSC vs normal brains and call
-        # tumour studies "tubers present"; a paediatric epilepsy site turns it on.
+        # Off by default: cortical tubers are a question of a paediatric epilepsy work-up, not
+        # of a brain-tumour flow; a site that wants it turns it on.
         "tubers": TaskSettings(
             enabled=False,
             positive_label="cortical tubers",
             negative_label="no cortical tubers",
             models=(
                 route("tubers_flair", SequenceLabel.FLAIR, 1.0),
-                route("tubers_t2", SequenceLabel.T2, 1.0),
+                route("tubers_t2", SequenceLabel.T2, 0.017),
             ),
+            temperature=0.718,
         ),
     }
 

@@ -60,7 +60,7 @@ def test_full_study_default_routes() -> None:
         ("glioma_grade", "glioma_grade_t1c", "2", L.T1C, 0.69),
         ("glioma_grade", "glioma_grade_flair", "4", L.FLAIR, 1.0),
         ("tubers", "tubers_flair", "4", L.FLAIR, 1.0),
-        ("tubers", "tubers_t2", "3", L.T2, 1.0),
+        ("tubers", "tubers_t2", "3", L.T2, 0.017),
     ]
     assert all(isinstance(r, Route) for r in routes)
 
