@@ -382,11 +382,14 @@ def bench_sequence(study: BenchStudy, work: Path, settings: BenchSettings) -> Be
 
 
 def available_tasks(models_dir: Path) -> tuple[dict[str, TaskSettings], tuple[str, ...]]:
-    """The default tasks cut down to routes whose bundle loads, and why each other one does not."""
+    """The default tasks cut down to routes whose bundle loads, and why each other one does not.
+    Every task is enabled (tubers is off in the default rules): the benchmark is the study
+    through all specialists."""
     from node.pipeline import loadable_tasks
 
     tasks, left_out = loadable_tasks(models_dir)
-    return tasks, tuple(f"{r.bundle}: {r.reason}" for r in left_out)
+    every = {name: t.model_copy(update={"enabled": True}) for name, t in tasks.items()}
+    return every, tuple(f"{r.bundle}: {r.reason}" for r in left_out)
 
 
 def _skipped(name: str, why: str) -> BenchRecord:
