@@ -271,6 +271,19 @@ def select_items(items: Iterable[SeriesItem], recipe: Recipe) -> tuple[SeriesIte
     return tuple(out)
 
 
+def _groups_by_label(
+    items: Sequence[SeriesItem], label_of: Callable[[SeriesItem], str]
+) -> dict[str, list[str]]:
+    """Patient groups by the label of each group's first item, groups in sorted order."""
+    first: dict[str, str] = {}
+    for it in items:
+        first.setdefault(it.group, label_of(it))
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for g, label in sorted(first.items()):
+        by_label[label].append(g)
+    return by_label
+
+
 def split_groups(
     items: Sequence[SeriesItem],
     *,
@@ -281,12 +294,7 @@ def split_groups(
     """Patient-disjoint (train, validation), stratified by each group's first label."""
     if not 0 < val_fraction < 1:
         raise ValueError("val_fraction must be between 0 and 1")
-    groups: dict[str, list[SeriesItem]] = defaultdict(list)
-    for it in items:
-        groups[it.group].append(it)
-    by_label: dict[str, list[str]] = defaultdict(list)
-    for g, members in sorted(groups.items()):
-        by_label[label_of(members[0])].append(g)
+    by_label = _groups_by_label(items, label_of)
     rng = np.random.default_rng(seed)
     val_groups: set[str] = set()
     for _label, gs in sorted(by_label.items()):
@@ -305,14 +313,10 @@ def fold_groups(
     (each label's groups are shuffled and dealt round-robin, so fold sizes differ by <= 1)."""
     if folds < 2:
         raise ValueError("cross-validation needs at least 2 folds")
-    first: dict[str, str] = {}
-    for it in items:
-        first.setdefault(it.group, label_of(it))
-    if len(first) < folds:
-        raise DataError(f"{len(first)} patients cannot fill {folds} folds")
-    by_label: dict[str, list[str]] = defaultdict(list)
-    for g, label in sorted(first.items()):
-        by_label[label].append(g)
+    by_label = _groups_by_label(items, label_of)
+    n_groups = sum(len(gs) for gs in by_label.values())
+    if n_groups < folds:
+        raise DataError(f"{n_groups} patients cannot fill {folds} folds")
     rng = np.random.default_rng(seed)
     out: list[set[str]] = [set() for _ in range(folds)]
     dealt = 0
