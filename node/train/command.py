@@ -34,7 +34,7 @@ from node.train.ensemble_eval import (
     rules_snippet,
 )
 from node.train.evaluate import evaluate_sequence, evaluate_task, model_card, record_evaluation
-from node.train.metrics import binary_report, multiclass_report, nll
+from node.train.metrics import binary_report, brief, multiclass_report, nll, sigmoid
 from node.train.recipes import Recipe, bundle_metadata, get_recipe, resolve_bundle_name
 from node.train.trainer import (
     Progress,
@@ -109,9 +109,7 @@ def train_bundle(
     else:
         z = series_mean_logits(network_logits, val_set) / result.temperature
         z = z + result.calibration_bias
-        p = 1.0 / (1.0 + np.exp(-z))
-        val_metrics = binary_report(np.asarray(val_set.series_labels), p, seed=seed)
-        val_metrics.pop("reliability", None)
+        val_metrics = brief(binary_report(np.asarray(val_set.series_labels), sigmoid(z), seed=seed))
         val_metrics["level"] = "series"
         val_metrics["n_series"] = len(val_set.series_labels)
     training = {
@@ -208,14 +206,11 @@ def cross_validate(
         bundle = load_bundle(fold_dir)
         test = [it for it in chosen if it.group in held]
         _uids, y, p = study_probabilities(bundle, test, load=volume_load or load_volume)
-        report = binary_report(y, p, seed=seed)
-        report.pop("reliability", None)
-        per_fold.append({"fold": k, **report})
+        per_fold.append({"fold": k, **brief(binary_report(y, p, seed=seed))})
         ys.append(y)
         ps.append(p)
     y_all, p_all = np.concatenate(ys), np.concatenate(ps)
-    pooled = binary_report(y_all, p_all, seed=seed)
-    pooled.pop("reliability", None)
+    pooled = brief(binary_report(y_all, p_all, seed=seed))
     aucs = np.asarray([f["auc"] for f in per_fold], dtype=np.float64)
     result = {
         "model": recipe.bundle_name,

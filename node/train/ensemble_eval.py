@@ -32,7 +32,14 @@ from node.ensemble import fuse_task, logit
 from node.records import SeriesPrediction
 from node.train import plots
 from node.train.data import DataError, SeriesItem, load_volume
-from node.train.metrics import binary_report, expected_calibration_error, roc_auc
+from node.train.metrics import (
+    binary_report,
+    brief,
+    expected_calibration_error,
+    log_loss,
+    roc_auc,
+    sigmoid,
+)
 
 Array = npt.NDArray[np.float64]
 VolumeLoader = Callable[[SeriesItem], Any]
@@ -123,16 +130,6 @@ def bundle_logits(outputs: Sequence[StudyOutputs], bundle_names: Sequence[str]) 
     return z
 
 
-def _sigmoid(z: Array) -> Array:
-    out: Array = 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
-    return out
-
-
-def _log_loss(y: Array, p: Array) -> float:
-    q = np.clip(p, 1e-12, 1 - 1e-12)
-    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
-
-
 def fit_weights(z: npt.ArrayLike, y: npt.ArrayLike) -> tuple[tuple[float, ...], float]:
     """(weights with max 1, temperature) of the weighted-mean-logit ensemble minimising the
     log-loss on complete rows of z (studies, bundles); weights stay > 0 as the rules require."""
@@ -149,10 +146,8 @@ def fit_weights(z: npt.ArrayLike, y: npt.ArrayLike) -> tuple[tuple[float, ...], 
     m = zz.shape[1]
 
     def loss(c: Array) -> tuple[float, Array]:
-        p = _sigmoid(zz @ c)
-        q = np.clip(p, 1e-12, 1 - 1e-12)
-        value = -np.mean(yy * np.log(q) + (1 - yy) * np.log1p(-q))
-        return float(value), (zz.T @ (p - yy)) / yy.size
+        p = sigmoid(zz @ c)
+        return log_loss(yy, p), (zz.T @ (p - yy)) / yy.size
 
     result = minimize(
         loss,
@@ -191,8 +186,8 @@ def fit_ensemble(
         weights={n: round(w, 3) for n, w in zip(names, weights, strict=True)},
         temperature=round(temperature, 3),
         n_studies=len(done),
-        nll_rules=_log_loss(truth, _fused(task, task_rules, done)),
-        nll_fitted=_log_loss(truth, _fused(task, fitted, done)),
+        nll_rules=log_loss(truth, _fused(task, task_rules, done)),
+        nll_fitted=log_loss(truth, _fused(task, fitted, done)),
     )
 
 
@@ -222,10 +217,6 @@ def _paired_bootstrap(
     return (float(lo), float(hi))
 
 
-def _brief(report: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in report.items() if k != "reliability"}
-
-
 def evaluate_ensemble(
     task: str,
     task_rules: TaskSettings,
@@ -248,8 +239,8 @@ def evaluate_ensemble(
     for j, name in enumerate(names):
         ran = np.isfinite(z[:, j])
         if ran.any() and 0 < y_all[ran].sum() < ran.sum():
-            y_j, p_j = y_all[ran], _sigmoid(z[ran, j])
-            singles[name] = _brief(binary_report(y_j, p_j, seed=seed))
+            y_j, p_j = y_all[ran], sigmoid(z[ran, j])
+            singles[name] = brief(binary_report(y_j, p_j, seed=seed))
             singles[name]["level"] = "patient (one study per patient; series by mean logit)"
             if out is not None:
                 _write_figures(out / name, name, y_j, p_j, singles[name])
@@ -258,7 +249,7 @@ def evaluate_ensemble(
     comparison: dict[str, Any] = {"n_patients": int(complete.sum())}
     if complete.any() and 0 < y_all[complete].sum() < complete.sum():
         y = y_all[complete]
-        single_p = {n: _sigmoid(z[complete, j]) for j, n in enumerate(names)}
+        single_p = {n: sigmoid(z[complete, j]) for j, n in enumerate(names)}
         best = max(names, key=lambda n: (roc_auc(y, single_p[n]), -names.index(n)))
         auc_e, auc_b = roc_auc(y, fused[complete]), roc_auc(y, single_p[best])
         lo, hi = _paired_bootstrap(y, fused[complete], single_p[best], seed=seed)

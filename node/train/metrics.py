@@ -29,6 +29,24 @@ class ReliabilityBin:
     observed_rate: float  # NaN when the bin is empty
 
 
+def sigmoid(z: npt.ArrayLike) -> Array:
+    """1 / (1 + exp(-z)) elementwise, the logit clipped to +-50 so exp never overflows."""
+    out: Array = 1.0 / (1.0 + np.exp(-np.clip(np.asarray(z, dtype=np.float64), -50.0, 50.0)))
+    return out
+
+
+def log_loss(y_true: npt.ArrayLike, y_prob: npt.ArrayLike) -> float:
+    """Mean binary negative log-likelihood of probabilities (clipped to 1e-12 from 0 and 1)."""
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    q = np.clip(np.asarray(y_prob, dtype=np.float64).ravel(), 1e-12, 1 - 1e-12)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+
+
+def brief(report: dict[str, Any]) -> dict[str, Any]:
+    """A binary_report without its reliability bins (for per-fold and per-model summaries)."""
+    return {k: v for k, v in report.items() if k != "reliability"}
+
+
 def _check_binary(y_true: npt.ArrayLike, y_prob: npt.ArrayLike) -> tuple[Array, Array]:
     y = np.asarray(y_true, dtype=np.float64).ravel()
     p = np.asarray(y_prob, dtype=np.float64).ravel()
@@ -294,7 +312,7 @@ def fit_platt(
     w = np.array([1.0, 0.0])
     x = np.stack([z, np.ones_like(z)], axis=1)
     for _ in range(100):
-        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -50, 50)))
+        p = sigmoid(x @ w)
         grad = x.T @ (p - y) + l2 * w
         hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
         step = np.linalg.solve(hess, grad)
