@@ -16,7 +16,6 @@ import torch
 
 from node.bundles import load_bundle, write_bundle
 from node.log import get_logger
-from node.train import plots
 from node.train.data import (
     DataError,
     SeriesItem,
@@ -33,7 +32,13 @@ from node.train.ensemble_eval import (
     fit_ensemble,
     rules_snippet,
 )
-from node.train.evaluate import evaluate_sequence, evaluate_task, model_card, record_evaluation
+from node.train.evaluate import (
+    evaluate_sequence,
+    evaluate_task,
+    model_card,
+    record_evaluation,
+    write_results,
+)
 from node.train.metrics import binary_report, brief, multiclass_report, nll, sigmoid
 from node.train.recipes import Recipe, bundle_metadata, get_recipe, resolve_bundle_name
 from node.train.trainer import (
@@ -228,15 +233,10 @@ def cross_validate(
         "pooled_out_of_fold": pooled,
         "per_fold": per_fold,
     }
-    plots.plot_roc(y_all, p_all, out / "roc.png", title=f"{recipe.bundle_name}: {folds}-fold CV")
-    plots.plot_reliability(
-        y_all,
-        p_all,
-        out / "reliability.png",
-        title=f"{recipe.bundle_name}: {folds}-fold CV",
-        ece=pooled["ece"],
+    title = f"{recipe.bundle_name}: {folds}-fold CV"
+    write_results(
+        out, y_all, p_all, result, roc_title=title, reliability_title=title, name="cv.json"
     )
-    (out / "cv.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 

@@ -14,7 +14,6 @@ calibration set that is neither the bundles' training data nor the test set.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -30,8 +29,8 @@ from node.bundles import Bundle, predict_series
 from node.config import TaskSettings
 from node.ensemble import fuse_task, logit
 from node.records import SeriesPrediction
-from node.train import plots
 from node.train.data import DataError, SeriesItem, load_volume
+from node.train.evaluate import write_results
 from node.train.metrics import (
     binary_report,
     brief,
@@ -243,7 +242,14 @@ def evaluate_ensemble(
             singles[name] = brief(binary_report(y_j, p_j, seed=seed))
             singles[name]["level"] = "patient (one study per patient; series by mean logit)"
             if out is not None:
-                _write_figures(out / name, name, y_j, p_j, singles[name])
+                write_results(
+                    out / name,
+                    y_j,
+                    p_j,
+                    singles[name],
+                    roc_title=f"{name}: ROC (patient level)",
+                    reliability_title=name,
+                )
     ensemble = binary_report(y_all[assessable], fused[assessable], seed=seed)
     complete = np.all(np.isfinite(z), axis=1)
     comparison: dict[str, Any] = {"n_patients": int(complete.sum())}
@@ -284,17 +290,15 @@ def evaluate_ensemble(
         "note": NOT_FOR_CLINICAL_USE,
     }
     if out is not None:
-        _write_figures(out, f"{task} ensemble", y_all[assessable], fused[assessable], report)
+        write_results(
+            out,
+            y_all[assessable],
+            fused[assessable],
+            report,
+            roc_title=f"{task} ensemble: ROC (patient level)",
+            reliability_title=f"{task} ensemble",
+        )
     return report
-
-
-def _write_figures(out: Path, title: str, y: Array, p: Array, report: Mapping[str, Any]) -> None:
-    """OUT/metrics.json, roc.png and reliability.png for one set of patient-level answers."""
-    out.mkdir(parents=True, exist_ok=True)
-    plots.plot_roc(y, p, out / "roc.png", title=f"{title}: ROC (patient level)")
-    ece = report["ece"] if "ece" in report else expected_calibration_error(y, p)
-    plots.plot_reliability(y, p, out / "reliability.png", title=title, ece=ece)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def rules_snippet(task: str, task_rules: TaskSettings, fit: EnsembleFit) -> str:

@@ -97,13 +97,34 @@ def evaluate_task(
         }
     )
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        plots.plot_roc(y, p, out / "roc.png", title=f"{meta.name}: ROC (patient level)")
-        plots.plot_reliability(
-            y, p, out / "reliability.png", title=f"{meta.name}: reliability", ece=report["ece"]
+        write_results(
+            out,
+            y,
+            p,
+            report,
+            roc_title=f"{meta.name}: ROC (patient level)",
+            reliability_title=f"{meta.name}: reliability",
         )
-        (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def write_results(
+    out: Path,
+    y: npt.ArrayLike,
+    p: npt.ArrayLike,
+    report: Mapping[str, Any],
+    *,
+    roc_title: str,
+    reliability_title: str,
+    name: str = "metrics.json",
+) -> None:
+    """OUT/roc.png, OUT/reliability.png (with the report's ECE) and the report as OUT/name."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots.plot_roc(y, p, out / "roc.png", title=roc_title)
+    plots.plot_reliability(
+        y, p, out / "reliability.png", title=reliability_title, ece=report["ece"]
+    )
+    (out / name).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def _macro_auc(y: npt.NDArray[np.int64], probs: npt.NDArray[np.float64]) -> float:
