@@ -320,8 +320,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """`neuronode train TASK --data DIR [--labels CSV] [--out DIR] ...`."""
     _threads()
     recipe = get_recipe(args.task, args.recipe)
-    folders = args.data if isinstance(args.data, list) else [args.data]
-    items = [it for folder in folders for it in load_items(folder, recipe.task, args.labels)]
+    folders = _folders(args)
+    items = _task_items(folders, recipe.task, args.labels)
     description = "; ".join(_describe(f) for f in folders)
     if getattr(args, "folds", None):
         cv_out = args.out or Path("cv") / recipe.bundle_name
@@ -355,7 +355,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folders(args: argparse.Namespace) -> list[Path]:
+    """The --data folders (repeatable)."""
+    return args.data if isinstance(args.data, list) else [args.data]
+
+
 def _task_items(folders: Sequence[Path], task: str, labels: Path | None) -> list[SeriesItem]:
+    """Labelled series of every --data folder."""
     return [it for folder in folders for it in load_items(folder, task, labels)]
 
 
@@ -379,7 +385,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """`neuronode evaluate TASK --data DIR [--labels CSV] [--bundle DIR] [--out OUT]`;
     with --ensemble, TASK's study-level ensemble from the rule file against its single models."""
     _threads()
-    folders = args.data if isinstance(args.data, list) else [args.data]
+    folders = _folders(args)
     if getattr(args, "ensemble", False):
         task, task_rules, bundles = _task_rules(args)
         outputs = collect_outputs(
@@ -427,7 +433,7 @@ def cmd_fit_ensemble(args: argparse.Namespace) -> int:
     """`neuronode fit-ensemble TASK --data DIR`: weights and temperature for the rule file,
     fitted on labelled calibration studies (neither training nor test data)."""
     _threads()
-    folders = args.data if isinstance(args.data, list) else [args.data]
+    folders = _folders(args)
     task, task_rules, bundles = _task_rules(args)
     items = _task_items(folders, task, args.labels)
     outputs = collect_outputs(task, task_rules, bundles, items, progress=stderr_progress)
