@@ -751,24 +751,3 @@ def summarise_rules(rules: Rules) -> str:
         f"Bundles from {rules.models_dir}. "
         f"Tasks: {'; '.join(tasks) or 'none'}."
     )
-
-
-def cmd_check(args: Any) -> int:
-    """`neuronode check RULES`: print every problem with its line and fix, or OK and a summary."""
-    path: Path = args.rules_file
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        print(f"{path}: cannot read rule file: {exc.strerror}")
-        return 1
-    rules, problems = validate_rules_text(text)
-    if rules is not None and not getattr(args, "skip_bundle_check", False):
-        problems = check_bundles_exist(rules, path.parent, text)
-    for p in problems:
-        print(p.render(path))
-    if rules is None or problems:
-        print(f"{len(problems)} problem(s) in {path}")
-        return 1
-    print(f"{path}: OK")
-    print(summarise_rules(rules))
-    return 0

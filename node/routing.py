@@ -11,7 +11,6 @@ reports it not assessable. No I/O: `cmd_explain` imports the header readers only
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
 
 from node.config import QualifySettings, Rules
 from node.records import Route, SequenceDecision, SequenceLabel
@@ -133,66 +132,3 @@ def explain_routes(
                 parts.append(f"{model.bundle} skipped (no {labels} series; weights renormalised)")
         lines.append(f"task {task_name}: {task.method}: " + "; ".join(parts))
     return "\n".join(lines)
-
-
-def cmd_explain(args: Any) -> int:
-    """`neuronode explain RULES STUDY_DIR`: which label each series got and where it is routed."""
-    from pathlib import Path
-
-    from node.config import validate_rules_text
-    from node.headers import read_series_headers
-    from node.sequence import classify_headers
-
-    rules_path: Path = args.rules_file
-    study_dir: Path = args.study_dir
-    try:
-        text = rules_path.read_text(encoding="utf-8")
-    except OSError as exc:
-        print(f"{rules_path}: cannot read rule file: {exc.strerror}")
-        return 1
-    rules, problems = validate_rules_text(text, base_dir=rules_path.parent)
-    if rules is None:
-        for p in problems:
-            print(p.render(rules_path))
-        print(f"{len(problems)} problem(s) in {rules_path}; run neuronode check {rules_path}")
-        return 1
-    if not study_dir.is_dir():
-        print(f"{study_dir}: not a folder")
-        return 1
-    headers = read_series_headers([study_dir])
-    if not headers:
-        print(f"{study_dir}: no readable DICOM series")
-        return 1
-    ok, why = study_qualifies(
-        [h.modality for h in headers], _body_parts(study_dir), len(headers), rules.qualify
-    )
-    print(f"study: {why}")
-    if not ok:
-        print("not processed under qualify:; nothing is routed")
-        return 0
-    decisions = classify_headers(headers)  # tag rules + study context, no CNN
-    names = {
-        h.series_uid: f"#{h.series_number if h.series_number is not None else '?'}"
-        f" '{h.series_description}'"
-        for h in headers
-    }
-    print("(sequence labels from the tag rules only; the CNN vote runs in the pipeline)")
-    print(explain_routes(decisions, rules, series_names=names))
-    return 0
-
-
-def _body_parts(study_dir: Any) -> tuple[str, ...]:
-    """BodyPartExamined of every file under study_dir (header only; not in SeriesHeader)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    parts: set[str] = set()
-    for path in sorted(study_dir.rglob("*")):
-        if not path.is_file():
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["BodyPartExamined"])
-        except (InvalidDicomError, OSError, ValueError):
-            continue
-        parts.add(str(ds.get("BodyPartExamined", "") or ""))
-    return tuple(sorted(parts))

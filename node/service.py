@@ -9,11 +9,9 @@ start when a bundle an enabled task needs cannot be loaded: the node never runs 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import os
-import signal
 import socket
 import sqlite3
 import threading
@@ -21,18 +19,17 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import IO
 
-from node.completion import decide_ready
-from node.config import Rules, load_rules
-from node.errors import ConfigError, JobError, NodeError, SpoolError
-from node.jobs import JobQueue
-from node.log import configure, get_logger, load_or_create_key, set_correlation_key, uid_key
-from node.receive import Receiver
+from node.config import Rules
+from node.errors import JobError, NodeError, SpoolError
+from node.ingest.completion import decide_ready
+from node.ingest.receive import Receiver
+from node.ingest.spool import Spool
+from node.log import get_logger, uid_key
+from node.pipeline.jobs import JobQueue
 from node.records import StudyJob, StudyOutcome, StudyStatus
-from node.spool import Spool
-from node.web import HTTP_PORT_ENV, WebServer
+from node.web.server import HTTP_PORT_ENV, WebServer
 
 log = get_logger(__name__)
 
@@ -46,10 +43,10 @@ TEST_DELAY_ENV = "NEURONODE_TEST_PROCESS_DELAY_S"
 
 
 def pipeline_processor(rules: Rules) -> Processor:
-    """The real processor: node.pipeline.process_study, imported when first used."""
+    """The real processor: node.pipeline.stages.process_study, imported when first used."""
 
     def run(job: StudyJob) -> StudyOutcome:
-        from node.pipeline import process_study
+        from node.pipeline.stages import process_study
 
         outcome = process_study(
             job, rules, out_dir=rules.storage.spool_dir / "results", deliver=True
@@ -262,7 +259,7 @@ class Node:
         Each pass sends the destinations in parallel (outbox.deliver_due), so one that is down
         backs off only its own rows. The outbox has its own SQLite connection in this thread.
         """
-        from node.outbox import Outbox, deliver_due
+        from node.deliver.outbox import Outbox, deliver_due
 
         try:
             outbox = Outbox(self.rules.storage.spool_dir)
@@ -306,40 +303,3 @@ def _lock_spool(spool_dir: Path) -> IO[str]:
         fh.close()
         raise SpoolError(f"{spool_dir} is in use by another running node") from exc
     return fh
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """`neuronode serve --rules R`: run until SIGTERM/SIGINT, then stop cleanly and exit 0."""
-    rules = load_rules(args.rules)
-    configure(rules.logging.format, rules.logging.level)
-    from node.bundles import set_torch_threads
-    from node.pipeline import check_bundles
-
-    set_torch_threads()
-
-    problems = check_bundles(rules)
-    if problems:
-        for problem in problems:
-            log.error("bundle_unavailable", reason=problem)
-        raise ConfigError(
-            "refusing to start: a bundle an enabled task needs cannot be served\n  "
-            + "\n  ".join(problems)
-            + f"\n(fix models_dir or the bundle, or set enabled: false on the task; "
-            f"`neuronode check {args.rules}` lists what is missing)"
-        )
-    rules.storage.spool_dir.mkdir(parents=True, exist_ok=True)
-    set_correlation_key(load_or_create_key(rules.storage.spool_dir / "log.key"))
-    node = Node(rules)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal_received", status=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    node.start()
-    while not stop.wait(0.5):
-        pass
-    node.stop()
-    return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.orthanc import orthanc_binary
+from node.lab.orthanc import orthanc_binary
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -59,12 +58,13 @@ def test_demo_with_orthanc_as_the_pacs(tmp_path: Path) -> None:
 def test_demo_without_orthanc_uses_its_own_storage_scp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from node import demo
+    from node.cli.lab import DemoArgs
+    from node.lab import demo
 
     monkeypatch.setattr(demo, "orthanc_binary", lambda: None)
     monkeypatch.setattr(demo, "configure", lambda *_a, **_kw: None)  # keep pytest's logging
     out = tmp_path / "demo-out"
-    args = argparse.Namespace(out=out, seed=7, phenotype="tsc", keep_running=False)
+    args = DemoArgs(out=out, seed=7, phenotype="tsc", keep_running=False)
     assert demo.cmd_demo(args) == 0
     printed = capsys.readouterr().out
     assert "a storage SCP of our own stands in" in printed

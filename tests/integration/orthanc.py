@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from node.orthanc import (
+from node.lab.orthanc import (
     ACCEPTED_SOP_CLASSES_SINCE,
     DICOMWEB_PLUGIN,
     NODE_AET,

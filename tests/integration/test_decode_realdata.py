@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 import warnings
@@ -14,9 +13,9 @@ import pytest
 from pydicom.data import get_testdata_files
 from pydicom.uid import UID, generate_uid
 
-from node import pipeline
-from node.dicomio import scan_study
-from node.pipeline import cmd_process
+from node.cli import study as study_cli
+from node.cli.study import ProcessArgs, cmd_process
+from node.dicom.volumes import scan_study
 from node.records import SeriesVolume
 
 pytestmark = pytest.mark.integration
@@ -188,8 +187,8 @@ def test_cmd_process_on_realdata_xa30(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # cmd_process configures logging on the live stderr: keep that from leaking to other tests.
-    monkeypatch.setattr(pipeline, "configure", lambda **_kw: None)
-    args = argparse.Namespace(
+    monkeypatch.setattr(study_cli, "configure", lambda **_kw: None)
+    args = ProcessArgs(
         directory=realdata / "dcm_qa_xa30", rules=tmp_path / "none.yaml", out=tmp_path / "out"
     )
     assert cmd_process(args) == 0

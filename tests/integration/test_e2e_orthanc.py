@@ -28,8 +28,8 @@ import pytest
 import yaml
 from pydicom.dataset import Dataset
 
-from node.orthanc import OrthancServer, orthanc_binary
-from node.report import finding_code
+from node.lab.orthanc import OrthancServer, orthanc_binary
+from node.report.objects import finding_code
 from tests.conftest import REPO, free_port, system_tool
 from tests.integration.conftest import NodeProc
 
@@ -48,7 +48,7 @@ CERTAINTY = "111012"
 
 
 def _loads(path: Path) -> bool:
-    from node.bundles import load_bundle
+    from node.bundles.bundle import load_bundle
     from node.errors import ModelUnavailable
 
     try:
@@ -86,8 +86,8 @@ def _bundles(tmp: Path) -> tuple[Path, dict[str, Any], str]:
         return shipped, tasks, "shipped"
     import torch
 
-    from node import bundles as bundle_io
-    from node.train import recipes
+    from node.bundles import bundle as bundle_io
+    from node.lab.train import recipes
 
     models = tmp / "models"
     for names in TASK_ROUTES.values():
@@ -158,7 +158,7 @@ class Env:
 
 
 def _write_study(folder: Path, seed: int, phenotype: str) -> str:
-    from node.synth import write_studies
+    from node.lab.synth import write_studies
 
     manifest = write_studies(
         folder,

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from node import bundles, explain
+from node.bundles import bundle as bundles
+from node.bundles import gradcam as explain
 from node.records import SequenceLabel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ def test_shipped_bundle_loads_and_is_documented(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def synth_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    synth = pytest.importorskip("node.synth.study")
+    synth = pytest.importorskip("node.lab.synth.study")
     out = tmp_path_factory.mktemp("synth")
     synth.write_studies(out, studies=2, seed=777, phenotypes=["gbm", "pcnsl"], size=128, slices=16)
     return out
@@ -51,8 +52,8 @@ def synth_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_specialists_and_gradcam_on_a_synth_study(synth_study: Path) -> None:
     if "gbm_pcnsl_t1c" not in SHIPPED or "sequence" not in SHIPPED:
         pytest.skip("bundles not shipped")
-    from node.train.data import load_items
-    from node.train.evaluate import load_volume
+    from node.lab.train.data import load_items
+    from node.lab.train.evaluate import load_volume
 
     seq = bundles.load_bundle(MODELS / "sequence")
     task = bundles.load_bundle(MODELS / "gbm_pcnsl_t1c")
@@ -76,7 +77,7 @@ def test_specialists_and_gradcam_on_a_synth_study(synth_study: Path) -> None:
 
 @pytest.mark.heavy
 def test_train_and_evaluate_cli_on_synth(tmp_path: Path) -> None:
-    synth = pytest.importorskip("node.synth.study")
+    synth = pytest.importorskip("node.lab.synth.study")
     train_dir, test_dir = tmp_path / "train", tmp_path / "test"
     kw = {"phenotypes": ["tsc", "normal"], "size": 128, "slices": 16, "distractors": False}
     synth.write_studies(train_dir, studies=16, seed=31, **kw)

@@ -22,8 +22,8 @@ import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.uid import UID
 
-from node.receive import TRANSFER_SYNTAXES, storage_sop_classes
-from node.spool import is_valid_uid
+from node.ingest.receive import TRANSFER_SYNTAXES, storage_sop_classes
+from node.ingest.spool import is_valid_uid
 from tests.integration.conftest import NodeProc
 
 pytestmark = pytest.mark.integration

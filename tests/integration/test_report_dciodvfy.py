@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from node.config import OutputSettings
-from node.report import build_heatmap_images, build_sr, reencode_sr
+from node.report.objects import build_heatmap_images, build_sr, reencode_sr
 from tests.conftest import system_tool
 from tests.unit.test_report import make_result, mr_small, xa30_t1
 

@@ -17,16 +17,16 @@ from pydicom.dataset import Dataset
 from structlog.testing import capture_logs
 
 from node.config import DeliverySettings, DicomDestination, DicomWebDestination, Rules
+from node.deliver.outbox import Outbox, deliver_due
+from node.deliver.send import send_dicom, send_stow
 from node.errors import SendError
-from node.outbox import Outbox, deliver_due
 from node.records import DeliveryState
-from node.report import (
+from node.report.objects import (
     SC_SOP_CLASS_UID,
     SR_SOP_CLASS_UIDS,
     build_heatmap_images,
     build_sr,
 )
-from node.send import send_dicom, send_stow
 from tests.conftest import free_port
 from tests.integration.orthanc import (  # noqa: F401 - fixtures
     OrthancServer,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections import Counter
@@ -10,10 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from node.headers import read_series_headers
+from node.classify.commands import read_labels
+from node.classify.sequence import classify_headers
+from node.cli.study import (
+    ClassifyArgs,
+    EvaluateSequencesArgs,
+    cmd_classify,
+    cmd_evaluate_sequences,
+)
+from node.dicom.headers import read_series_headers
 from node.records import SequenceLabel, SeriesHeader
-from node.sequence import classify_headers
-from node.sequence_cli import cmd_classify, cmd_evaluate_sequences, read_labels
 from tests.conftest import REALDATA
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -66,7 +71,7 @@ def test_classify_prints_a_row_per_series(capsys: pytest.CaptureFixture[str]) ->
     folder = REALDATA / "dcm_qa_xa30" / "In"
     if not folder.is_dir():
         pytest.skip("dcm_qa_xa30 is not in ../shared/realdata")
-    args = argparse.Namespace(directory=folder, no_cnn=False, json=False)
+    args = ClassifyArgs(directory=folder, no_cnn=False, json=False)
     assert cmd_classify(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("sequence CNN bundle not available:") or out[0].startswith(
@@ -85,7 +90,7 @@ def test_classify_json(capsys: pytest.CaptureFixture[str]) -> None:
     folder = REALDATA / "dcm_qa_fmap" / "In" / "Siemens"
     if not folder.is_dir():
         pytest.skip("dcm_qa_fmap is not in ../shared/realdata")
-    assert cmd_classify(argparse.Namespace(directory=folder, no_cnn=True, json=True)) == 0
+    assert cmd_classify(ClassifyArgs(directory=folder, no_cnn=True, json=True)) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["cnn"].startswith("sequence CNN disabled")
     assert [s["label"] for s in doc["series"]] == ["OTHER"] * 4
@@ -96,7 +101,7 @@ def test_evaluate_sequences_writes_metrics(tmp_path: Path) -> None:
     folder = REALDATA / "dcm_qa_xa30" / "In"
     if not folder.is_dir():
         pytest.skip("dcm_qa_xa30 is not in ../shared/realdata")
-    args = argparse.Namespace(
+    args = EvaluateSequencesArgs(
         directory=folder, labels=REALDATA / "labels.csv", out=tmp_path, no_cnn=True
     )
     assert cmd_evaluate_sequences(args) == 0
@@ -119,10 +124,10 @@ def test_cnn_path_runs_a_bundle_and_fuses(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     from monai.networks.nets import ResNet
 
-    from node.bundles import write_bundle
+    from node.bundles.bundle import write_bundle
+    from node.classify.commands import run_cnn
     from node.config import SequenceSettings
     from node.records import DecisionMethod
-    from node.sequence_cli import run_cnn
 
     folder = REALDATA / "dcm_qa_fmap" / "In" / "Siemens"
     if not folder.is_dir():

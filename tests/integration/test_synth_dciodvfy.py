@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.synth import VENDORS, write_studies
+from node.lab.synth import VENDORS, write_studies
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.bench import (
+from node.cli import build_parser
+from node.errors import ConfigError
+from node.lab.bench import (
     BENCHMARKS,
     BenchRecord,
     BenchSettings,
@@ -22,8 +24,6 @@ from node.bench import (
     run_benchmarks,
     timed,
 )
-from node.cli import build_parser
-from node.errors import ConfigError
 from node.records import SequenceLabel
 
 TINY = BenchSettings(size=64, slices=8, n_instances=5, repeat=1)
@@ -163,6 +163,6 @@ def test_cli_bench_options() -> None:
     args = build_parser().parse_args(
         ["bench", "--only", "synth", "--only", "receive", "--repeat", "3", "--out", "f.json"]
     )
-    assert args.handler == "node.bench:cmd_bench"
+    assert args._command.name == "bench" and args._command.args.__name__ == "BenchArgs"
     assert args.only == ["synth", "receive"] and args.repeat == 3 and args.out == Path("f.json")
     assert set(args.only) <= set(BENCHMARKS)

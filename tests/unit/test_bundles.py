@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from node import bundles
+from node.bundles import bundle as bundles
 from node.errors import InferenceError, ModelUnavailable
+from node.lab.train import recipes
 from node.records import SequenceLabel, SeriesVolume, SliceGeometry, SliceRef
-from node.train import recipes
 
 torch.set_num_threads(1)
 

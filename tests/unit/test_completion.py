@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from node.completion import ReadyKind, SeriesCount, all_series_complete, decide_ready
+from node.ingest.completion import ReadyKind, SeriesCount, all_series_complete, decide_ready
 
 
 def _s(received: int, expected: int | None, uid: str = "1.2") -> SeriesCount:
@@ -84,7 +84,7 @@ def test_quiet_period_must_be_positive() -> None:
 
 
 def test_completion_is_pure() -> None:
-    import node.completion as mod
+    import node.ingest.completion as mod
 
     src = Path(str(mod.__file__)).read_text(encoding="utf-8")
     for forbidden in ("import time", "import os", "sqlite3", "pynetdicom", "open("):

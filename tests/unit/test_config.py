@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
 
+from node.cli.rules import CheckArgs, cmd_check
 from node.config import (
     DicomDestination,
     Rules,
     check_bundles_exist,
-    cmd_check,
     load_rules,
     summarise_rules,
     validate_rules_text,
@@ -55,7 +54,7 @@ def test_there_are_examples() -> None:
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
 def test_shipped_rule_files_pass_check(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = argparse.Namespace(rules_file=path, skip_bundle_check=True)
+    args = CheckArgs(rules_file=path, skip_bundle_check=True)
     assert cmd_check(args) == 0
     out = capsys.readouterr().out
     assert f"{path}: OK" in out
@@ -74,7 +73,7 @@ def test_shipped_rule_files_pass_bundle_check_when_bundles_exist(
     copy.write_text(path.read_text())
     for bundle in all_bundles(rules):
         (tmp_path / "models" / bundle).mkdir(parents=True, exist_ok=True)
-    assert cmd_check(argparse.Namespace(rules_file=copy, skip_bundle_check=False)) == 0
+    assert cmd_check(CheckArgs(rules_file=copy, skip_bundle_check=False)) == 0
     assert "OK" in capsys.readouterr().out
 
 
@@ -376,7 +375,7 @@ def test_cmd_check_prints_every_problem_and_fails(
 ) -> None:
     f = tmp_path / "r.yaml"
     f.write_text("node:\n  port: 0\ncompletion:\n  quiet_periode_s: 3\n")
-    assert cmd_check(argparse.Namespace(rules_file=f, skip_bundle_check=True)) == 1
+    assert cmd_check(CheckArgs(rules_file=f, skip_bundle_check=True)) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{f}:2: node.port: Input should be greater than or equal to 1" + (
         " (write instead: a number of at least 1)"
@@ -411,7 +410,7 @@ def test_cmd_check_runs_bundle_check(tmp_path: Path, capsys: pytest.CaptureFixtu
     f = tmp_path / "r.yaml"
     f.write_text(TASK)
     (tmp_path / "models" / "sequence").mkdir(parents=True)
-    assert cmd_check(argparse.Namespace(rules_file=f, skip_bundle_check=False)) == 1
+    assert cmd_check(CheckArgs(rules_file=f, skip_bundle_check=False)) == 1
     assert "no bundle folder 't1c'" in capsys.readouterr().out
 
 

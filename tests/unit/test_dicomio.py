@@ -20,7 +20,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from node.dicomio import load_series, load_study, read_headers, scan_study
+from node.dicom.volumes import load_series, load_study, read_headers, scan_study
 from node.errors import LoadError
 
 MR = "1.2.840.10008.5.1.4.1.1.4"

@@ -10,9 +10,8 @@ import yaml
 
 from node.config import TaskSettings
 from node.ensemble import fuse_task, logit, sigmoid
-from node.records import SequenceLabel, SeriesPrediction
-from node.train.data import DataError
-from node.train.ensemble_eval import (
+from node.lab.train.data import DataError
+from node.lab.train.ensemble_eval import (
     StudyOutputs,
     bundle_logits,
     evaluate_ensemble,
@@ -20,6 +19,7 @@ from node.train.ensemble_eval import (
     fit_weights,
     rules_snippet,
 )
+from node.records import SequenceLabel, SeriesPrediction
 
 
 def settings(weights: dict[str, float], temperature: float = 1.0) -> TaskSettings:

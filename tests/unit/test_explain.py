@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from node import bundles, explain
+from node.bundles import bundle as bundles
+from node.bundles import gradcam as explain
 from tests.unit.test_bundles import make_bundle, make_volume
 
 torch.set_num_threads(1)

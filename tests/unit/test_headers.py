@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.headers import header_from_datasets, normalise_manufacturer, read_series_headers
+from node.dicom.headers import header_from_datasets, normalise_manufacturer, read_series_headers
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 ENH_MR = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -343,8 +343,8 @@ def test_enhanced_pulse_sequence_flags_become_classic_codes() -> None:
 
 def test_private_tags_carry_vendor_series_through_the_rules() -> None:
     """Blank descriptions: the private b-value alone makes DWI, per vendor."""
+    from node.classify.sequence import classify_by_tags
     from node.records import SequenceLabel
-    from node.sequence import classify_by_tags
 
     def dwi(vendor: str, b: float) -> Dataset:
         ds = mr(

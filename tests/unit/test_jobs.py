@@ -14,9 +14,9 @@ from pydicom.data import get_testdata_file
 
 from node.config import Rules
 from node.errors import JobError
-from node.jobs import JobQueue
+from node.ingest.spool import Spool
+from node.pipeline.jobs import JobQueue
 from node.records import StudyJob, StudyOutcome, StudyStatus
-from node.spool import Spool
 
 
 class Clock:

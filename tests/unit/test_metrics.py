@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from node.train import metrics
+from node.lab.train import metrics
 
 
 def test_auc_perfect_inverted_and_ties() -> None:
@@ -109,7 +109,7 @@ def test_fit_platt_recovers_slope_and_bias() -> None:
 
 
 def test_ece_floor_of_a_calibrated_model_shrinks_with_n() -> None:
-    from node.train.metrics import ece_if_calibrated
+    from node.lab.train.metrics import ece_if_calibrated
 
     rng = np.random.default_rng(0)
     small = ece_if_calibrated(rng.random(60), seed=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,16 +12,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from structlog.testing import capture_logs
 
+from node.cli.operate import RequeueArgs, cmd_requeue
 from node.config import DeliverySettings, DicomDestination, DicomWebDestination, Rules
-from node.errors import SendError
-from node.outbox import (
+from node.deliver.outbox import (
     Outbox,
     backoff_s,
-    cmd_requeue,
     deliver_due,
 )
+from node.errors import SendError
 from node.records import DeliveryState, SendResult
-from node.report import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
+from node.report.objects import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
 
 PACS = DicomDestination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
 WEB = DicomWebDestination(name="web", url="http://127.0.0.1:8042/dicom-web")
@@ -211,7 +210,7 @@ def test_cmd_requeue(
     spool = tmp_path / "spool"
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(f"storage:\n  spool_dir: {spool}\nmodels_dir: {tmp_path}\n")
-    args = argparse.Namespace(rules=rules_file, destination=None)
+    args = RequeueArgs(rules=rules_file, destination=None)
     assert cmd_requeue(args) == 0
     assert "0 deliveries requeued" in capsys.readouterr().out
     with Outbox(spool) as outbox:
@@ -237,7 +236,7 @@ def test_cmd_requeue(
 
 
 def test_unreadable_object_dead_letters_alone(tmp_path: Path) -> None:
-    from node.send import send_dicom
+    from node.deliver.send import send_dicom
 
     with Outbox(tmp_path) as outbox:
         outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs"], now=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,17 +9,18 @@ import pytest
 from pydicom.uid import generate_uid
 from structlog.testing import capture_logs
 
-from node import pipeline
+from node.cli import study as study_cli
+from node.cli.study import ProcessArgs, cmd_process
 from node.config import Rules
 from node.errors import LoadError
 from node.log import uid_key
-from node.pipeline import (
+from node.pipeline import stages as pipeline
+from node.pipeline.stages import (
     STAGES,
     Stage,
     StageFailed,
     StudyContext,
     audit_path,
-    cmd_process,
     process_study,
 )
 from node.records import StudyJob
@@ -32,7 +32,7 @@ PHI_STRINGS = (SENTINEL_NAME, "Zyxwvut", "SENTINEL-ID-4711", "19010203", "ACC-SE
 @pytest.fixture(autouse=True)
 def _keep_log_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """cmd_process configures logging on the live stderr; keep that from leaking across tests."""
-    monkeypatch.setattr(pipeline, "configure", lambda **_kw: None)
+    monkeypatch.setattr(study_cli, "configure", lambda **_kw: None)
 
 
 def _study(tmp_path: Path, *, n_series: int = 2, n_slices: int = 3) -> tuple[str, list[Path]]:
@@ -178,7 +178,7 @@ def test_cmd_process_groups_studies_skips_other_files_and_prints_table(
     (src / "README.txt").write_text("hello")
     (src / "DICOMDIR").write_bytes(b"\x00" * 200)
     out = tmp_path / "out"
-    args = argparse.Namespace(directory=src, rules=tmp_path / "absent.yaml", out=out)
+    args = ProcessArgs(directory=src, rules=tmp_path / "absent.yaml", out=out)
     assert cmd_process(args) == 0
     printed = capsys.readouterr().out
     assert "using the built-in defaults" in printed
@@ -197,7 +197,7 @@ def test_cmd_process_reads_an_existing_rule_file(
     rules = tmp_path / "rules.yaml"
     rules.write_text("version: 1\nlogging:\n  format: json\n")
     _study(tmp_path / "in", n_series=1)
-    args = argparse.Namespace(directory=tmp_path / "in", rules=rules, out=tmp_path / "out")
+    args = ProcessArgs(directory=tmp_path / "in", rules=rules, out=tmp_path / "out")
     assert cmd_process(args) == 0
     assert f"rules: {rules}" in capsys.readouterr().out
 

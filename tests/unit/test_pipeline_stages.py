@@ -6,7 +6,6 @@ these tests check what each stage hands on and records, not model accuracy.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import threading
@@ -18,11 +17,12 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from node import pipeline
+from node.cli import study as study_cli
+from node.cli.study import ProcessArgs, cmd_process
 from node.config import Rules
+from node.deliver.outbox import Outbox
 from node.errors import ConfigError, ModelUnavailable
-from node.outbox import Outbox
-from node.pipeline import (
+from node.pipeline.stages import (
     STAGES,
     Stage,
     audit_path,
@@ -42,12 +42,12 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 @pytest.fixture(autouse=True)
 def _keep_log_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """cmd_process configures logging on the live stderr; keep that from leaking across tests."""
-    monkeypatch.setattr(pipeline, "configure", lambda **_kw: None)
+    monkeypatch.setattr(study_cli, "configure", lambda **_kw: None)
 
 
 def _write_bundle(folder: Path, name: str) -> None:
-    from node import bundles
-    from node.train import recipes
+    from node.bundles import bundle as bundles
+    from node.lab.train import recipes
 
     recipe = recipes.get_recipe(name)
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def _write_bundle(folder: Path, name: str) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One 6-series study (T2, FLAIR, DWI, ADC, T1, T1C) and task bundles in a temp folder."""
-    from node.synth import write_studies
+    from node.lab.synth import write_studies
 
     root = tmp_path_factory.mktemp("stages")
     manifest = write_studies(
@@ -308,8 +308,8 @@ def test_cmd_process_prints_sequences_findings_and_writes_objects(
         json.dumps(_rules(world).model_dump(mode="json", exclude={"storage"})), encoding="utf-8"
     )
     study_dir = world["root"] / "study"
-    args = argparse.Namespace(directory=study_dir, rules=rules_file, out=tmp_path / "out")
-    assert pipeline.cmd_process(args) == 0
+    args = ProcessArgs(directory=study_dir, rules=rules_file, out=tmp_path / "out")
+    assert cmd_process(args) == 0
     printed = capsys.readouterr().out
     assert "NOT FOR CLINICAL USE" in printed
     assert "t2_tirm_tra_dark-fluid" in printed and "FLAIR" in printed
@@ -322,9 +322,9 @@ def test_cmd_process_prints_sequences_findings_and_writes_objects(
 def test_serve_refuses_to_start_when_a_task_bundle_is_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from node import service
+    from node.cli import operate
 
-    monkeypatch.setattr(service, "configure", lambda *_a, **_kw: None)
+    monkeypatch.setattr(operate, "configure", lambda *_a, **_kw: None)
 
     (tmp_path / "models").mkdir()
     rules_file = tmp_path / "rules.yaml"
@@ -332,7 +332,7 @@ def test_serve_refuses_to_start_when_a_task_bundle_is_missing(
         f"models_dir: models\nstorage:\n  spool_dir: {tmp_path / 'spool'}\n", encoding="utf-8"
     )
     with pytest.raises(ConfigError, match="refusing to start") as info:
-        service.cmd_serve(argparse.Namespace(rules=rules_file))
+        operate.cmd_serve(operate.ServeArgs(rules=rules_file))
     assert "gbm_pcnsl_t1c" in str(info.value) and "enabled: false" in str(info.value)
     assert not (tmp_path / "spool").exists()  # nothing was started
 
@@ -346,7 +346,7 @@ def test_sender_thread_delivers_the_outbox_and_stops_cleanly(
 ) -> None:
     import time
 
-    from node.demo import LocalPacs
+    from node.lab.demo import LocalPacs
     from node.service import Node
     from tests.conftest import free_port
 

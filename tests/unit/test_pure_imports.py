@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PURE = ("node.config", "node.routing", "node.ensemble")
-HEAVY = ("torch", "monai", "pynetdicom", "pydicom", "node.headers", "node.sequence")
+HEAVY = ("torch", "monai", "pynetdicom", "pydicom", "node.dicom.headers", "node.classify.sequence")
 # Forbidden in the module's own import statements (stdlib pulls in socket for pydantic's
 # metadata lookups, so the transitive check is for the heavy packages only).
 NETWORK = ("socket", "http", "urllib", "requests", "httpx", "ssl", "sqlite3", "subprocess")

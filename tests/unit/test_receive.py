@@ -15,8 +15,8 @@ from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from node.config import AllowedCaller, NodeSettings
 from node.errors import StoreStatus
-from node.receive import TRANSFER_SYNTAXES, Receiver, check_association, storage_sop_classes
-from node.spool import Spool, StoreResult
+from node.ingest.receive import TRANSFER_SYNTAXES, Receiver, check_association, storage_sop_classes
+from node.ingest.spool import Spool, StoreResult
 from tests.conftest import free_port
 
 

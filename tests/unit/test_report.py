@@ -24,7 +24,7 @@ from node.records import (
     StudyResult,
     TaskFinding,
 )
-from node.report import (
+from node.report.objects import (
     SR_SOP_CLASS_UIDS,
     build_heatmap_images,
     build_sr,

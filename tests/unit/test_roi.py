@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from node import bundles, explain
-from node.roi import RoiSpec, lesion_box
-from node.train import recipes
-from node.train.data import series_slices
+from node.bundles import bundle as bundles
+from node.bundles import gradcam as explain
+from node.bundles.roi import RoiSpec, lesion_box
+from node.lab.train import recipes
+from node.lab.train.data import series_slices
 from tests.unit.test_bundles import make_bundle, make_volume
 from tests.unit.test_explain import Evidence
 

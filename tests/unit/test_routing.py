@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 import pytest
 
+from node.cli.rules import ExplainArgs, cmd_explain
 from node.config import QualifySettings, Rules, validate_rules_text
 from node.records import DecisionMethod, Route, SequenceDecision, SequenceLabel
-from node.routing import cmd_explain, explain_routes, route_study, study_qualifies
+from node.routing import explain_routes, route_study, study_qualifies
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,12 +177,12 @@ def test_cmd_explain_on_real_scanner_series(
     realdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two ADC maps, an FA map and a T1 from a real Siemens XA30 study."""
-    pytest.importorskip("node.sequence")
+    pytest.importorskip("node.classify.sequence")
     source = realdata / "dcm_qa_xa30" / "In"
     for name in ("11_DWI_dir80_PA", "19_DWI_dir80_AP", "13_DWI_dir80_PA", "5_anat-T1w_acq-tfl"):
         shutil.copytree(source / name, tmp_path / "study" / name)
     rules = REPO / "routing_rules" / "default.yaml"
-    args = argparse.Namespace(rules_file=rules, study_dir=tmp_path / "study")
+    args = ExplainArgs(rules_file=rules, study_dir=tmp_path / "study")
     assert cmd_explain(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("study: qualifies: 4 series, modalities MR")
@@ -199,21 +199,21 @@ def test_cmd_explain_rejects_bad_rules_and_missing_folder(
 ) -> None:
     bad = tmp_path / "r.yaml"
     bad.write_text("node:\n  prot: 1\n")
-    assert cmd_explain(argparse.Namespace(rules_file=bad, study_dir=tmp_path)) == 1
+    assert cmd_explain(ExplainArgs(rules_file=bad, study_dir=tmp_path)) == 1
     assert "did you mean 'port'?" in capsys.readouterr().out
     good = REPO / "routing_rules" / "default.yaml"
-    assert cmd_explain(argparse.Namespace(rules_file=good, study_dir=tmp_path / "nope")) == 1
+    assert cmd_explain(ExplainArgs(rules_file=good, study_dir=tmp_path / "nope")) == 1
     assert "not a folder" in capsys.readouterr().out
 
 
 def test_cmd_explain_applies_qualify_body_parts(
     realdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("node.sequence")
+    pytest.importorskip("node.classify.sequence")
     shutil.copytree(realdata / "dcm_qa_xa30" / "In" / "11_DWI_dir80_PA", tmp_path / "s" / "a")
     rules = tmp_path / "r.yaml"
     rules.write_text("qualify:\n  body_parts: [KNEE]\n")
-    assert cmd_explain(argparse.Namespace(rules_file=rules, study_dir=tmp_path / "s")) == 0
+    assert cmd_explain(ExplainArgs(rules_file=rules, study_dir=tmp_path / "s")) == 0
     out = capsys.readouterr().out
     assert "study: body parts BRAIN include none of KNEE" in out
     assert "nothing is routed" in out and "series #" not in out

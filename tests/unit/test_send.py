@@ -11,9 +11,7 @@ from pydicom.uid import UID
 from structlog.testing import capture_logs
 
 from node.config import DicomDestination, DicomWebDestination
-from node.errors import SendError
-from node.report import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
-from node.send import (
+from node.deliver.send import (
     BASE_SOP_CLASSES,
     StowError,
     send_dicom,
@@ -21,6 +19,8 @@ from node.send import (
     store_status_delivered,
     store_status_retryable,
 )
+from node.errors import SendError
+from node.report.objects import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
 
 DEST = DicomDestination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
 WEB = DicomWebDestination(name="web", url="http://127.0.0.1:8042/dicom-web")

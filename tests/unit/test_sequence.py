@@ -7,6 +7,14 @@ from typing import Any
 
 import pytest
 
+from node.classify.sequence import (
+    apply_study_context,
+    classify_by_tags,
+    classify_headers,
+    cnn_verdict,
+    fuse,
+    vote_slices,
+)
 from node.records import (
     CnnVerdict,
     DecisionMethod,
@@ -15,14 +23,6 @@ from node.records import (
     SequenceLabel,
     SeriesHeader,
     TagVerdict,
-)
-from node.sequence import (
-    apply_study_context,
-    classify_by_tags,
-    classify_headers,
-    cnn_verdict,
-    fuse,
-    vote_slices,
 )
 
 L = SequenceLabel

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parents[2] / "node" / "sequence.py"
+SOURCE = Path(__file__).resolve().parents[2] / "node" / "classify" / "sequence.py"
 FORBIDDEN = ("torch", "monai", "pydicom", "pynetdicom", "socket", "sqlite3", "structlog")
 IO_STDLIB = {"os", "io", "pathlib", "shutil", "socket", "subprocess", "tempfile", "sqlite3", "open"}
 
@@ -46,7 +46,7 @@ def test_sequence_calls_no_open_or_print() -> None:
 
 def test_importing_sequence_loads_no_heavy_or_network_module() -> None:
     code = (
-        "import sys, node.sequence; "
+        "import sys, node.classify.sequence; "
         f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]; "
         "print(','.join(bad))"
     )

@@ -13,8 +13,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from node.errors import InvalidInstance, StoreStatus
+from node.ingest.spool import Spool, instance_relpath, is_valid_uid, parse_instance
 from node.records import InstanceRef, StudyStatus
-from node.spool import Spool, instance_relpath, is_valid_uid, parse_instance
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -235,18 +235,17 @@ def test_overlong_uid_is_quarantined_not_truncated(spool: Spool) -> None:
 def test_cmd_status_reports_states_queue_and_failures_without_uids(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import argparse
 
     # The command configures process-wide logging onto stderr; keep pytest's streams clean.
     monkeypatch.setattr("node.log.configure", lambda *_a, **_k: None)
 
-    from node.jobs import JobQueue
-    from node.spool import cmd_status
+    from node.cli.operate import StatusArgs, cmd_status
+    from node.pipeline.jobs import JobQueue
 
     spool_dir = tmp_path / "sp"
     rules = tmp_path / "rules.yaml"
     rules.write_text(f"storage:\n  spool_dir: {spool_dir}\n  min_free_disk_mb: 0\n")
-    args = argparse.Namespace(rules=rules, json=True)
+    args = StatusArgs(rules=rules, json=True)
     assert cmd_status(args) == 1  # no index yet
     capsys.readouterr()
     s = Spool(spool_dir, min_free_disk_mb=0)
@@ -268,7 +267,7 @@ def test_cmd_status_reports_states_queue_and_failures_without_uids(
     (fail,) = doc["recent_failures"]
     assert fail["state"] == "dead" and fail["error"] == "RuntimeError"
     assert "1.2.3" not in json.dumps(doc)
-    assert cmd_status(argparse.Namespace(rules=rules, json=False)) == 0
+    assert cmd_status(StatusArgs(rules=rules, json=False)) == 0
     text = capsys.readouterr().out
     assert "queue depth: 1 ready" in text and "dead" in text and "1.2.3" not in text
 

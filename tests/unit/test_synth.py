@@ -13,9 +13,16 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.synth import PHENOTYPES, VENDORS, generate_study, study_labels, study_plan, write_studies
-from node.synth.anatomy import load_template
-from node.synth.study import SynthStudy
+from node.lab.synth import (
+    PHENOTYPES,
+    VENDORS,
+    generate_study,
+    study_labels,
+    study_plan,
+    write_studies,
+)
+from node.lab.synth.anatomy import load_template
+from node.lab.synth.study import SynthStudy
 
 SMALL = {"size": 64, "slices": 12}
 
@@ -260,7 +267,7 @@ def test_tubers_bright_on_flair() -> None:
 
 def test_flair_csf_dark_t2_csf_bright_t1_wm_over_gm() -> None:
     st = generate_study(21, phenotype="normal", vendor="siemens", distractors=False, **SMALL)
-    from node.synth.anatomy import centred_grid, sample_anatomy  # noqa: F401  (shape check only)
+    from node.lab.synth.anatomy import centred_grid, sample_anatomy  # noqa: F401  (shape check only)
 
     wm = st.volumes["wm_fraction"] > 0.9
     t2, flair, t1 = st.volumes["t2"], st.volumes["flair"], st.volumes["t1"]

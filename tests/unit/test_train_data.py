@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from node import bundles
+from node.bundles import bundle as bundles
+from node.lab.train import data, recipes, trainer
+from node.lab.train.command import train_bundle
 from node.records import SequenceLabel, SeriesVolume
-from node.train import data, recipes, trainer
-from node.train.command import train_bundle
 from tests.unit.test_bundles import make_volume
 
 torch.set_num_threads(1)
@@ -153,7 +153,7 @@ def test_tiny_training_run_writes_a_loadable_bundle(tmp_path: Path) -> None:
     assert meta["temperature"] > 0
     assert "NOT FOR CLINICAL USE" in (out / "docs" / "README.md").read_text()
     assert b.metadata.name == "gbm_pcnsl_t1c"
-    from node.train.evaluate import evaluate_task, record_evaluation
+    from node.lab.train.evaluate import evaluate_task, record_evaluation
 
     def volume(it: data.SeriesItem) -> SeriesVolume:
         pix = _phantom(it)
@@ -190,7 +190,7 @@ def test_fold_groups_partition_patients_and_stratify() -> None:
 
 @pytest.mark.slow
 def test_cross_validation_holds_out_each_patient_once(tmp_path: Path) -> None:
-    from node.train.command import cross_validate
+    from node.lab.train.command import cross_validate
 
     items = [_item(i, "gbm" if i % 2 else "pcnsl") for i in range(24)]
 

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from node.jobs import JobQueue
-from node.spool import Spool
-from node.web import WebServer
+from node.ingest.spool import Spool
+from node.pipeline.jobs import JobQueue
+from node.web.server import WebServer
 
 
 def _mr(sop: str) -> bytes:

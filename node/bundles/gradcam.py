@@ -1,0 +1,124 @@
+"""Grad-CAM attention maps for a series-level prediction, on the source slices' pixel grid.
+
+Our own Grad-CAM rather than monai.visualize.GradCAM so the two faults the field knows are
+closed by construction: the forward hook is removed in ``finally`` (the gradient is captured
+with a tensor hook that dies with the tensor), and the map is normalised explicitly to 0..1
+with higher meaning more evidence for the explained class (never inverted). Call it on a
+worker's own ``Bundle.copy()``; it does not change the module's parameters or mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from node.bundles.bundle import Bundle, prepare_slices, resolve_layer, series_box
+from node.bundles.roi import Box
+from node.errors import InferenceError
+from node.records import FloatArray, Heatmap, SeriesPrediction, SeriesVolume
+
+
+def grad_cam(
+    network: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, class_index: int
+) -> torch.Tensor:
+    """Grad-CAM maps (n, H, W) at the input size for one class, each scaled to 0..1."""
+    acts: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+
+    def keep(_m: torch.nn.Module, _i: object, out: torch.Tensor) -> None:
+        acts.append(out)
+        out.register_hook(grads.append)  # type: ignore[no-untyped-call]
+
+    handle = layer.register_forward_hook(keep)
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.enable_grad():
+            xi = x.detach().clone().requires_grad_(True)
+            logits = network(xi)
+            if not acts:
+                raise InferenceError("Grad-CAM layer did not run in the forward pass")
+            network.zero_grad(set_to_none=True)
+            logits[:, class_index].sum().backward()
+    finally:
+        handle.remove()
+        network.zero_grad(set_to_none=True)
+        network.train(was_training)
+    a = acts[0].detach()
+    g = grads[0].detach()
+    weights = g.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * a).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return _unit_range(cam)
+
+
+def _unit_range(cam: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max to 0..1 (a flat map becomes zeros, not NaN)."""
+    flat = cam.reshape(cam.shape[0], -1)
+    lo = flat.min(dim=1).values[:, None, None]
+    hi = flat.max(dim=1).values[:, None, None]
+    span = hi - lo
+    out = torch.where(span > 0, (cam - lo) / span.clamp_min(1e-12), torch.zeros_like(cam))
+    return out.clamp(0.0, 1.0)
+
+
+def to_source_grid(cam: torch.Tensor, rows: int, cols: int, box: Box | None = None) -> FloatArray:
+    """Resample an input-size map onto the source slice grid and re-normalise to 0..1; with a
+    region (box) the map covers that rectangle and is 0 outside it."""
+    if box is None:
+        up = F.interpolate(cam[None, None], size=(rows, cols), mode="bilinear", align_corners=False)
+        out: FloatArray = _unit_range(up[0]).numpy()[0].astype(np.float32)
+        return out
+    size = (box.r1 - box.r0, box.c1 - box.c0)
+    part = F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)
+    full = torch.zeros(1, rows, cols, dtype=part.dtype)
+    full[0, box.r0 : box.r1, box.c0 : box.c1] = part[0, 0]
+    placed: FloatArray = _unit_range(full).numpy()[0].astype(np.float32)
+    return placed
+
+
+def explain_series(
+    bundle: Bundle, volume: SeriesVolume, prediction: SeriesPrediction, *, top_k: int = 3
+) -> tuple[Heatmap, ...]:
+    """Heatmaps for the key slices: those most confident in the predicted class."""
+    meta = bundle.metadata
+    if top_k < 1 or not prediction.slice_indices:
+        return ()
+    positive = prediction.probability >= 0.5
+    class_index = 1 if positive else 0
+    probs = np.asarray(prediction.slice_probabilities)
+    order = np.argsort(-probs if positive else probs, kind="stable")[:top_k]
+    chosen = tuple(prediction.slice_indices[int(i)] for i in order)
+    if prediction.region is not None:
+        box: Box | None = Box(*prediction.region, found=True)
+    else:
+        box = series_box(volume.pixels, meta)
+    x = prepare_slices(volume.pixels, chosen, meta, box)
+    layer = resolve_layer(bundle.network, meta.cam_layer)
+    try:
+        cams = grad_cam(bundle.network, layer, x, class_index)
+    except RuntimeError as exc:
+        raise InferenceError(f"Grad-CAM failed for model {meta.name}: {exc}") from exc
+    rows, cols = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
+    return tuple(
+        Heatmap(
+            series_uid=volume.series_uid,
+            slice_index=idx,
+            source=volume.slices[idx],
+            cam=to_source_grid(cams[j], rows, cols, box),
+            image=np.asarray(volume.pixels[idx], dtype=np.float32),
+        )
+        for j, idx in enumerate(chosen)
+    )
+
+
+def with_heatmaps(
+    bundle: Bundle, volume: SeriesVolume, prediction: SeriesPrediction, *, top_k: int = 3
+) -> SeriesPrediction:
+    """The prediction with Grad-CAM heatmaps of its key slices attached."""
+    return dataclasses.replace(
+        prediction, heatmaps=explain_series(bundle, volume, prediction, top_k=top_k)
+    )

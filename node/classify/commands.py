@@ -1,0 +1,212 @@
+"""`neuronode classify` and `neuronode evaluate-sequences`: the sequence classifier on a folder.
+
+The CNN half runs only when the sequence bundle loads; otherwise the commands say why and use the
+tag rules alone (they never invent CNN votes).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.config import SequenceSettings
+from node.errors import ConfigError, NodeError
+from node.log import get_logger
+from node.records import CnnVerdict, FusionPolicy, SequenceLabel, SeriesHeader
+
+log = get_logger(__name__)
+
+_REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+_ROUTABLE = frozenset(label for label in SequenceLabel if label is not SequenceLabel.OTHER)
+
+
+def policy_from_settings(settings: SequenceSettings) -> FusionPolicy:
+    """The fusion policy the rule file's `sequence:` section asks for."""
+    if settings.disagreement == "prefer_tags":
+        return FusionPolicy(
+            min_confidence=settings.min_confidence,
+            prefer_tags_for=tuple(SequenceLabel),
+            prefer_tags_min_confidence=0.0,
+        )
+    if settings.disagreement == "prefer_cnn":
+        # The more confident opinion wins; tags still win for their decisive physics labels.
+        return FusionPolicy(min_confidence=settings.min_confidence, disagreement_to_other=False)
+    return FusionPolicy(min_confidence=settings.min_confidence)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CnnRun:
+    """The CNN verdict per header (None where it did not run) and a status line saying why."""
+
+    verdicts: tuple[CnnVerdict | None, ...] | None
+    status: str
+
+
+def _bundle_dir(settings: SequenceSettings) -> Path:
+    local = Path("models") / settings.bundle
+    return local if local.is_dir() else _REPO_MODELS / settings.bundle
+
+
+def run_cnn(
+    directory: Path,
+    headers: Sequence[SeriesHeader],
+    settings: SequenceSettings,
+    bundle_dir: Path | None = None,
+) -> CnnRun:
+    """Run the sequence CNN on every series, or say plainly why it is not available."""
+    try:
+        from node.bundles import bundle as bundles
+        from node.dicom import volumes as dicomio  # torch is imported only when the CNN is wanted
+    except ImportError as exc:
+        return CnnRun(verdicts=None, status=f"sequence CNN bundle not available: {exc}")
+    path = bundle_dir if bundle_dir is not None else _bundle_dir(settings)
+    try:
+        bundle = bundles.load_bundle(path)
+    except NodeError as exc:
+        return CnnRun(verdicts=None, status=f"sequence CNN bundle not available: {exc}")
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    loaded = dicomio.scan_study(files)
+    volumes = {(v.series_uid, v.series_number): v for v in loaded.volumes}
+    verdicts: list[CnnVerdict | None] = []
+    failed = 0
+    for h in headers:
+        volume = volumes.get((h.series_uid, h.series_number))
+        if volume is None:
+            verdicts.append(None)
+            continue
+        try:
+            # The same series vote the pipeline uses (node.bundles.bundle), so figures match.
+            verdicts.append(bundles.classify_series(bundle, volume, settings.slices_per_series))
+        except NodeError as exc:
+            failed += 1
+            log.warning("sequence_cnn_failed", error_type=type(exc).__name__)
+            verdicts.append(None)
+    ran = sum(v is not None for v in verdicts)
+    meta = bundle.metadata
+    status = f"sequence CNN {meta.name} {meta.version}: ran on {ran} of {len(headers)} series"
+    if failed:
+        status += f" ({failed} failed)"
+    return CnnRun(verdicts=tuple(verdicts), status=status)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def read_labels(path: Path) -> dict[str, SequenceLabel]:
+    """series_uid -> label from a labels CSV (columns series_uid, label; others ignored)."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            fields = set(reader.fieldnames or ())
+            if not {"series_uid", "label"} <= fields:
+                raise ConfigError(f"{path}: needs the columns series_uid and label")
+            labels: dict[str, SequenceLabel] = {}
+            for line, row in enumerate(reader, start=2):
+                uid = (row.get("series_uid") or "").strip()
+                text = (row.get("label") or "").strip().upper()
+                if not uid:
+                    continue
+                try:
+                    label = SequenceLabel(text)
+                except ValueError as exc:
+                    allowed = ", ".join(s.value for s in SequenceLabel)
+                    raise ConfigError(
+                        f"{path}:{line}: label {text!r} is not one of {allowed}"
+                    ) from exc
+                if uid in labels and labels[uid] is not label:
+                    raise ConfigError(f"{path}:{line}: series {uid} is labelled twice, differently")
+                labels[uid] = label
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the labels file: {exc}") from exc
+    return labels
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Prediction:
+    label: SequenceLabel | None  # None: this method gave no answer (CNN did not run)
+    reason: str
+
+
+def _per_uid(
+    headers: Sequence[SeriesHeader], predictions: Sequence[_Prediction]
+) -> dict[str, tuple[_Prediction, str]]:
+    """One prediction per SeriesInstanceUID: a UID split into several series numbers (one
+    series re-sent under new numbers) takes the majority label of its parts."""
+    parts: dict[str, list[tuple[SeriesHeader, _Prediction]]] = {}
+    for h, p in zip(headers, predictions, strict=True):
+        parts.setdefault(h.series_uid, []).append((h, p))
+    out: dict[str, tuple[_Prediction, str]] = {}
+    for uid, items in parts.items():
+        numbers = ",".join(str(h.series_number) for h, _ in items)
+        if len(items) == 1:
+            out[uid] = (items[0][1], numbers)
+            continue
+        counts = Counter(p.label for _, p in items)
+        label, n = counts.most_common(1)[0]
+        reason = next(p.reason for _, p in items if p.label == label)
+        out[uid] = (
+            _Prediction(label=label, reason=f"{n} of {len(items)} parts: {reason}"),
+            numbers,
+        )
+    return out
+
+
+def score(
+    truth: Mapping[str, SequenceLabel],
+    predicted: Mapping[str, tuple[_Prediction, str]],
+    descriptions: Mapping[str, str],
+) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall, confusion and the misses, series-level."""
+    confusion: dict[str, dict[str, int]] = {}
+    errors: list[dict[str, Any]] = []
+    correct = 0
+    n = 0
+    other_as_routable = 0
+    for uid, true in sorted(truth.items()):
+        if uid not in predicted:
+            continue
+        prediction, numbers = predicted[uid]
+        guess = prediction.label.value if prediction.label is not None else "NONE"
+        n += 1
+        row = confusion.setdefault(true.value, {})
+        row[guess] = row.get(guess, 0) + 1
+        if guess == true.value:
+            correct += 1
+            continue
+        if true is SequenceLabel.OTHER and prediction.label in _ROUTABLE:
+            other_as_routable += 1
+        errors.append(
+            {
+                "series_uid": uid,
+                "series_number": numbers,
+                "description": descriptions.get(uid, ""),
+                "true": true.value,
+                "predicted": guess,
+                "reason": prediction.reason,
+            }
+        )
+    per_class: dict[str, dict[str, float | int | None]] = {}
+    for label in SequenceLabel:
+        tp = confusion.get(label.value, {}).get(label.value, 0)
+        support = sum(confusion.get(label.value, {}).values())
+        predicted_n = sum(row.get(label.value, 0) for row in confusion.values())
+        if support == 0 and predicted_n == 0:
+            continue
+        per_class[label.value] = {
+            "precision": round(tp / predicted_n, 4) if predicted_n else None,
+            "recall": round(tp / support, 4) if support else None,
+            "support": support,
+        }
+    return {
+        "accuracy": round(correct / n, 4) if n else None,
+        "n_series": n,
+        "n_correct": correct,
+        "other_as_routable": other_as_routable,
+        "per_class": per_class,
+        "confusion": confusion,
+        "errors": errors,
+    }

@@ -1,0 +1,139 @@
+"""The rule file: `check` (validate it) and `explain` (what it does to one study)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from node.classify.sequence import classify_headers
+from node.cli.command import Command
+from node.config import (
+    check_bundles_exist,
+    summarise_rules,
+    validate_rules_text,
+)
+from node.dicom.headers import read_series_headers
+from node.routing import explain_routes, study_qualifies
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckArgs:
+    rules_file: Path
+    skip_bundle_check: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExplainArgs:
+    rules_file: Path
+    study_dir: Path
+
+
+def cmd_check(args: CheckArgs) -> int:
+    """`neuronode check RULES`: print every problem with its line and fix, or OK and a summary."""
+    path: Path = args.rules_file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"{path}: cannot read rule file: {exc.strerror}")
+        return 1
+    rules, problems = validate_rules_text(text)
+    if rules is not None and not args.skip_bundle_check:
+        problems = check_bundles_exist(rules, path.parent, text)
+    for p in problems:
+        print(p.render(path))
+    if rules is None or problems:
+        print(f"{len(problems)} problem(s) in {path}")
+        return 1
+    print(f"{path}: OK")
+    print(summarise_rules(rules))
+    return 0
+
+
+def cmd_explain(args: ExplainArgs) -> int:
+    """`neuronode explain RULES STUDY_DIR`: which label each series got and where it is routed."""
+    rules_path: Path = args.rules_file
+    study_dir: Path = args.study_dir
+    try:
+        text = rules_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"{rules_path}: cannot read rule file: {exc.strerror}")
+        return 1
+    rules, problems = validate_rules_text(text, base_dir=rules_path.parent)
+    if rules is None:
+        for p in problems:
+            print(p.render(rules_path))
+        print(f"{len(problems)} problem(s) in {rules_path}; run neuronode check {rules_path}")
+        return 1
+    if not study_dir.is_dir():
+        print(f"{study_dir}: not a folder")
+        return 1
+    headers = read_series_headers([study_dir])
+    if not headers:
+        print(f"{study_dir}: no readable DICOM series")
+        return 1
+    ok, why = study_qualifies(
+        [h.modality for h in headers], _body_parts(study_dir), len(headers), rules.qualify
+    )
+    print(f"study: {why}")
+    if not ok:
+        print("not processed under qualify:; nothing is routed")
+        return 0
+    decisions = classify_headers(headers)  # tag rules + study context, no CNN
+    names = {
+        h.series_uid: f"#{h.series_number if h.series_number is not None else '?'}"
+        f" '{h.series_description}'"
+        for h in headers
+    }
+    print("(sequence labels from the tag rules only; the CNN vote runs in the pipeline)")
+    print(explain_routes(decisions, rules, series_names=names))
+    return 0
+
+
+def _body_parts(study_dir: Path) -> tuple[str, ...]:
+    """BodyPartExamined of every file under study_dir (header only; not in SeriesHeader)."""
+    parts: set[str] = set()
+    for path in sorted(study_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["BodyPartExamined"])
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        parts.add(str(ds.get("BodyPartExamined", "") or ""))
+    return tuple(sorted(parts))
+
+
+def _check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rules_file", type=Path)
+    p.add_argument(
+        "--skip-bundle-check",
+        action="store_true",
+        help="do not require a folder under models_dir for every bundle named",
+    )
+
+
+def _explain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rules_file", type=Path)
+    p.add_argument("study_dir", type=Path)
+
+
+COMMANDS = (
+    Command(
+        name="check",
+        help="validate a rule file; print every problem",
+        arguments=_check_arguments,
+        args=CheckArgs,
+        run=cmd_check,
+    ),
+    Command(
+        name="explain",
+        help="show, series by series, the sequence label and the models each series is routed to",
+        arguments=_explain_arguments,
+        args=ExplainArgs,
+        run=cmd_explain,
+    ),
+)

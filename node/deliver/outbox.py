@@ -1,0 +1,398 @@
+"""The durable delivery outbox: one row per result object x destination, retried until done.
+
+It lives in its own SQLite file (<spool>/outbox.sqlite), apart from the job queue in the spool
+index: deliveries have their own life cycle (a destination can be down for days while studies
+keep flowing), they are keyed by SOP Instance UID rather than by study, and the sender loop
+writes them on its own cadence, so keeping them apart means no writer waits on the other's
+locks and neither schema constrains the other. Objects are files under
+<spool>/outbox/objects/<sop_uid>.dcm, written atomically, so a restart resends from disk.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import random
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Final
+
+from pydicom.dataset import Dataset
+
+from node.config import (
+    DeliverySettings,
+    DicomDestination,
+    DicomWebDestination,
+    Rules,
+)
+from node.deliver.send import object_kind, send_dicom, send_stow
+from node.errors import SendError, SpoolError
+from node.log import get_logger, uid_key
+from node.records import Delivery, DeliveryCounts, DeliveryState, SendResult
+
+log = get_logger(__name__)
+
+OUTBOX_DB: Final = "outbox.sqlite"
+OBJECTS_DIR: Final = Path("outbox") / "objects"
+ERROR_TEXT_MAX: Final = 500
+
+_SCHEMA: Final = (
+    """
+    CREATE TABLE IF NOT EXISTS deliveries (
+        row_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        sop_uid TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        study_uid TEXT NOT NULL,
+        sop_class_uid TEXT NOT NULL,
+        path TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        last_status_code INTEGER,
+        sent_sop_uid TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        delivered_at REAL,
+        UNIQUE (sop_uid, destination)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(destination, state, next_attempt_at)",
+)
+
+
+def backoff_s(attempts: int, settings: DeliverySettings, rng: random.Random) -> float:
+    """Wait before the next attempt: doubling from the initial wait, jittered, capped."""
+    base = settings.backoff_initial_s * 2.0 ** max(0, attempts - 1)
+    spread = 1.0 + settings.jitter_fraction * rng.uniform(-1.0, 1.0)
+    return float(min(settings.backoff_max_s, min(base, settings.backoff_max_s) * spread))
+
+
+def _write_atomic(ds: Dataset, path: Path) -> None:
+    """Write a DICOM file so a crash leaves either no file or the whole file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, ValueError, AttributeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise SpoolError(f"cannot write outbox object: {exc}") from exc
+
+
+class Outbox:
+    """The outbox database and its object folder under one spool directory."""
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.spool_dir = spool_dir
+        self.objects_dir = spool_dir / OBJECTS_DIR
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = spool_dir / OUTBOX_DB
+        self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        for statement in _SCHEMA:
+            self._db.execute(statement)
+        # A row left 'sending' belonged to a sender that died mid-attempt: try it again.
+        self._db.execute(
+            "UPDATE deliveries SET state=? WHERE state=?",
+            (DeliveryState.PENDING, DeliveryState.SENDING),
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def enqueue(
+        self, datasets: Sequence[Dataset], destinations: Sequence[str], *, now: float
+    ) -> int:
+        """Queue each object for each destination; an object already queued there is kept.
+
+        Returns the number of new rows (0 when the same study's results come again).
+        """
+        new = 0
+        for ds in datasets:
+            sop_uid = str(ds.SOPInstanceUID)
+            path = self.objects_dir / f"{sop_uid}.dcm"
+            if not path.exists():
+                _write_atomic(ds, path)
+            with self._tx() as db:
+                for dest in destinations:
+                    cur = db.execute(
+                        "INSERT OR IGNORE INTO deliveries (sop_uid, destination, study_uid,"
+                        " sop_class_uid, path, state, next_attempt_at, created_at, updated_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            sop_uid,
+                            dest,
+                            str(ds.StudyInstanceUID),
+                            str(ds.SOPClassUID),
+                            str(path),
+                            DeliveryState.PENDING,
+                            now,
+                            now,
+                            now,
+                        ),
+                    )
+                    new += cur.rowcount
+        log.info("outbox_enqueued", n_objects=len(datasets), count=new)
+        return new
+
+    def _rows(
+        self, where: str, params: tuple[object, ...], limit: int = -1
+    ) -> tuple[Delivery, ...]:
+        cur = self._db.execute(
+            f"SELECT * FROM deliveries WHERE {where} ORDER BY row_id LIMIT ?", (*params, limit)
+        )
+        return tuple(
+            Delivery(
+                row_id=r["row_id"],
+                sop_uid=r["sop_uid"],
+                destination=r["destination"],
+                study_uid=r["study_uid"],
+                sop_class_uid=r["sop_class_uid"],
+                path=Path(r["path"]),
+                state=DeliveryState(r["state"]),
+                attempts=r["attempts"],
+                next_attempt_at=r["next_attempt_at"],
+                last_error=r["last_error"],
+                last_status_code=r["last_status_code"],
+                sent_sop_uid=r["sent_sop_uid"],
+            )
+            for r in cur.fetchall()
+        )
+
+    def all(self) -> tuple[Delivery, ...]:
+        """Every row, oldest first (for status and tests)."""
+        return self._rows("1=1", ())
+
+    def claim_due(self, destination: str, now: float, limit: int) -> tuple[Delivery, ...]:
+        """Mark up to `limit` due rows of one destination as sending and return them."""
+        with self._tx() as db:
+            rows = self._rows(
+                "destination=? AND state=? AND next_attempt_at<=?",
+                (destination, DeliveryState.PENDING, now),
+                limit,
+            )
+            db.executemany(
+                "UPDATE deliveries SET state=?, updated_at=? WHERE row_id=?",
+                [(DeliveryState.SENDING, now, r.row_id) for r in rows],
+            )
+        return rows
+
+    def destinations_due(self, now: float) -> tuple[str, ...]:
+        """Destinations that have at least one row due now."""
+        cur = self._db.execute(
+            "SELECT DISTINCT destination FROM deliveries WHERE state=? AND next_attempt_at<=?"
+            " ORDER BY destination",
+            (DeliveryState.PENDING, now),
+        )
+        return tuple(r[0] for r in cur.fetchall())
+
+    def mark_delivered(self, row: Delivery, result: SendResult, *, now: float) -> None:
+        """Record an accepted object."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state=?, attempts=attempts+1, last_error=NULL,"
+                " last_status_code=?, sent_sop_uid=?, updated_at=?, delivered_at=?"
+                " WHERE row_id=?",
+                (
+                    DeliveryState.DELIVERED,
+                    result.status_code,
+                    result.sent_sop_instance_uid,
+                    now,
+                    now,
+                    row.row_id,
+                ),
+            )
+
+    def mark_failed(
+        self,
+        row: Delivery,
+        *,
+        error: str,
+        status_code: int | None,
+        retryable: bool,
+        settings: DeliverySettings,
+        now: float,
+        rng: random.Random,
+    ) -> DeliveryState:
+        """Record a failed attempt: back off, or dead-letter when permanent or out of tries."""
+        attempts = row.attempts + 1
+        dead = not retryable or attempts >= settings.max_attempts
+        state = DeliveryState.DEAD if dead else DeliveryState.PENDING
+        next_at = now if dead else now + backoff_s(attempts, settings, rng)
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state=?, attempts=?, next_attempt_at=?, last_error=?,"
+                " last_status_code=?, updated_at=? WHERE row_id=?",
+                (state, attempts, next_at, error[:ERROR_TEXT_MAX], status_code, now, row.row_id),
+            )
+        return state
+
+    def requeue(self, *, now: float, destination: str | None = None) -> int:
+        """Give dead-lettered rows a fresh set of attempts, due now."""
+        where = "state=?" + (" AND destination=?" if destination else "")
+        params: tuple[object, ...] = (DeliveryState.DEAD,) + ((destination,) if destination else ())
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?, updated_at=?"
+                f" WHERE {where}",
+                (DeliveryState.PENDING, now, now, *params),
+            )
+        return cur.rowcount
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows per destination and state."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self._db.execute(
+            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
+        ):
+            out.setdefault(r[0], {})[r[1]] = r[2]
+        return out
+
+    def previous_sr(self, study_uid: str, *, exclude_sop_uid: str) -> Path | None:
+        """The newest SR queued earlier for a study (the predecessor of a re-opened study's SR)."""
+        cur = self._db.execute(
+            "SELECT path FROM deliveries WHERE study_uid=? AND sop_uid<>? AND sop_class_uid"
+            " LIKE '1.2.840.10008.5.1.4.1.1.88.%' ORDER BY created_at DESC, row_id DESC LIMIT 1",
+            (study_uid, exclude_sop_uid),
+        )
+        row = cur.fetchone()
+        return None if row is None else Path(row[0])
+
+
+# --- the sender loop -------------------------------------------------------------------------
+
+Destination = DicomDestination | DicomWebDestination
+SendFn = Callable[[Destination, Sequence[Path]], tuple[SendResult, ...]]
+
+
+def default_sender(rules: Rules) -> SendFn:
+    """C-STORE or STOW-RS depending on the destination kind, with our AE title and UID root."""
+    dicom = partial(send_dicom, calling_ae=rules.node.ae_title, uid_root=rules.outputs.uid_root)
+
+    def send(dest: Destination, paths: Sequence[Path]) -> tuple[SendResult, ...]:
+        if isinstance(dest, DicomDestination):
+            return dicom(dest, paths)
+        return send_stow(dest, paths)
+
+    return send
+
+
+def deliver_due(
+    outbox: Outbox,
+    rules: Rules,
+    now: float,
+    *,
+    send: SendFn | None = None,
+    rng: random.Random | None = None,
+    batch: int = 50,
+) -> DeliveryCounts:
+    """One sender pass: each destination's due rows, the destinations sent in parallel.
+
+    Each destination has its own association in its own thread, so one that is down (or
+    slow to time out) only backs off its own rows; the database is written here only.
+    """
+    sender = send or default_sender(rules)
+    rand = rng or random.Random()
+    by_name = {d.name: d for d in rules.destinations}
+    delivered = retrying = dead = 0
+    unreachable: list[str] = []
+    claimed: list[tuple[str, Destination, tuple[Delivery, ...]]] = []
+    for name in outbox.destinations_due(now):
+        dest = by_name.get(name)
+        if dest is None:
+            log.warning("outbox_unknown_destination", destination=name)
+            continue
+        rows = outbox.claim_due(name, now, batch)
+        if rows:
+            claimed.append((name, dest, rows))
+    if not claimed:
+        return DeliveryCounts()
+    with ThreadPoolExecutor(max_workers=len(claimed), thread_name_prefix="sender") as pool:
+        futures = [
+            (name, pool.submit(contextvars.copy_context().run, _send_batch, sender, dest, rows))
+            for name, dest, rows in claimed
+        ]
+        sent = [(name, future.result()) for name, future in futures]
+    for name, outcomes in sent:
+        if all(isinstance(o, SendError) and o.retryable for _, o in outcomes):
+            unreachable.append(name)
+        for row, outcome in outcomes:
+            if isinstance(outcome, SendResult) and outcome.delivered:
+                outbox.mark_delivered(row, outcome, now=now)
+                state = DeliveryState.DELIVERED
+                delivered += 1
+            else:
+                state = outbox.mark_failed(
+                    row,
+                    error=str(outcome) if isinstance(outcome, SendError) else outcome.message,
+                    status_code=None if isinstance(outcome, SendError) else outcome.status_code,
+                    retryable=outcome.retryable,
+                    settings=rules.delivery,
+                    now=now,
+                    rng=rand,
+                )
+                dead += state == DeliveryState.DEAD
+                retrying += state == DeliveryState.PENDING
+            _log_attempt(
+                row, state, None if isinstance(outcome, SendError) else outcome.status_code
+            )
+    return DeliveryCounts(
+        delivered=delivered, retrying=retrying, dead=dead, unreachable=tuple(unreachable)
+    )
+
+
+def _send_batch(
+    sender: SendFn, dest: Destination, rows: Sequence[Delivery]
+) -> list[tuple[Delivery, SendResult | SendError]]:
+    """Send rows together; a permanent batch error (an unreadable file) is retried one by one
+    so it dead-letters only the object that caused it."""
+    try:
+        results = sender(dest, [r.path for r in rows])
+    except SendError as exc:
+        if exc.retryable or len(rows) == 1:
+            return [(row, exc) for row in rows]
+        return [pair for row in rows for pair in _send_batch(sender, dest, [row])]
+    by_uid = {r.sop_instance_uid: r for r in results}
+    missing = SendError("the sender returned no result for this object", retryable=True)
+    return [(row, by_uid.get(row.sop_uid, missing)) for row in rows]
+
+
+def _log_attempt(row: Delivery, state: DeliveryState, status_code: int | None) -> None:
+    log.info(
+        "delivery_attempt",
+        destination=row.destination,
+        object_kind=object_kind(row.sop_class_uid),
+        status_code=None if status_code is None else f"0x{status_code:04X}",
+        attempt=row.attempts + 1,
+        state=state.value,
+        instance_key=uid_key(row.sop_uid),
+    )

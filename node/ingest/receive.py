@@ -1,0 +1,274 @@
+"""The DICOM listener: C-ECHO and C-STORE SCP with the rule file's association policy.
+
+Received bytes go to the spool exactly as they came (`event.encoded_dataset()`); the header is
+read only for the UIDs that name the file. The C-STORE handler is the one place that turns any
+unexpected error into a failure status, so one bad instance never ends the association.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import uid as dcm_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    EncapsulatedPDFStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    MRImageStorage,
+    MRSpectroscopyStorage,
+    RawDataStorage,
+    Verification,
+)
+
+from node.config import NodeSettings
+from node.errors import EchoStatus, SpoolError, StoreStatus
+from node.ingest.spool import Spool
+from node.log import get_logger, uid_key
+
+log = get_logger(__name__)
+
+# What scanners and PACS send: uncompressed in every byte order, deflate, and the lossless and
+# lossy compressions of brain MRI archives. Stored as received, never transcoded.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    dcm_uid.ExplicitVRLittleEndian,
+    dcm_uid.ImplicitVRLittleEndian,
+    dcm_uid.ExplicitVRBigEndian,
+    dcm_uid.DeflatedExplicitVRLittleEndian,
+    dcm_uid.JPEGBaseline8Bit,
+    dcm_uid.JPEGExtended12Bit,
+    dcm_uid.JPEGLossless,
+    dcm_uid.JPEGLosslessSV1,
+    dcm_uid.JPEGLSLossless,
+    dcm_uid.JPEGLSNearLossless,
+    dcm_uid.JPEG2000Lossless,
+    dcm_uid.JPEG2000,
+    dcm_uid.RLELossless,
+)
+
+# Named so a reader sees the brain-MRI classes are in; all other storage classes come from
+# pynetdicom's list (CT localizers, secondary capture, SR, presentation states, PDF ...).
+BRAIN_MR_CLASSES: tuple[str, ...] = (
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    MRSpectroscopyStorage,
+    RawDataStorage,
+    EncapsulatedPDFStorage,
+)
+
+
+def storage_sop_classes() -> tuple[str, ...]:
+    """Every storage SOP class we accept (pynetdicom's full list plus the brain-MR ones)."""
+    classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    for uid in BRAIN_MR_CLASSES:
+        if str(uid) not in classes:
+            classes.append(str(uid))
+    return tuple(classes)
+
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+
+
+def check_association(
+    settings: NodeSettings, *, calling_ae: str, called_ae: str, peer_host: str
+) -> str | None:
+    """The reason to reject an association request, or None to accept it."""
+    if called_ae.strip() != settings.ae_title.strip():
+        return "called AE title not recognised"
+    if settings.accept_unknown_callers:
+        return None
+    for caller in settings.allowed_callers:
+        if caller.ae_title.strip() == calling_ae.strip() and (
+            caller.host is None or caller.host == peer_host
+        ):
+            return None
+    return "calling AE title not recognised"
+
+
+@dataclass(slots=True)
+class _AssocStats:
+    assoc_id: str
+    calling_ae: str
+    peer_host: str
+    started: float
+    n_stored: int = 0
+    n_duplicates: int = 0
+    n_failed: int = 0
+    n_quarantined: int = 0
+    studies: set[str] = field(default_factory=set)
+
+
+class Receiver:
+    """The SCP: builds the AE from the rules, stores into the spool, logs per association."""
+
+    def __init__(self, settings: NodeSettings, spool: Spool) -> None:
+        self.settings = settings
+        self.spool = spool
+        self._stats: dict[int, _AssocStats] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.ae = self._build_ae()
+        self._server: Any = None
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = self.settings.max_associations
+        ae.maximum_pdu_size = self.settings.max_pdu_bytes
+        ae.network_timeout = self.settings.network_timeout_s
+        ae.acse_timeout = self.settings.acse_timeout_s
+        ae.dimse_timeout = self.settings.network_timeout_s
+        ae.require_called_aet = True
+        ae.add_supported_context(Verification)
+        for sop_class in storage_sop_classes():
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        return ae
+
+    def start(self) -> None:
+        """Start listening (non-blocking)."""
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server = self.ae.start_server(
+            (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
+        )
+
+    @property
+    def port(self) -> int:
+        """The port the server is bound to."""
+        return int(self._server.server_address[1]) if self._server else self.settings.port
+
+    def active_associations(self) -> int:
+        """Associations currently established with us (closing threads are not counted)."""
+        return sum(1 for a in self.ae.active_associations if a.is_established)
+
+    def stop(self, grace_s: float) -> None:
+        """Stop accepting; let open associations finish within `grace_s`, then abort them."""
+        if self._server is not None:
+            self._server.shutdown()
+        deadline = time.monotonic() + grace_s
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.ae.shutdown()
+
+    # --- event handlers (called in association threads) ---------------------------------------
+
+    def _on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling_ae = str(rq.calling_ae_title).strip()
+        called_ae = str(rq.called_ae_title).strip()
+        peer_host = str(assoc.requestor.address)
+        reason = check_association(
+            self.settings, calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host
+        )
+        if reason is None:
+            return
+        log.warning(
+            "association_rejected",
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            peer_host=peer_host,
+            reason=reason,
+        )
+        rsd = REJECT_CALLED_AE if reason.startswith("called") else REJECT_CALLING_AE
+        assoc.acse.send_reject(*rsd)
+        assoc.kill()
+
+    def _on_rejected(self, event: Any) -> None:
+        """pynetdicom's own rejections (too many associations): one line each."""
+        rq = event.assoc.requestor.primitive
+        rj = event.assoc.acceptor.primitive
+        busy = rj is not None and (rj.result_source, rj.diagnostic) == (0x03, 0x02)
+        log.warning(
+            "association_rejected",
+            calling_ae=str(rq.calling_ae_title).strip() if rq is not None else None,
+            peer_host=str(event.assoc.requestor.address),
+            reason="too many associations" if busy else "rejected during negotiation",
+        )
+
+    def _on_established(self, event: Any) -> None:
+        assoc = event.assoc
+        stats = _AssocStats(
+            assoc_id=f"a{next(self._ids)}",
+            calling_ae=str(assoc.requestor.ae_title).strip(),
+            peer_host=str(assoc.requestor.address),
+            started=time.monotonic(),
+        )
+        with self._lock:
+            self._stats[id(assoc)] = stats
+
+    def _on_echo(self, event: Any) -> int:
+        return int(EchoStatus.SUCCESS)
+
+    def _on_close(self, event: Any) -> None:
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        log.info(
+            "association_summary",
+            assoc_id=stats.assoc_id,
+            calling_ae=stats.calling_ae,
+            peer_host=stats.peer_host,
+            n_stored=stats.n_stored,
+            n_duplicates=stats.n_duplicates,
+            n_failed=stats.n_failed,
+            n_quarantined=stats.n_quarantined,
+            count=len(stats.studies),
+            duration_ms=round((time.monotonic() - stats.started) * 1000),
+        )
+
+    def _on_store(self, event: Any) -> int:
+        with self._lock:
+            stats = self._stats.get(id(event.assoc))
+        calling_ae = stats.calling_ae if stats else str(event.assoc.requestor.ae_title).strip()
+        status: int
+        try:
+            result = self.spool.store(
+                event.encoded_dataset(),
+                calling_ae=calling_ae,
+                sop_class_uid=str(event.request.AffectedSOPClassUID),
+            )
+            status = int(result.status)
+            if stats is not None:
+                if result.instance is not None:
+                    stats.studies.add(result.instance.ref.study_uid)
+                    if result.instance.duplicate:
+                        stats.n_duplicates += 1
+                    else:
+                        stats.n_stored += 1
+                elif result.quarantine_path is not None:
+                    stats.n_quarantined += 1
+                else:
+                    stats.n_failed += 1
+            if result.instance is not None:
+                log.debug(
+                    "instance_stored",
+                    study_key=uid_key(result.instance.ref.study_uid),
+                    series_key=uid_key(result.instance.ref.series_uid),
+                    status="duplicate" if result.instance.duplicate else "stored",
+                )
+        except SpoolError as exc:
+            log.error("store_failed", error_type=type(exc).__name__, error=str(exc))
+            status = int(StoreStatus.OUT_OF_RESOURCES)
+            if stats is not None:
+                stats.n_failed += 1
+        except Exception as exc:  # the C-STORE guard: any error is a failure status, not a crash
+            # Only the type: the message of a third-party error may quote header values.
+            log.error("store_failed", error_type=type(exc).__name__)
+            status = int(StoreStatus.PROCESSING_FAILURE)
+            if stats is not None:
+                stats.n_failed += 1
+        return status

@@ -1,0 +1,508 @@
+"""Durable instance store: temp file, fsync, rename, SQLite index; quarantine; low-disk refusal.
+
+A C-STORE is answered with success only after `Spool.store` returns a stored (or duplicate)
+result: by then the bytes are fsync'ed under a name built from validated UIDs and the index row
+is committed (WAL, synchronous=FULL). The index is one SQLite file shared by the receive threads,
+the scheduler and the workers; one connection guarded by a lock keeps it simple and correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sqlite3
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from node.errors import InvalidInstance, SpoolError, StoreStatus
+from node.ingest.completion import SeriesCount
+from node.log import get_logger, uid_key
+from node.records import InstanceRef, StoredInstance, StudyStatus
+
+log = get_logger(__name__)
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_MB = 1024 * 1024
+
+# Only these are read from a received instance; nothing else of the header is looked at here.
+_TAGS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "ImagesInAcquisition",
+    "NumberOfTemporalPositions",
+)
+
+
+def is_valid_uid(value: str) -> bool:
+    """True for a UID usable as a file name: digits and dots, no leading zeros, 1-64 characters."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+def instance_relpath(ref: InstanceRef) -> Path:
+    """Where an instance lives under the spool: instances/<study>/<series>/<sop>.dcm."""
+    for name, uid in (
+        ("StudyInstanceUID", ref.study_uid),
+        ("SeriesInstanceUID", ref.series_uid),
+        ("SOPInstanceUID", ref.sop_instance_uid),
+    ):
+        if not is_valid_uid(uid):
+            raise InvalidInstance(f"invalid {name}")
+    return Path("instances") / ref.study_uid / ref.series_uid / f"{ref.sop_instance_uid}.dcm"
+
+
+def disk_free_bytes(path: Path) -> int:
+    """Free bytes on the file system holding `path` (injectable in `Spool` for tests)."""
+    return int(shutil.disk_usage(path).free)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreResult:
+    """What happened to one received instance, and the status the sender gets."""
+
+    status: StoreStatus
+    instance: StoredInstance | None = None  # set when stored or duplicate
+    quarantine_path: Path | None = None  # set when quarantined
+    reason: str = ""  # constant text, no header values
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StudyProgress:
+    """A study still receiving: when its last instance came and how many each series has."""
+
+    study_uid: str
+    last_received_at: float
+    series: tuple[SeriesCount, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParsedInstance:
+    """The UIDs and expected-count hints read from a received instance."""
+
+    ref: InstanceRef
+    images_in_acquisition: int | None
+    temporal_positions: int | None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path) -> None:
+    """Create `path` and any missing parents, fsync'ing each parent so the entries survive."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+        _fsync_dir(d.parent)
+
+
+def _write_durable(tmp_dir: Path, final: Path, data: bytes) -> None:
+    """Write bytes to a temp file, fsync, rename into place, fsync the directory."""
+    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _makedirs_durable(final.parent)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _positive_int(value: Any) -> int | None:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        return None
+    return n if n > 0 else None
+
+
+def parse_instance(data: bytes, *, transfer_syntax_uid: str | None = None) -> ParsedInstance:
+    """Read only the UIDs and count hints of a received instance; raise InvalidInstance."""
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(data), force=True, stop_before_pixels=True, specific_tags=list(_TAGS)
+        )
+        values = {name: ds.get(name) for name in _TAGS}
+        ts = transfer_syntax_uid or str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    except (
+        InvalidDicomError,
+        ValueError,  # includes UnicodeError
+        EOFError,
+        OSError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        NotImplementedError,
+        OverflowError,
+        struct.error,
+        zlib.error,
+    ) as exc:
+        raise InvalidInstance(f"unparseable: {type(exc).__name__}") from exc
+    uids: dict[str, str] = {}
+    for name in _TAGS[:4]:
+        raw = values[name]
+        if raw is None or str(raw).strip() == "":
+            raise InvalidInstance(f"missing {name}")
+        uid = str(raw).strip()
+        if not is_valid_uid(uid):
+            raise InvalidInstance(f"invalid {name}")
+        uids[name] = uid
+    return ParsedInstance(
+        ref=InstanceRef(
+            sop_class_uid=uids["SOPClassUID"],
+            sop_instance_uid=uids["SOPInstanceUID"],
+            study_uid=uids["StudyInstanceUID"],
+            series_uid=uids["SeriesInstanceUID"],
+            transfer_syntax_uid=ts if is_valid_uid(ts) else "",
+        ),
+        images_in_acquisition=_positive_int(values["ImagesInAcquisition"]),
+        temporal_positions=_positive_int(values["NumberOfTemporalPositions"]),
+    )
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    calling_ae TEXT NOT NULL,
+    images_in_acquisition INTEGER,
+    temporal_positions INTEGER
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    last_seq INTEGER NOT NULL,
+    n_instances INTEGER NOT NULL,
+    reopened INTEGER NOT NULL DEFAULT 0,
+    times_done INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    sha256 TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+"""
+
+
+class Index:
+    """The spool's SQLite index (WAL, synchronous=FULL), one connection behind a lock."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        with self.transaction() as db:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Run a read-only query and return all rows."""
+        with self._lock:
+            return list(self._conn.execute(sql, params).fetchall())
+
+    def close(self) -> None:
+        """Checkpoint the WAL and close the connection."""
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+
+
+class Spool:
+    """Instances on disk under validated-UID names, quarantine, and the index that lists them."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        min_free_disk_mb: float,
+        free_bytes: Callable[[Path], int] = disk_free_bytes,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = root
+        self.min_free_bytes = int(min_free_disk_mb * _MB)
+        self._free_bytes = free_bytes
+        self._clock = clock
+        for sub in ("instances", "quarantine", "tmp"):
+            _makedirs_durable(root / sub)
+        # Temp files left by a crash were never acknowledged: drop them.
+        for leftover in (root / "tmp").glob("*.part"):
+            leftover.unlink(missing_ok=True)
+        self.index = Index(root / "index.sqlite")
+        self._inflight: set[str] = set()
+        self._inflight_cv = threading.Condition()
+
+    def store(
+        self, data: bytes, *, calling_ae: str, sop_class_uid: str | None = None
+    ) -> StoreResult:
+        """Store one received instance durably, or quarantine it, or refuse it (low disk)."""
+        now = self._clock()
+        free = self._free_bytes(self.root)
+        if free - len(data) < self.min_free_bytes:
+            log.warning("spool_low_disk", free_bytes=free, bytes=len(data))
+            return StoreResult(status=StoreStatus.OUT_OF_RESOURCES, reason="free disk below floor")
+        try:
+            parsed = parse_instance(data)
+        except InvalidInstance as exc:
+            status = (
+                StoreStatus.CANNOT_UNDERSTAND
+                if str(exc).startswith("unparseable")
+                else StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+            )
+            return self._quarantine(
+                data, reason=str(exc), calling_ae=calling_ae, now=now, status=status
+            )
+        if sop_class_uid is not None and parsed.ref.sop_class_uid != sop_class_uid:
+            return self._quarantine(
+                data,
+                reason="SOPClassUID differs from the negotiated SOP class",
+                calling_ae=calling_ae,
+                now=now,
+                status=StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            )
+        sop = parsed.ref.sop_instance_uid
+        with self._inflight_cv:
+            while sop in self._inflight:
+                self._inflight_cv.wait()
+            self._inflight.add(sop)
+        try:
+            return self._store_parsed(data, parsed, calling_ae=calling_ae, now=now)
+        finally:
+            with self._inflight_cv:
+                self._inflight.discard(sop)
+                self._inflight_cv.notify_all()
+
+    def _store_parsed(
+        self, data: bytes, parsed: ParsedInstance, *, calling_ae: str, now: float
+    ) -> StoreResult:
+        ref = parsed.ref
+        rel = instance_relpath(ref)
+        final = self.root / rel
+        existing = self.index.query(
+            "SELECT path, size_bytes, received_at, calling_ae FROM instances "
+            "WHERE sop_instance_uid = ?",
+            (ref.sop_instance_uid,),
+        )
+        if existing:
+            row = existing[0]
+            return StoreResult(
+                status=StoreStatus.SUCCESS,
+                instance=StoredInstance(
+                    ref=ref,
+                    path=self.root / row["path"],
+                    size_bytes=int(row["size_bytes"]),
+                    received_at=float(row["received_at"]),
+                    calling_ae=str(row["calling_ae"]),
+                    duplicate=True,
+                    images_in_acquisition=parsed.images_in_acquisition,
+                    temporal_positions=parsed.temporal_positions,
+                ),
+            )
+        try:
+            _write_durable(self.root / "tmp", final, data)
+        except OSError as exc:
+            raise SpoolError(f"cannot write instance: {exc.strerror}") from exc
+        try:
+            with self.index.transaction() as db:
+                cur = db.execute(
+                    "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, "
+                    "sop_class_uid, transfer_syntax_uid, path, size_bytes, received_at, "
+                    "calling_ae, images_in_acquisition, temporal_positions) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        ref.sop_instance_uid,
+                        ref.study_uid,
+                        ref.series_uid,
+                        ref.sop_class_uid,
+                        ref.transfer_syntax_uid,
+                        str(rel),
+                        len(data),
+                        now,
+                        calling_ae,
+                        parsed.images_in_acquisition,
+                        parsed.temporal_positions,
+                    ),
+                )
+                seq = int(cur.lastrowid or 0)
+                self._touch_study(db, ref.study_uid, now=now, seq=seq)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot index instance: {type(exc).__name__}") from exc
+        return StoreResult(
+            status=StoreStatus.SUCCESS,
+            instance=StoredInstance(
+                ref=ref,
+                path=final,
+                size_bytes=len(data),
+                received_at=now,
+                calling_ae=calling_ae,
+                images_in_acquisition=parsed.images_in_acquisition,
+                temporal_positions=parsed.temporal_positions,
+            ),
+        )
+
+    @staticmethod
+    def _touch_study(db: sqlite3.Connection, study_uid: str, *, now: float, seq: int) -> None:
+        """Record a new instance on its study; a study already finished is re-opened."""
+        row = db.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO studies (study_uid, state, first_received_at, last_received_at, "
+                "last_seq, n_instances) VALUES (?, ?, ?, ?, ?, 1)",
+                (study_uid, StudyStatus.RECEIVING.value, now, now, seq),
+            )
+            return
+        finished = row["state"] in (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.DEAD)
+        db.execute(
+            "UPDATE studies SET last_received_at = ?, last_seq = ?, n_instances = n_instances + 1, "
+            "state = CASE WHEN ? THEN ? ELSE state END, "
+            "reopened = CASE WHEN ? THEN 1 ELSE reopened END WHERE study_uid = ?",
+            (now, seq, finished, StudyStatus.RECEIVING.value, finished, study_uid),
+        )
+        if finished:
+            log.info("study_reopened", study_key=uid_key(study_uid), state=row["state"])
+
+    def _quarantine(
+        self, data: bytes, *, reason: str, calling_ae: str, now: float, status: StoreStatus
+    ) -> StoreResult:
+        """Keep an unusable instance under its hash with a reason file; the sender gets `status`."""
+        digest = hashlib.sha256(data).hexdigest()
+        qdir = self.root / "quarantine"
+        path = qdir / f"{digest}.dcm"
+        try:
+            if not path.exists():
+                _write_durable(self.root / "tmp", path, data)
+            reason_doc = {
+                "reason": reason,
+                "calling_ae": calling_ae,
+                "received_at": now,
+                "status_code": int(status),
+                "size_bytes": len(data),
+            }
+            _write_durable(
+                self.root / "tmp",
+                qdir / f"{digest}.reason.json",
+                json.dumps(reason_doc, indent=2).encode(),
+            )
+            with self.index.transaction() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO quarantine (sha256, reason, calling_ae, received_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (digest, reason, calling_ae, now),
+                )
+        except (OSError, sqlite3.Error) as exc:
+            raise SpoolError(f"cannot quarantine instance: {type(exc).__name__}") from exc
+        log.warning(
+            "instance_quarantined",
+            reason=reason,
+            calling_ae=calling_ae,
+            status_code=int(status),
+            path=f"quarantine/{digest}.dcm",
+        )
+        return StoreResult(status=status, quarantine_path=path, reason=reason)
+
+    def receiving_studies(self) -> tuple[StudyProgress, ...]:
+        """Studies still receiving, with per-series counts and expected-count hints."""
+        studies = self.index.query(
+            "SELECT study_uid, last_received_at FROM studies WHERE state = ?",
+            (StudyStatus.RECEIVING.value,),
+        )
+        out = []
+        for st in studies:
+            rows = self.index.query(
+                "SELECT series_uid, COUNT(*) AS n, MAX(images_in_acquisition) AS iia, "
+                "MAX(temporal_positions) AS ntp FROM instances WHERE study_uid = ? "
+                "GROUP BY series_uid",
+                (st["study_uid"],),
+            )
+            series = tuple(
+                SeriesCount(
+                    series_uid=str(r["series_uid"]),
+                    received=int(r["n"]),
+                    # The product over-estimates rather than under-estimates (a vendor may count
+                    # all temporal positions in ImagesInAcquisition): never ready too soon.
+                    expected=int(r["iia"]) * int(r["ntp"] or 1) if r["iia"] else None,
+                )
+                for r in rows
+            )
+            out.append(
+                StudyProgress(
+                    study_uid=str(st["study_uid"]),
+                    last_received_at=float(st["last_received_at"]),
+                    series=series,
+                )
+            )
+        return tuple(out)
+
+    def instance_paths(self, study_uid: str) -> tuple[Path, ...]:
+        """Every stored file of a study, in arrival order."""
+        rows = self.index.query(
+            "SELECT path FROM instances WHERE study_uid = ? ORDER BY seq", (study_uid,)
+        )
+        return tuple(self.root / str(r["path"]) for r in rows)
+
+    def close(self) -> None:
+        """Close the index."""
+        self.index.close()

@@ -1,0 +1,707 @@
+"""Synthetic studies end to end: anatomy + phenotype -> contrasts -> vendor headers -> files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydicom import config as dcm_config
+from pydicom.dataset import Dataset
+from scipy import ndimage
+
+from node.lab.synth.anatomy import Grid, centred_grid, random_subject, sample_anatomy
+from node.lab.synth.contrast import (
+    TISSUES,
+    Acquisition,
+    Tissue,
+    bias_field,
+    blur_inplane,
+    flair_null_ti,
+    jitter_tissues,
+    render,
+    rician,
+    tissue_signal,
+    upsample_inplane,
+)
+from node.lab.synth.phenotypes import (
+    PHENOTYPES,
+    apply_lesions,
+    draw_lesions,
+    override_tissues,
+    study_labels,
+)
+from node.lab.synth.vendors import (
+    KIND_LABEL,
+    MISLEADING,
+    ROUTED_KINDS,
+    SCAN_ORDER,
+    VENDOR_TABLE,
+    VENDORS,
+    Protocol,
+    Vendor,
+)
+from node.lab.synth.writer import (
+    FrameSpec,
+    SeriesSpec,
+    StudyHeader,
+    build_classic,
+    build_enhanced,
+    check_transfer_syntax,
+    encode,
+    make_uid,
+    write_dataset,
+)
+from node.log import get_logger, uid_key
+
+FloatArray = npt.NDArray[np.float32]
+GENERATOR = "neuronode.synth"
+VERSION = "1.0"
+_B_VALUE = 1000.0
+_ANATOMY_MATRIX = 128  # tissue maps are computed at most at this in-plane matrix, then interpolated
+# Tissues that make up a lesion proper (oedema excluded): the lesion_fraction volume.
+_LESION_TISSUES = ("enhancing", "necrosis", "infiltrative", "lymphoma", "tuber", "nodule", "wmh")
+# Share of routed series whose description is blank or misleading.
+BAD_DESCRIPTION_FRACTION = 0.1
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class SynthSeries:
+    """One generated series: its truth and its datasets (not yet encoded)."""
+
+    kind: str  # t1, t1c, t2, flair, dwi, adc, localizer, bold, fieldmap, fa, reformat
+    label: str  # T1, T1C, T2, FLAIR, DWI, ADC, OTHER
+    description: str
+    description_status: str  # ok, blank, misleading
+    series_uid: str
+    series_number: int
+    datasets: tuple[Dataset, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class SynthStudy:
+    """One generated study: datasets plus ground truth, and float volumes for fast training."""
+
+    seed: int
+    phenotype: str
+    vendor: str
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    labels: dict[str, str]
+    atypical: bool
+    lesions: tuple[dict[str, object], ...]  # manifest entries (geometry on `grid`)
+    grid: Grid  # geometry shared by the six routed series
+    # (slices, rows, cols) on `grid`, before quantisation: t1, t1c, t2, flair, dwi_b0, dwi (b=1000),
+    # adc (1e-3 mm^2/s), wm_fraction (normal white matter) and lesion_fraction (lesion tissue
+    # without oedema: a segmentation ground truth).
+    volumes: dict[str, FloatArray]
+    series: tuple[SynthSeries, ...]
+
+
+def _rng(seed: int, *tag: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, *tag]))
+
+
+def _time(base_s: float) -> str:
+    s = int(base_s) % 86400
+    return f"{s // 3600:02d}{(s % 3600) // 60:02d}{s % 60:02d}.000000"
+
+
+def _quantize(img: FloatArray, vendor: Vendor, slope: float | None) -> npt.NDArray[np.int32]:
+    top = 2 ** (vendor.bits_stored - (1 if vendor.signed else 0)) - 1
+    q = img / (slope or 1.0)
+    out: npt.NDArray[np.int32] = np.clip(np.rint(q), 0, top).astype(np.int32)
+    return out
+
+
+def _header(seed: int, index: int, vendor: Vendor, rng: np.random.Generator) -> StudyHeader:
+    """Patient/study/equipment attributes, all from the seed (never the clock)."""
+    day = date(2019, 1, 1) + timedelta(days=int(rng.integers(0, 5 * 365)))
+    age = int(rng.integers(18, 80))
+    birth = date(day.year - age, int(rng.integers(1, 13)), int(rng.integers(1, 29)))
+    start = 7 * 3600 + int(rng.integers(0, 10 * 3600))
+    number = seed % 100000
+    return StudyHeader(
+        seed=seed,
+        study_uid=make_uid(seed, "study"),
+        frame_of_reference_uid=make_uid(seed, "for"),
+        patient_name=f"SYNTH^CASE{number:05d}",
+        patient_id=f"SYN{seed % 10**8:08d}",
+        birth_date=birth.strftime("%Y%m%d"),
+        sex=str(rng.choice(["F", "M"])),
+        age=f"{age:03d}Y",
+        weight_kg=float(round(rng.uniform(50, 100), 1)),
+        study_date=day.strftime("%Y%m%d"),
+        study_time=_time(start),
+        accession=f"SA{seed % 10**8:08d}",
+        study_id=str(index + 1),
+        vendor=vendor,
+        model=str(rng.choice(vendor.models)),
+        field_t=float(rng.choice([1.5, 3.0])),
+        serial=f"{int(rng.integers(10000, 99999))}",
+    )
+
+
+def _frames(grid: Grid, times: Sequence[str], **kw: object) -> tuple[FrameSpec, ...]:
+    return tuple(
+        FrameSpec(
+            position=grid.position(k),
+            row_dir=grid.row_dir,
+            col_dir=grid.col_dir,
+            pixel_mm=grid.pixel_mm,
+            thickness_mm=grid.thickness_mm,
+            slice_mm=grid.slice_mm,
+            time=times[k] if k < len(times) else times[-1],
+            **kw,  # type: ignore[arg-type]
+        )
+        for k in range(grid.shape[0])
+    )
+
+
+def _acq(p: Protocol, *, contrast: bool = False, b: float = 0.0) -> Acquisition:
+    return Acquisition(
+        equation=p.equation,
+        tr_ms=p.tr_ms,
+        te_ms=p.te_ms,
+        ti_ms=p.ti_ms,
+        flip_deg=p.flip_deg,
+        b_value=b,
+        contrast=contrast,
+        fat_sat=p.fat_sat,
+    )
+
+
+def generate_study(
+    seed: int,
+    *,
+    phenotype: str,
+    vendor: str,
+    size: int = 256,
+    slices: int = 24,
+    enhanced: bool = False,
+    distractors: bool = True,
+    index: int = 0,
+    template_source: str = "auto",
+) -> SynthStudy:
+    """Generate one study in memory: pydicom Datasets per series plus ground truth."""
+    if phenotype not in PHENOTYPES:
+        raise ValueError(f"phenotype must be one of {PHENOTYPES}, not {phenotype!r}")
+    if vendor not in VENDORS:
+        raise ValueError(f"vendor must be one of {VENDORS}, not {vendor!r}")
+    if not 32 <= size <= 1024:
+        raise ValueError(f"size must be 32..1024, not {size}")
+    if not 4 <= slices <= 400:
+        raise ValueError(f"slices must be 4..400, not {slices}")
+    v = VENDOR_TABLE[vendor]
+    rng = _rng(seed, 1)
+    hdr = _header(seed, index, v, _rng(seed, 2))
+    t1_protocol, t1c_names = v.t1_options[int(rng.integers(len(v.t1_options)))]
+    protocols = dict(v.protocols)
+    protocols["t1"] = t1_protocol
+    # FLAIR: the site's TI nulls CSF at its TR (within a few percent).
+    fl = protocols["flair"]
+    protocols["flair"] = Protocol(
+        **{
+            **{f: getattr(fl, f) for f in fl.__slots__},
+            "ti_ms": round(flair_null_ti(fl.tr_ms) * float(rng.uniform(0.98, 1.03))),
+        }
+    )
+
+    # Geometry of the routed series: axial, tilted a few degrees to the AC-PC line.
+    tilt = math.radians(float(rng.uniform(-10, 10)))
+    coverage = 140.0
+    slice_mm = round(coverage / slices, 2)
+    thickness = round(slice_mm * (0.85 if slice_mm >= 3 else 1.0), 2)
+    fov = float(rng.choice([220.0, 230.0, 240.0]))
+    centre = (float(rng.uniform(-3, 3)), float(rng.uniform(-6, 6)), float(rng.uniform(-4, 6)))
+    row_dir = (1.0, 0.0, 0.0)
+    col_dir = (0.0, math.cos(tilt), -math.sin(tilt))
+    grid = centred_grid(
+        centre=centre,
+        row_dir=row_dir,
+        col_dir=col_dir,
+        shape=(slices, size, size),
+        fov_mm=fov,
+        slice_mm=slice_mm,
+        thickness_mm=thickness,
+    )
+    am = min(size, _ANATOMY_MATRIX)
+    agrid = centred_grid(
+        centre=centre,
+        row_dir=row_dir,
+        col_dir=col_dir,
+        shape=(slices, am, am),
+        fov_mm=fov,
+        slice_mm=slice_mm,
+        thickness_mm=thickness,
+    )
+
+    subject = random_subject(rng, template_source)
+    anatomy = sample_anatomy(subject, agrid)
+    draw = draw_lesions(rng, phenotype, agrid, anatomy)
+    fractions = apply_lesions(anatomy, draw.lesions, agrid)
+    tissues = override_tissues(jitter_tissues(rng, TISSUES), draw.tissue_overrides)
+    texture = (
+        1.0
+        + 0.05
+        * ndimage.gaussian_filter(
+            rng.standard_normal(agrid.shape).astype(np.float32), (0.5, 1.5, 1.5)
+        )
+        * 3.0
+    ).astype(np.float32)
+
+    # Acquisition order and times.
+    kinds = [k for k in SCAN_ORDER if k in ROUTED_KINDS or distractors]
+    t0 = (
+        float(
+            int(hdr.study_time[:2]) * 3600
+            + int(hdr.study_time[2:4]) * 60
+            + int(hdr.study_time[4:6])
+        )
+        + 60
+    )
+    times: dict[str, float] = {}
+    t = t0
+    for k in kinds:
+        times[k] = t
+        t += float(rng.uniform(90, 300)) + (300 if k == "t1" else 0)  # contrast injection after T1
+    numbers = {k: (i + 1) * v.series_base + v.series_offset for i, k in enumerate(kinds)}
+    if v.series_base > 1:
+        numbers["adc"] = numbers["dwi"] + 1  # Philips numbers the derived ADC after its DWI
+
+    freq = 42.577 * hdr.field_t
+    wm_level = float(rng.uniform(*v.white_matter_level))
+    slope = float(round(rng.uniform(*v.rescale_slope), 4)) if v.rescale_slope else None
+    nrng = _rng(seed, 3)
+    volumes: dict[str, FloatArray] = {}
+    pixels: dict[str, npt.NDArray[np.int32]] = {}
+    frames: dict[str, tuple[FrameSpec, ...]] = {}
+
+    def acquire(
+        acq: Acquisition, p: Protocol, level: float, bias: FloatArray, sigma_ref: float
+    ) -> FloatArray:
+        img = render(fractions, acq, tissues) * texture
+        img = upsample_inplane(img, size, size)
+        img = blur_inplane(img, 0.5 * (1.0 / p.resolution - 1.0) * size / 256 * 2)
+        scale = level / max(tissue_signal(tissues["wm"], _acq(p)), 1e-6)
+        img = img * bias * np.float32(scale)
+        return rician(nrng, img, sigma_ref * scale / p.snr)
+
+    shape3 = (slices, size, size)
+    # T1 and T1C: same protocol and scaling; T1C after gadolinium.
+    p1 = protocols["t1"]
+    bias_t1 = bias_field(nrng, shape3, 0.35)
+    ref = tissue_signal(tissues["gm"], _acq(p1))
+    for kind, contrast in (("t1", False), ("t1c", True)):
+        img = acquire(_acq(p1, contrast=contrast), p1, wm_level, bias_t1, ref)
+        volumes[kind] = img
+    for kind in ("t2", "flair"):
+        p = protocols[kind]
+        lvl = wm_level * float(rng.uniform(0.8, 1.6))
+        volumes[kind] = acquire(
+            _acq(p), p, lvl, bias_field(nrng, shape3, 0.3), tissue_signal(tissues["gm"], _acq(p))
+        )
+    pd = protocols["dwi"]
+    bias_d = bias_field(nrng, shape3, 0.3)
+    lvl = wm_level * float(rng.uniform(0.8, 1.5))
+    b0ref = tissue_signal(tissues["gm"], _acq(pd, b=0.0))
+    b0 = acquire(_acq(pd, b=0.0), pd, lvl * 1.0, bias_d, b0ref)
+    # The b=1000 image is scaled like b=0 (same scale) so the ADC is physical.
+    s0wm = tissue_signal(tissues["wm"], _acq(pd))
+    img = render(fractions, _acq(pd, b=_B_VALUE), tissues) * texture
+    img = upsample_inplane(img, size, size)
+    img = blur_inplane(img, 0.5 * (1.0 / pd.resolution - 1.0) * size / 256 * 2)
+    scale = lvl / max(s0wm, 1e-6)
+    b1000 = rician(nrng, img * bias_d * np.float32(scale), b0ref * scale / pd.snr)
+    brain = ndimage.binary_erosion(b0 > 0.25 * lvl, iterations=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        adc = np.log(np.maximum(b0, 1e-3) / np.maximum(b1000, 1e-3)) / _B_VALUE * 1e3  # 1e-3 mm2/s
+    adc_map: FloatArray = np.where(brain, np.clip(adc, 0.0, 4.0), 0.0).astype(np.float32)
+    volumes["dwi_b0"] = b0
+    volumes["dwi"] = b1000
+    volumes["adc"] = adc_map
+    # Normal-appearing white matter (lesion tissue excluded), for checks and training masks.
+    volumes["wm_fraction"] = np.clip(upsample_inplane(fractions["wm"], size, size), 0.0, 1.0)
+    solid = sum(
+        (fractions[t] for t in _LESION_TISSUES if t in fractions), np.zeros(agrid.shape, np.float32)
+    )
+    volumes["lesion_fraction"] = np.clip(upsample_inplane(solid, size, size), 0.0, 1.0)
+
+    label_slope = slope if slope else None
+    routed_times = {k: [_time(times[k] + 2.0 * i) for i in range(slices)] for k in ROUTED_KINDS}
+    for kind in ("t1", "t1c", "t2", "flair"):
+        pixels[kind] = _quantize(volumes[kind], v, label_slope)
+        frames[kind] = _frames(grid, routed_times[kind])
+    pixels["dwi"] = np.concatenate(
+        [_quantize(b0, v, label_slope), _quantize(b1000, v, label_slope)]
+    )
+    seqname = {"siemens": ("*ep_b0", "*ep_b1000t")}.get(vendor, (None, None))
+    frames["dwi"] = _frames(
+        grid, routed_times["dwi"], b_value=0.0, sequence_name=seqname[0]
+    ) + _frames(grid, routed_times["dwi"], b_value=_B_VALUE, sequence_name=seqname[1])
+    pixels["adc"] = np.clip(
+        np.rint(adc_map * 1000.0 / (label_slope or 1.0)),
+        0,
+        2 ** (v.bits_stored - (1 if v.signed else 0)) - 1,
+    ).astype(np.int32)
+    frames["adc"] = _frames(grid, routed_times["adc"])
+    protocols["t1c"] = p1
+    if distractors:
+        _distractors(
+            seed,
+            subject,
+            draw.lesions,
+            tissues,
+            protocols,
+            grid,
+            size,
+            times,
+            pixels,
+            frames,
+            v,
+            label_slope,
+            nrng,
+            rng,
+        )
+
+    # Descriptions: vendor convention, with ~10% blank or misleading.
+    t1c_desc = str(rng.choice(t1c_names))
+    agent = str(rng.choice(v.contrast_agents)) if rng.random() < 0.6 else None
+    series_list = []
+    drng = _rng(seed, 4)
+    for kind in kinds:
+        p = protocols[kind]
+        desc = t1c_desc if kind == "t1c" else p.description
+        status = "ok"
+        if kind in ROUTED_KINDS and drng.random() < BAD_DESCRIPTION_FRACTION:
+            if drng.random() < 0.5:
+                desc, status = "", "blank"
+            else:
+                desc, status = str(drng.choice(MISLEADING[kind])), "misleading"
+        s_uid = make_uid(seed, "series", kind)
+        spec = SeriesSpec(
+            kind=kind,
+            protocol=p,
+            description=desc,
+            series_uid=s_uid,
+            series_number=numbers[kind],
+            series_time=_time(times[kind]),
+            frames=frames[kind],
+            pixels=pixels[kind],
+            rescale_slope=label_slope if kind not in ("fieldmap",) else None,
+            contrast_agent=agent if kind == "t1c" else None,
+            temporal_positions=3 if kind == "bold" else None,
+            imaging_frequency_mhz=freq,
+        )
+        # Values are built by this module to fit their VRs: skip pydicom's per-value checks.
+        with dcm_config.disable_value_validation():
+            if enhanced and kind != "localizer":
+                datasets = build_enhanced(hdr, spec)
+            else:
+                datasets = build_classic(hdr, spec)
+        series_list.append(
+            SynthSeries(
+                kind=kind,
+                label=KIND_LABEL.get(kind, "OTHER"),
+                description=desc,
+                description_status=status,
+                series_uid=s_uid,
+                series_number=spec.series_number,
+                datasets=datasets,
+            )
+        )
+    lesions = tuple(les.truth(grid) for les in draw.lesions)
+    return SynthStudy(
+        seed=seed,
+        phenotype=phenotype,
+        vendor=vendor,
+        study_uid=hdr.study_uid,
+        patient_id=hdr.patient_id,
+        patient_name=hdr.patient_name,
+        labels=study_labels(phenotype),
+        atypical=draw.atypical,
+        lesions=lesions,
+        grid=grid,
+        volumes=volumes,
+        series=tuple(series_list),
+    )
+
+
+def _distractors(
+    seed: int,
+    subject: object,
+    lesions: tuple[object, ...],
+    tissues: dict[str, Tissue],
+    protocols: dict[str, Protocol],
+    grid: Grid,
+    size: int,
+    times: dict[str, float],
+    pixels: dict[str, npt.NDArray[np.int32]],
+    frames: dict[str, tuple[FrameSpec, ...]],
+    v: Vendor,
+    slope: float | None,
+    nrng: np.random.Generator,
+    rng: np.random.Generator,
+) -> None:
+    """Localizer, BOLD, field map, FA map and coronal reformat: small, all labelled OTHER."""
+    from node.lab.synth.anatomy import Subject
+    from node.lab.synth.phenotypes import Lesion
+
+    assert isinstance(subject, Subject)
+    les = tuple(x for x in lesions if isinstance(x, Lesion))
+    small = max(32, min(size // 2, 128))
+    top = 2 ** (v.bits_stored - (1 if v.signed else 0)) - 1
+
+    def fractions(g: Grid) -> dict[str, FloatArray]:
+        return apply_lesions(sample_anatomy(subject, g), les, g)
+
+    def image(g: Grid, p: Protocol, level: float) -> npt.NDArray[np.int32]:
+        f = fractions(g)
+        acq = _acq(p)
+        img = render(f, acq, tissues)
+        scale = level / max(tissue_signal(tissues["wm"], acq), 1e-6)
+        img = rician(
+            nrng, img * np.float32(scale), tissue_signal(tissues["gm"], acq) * scale / p.snr
+        )
+        return _quantize(img, v, slope)
+
+    level = float(rng.uniform(*v.white_matter_level))
+    # 3-plane localizer: one axial, one sagittal, one coronal image.
+    planes = (((1, 0, 0), (0, 1, 0)), ((0, 1, 0), (0, 0, -1)), ((1, 0, 0), (0, 0, -1)))
+    loc_imgs: list[npt.NDArray[np.int32]] = []
+    loc_frames: list[FrameSpec] = []
+    for rd, cd in planes:
+        g = centred_grid(
+            centre=(0.0, 0.0, 10.0),
+            row_dir=rd,
+            col_dir=cd,
+            shape=(1, small, small),
+            fov_mm=260,
+            slice_mm=8,
+            thickness_mm=8,
+        )
+        loc_imgs.append(image(g, protocols["localizer"], level)[0])
+        loc_frames.extend(_frames(g, [_time(times["localizer"])]))
+    pixels["localizer"] = np.stack(loc_imgs)
+    frames["localizer"] = tuple(loc_frames)
+    # BOLD: 64x64, 6 slices, 3 time points, slice order repeated per volume.
+    g = centred_grid(
+        centre=grid.position(grid.shape[0] // 2),
+        row_dir=grid.row_dir,
+        col_dir=grid.col_dir,
+        shape=(6, 64, 64),
+        fov_mm=220,
+        slice_mm=4.0,
+        thickness_mm=3.6,
+    )
+    base = image(g, protocols["bold"], level * 0.5).astype(np.float32)
+    vols: list[npt.NDArray[np.int32]] = []
+    fr: list[FrameSpec] = []
+    for tp in range(3):
+        vols.append(
+            np.clip(base * (1 + 0.01 * nrng.standard_normal(base.shape)), 0, top).astype(np.int32)
+        )
+        fr.extend(_frames(g, [_time(times["bold"] + 2.0 * tp)], temporal_index=tp + 1))
+    pixels["bold"] = np.concatenate(vols)
+    frames["bold"] = tuple(fr)
+    # Field map: a smooth phase image (stored 0..4095 around 2048) masked to the head.
+    g = centred_grid(
+        centre=grid.position(grid.shape[0] // 2),
+        row_dir=grid.row_dir,
+        col_dir=grid.col_dir,
+        shape=(6, 64, 64),
+        fov_mm=220,
+        slice_mm=5.0,
+        thickness_mm=4.0,
+    )
+    f = fractions(g)
+    head = (f["scalp"] + f["skull"] + f["csf"] + f["gm"] + f["wm"]) > 0.3
+    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, n) for n in g.shape), indexing="ij")
+    phase = 2048 + 600 * (0.8 * xx * yy + 0.6 * zz**2 - 0.4 * yy) + nrng.normal(0, 20, g.shape)
+    pixels["fieldmap"] = np.where(head, np.clip(phase, 0, 4095), 0).astype(np.int32)
+    frames["fieldmap"] = _frames(g, [_time(times["fieldmap"])])
+    # FA map: high in white matter, x1000.
+    g = centred_grid(
+        centre=grid.position(grid.shape[0] // 2),
+        row_dir=grid.row_dir,
+        col_dir=grid.col_dir,
+        shape=(6, small, small),
+        fov_mm=230,
+        slice_mm=grid.slice_mm,
+        thickness_mm=grid.thickness_mm,
+    )
+    f = fractions(g)
+    fa = (0.12 * f["gm"] + 0.55 * f["wm"] + 0.08 * f["csf"]) * (
+        1 + 0.1 * nrng.standard_normal(g.shape)
+    )
+    pixels["fa"] = np.clip(np.rint(fa * 1000 / (slope or 1.0)), 0, top).astype(np.int32)
+    frames["fa"] = _frames(g, [_time(times["fa"])])
+    # Coronal reformat of the T1.
+    g = centred_grid(
+        centre=(0.0, 0.0, 10.0),
+        row_dir=(1.0, 0.0, 0.0),
+        col_dir=(0.0, 0.0, -1.0),
+        shape=(5, small, small),
+        fov_mm=240,
+        slice_mm=10.0,
+        thickness_mm=3.0,
+    )
+    pixels["reformat"] = image(g, protocols["t1"], level)
+    frames["reformat"] = _frames(g, [_time(times["reformat"])])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    """What write_studies wrote: the parsed manifest.json (ground truth) and where it lives."""
+
+    root: Path
+    seed: int
+    studies: tuple[dict[str, object], ...]
+
+    @property
+    def path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def as_json(self) -> dict[str, object]:
+        """The manifest.json content."""
+        return {
+            "generator": GENERATOR,
+            "version": VERSION,
+            "seed": self.seed,
+            "studies": list(self.studies),
+        }
+
+    @classmethod
+    def load(cls, root: Path) -> Manifest:
+        """Read OUT/manifest.json back."""
+        data = json.loads((root / "manifest.json").read_text())
+        return cls(root=root, seed=int(data["seed"]), studies=tuple(data["studies"]))
+
+
+def study_plan(
+    studies: int, seed: int, phenotypes: Sequence[str] | None, vendors: Sequence[str] | None
+) -> tuple[tuple[int, str, str], ...]:
+    """(study seed, phenotype, vendor) per study: a deterministic cycle permuted by the seed."""
+    phs = tuple(phenotypes) if phenotypes else PHENOTYPES
+    vds = tuple(vendors) if vendors else VENDORS
+    for ph in phs:
+        if ph not in PHENOTYPES:
+            raise ValueError(f"phenotype must be one of {PHENOTYPES}, not {ph!r}")
+    for vd in vds:
+        if vd not in VENDORS:
+            raise ValueError(f"vendor must be one of {VENDORS}, not {vd!r}")
+    rng = _rng(seed, 0)
+    ph_order = [phs[i] for i in rng.permutation(len(phs))]
+    vd_order = [vds[i] for i in rng.permutation(len(vds))]
+    out = []
+    for i in range(studies):
+        sseed = int(np.random.SeedSequence([seed & 0xFFFFFFFF, 7, i]).generate_state(1)[0])
+        ph = ph_order[i % len(ph_order)]
+        vd = vd_order[(i + i // len(ph_order)) % len(vd_order)]
+        out.append((sseed, ph, vd))
+    return tuple(out)
+
+
+def write_studies(
+    out: Path,
+    *,
+    studies: int,
+    seed: int,
+    phenotypes: Sequence[str] | None = None,
+    vendors: Sequence[str] | None = None,
+    size: int = 256,
+    slices: int = 24,
+    enhanced: bool = False,
+    transfer_syntax: str = "explicit",
+    distractors: bool = True,
+) -> Manifest:
+    """Write OUT/<study>/<series>/<n>.dcm plus manifest.json, labels.csv and study_labels.csv."""
+    if studies < 1:
+        raise ValueError(f"studies must be >= 1, not {studies}")
+    ts = check_transfer_syntax(transfer_syntax)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    label_rows = []
+    study_rows = []
+    for i, (sseed, ph, vd) in enumerate(study_plan(studies, seed, phenotypes, vendors)):
+        t0 = time.perf_counter()
+        st = generate_study(
+            sseed,
+            phenotype=ph,
+            vendor=vd,
+            size=size,
+            slices=slices,
+            enhanced=enhanced,
+            distractors=distractors,
+            index=i,
+        )
+        folder = f"study_{i + 1:04d}"
+        series_entries = []
+        for j, s in enumerate(st.series):
+            sfolder = f"series_{j + 1:03d}"
+            for n, ds in enumerate(s.datasets):
+                write_dataset(encode(ds, ts), out / folder / sfolder / f"{n + 1}.dcm")
+            series_entries.append(
+                {
+                    "series_uid": s.series_uid,
+                    "series_number": s.series_number,
+                    "folder": f"{folder}/{sfolder}",
+                    "label": s.label,
+                    "description": s.description,
+                    "description_status": s.description_status,
+                    "kind": s.kind,
+                    "n_instances": len(s.datasets),
+                    "n_frames": sum(int(getattr(d, "NumberOfFrames", 1)) for d in s.datasets),
+                }
+            )
+            label_rows.append((s.series_uid, s.label, st.study_uid, s.description))
+        entries.append(
+            {
+                "study_uid": st.study_uid,
+                "folder": folder,
+                "seed": sseed,
+                "phenotype": ph,
+                "vendor": vd,
+                "patient_id": st.patient_id,
+                "atypical": st.atypical,
+                "labels": st.labels,
+                "lesions": list(st.lesions),
+                "series": series_entries,
+            }
+        )
+        study_rows.append(
+            (
+                st.study_uid,
+                ph,
+                st.labels["gbm_pcnsl"],
+                st.labels["glioma_grade"],
+                st.labels["tubers"],
+            )
+        )
+        log.info(
+            "synth_study_written",
+            study_key=uid_key(st.study_uid),
+            n_series=len(st.series),
+            duration_ms=round((time.perf_counter() - t0) * 1000),
+        )
+    manifest = Manifest(root=out, seed=seed, studies=tuple(entries))
+    (out / "manifest.json").write_text(json.dumps(manifest.as_json(), indent=1) + "\n")
+    with (out / "labels.csv").open("w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(("series_uid", "label", "study_uid", "description"))
+        w.writerows(label_rows)
+    with (out / "study_labels.csv").open("w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(("StudyInstanceUID", "phenotype", "gbm_pcnsl", "glioma_grade", "tubers"))
+        w.writerows(study_rows)
+    return manifest

@@ -1,0 +1,435 @@
+"""Training recipes per bundle: the CPU-sized ones we ship, and the published full-size configs.
+
+``small`` recipes train in minutes on a 2-core CPU and produce the bundles in models/.
+``published`` recipes reproduce the architectures and schedules of the source studies for a
+GPU site with its own data; they need a pretrained weights FILE (``--pretrained PATH``) and
+never download anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from node import __version__
+from node.bundles.roi import RoiSpec
+from node.records import SequenceLabel
+
+VARIANTS = ("small", "published")
+NORM_LOW, NORM_HIGH = 0.5, 99.5  # percentiles of the native series values mapped to 0 and 1
+
+TASK_LABELS: dict[str, tuple[str, str]] = {
+    # (negative, positive) in the synth manifest's vocabulary
+    "gbm_pcnsl": ("pcnsl", "gbm"),
+    "glioma_grade": ("low", "high"),
+    "tubers": ("absent", "present"),
+}
+TASK_DESCRIPTIONS: dict[str, tuple[str, str]] = {
+    "gbm_pcnsl": ("primary CNS lymphoma", "glioblastoma"),
+    "glioma_grade": ("low-grade glioma", "high-grade glioma"),
+    "tubers": ("no cortical tubers", "cortical tubers"),
+}
+SEQUENCE_LABELS = tuple(label.value for label in SequenceLabel)
+
+# Default sequence per task (the bundle name without a suffix) and every bundle we know.
+DEFAULT_SEQUENCE = {"gbm_pcnsl": "T1C", "glioma_grade": "T1C", "tubers": "FLAIR"}
+BUNDLES: dict[str, tuple[str, str | None]] = {
+    "sequence": ("sequence", None),
+    "gbm_pcnsl_t1c": ("gbm_pcnsl", "T1C"),
+    "gbm_pcnsl_adc": ("gbm_pcnsl", "ADC"),
+    "glioma_grade_t1c": ("glioma_grade", "T1C"),
+    "glioma_grade_flair": ("glioma_grade", "FLAIR"),
+    "tubers_flair": ("tubers", "FLAIR"),
+    "tubers_t2": ("tubers", "T2"),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Augment:
+    """Random training-time transforms (applied per image on the network-size tensor)."""
+
+    hflip: bool = True
+    vflip: bool = False
+    rotate_deg: float = 0.0
+    shift: float = 0.0  # fraction of the image size
+    shear: float = 0.0
+    zoom: float = 0.0  # +- fraction
+    intensity_scale: float = 0.0  # +- fraction
+    intensity_shift: float = 0.0  # +- (on the 0..1 normalised image)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recipe:
+    """Everything that decides how one bundle is trained."""
+
+    bundle_name: str
+    variant: str
+    task: str
+    labels: tuple[str, ...]
+    label_descriptions: tuple[str, ...]
+    sequences: tuple[str, ...]  # series the bundle reads; () for the sequence classifier
+    size: tuple[int, int]
+    channels: int
+    slice_mode: str
+    slice_n: int
+    network_name: str
+    network_args: Mapping[str, Any]
+    cam_layer: str
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_decay_after_epoch: int | None  # exponential decay starts after this epoch
+    lr_decay_gamma: float
+    weight_decay: float
+    patience: int  # early stopping on validation loss (epochs without improvement)
+    augment: Augment
+    val_fraction: float
+    needs_pretrained: bool
+    roi: RoiSpec | None = None  # tumour-centred rectangle (node.bundles.roi); None = whole slices
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _tiny_resnet(num_classes: int, channels: int = 1) -> dict[str, Any]:
+    return {
+        "block": "basic",
+        "layers": [1, 1, 1, 1],
+        "block_inplanes": [8, 16, 32, 64],
+        "spatial_dims": 2,
+        "n_input_channels": channels,
+        "num_classes": num_classes,
+    }
+
+
+def _task_roi(task: str, sequences: tuple[str, ...]) -> RoiSpec | None:
+    """Glioma grading reads a tumour-centred rectangle (the published recipe's ROI): enhancing
+    tumour on T1C is further above the brain median (z 4) than tumour and oedema on FLAIR (z 3);
+    thresholds chosen on training seed 1001 (the box holds the tumour centre in 30/32 T1C and
+    31/32 FLAIR series)."""
+    if task != "glioma_grade":
+        return None
+    return RoiSpec(z=4.0 if "T1C" in sequences else 3.0)
+
+
+def resolve_bundle_name(name: str) -> tuple[str, str, str | None]:
+    """(bundle name, task, sequence) from 'gbm_pcnsl', 'gbm_pcnsl_adc', 'sequence', ..."""
+    key = name.strip().lower()
+    if key in DEFAULT_SEQUENCE:
+        key = f"{key}_{DEFAULT_SEQUENCE[key].lower()}"
+    if key not in BUNDLES:
+        raise ValueError(f"unknown task/bundle '{name}' (expected one of {sorted(BUNDLES)})")
+    task, seq = BUNDLES[key]
+    return key, task, seq
+
+
+def get_recipe(name: str, variant: str = "small") -> Recipe:
+    """The recipe for a bundle name or task ('gbm_pcnsl' means its T1C bundle)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown recipe variant '{variant}' (expected one of {VARIANTS})")
+    bundle, task, seq = resolve_bundle_name(name)
+    if task == "sequence":
+        labels: tuple[str, ...] = SEQUENCE_LABELS
+        descriptions = SEQUENCE_LABELS
+        sequences: tuple[str, ...] = ()
+    else:
+        labels = TASK_LABELS[task]
+        descriptions = TASK_DESCRIPTIONS[task]
+        sequences = (seq or DEFAULT_SEQUENCE[task],)
+    n_cls = len(labels)
+    slice_mode, slice_n = ("central_window", 9) if task == "sequence" else ("brain_range", 16)
+    if variant == "small":
+        augment = {
+            "sequence": Augment(
+                hflip=True,
+                rotate_deg=10,
+                shift=0.05,
+                zoom=0.1,
+                intensity_scale=0.1,
+                intensity_shift=0.05,
+            ),
+            "gbm_pcnsl": Augment(
+                hflip=True, vflip=False, intensity_scale=0.1, intensity_shift=0.05
+            ),
+            "glioma_grade": Augment(
+                hflip=True,
+                rotate_deg=10,
+                shift=0.05,
+                zoom=0.1,
+                intensity_scale=0.1,
+                intensity_shift=0.05,
+            ),
+            # the published tubers augmentation at half strength: at 128 px a tuber is a few
+            # pixels across and the full-strength affine blurred it out of a tiny network's reach
+            "tubers": Augment(hflip=True, rotate_deg=15, shift=0.05, shear=0.1, zoom=0.12),
+        }[task]
+        return Recipe(
+            bundle_name=bundle,
+            variant=variant,
+            task=task,
+            labels=labels,
+            label_descriptions=descriptions,
+            sequences=sequences,
+            size=(128, 128),
+            channels=1,
+            slice_mode=slice_mode,
+            slice_n=slice_n,
+            network_name="ResNet",
+            network_args=_tiny_resnet(n_cls),
+            cam_layer="layer4",
+            epochs={"sequence": 12, "tubers": 30}.get(task, 20),
+            batch_size=32,
+            lr=1e-3,
+            lr_decay_after_epoch=6 if task == "sequence" else 10,
+            lr_decay_gamma=0.8,
+            weight_decay=1e-4,
+            patience=4 if task == "sequence" else 10,
+            augment=augment,
+            val_fraction=0.25,
+            needs_pretrained=False,
+            roi=_task_roi(task, sequences),
+            notes=(
+                "CPU-sized: MONAI ResNet (basic blocks, one per stage, 8-64 channels) at 128 px,"
+                " trained from scratch with Adam 1e-3; sized so training finishes in minutes on"
+                " a 2-core CPU.",
+            ),
+        )
+    # published full-size configurations
+    if task == "gbm_pcnsl":
+        return Recipe(
+            bundle_name=bundle,
+            variant=variant,
+            task=task,
+            labels=labels,
+            label_descriptions=descriptions,
+            sequences=sequences,
+            size=(380, 380),
+            channels=3,
+            slice_mode=slice_mode,
+            slice_n=slice_n,
+            network_name="EfficientNetBN",
+            network_args={
+                "model_name": "efficientnet-b4",
+                "spatial_dims": 2,
+                "in_channels": 3,
+                "num_classes": 2,
+                "pretrained": False,
+            },
+            cam_layer="_conv_head",
+            epochs=100,
+            batch_size=16,
+            lr=1e-4,
+            lr_decay_after_epoch=50,
+            lr_decay_gamma=0.95,
+            weight_decay=0.0,
+            patience=20,
+            augment=Augment(hflip=True, vflip=True, intensity_scale=0.1, intensity_shift=0.1),
+            val_fraction=0.2,
+            needs_pretrained=True,
+            notes=(
+                "Published recipe: transfer-learned EfficientNet (B4 at its native 380 px),"
+                " flip and intensity augmentation, Adam 1e-4 with exponential decay after"
+                " epoch 50. The grey slice is repeated over 3 channels to match ImageNet"
+                " weights supplied as a file.",
+            ),
+        )
+    if task == "sequence":
+        return Recipe(
+            bundle_name=bundle,
+            variant=variant,
+            task=task,
+            labels=labels,
+            label_descriptions=descriptions,
+            sequences=sequences,
+            size=(224, 224),
+            channels=1,
+            slice_mode=slice_mode,
+            slice_n=slice_n,
+            network_name="ResNet",
+            network_args={
+                "block": "basic",
+                "layers": [2, 2, 2, 2],
+                "block_inplanes": [64, 128, 256, 512],
+                "spatial_dims": 2,
+                "n_input_channels": 1,
+                "num_classes": n_cls,
+                "conv1_t_stride": 2,
+            },
+            cam_layer="layer4",
+            epochs=50,
+            batch_size=64,
+            lr=1e-4,
+            lr_decay_after_epoch=25,
+            lr_decay_gamma=0.95,
+            weight_decay=1e-4,
+            patience=10,
+            augment=Augment(
+                hflip=True,
+                rotate_deg=10,
+                shift=0.05,
+                zoom=0.1,
+                intensity_scale=0.1,
+                intensity_shift=0.05,
+            ),
+            val_fraction=0.2,
+            needs_pretrained=True,
+            notes=(
+                "Published recipe: ResNet-18 slice classifier, series label by majority"
+                " vote over sampled slices.",
+            ),
+        )
+    if task == "tubers":
+        return Recipe(
+            bundle_name=bundle,
+            variant=variant,
+            task=task,
+            labels=labels,
+            label_descriptions=descriptions,
+            sequences=sequences,
+            size=(224, 224),
+            channels=3,
+            slice_mode=slice_mode,
+            slice_n=slice_n,
+            network_name="ResNet",
+            network_args={
+                "block": "bottleneck",
+                "layers": [3, 4, 6, 3],
+                "block_inplanes": [64, 128, 256, 512],
+                "spatial_dims": 2,
+                "n_input_channels": 3,
+                "num_classes": 2,
+                "conv1_t_stride": 2,
+            },
+            cam_layer="layer4",
+            epochs=100,
+            batch_size=32,
+            lr=2.5e-4,
+            lr_decay_after_epoch=None,
+            lr_decay_gamma=1.0,
+            weight_decay=0.0,
+            patience=100,
+            augment=Augment(hflip=True, rotate_deg=30, shift=0.1, shear=0.2, zoom=0.25),
+            val_fraction=0.2,
+            needs_pretrained=True,
+            notes=(
+                "Published recipe: transfer learning with rotation 30 deg, shift 0.1,"
+                " shear 0.2, zoom 0.25, horizontal flip, Adam 2.5e-4, model of lowest"
+                " validation loss, threshold 0.5 (ResNet-50 weights supplied as a file).",
+            ),
+        )
+    # glioma_grade
+    return Recipe(
+        bundle_name=bundle,
+        variant=variant,
+        task=task,
+        labels=labels,
+        label_descriptions=descriptions,
+        sequences=sequences,
+        size=(224, 224),
+        channels=3,
+        slice_mode=slice_mode,
+        slice_n=slice_n,
+        network_name="EfficientNetBN",
+        network_args={
+            "model_name": "efficientnet-b0",
+            "spatial_dims": 2,
+            "in_channels": 3,
+            "num_classes": 2,
+            "pretrained": False,
+        },
+        cam_layer="_conv_head",
+        epochs=60,
+        batch_size=32,
+        lr=1e-4,
+        lr_decay_after_epoch=30,
+        lr_decay_gamma=0.95,
+        weight_decay=1e-4,
+        patience=15,
+        augment=Augment(
+            hflip=True,
+            rotate_deg=10,
+            shift=0.05,
+            zoom=0.1,
+            intensity_scale=0.1,
+            intensity_shift=0.05,
+        ),
+        val_fraction=0.2,
+        needs_pretrained=True,
+        roi=_task_roi(task, sequences),
+        notes=(
+            "Published recipe: transfer learning on a tumour-centred region with"
+            " patient-level 5-fold cross-validation. Here the rectangle is found from the"
+            " series itself (node.bundles.roi), the same way at inference;"
+            " `neuronode train --folds 5`"
+            " runs the cross-validation.",
+        ),
+    )
+
+
+def bundle_metadata(
+    recipe: Recipe,
+    *,
+    temperature: float,
+    calibration_bias: float = 0.0,
+    training: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    version: str = __version__,
+) -> dict[str, Any]:
+    """metadata.json content for a bundle trained with this recipe (SHA-256 added on write)."""
+    import monai
+    import torch
+
+    args = {k: v for k, v in recipe.network_args.items() if k != "pretrained"}
+    if "pretrained" in recipe.network_args:
+        args["pretrained"] = False
+    h, w = recipe.size
+    return {
+        "name": recipe.bundle_name,
+        "version": version,
+        "task": recipe.task,
+        "labels": list(recipe.labels),
+        "label_descriptions": list(recipe.label_descriptions),
+        "input": {
+            "sequences": list(recipe.sequences),
+            "size": [h, w],
+            "channels": recipe.channels,
+            "normalisation": {
+                "method": "percentile",
+                "low": NORM_LOW,
+                "high": NORM_HIGH,
+                "source": "per series, native DICOM values after the modality LUT",
+            },
+            "slice_selection": {"mode": recipe.slice_mode, "n": recipe.slice_n},
+            **({"roi": recipe.roi.to_json()} if recipe.roi is not None else {}),
+        },
+        "temperature": temperature,
+        "calibration_bias": calibration_bias,
+        "series_aggregation": "mean_logit",
+        "network": {"name": recipe.network_name, "args": args, "cam_layer": recipe.cam_layer},
+        "training": dict(training),
+        "metrics": dict(metrics),
+        "intended_use": (
+            "Demonstration of the neuronode pipeline on synthetic phantoms; research only."
+        ),
+        "not_for_clinical_use": True,
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "num_channels": recipe.channels,
+                    "spatial_shape": [h, w],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "logits",
+                    "num_channels": len(recipe.labels),
+                    "channel_def": dict(enumerate(recipe.labels)),
+                }
+            },
+        },
+    }
