@@ -43,10 +43,10 @@ TEST_DELAY_ENV = "NEURONODE_TEST_PROCESS_DELAY_S"
 
 
 def pipeline_processor(rules: Rules) -> Processor:
-    """The real processor: node.pipeline.stages.process_study, imported when first used."""
+    """The real processor: node.pipeline.runner.process_study, imported when first used."""
 
     def run(job: StudyJob) -> StudyOutcome:
-        from node.pipeline.stages import process_study
+        from node.pipeline.runner import process_study
 
         outcome = process_study(
             job, rules, out_dir=rules.storage.spool_dir / "results", deliver=True

@@ -19,7 +19,7 @@ from node.errors import ConfigError
 from node.ingest.spool import Index
 from node.log import configure, get_logger, load_or_create_key, set_correlation_key
 from node.pipeline.jobs import JobQueue
-from node.pipeline.stages import check_bundles
+from node.pipeline.models import check_bundles
 from node.records import StudyStatus
 from node.service import Node
 

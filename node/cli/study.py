@@ -24,17 +24,14 @@ from node.classify.sequence import classify_headers
 from node.cli.command import Command, rules_option
 from node.cli.show import format_results, summary_table
 from node.config import Rules, SequenceSettings, load_rules
+from node.dicom.folder import scan_folder
 from node.dicom.headers import read_series_headers
 from node.errors import ConfigError, NodeError
 from node.log import configure, uid_key
-from node.pipeline.stages import (
-    DEFAULT_OUT,
-    audit_path,
-    check_bundles,
-    process_study,
-    scan_folder,
-    worker_bundle,
-)
+from node.pipeline.audit import audit_path, read_audit
+from node.pipeline.context import DEFAULT_OUT
+from node.pipeline.models import check_bundles, worker_bundle
+from node.pipeline.runner import process_study
 from node.records import SequenceDecision, SequenceLabel, SeriesHeader, StudyJob
 
 
@@ -98,13 +95,13 @@ def cmd_process(args: ProcessArgs) -> int:
             failures += 1
             print(f"  FAILED: {exc}  (audit: {audit_path(out_dir, study_uid)})")
             continue
-        audit = json.loads(outcome.audit_path.read_text(encoding="utf-8"))
+        audit = read_audit(outcome.audit_path)
         print(summary_table(audit))
-        if audit["unreadable_files"]:
-            print(f"unreadable files: {len(audit['unreadable_files'])}")
+        if audit.unreadable_files:
+            print(f"unreadable files: {len(audit.unreadable_files)}")
         print(
             f"{outcome.n_series} series, {outcome.n_instances} instances, "
-            f"{outcome.n_decode_errors} decode error(s), {audit['duration_ms']:.0f} ms"
+            f"{outcome.n_decode_errors} decode error(s), {audit.duration_ms:.0f} ms"
         )
         print()
         print(format_results(audit))

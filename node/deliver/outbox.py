@@ -11,7 +11,6 @@ locks and neither schema constrains the other. Objects are files under
 from __future__ import annotations
 
 import contextvars
-import os
 import random
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +32,7 @@ from node.deliver.send import object_kind, send_dicom, send_stow
 from node.errors import SendError, SpoolError
 from node.log import get_logger, uid_key
 from node.records import Delivery, DeliveryCounts, DeliveryState, SendResult
+from node.store.files import write_dicom_durable
 
 log = get_logger(__name__)
 
@@ -74,19 +74,9 @@ def backoff_s(attempts: int, settings: DeliverySettings, rng: random.Random) -> 
 
 def _write_atomic(ds: Dataset, path: Path) -> None:
     """Write a DICOM file so a crash leaves either no file or the whole file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        ds.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_dicom_durable(ds, path)
     except (OSError, ValueError, AttributeError) as exc:
-        tmp.unlink(missing_ok=True)
         raise SpoolError(f"cannot write outbox object: {exc}") from exc
 
 

@@ -12,14 +12,12 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import sqlite3
 import struct
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from node.errors import InvalidInstance, SpoolError, StoreStatus
 from node.ingest.completion import SeriesCount
 from node.log import get_logger, uid_key
 from node.records import InstanceRef, StoredInstance, StudyStatus
+from node.store.files import makedirs_durable, write_bytes_durable
 
 log = get_logger(__name__)
 
@@ -98,45 +97,6 @@ class ParsedInstance:
     ref: InstanceRef
     images_in_acquisition: int | None
     temporal_positions: int | None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _makedirs_durable(path: Path) -> None:
-    """Create `path` and any missing parents, fsync'ing each parent so the entries survive."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            d.mkdir()
-        _fsync_dir(d.parent)
-
-
-def _write_durable(tmp_dir: Path, final: Path, data: bytes) -> None:
-    """Write bytes to a temp file, fsync, rename into place, fsync the directory."""
-    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _makedirs_durable(final.parent)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _positive_int(value: Any) -> int | None:
@@ -287,7 +247,7 @@ class Spool:
         self._free_bytes = free_bytes
         self._clock = clock
         for sub in ("instances", "quarantine", "tmp"):
-            _makedirs_durable(root / sub)
+            makedirs_durable(root / sub)
         # Temp files left by a crash were never acknowledged: drop them.
         for leftover in (root / "tmp").glob("*.part"):
             leftover.unlink(missing_ok=True)
@@ -362,7 +322,7 @@ class Spool:
                 ),
             )
         try:
-            _write_durable(self.root / "tmp", final, data)
+            write_bytes_durable(final, data, tmp_dir=self.root / "tmp")
         except OSError as exc:
             raise SpoolError(f"cannot write instance: {exc.strerror}") from exc
         try:
@@ -433,7 +393,7 @@ class Spool:
         path = qdir / f"{digest}.dcm"
         try:
             if not path.exists():
-                _write_durable(self.root / "tmp", path, data)
+                write_bytes_durable(path, data, tmp_dir=self.root / "tmp")
             reason_doc = {
                 "reason": reason,
                 "calling_ae": calling_ae,
@@ -441,10 +401,10 @@ class Spool:
                 "status_code": int(status),
                 "size_bytes": len(data),
             }
-            _write_durable(
-                self.root / "tmp",
+            write_bytes_durable(
                 qdir / f"{digest}.reason.json",
                 json.dumps(reason_doc, indent=2).encode(),
+                tmp_dir=self.root / "tmp",
             )
             with self.index.transaction() as db:
                 db.execute(

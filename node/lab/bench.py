@@ -29,6 +29,7 @@ import numpy as np
 from node.config import NodeSettings, Rules, TaskSettings
 from node.errors import ConfigError, ModelUnavailable
 from node.log import configure
+from node.pipeline.audit import AuditRecord, read_audit
 from node.records import SequenceLabel, StudyJob
 
 BENCHMARKS = ("synth", "sequence", "specialists", "receive", "dicomio")
@@ -297,7 +298,7 @@ def _rules(models_dir: Path, tasks: dict[str, TaskSettings] | None = None) -> Ru
 
 
 def _context(study: BenchStudy, rules: Rules, out_dir: Path) -> Any:
-    from node.pipeline.stages import StudyContext
+    from node.pipeline.context import StudyContext
 
     job = StudyJob(job_id=0, study_uid=study.study_uid, instance_paths=study.paths, attempt=1)
     return StudyContext(job=job, rules=rules, out_dir=out_dir, started_at=time.time())
@@ -323,7 +324,8 @@ def bench_sequence(study: BenchStudy, work: Path, settings: BenchSettings) -> Be
     from node.bundles.bundle import classify_series
     from node.classify.sequence import classify_headers
     from node.dicom.headers import read_series_headers
-    from node.pipeline.stages import clear_worker_bundles, stage_classify, stage_load, worker_bundle
+    from node.pipeline.models import clear_worker_bundles, worker_bundle
+    from node.pipeline.stages import stage_classify, stage_load
 
     rules = _rules(settings.models_dir)
     path = rules.models_dir / rules.sequence.bundle
@@ -387,7 +389,7 @@ def available_tasks(models_dir: Path) -> tuple[dict[str, TaskSettings], tuple[st
     """The default tasks cut down to routes whose bundle loads, and why each other one does not.
     Every task is enabled (tubers is off in the default rules): the benchmark is the study
     through all specialists."""
-    from node.pipeline.stages import loadable_tasks
+    from node.pipeline.models import loadable_tasks
 
     tasks, left_out = loadable_tasks(models_dir)
     every = {name: t.model_copy(update={"enabled": True}) for name, t in tasks.items()}
@@ -463,7 +465,8 @@ def bench_specialists(
     """Issue 5: each specialist present, then the whole pipeline on the study (< 10 s)."""
     from node.bundles.bundle import load_bundle
     from node.dicom.volumes import scan_study
-    from node.pipeline.stages import clear_worker_bundles, process_study
+    from node.pipeline.models import clear_worker_bundles
+    from node.pipeline.runner import process_study
 
     tasks, missing = available_tasks(settings.models_dir)
     records: list[BenchRecord] = [_skipped(f"model:{m.split(':')[0]}", m) for m in missing]
@@ -481,11 +484,10 @@ def bench_specialists(
     job = StudyJob(job_id=0, study_uid=study.study_uid, instance_paths=study.paths, attempt=1)
     runs = iter(range(1000))
 
-    def run() -> dict[str, Any]:
+    def run() -> AuditRecord:
         out = work / f"pipeline_{next(runs)}"
         outcome = process_study(job, rules, out_dir=out)
-        audit: dict[str, Any] = json.loads(outcome.audit_path.read_text(encoding="utf-8"))
-        return audit
+        return read_audit(outcome.audit_path)
 
     clear_worker_bundles()
     t0 = time.perf_counter()
@@ -499,18 +501,16 @@ def bench_specialists(
     ref_s = 0.0
     n_images = 0
     bundles: dict[str, Any] = {}
-    for pred in audit.get("predictions", ()):
-        bundle_name = str(pred.get("model_id", ""))
+    for pred in audit.predictions:
+        bundle_name = pred.model_id
         if bundle_name not in bundles:
             bundles[bundle_name] = load_bundle(settings.models_dir / bundle_name)
-        n = len(pred.get("slice_indices", ()))
+        n = len(pred.slice_indices)
         n_images += n
         ref_s += _pure_forward(bundles[bundle_name], n)
     if ref_s == 0.0:
         ref_s = _pure_forward(load_bundle(settings.models_dir / rules.sequence.bundle), 1)
-    stages = tuple(
-        (f"stage_{s['stage']}_ms", float(s["duration_ms"])) for s in audit.get("stages", ())
-    )
+    stages = tuple((f"stage_{s.stage}_ms", s.duration_ms) for s in audit.stages)
     records.append(
         BenchRecord(
             name="pipeline",
@@ -526,8 +526,8 @@ def bench_specialists(
             growth_mb=_mb(peak.growth_mb),
             details=(
                 ("bundles", ",".join(sorted(r.bundle for t in tasks.values() for r in t.models))),
-                ("predictions", len(audit.get("predictions", ()))),
-                ("status", str(audit.get("status", ""))),
+                ("predictions", len(audit.predictions)),
+                ("status", audit.status),
                 ("cold_s", round(cold_s, 3)),
                 ("warm_s_1_thread", round(warm1_s, 3)),
                 *stages,

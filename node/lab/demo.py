@@ -25,6 +25,7 @@ from node import NOT_FOR_CLINICAL_USE
 from node.errors import ConfigError, NodeError
 from node.lab.orthanc import OrthancServer, free_port, orthanc_binary, system_tool
 from node.log import configure, load_or_create_key, set_correlation_key, uid_key
+from node.pipeline.audit import AuditRecord, read_audit
 
 DEFAULT_SEED: Final = 20261123
 DEFAULT_PHENOTYPE: Final = "gbm"
@@ -54,7 +55,7 @@ def models_dir() -> Path:
 def available_tasks(models: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The built-in tasks keeping only routes whose bundle loads; and what was left out, why."""
     from node.config import Rules
-    from node.pipeline.stages import loadable_tasks
+    from node.pipeline.models import loadable_tasks
 
     loadable, left_out = loadable_tasks(models)
     notes = [f"{r.task}: route {r.bundle} left out ({r.reason})" for r in left_out]
@@ -197,26 +198,25 @@ def push(study_dir: Path, host: str, port: int, called_ae: str) -> str:
     return "pynetdicom SCU"
 
 
-def wait_for_results(spool: Path, study_uid: str, timeout_s: float) -> dict[str, Any]:
+def wait_for_results(spool: Path, study_uid: str, timeout_s: float) -> AuditRecord:
     """Wait until the study's audit is written and every result object is delivered."""
-    import json
-
     from node.deliver.outbox import OUTBOX_DB, Outbox
     from node.records import DeliveryState
 
     audit_file = spool / "results" / uid_key(study_uid) / "audit.json"
     deadline = time.monotonic() + timeout_s
-    audit: dict[str, Any] | None = None
+    audit: AuditRecord | None = None
     while time.monotonic() < deadline:
         if audit is None and audit_file.is_file():
-            audit = json.loads(audit_file.read_text(encoding="utf-8"))
-            if audit["status"] == "failed":
+            audit = read_audit(audit_file)
+            if audit.status == "failed":
+                error = audit.error
                 raise DemoError(
-                    f"the node failed the study at stage {audit['failed_stage']}: "
-                    f"{audit['error']['type']} {audit['error']['message']}"
+                    f"the node failed the study at stage {audit.failed_stage}: "
+                    f"{error.type if error else ''} {error.message if error else ''}"
                 )
-            _say(f"  processed in {audit['duration_ms'] / 1000:.1f} s; delivering results ...")
-            if not audit["objects"]:
+            _say(f"  processed in {audit.duration_ms / 1000:.1f} s; delivering results ...")
+            if not audit.objects:
                 return audit
         if audit is not None and (spool / OUTBOX_DB).exists():
             with Outbox(spool) as outbox:
@@ -231,23 +231,23 @@ def wait_for_results(spool: Path, study_uid: str, timeout_s: float) -> dict[str,
 
 
 def collect_from_orthanc(
-    orthanc: OrthancServer, audit: dict[str, Any], out: Path
+    orthanc: OrthancServer, audit: AuditRecord, out: Path
 ) -> tuple[Delivered, ...]:
     """Download each delivered result object from Orthanc into DIR."""
     got: list[Delivered] = []
-    for obj in audit["objects"]:
+    for obj in audit.objects:
         found = orthanc.post(
             "/tools/find",
-            {"Level": "Instance", "Query": {"SOPInstanceUID": obj["sop_instance_uid"]}},
+            {"Level": "Instance", "Query": {"SOPInstanceUID": obj.sop_instance_uid}},
         )
         if not found:
-            raise DemoError(f"result {obj['sop_instance_uid']} is not in Orthanc")
-        target = _copy_path(out, obj["kind"], obj["sop_instance_uid"], len(got))
+            raise DemoError(f"result {obj.sop_instance_uid} is not in Orthanc")
+        target = _copy_path(out, obj.kind, obj.sop_instance_uid, len(got))
         target.write_bytes(orthanc.get_bytes(f"/instances/{found[0]}/file"))
         got.append(
             Delivered(
-                kind=obj["kind"],
-                sop_instance_uid=obj["sop_instance_uid"],
+                kind=obj.kind,
+                sop_instance_uid=obj.sop_instance_uid,
                 where=f"Orthanc instance {found[0]}",
                 copy=target,
             )
@@ -255,19 +255,19 @@ def collect_from_orthanc(
     return tuple(got)
 
 
-def collect_from_local(pacs: LocalPacs, audit: dict[str, Any], out: Path) -> tuple[Delivered, ...]:
+def collect_from_local(pacs: LocalPacs, audit: AuditRecord, out: Path) -> tuple[Delivered, ...]:
     """Copy each result object our stand-in PACS received into DIR."""
     got: list[Delivered] = []
-    for obj in audit["objects"]:
-        src = pacs.received.get(obj["sop_instance_uid"])
+    for obj in audit.objects:
+        src = pacs.received.get(obj.sop_instance_uid)
         if src is None:
-            raise DemoError(f"result {obj['sop_instance_uid']} did not reach the PACS")
-        target = _copy_path(out, obj["kind"], obj["sop_instance_uid"], len(got))
+            raise DemoError(f"result {obj.sop_instance_uid} did not reach the PACS")
+        target = _copy_path(out, obj.kind, obj.sop_instance_uid, len(got))
         shutil.copyfile(src, target)
         got.append(
             Delivered(
-                kind=obj["kind"],
-                sop_instance_uid=obj["sop_instance_uid"],
+                kind=obj.kind,
+                sop_instance_uid=obj.sop_instance_uid,
                 where=str(src),
                 copy=target,
             )
@@ -304,7 +304,7 @@ def cmd_demo(args: DemoArgs) -> int:
     from node.bundles.bundle import set_torch_threads
     from node.cli.show import format_results
     from node.config import load_rules
-    from node.pipeline.stages import check_bundles
+    from node.pipeline.models import check_bundles
     from node.service import Node
 
     set_torch_threads()

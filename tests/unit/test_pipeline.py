@@ -12,17 +12,13 @@ from structlog.testing import capture_logs
 from node.cli import study as study_cli
 from node.cli.study import ProcessArgs, cmd_process
 from node.config import Rules
-from node.errors import LoadError
+from node.errors import LoadError, StageFailed
 from node.log import uid_key
-from node.pipeline import stages as pipeline
-from node.pipeline.stages import (
-    STAGES,
-    Stage,
-    StageFailed,
-    StudyContext,
-    audit_path,
-    process_study,
-)
+from node.pipeline import runner
+from node.pipeline.audit import audit_path
+from node.pipeline.context import Stage, StudyContext
+from node.pipeline.runner import process_study
+from node.pipeline.stages import STAGES
 from node.records import StudyJob
 from tests.unit.test_dicomio import SENTINEL_NAME, write_mr
 
@@ -141,7 +137,7 @@ def test_failed_stage_is_audited_and_raised_as_node_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     study, paths = _study(tmp_path / "in")
-    monkeypatch.setattr(pipeline, "STAGES", (STAGES[0], (Stage.LOAD, _boom)))
+    monkeypatch.setattr(runner, "STAGES", (STAGES[0], (Stage.LOAD, _boom)))
     with pytest.raises(StageFailed) as info, capture_logs() as logs:
         process_study(_job(study, paths), Rules(), out_dir=tmp_path / "out")
     assert info.value.stage is Stage.LOAD
@@ -161,7 +157,7 @@ def test_node_errors_pass_through_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     study, paths = _study(tmp_path / "in")
-    monkeypatch.setattr(pipeline, "STAGES", ((Stage.LOAD, _load_error),))
+    monkeypatch.setattr(runner, "STAGES", ((Stage.LOAD, _load_error),))
     with pytest.raises(LoadError, match="no usable series"):
         process_study(_job(study, paths), Rules(), out_dir=tmp_path / "out")
     audit = json.loads(audit_path(tmp_path / "out", study).read_text())

@@ -22,14 +22,11 @@ from node.cli.study import ProcessArgs, cmd_process
 from node.config import Rules
 from node.deliver.outbox import Outbox
 from node.errors import ConfigError, ModelUnavailable
-from node.pipeline.stages import (
-    STAGES,
-    Stage,
-    audit_path,
-    check_bundles,
-    process_study,
-    worker_bundle,
-)
+from node.pipeline.audit import audit_path
+from node.pipeline.context import Stage
+from node.pipeline.models import check_bundles, worker_bundle
+from node.pipeline.runner import process_study
+from node.pipeline.stages import STAGES
 from node.records import StudyJob
 
 torch.set_num_threads(1)

@@ -1,0 +1,121 @@
+"""The model bundles a worker serves: one verified copy per worker thread, and start-up checks.
+
+Threads never share a network, because Grad-CAM registers hooks on it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from node.config import Rules, TaskSettings
+from node.errors import ModelUnavailable
+
+if TYPE_CHECKING:
+    from node.bundles.bundle import Bundle
+
+
+_worker = threading.local()
+
+
+def _bundle_key(path: Path) -> tuple[str, str]:
+    """(resolved path, weights SHA-256 the metadata declares): a replaced bundle is reloaded."""
+    meta = path / "configs" / "metadata.json"
+    try:
+        sha = str(json.loads(meta.read_text(encoding="utf-8")).get("weights_sha256", ""))
+    except (OSError, ValueError, AttributeError):
+        sha = ""
+    return (str(path.resolve()), sha)
+
+
+def worker_bundle(path: Path) -> Bundle:
+    """This thread's own verified copy of a bundle, loaded on first use (ModelUnavailable if not).
+
+    Never shared between threads: Grad-CAM registers hooks on the network.
+    """
+    from node.bundles.bundle import load_bundle
+
+    cache: dict[str, tuple[str, Bundle]] | None = getattr(_worker, "bundles", None)
+    if cache is None:
+        cache = {}
+        _worker.bundles = cache
+    resolved, sha = _bundle_key(path)
+    hit = cache.get(resolved)
+    if hit is not None and hit[0] == sha and sha:
+        return hit[1]
+    bundle = load_bundle(path)
+    cache[resolved] = (bundle.metadata.weights_sha256, bundle)
+    return bundle
+
+
+def clear_worker_bundles() -> None:
+    """Forget this thread's loaded bundles (tests; a node reloading its rules)."""
+    _worker.bundles = {}
+
+
+def required_bundles(rules: Rules) -> tuple[tuple[str, Path], ...]:
+    """(task, bundle folder) of every route of every enabled task, in rule-file order."""
+    return tuple(
+        (name, rules.models_dir / route.bundle)
+        for name, task in rules.tasks.items()
+        if task.enabled
+        for route in task.models
+    )
+
+
+def check_bundles(rules: Rules, load: Callable[[Path], object] | None = None) -> tuple[str, ...]:
+    """Why each bundle an enabled task needs cannot be served (empty: all load and verify).
+
+    ``load`` defaults to a plain load; `neuronode process` passes ``worker_bundle`` so the
+    check also warms the cache of the thread that then runs the study.
+    """
+    from node.bundles.bundle import load_bundle
+
+    loader = load if load is not None else load_bundle
+    problems: list[str] = []
+    seen: set[Path] = set()
+    for task, path in required_bundles(rules):
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            loader(path)
+        except ModelUnavailable as exc:
+            problems.append(f"task {task}: {exc}")
+    return tuple(problems)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeftOutRoute:
+    """A route of a task dropped because its bundle cannot be served, and why."""
+
+    task: str
+    bundle: str
+    reason: str
+
+
+def loadable_tasks(
+    models_dir: Path,
+) -> tuple[dict[str, TaskSettings], tuple[LeftOutRoute, ...]]:
+    """The built-in tasks cut down to the routes whose bundle loads (demo, bench); a task with
+    no loadable route is left out."""
+    from node.bundles.bundle import load_bundle
+
+    tasks: dict[str, TaskSettings] = {}
+    left_out: list[LeftOutRoute] = []
+    for name, task in Rules().tasks.items():
+        routes = []
+        for route in task.models:
+            try:
+                load_bundle(models_dir / route.bundle)
+            except ModelUnavailable as exc:
+                left_out.append(LeftOutRoute(task=name, bundle=route.bundle, reason=str(exc)))
+                continue
+            routes.append(route)
+        if routes:
+            tasks[name] = task.model_copy(update={"models": tuple(routes)})
+    return tasks, tuple(left_out)

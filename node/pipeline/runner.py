@@ -1,0 +1,91 @@
+"""One study job end to end: the stages in order, the audit record, the per-job outer guard.
+
+Failure policy: ``process_study`` is the per-job outer guard (the only ``except Exception``
+here). When a stage raises, the audit record is still written with ``status: "failed"``, the
+failed ``stage`` and the error type, and a ``NodeError`` is raised to the job queue: the
+stage's own ``NodeError`` as is, anything else wrapped in ``StageFailed`` (``.stage`` names the
+stage). The queue decides retry or dead letter from its attempt count.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from node.config import Rules
+from node.errors import NodeError, StageFailed
+from node.log import get_logger, uid_key
+from node.pipeline.audit import audit_path, error_info, n_findings, series_ids, write_audit
+from node.pipeline.context import Stage, StudyContext
+from node.pipeline.stages import STAGES
+from node.records import StudyJob, StudyOutcome
+
+log = get_logger(__name__)
+
+
+def process_study(
+    job: StudyJob, rules: Rules, *, out_dir: Path, deliver: bool = False
+) -> StudyOutcome:
+    """Run every stage on one study and write its audit record; raise NodeError on failure.
+
+    With ``deliver`` (the running node) the result objects are queued in the outbox for every
+    destination in the rules; by hand (`neuronode process`) they are only written to out_dir.
+    """
+    started = time.time()
+    ctx = StudyContext(job=job, rules=rules, out_dir=out_dir, started_at=started, deliver=deliver)
+    study_key = uid_key(job.study_uid)
+    for stage, fn in STAGES:
+        t0 = time.perf_counter()
+        try:
+            ctx = fn(ctx)
+        except Exception as exc:  # the per-job outer guard
+            ctx = replace(
+                ctx, stage_ms=(*ctx.stage_ms, (stage.value, (time.perf_counter() - t0) * 1000))
+            )
+            log.error(
+                "study_failed",
+                study_key=study_key,
+                job_id=job.job_id,
+                attempt=job.attempt,
+                stage=stage.value,
+                error_type=type(exc).__name__,
+                duration_ms=round((time.time() - started) * 1000, 1),
+            )
+            if stage is not Stage.AUDIT:
+                try:
+                    write_audit(ctx, status="failed", failed_stage=stage, error=error_info(exc))
+                except OSError:
+                    log.error("audit_write_failed", study_key=study_key, stage=stage.value)
+            if isinstance(exc, NodeError):
+                raise
+            raise StageFailed(
+                f"stage {stage.value} failed: {type(exc).__name__}", stage=stage
+            ) from exc
+        ctx = replace(
+            ctx, stage_ms=(*ctx.stage_ms, (stage.value, (time.perf_counter() - t0) * 1000))
+        )
+    loaded = ctx.loaded
+    assert loaded is not None  # the LOAD stage always runs first
+    outcome = StudyOutcome(
+        study_uid=job.study_uid,
+        audit_path=audit_path(out_dir, job.study_uid),
+        n_series=len(series_ids(loaded)),
+        n_instances=len(loaded.headers),
+        n_decode_errors=len(loaded.problems),
+    )
+    log.info(
+        "study_processed",
+        study_key=study_key,
+        job_id=job.job_id,
+        attempt=job.attempt,
+        reopened=job.reopened,
+        n_series=outcome.n_series,
+        n_instances=outcome.n_instances,
+        n_errors=outcome.n_decode_errors,
+        n_findings=n_findings(ctx),
+        n_objects=len(ctx.objects),
+        status="done" if ctx.qualifies is not False else "skipped",
+        duration_ms=round((time.time() - started) * 1000, 1),
+    )
+    return outcome

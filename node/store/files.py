@@ -1,0 +1,76 @@
+"""Durable file writes: the one way the node puts a file on disk.
+
+A writer sees the old file or the new one, never half of one, and after return the new one
+survives a power cut: the bytes go to a temp file in the same folder (or a spool's tmp folder on
+the same file system), which is fsync'ed, renamed into place, and the folder is fsync'ed. New
+parent folders are created and fsync'ed too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(path: Path) -> None:
+    """Create `path` and any missing parents, fsync'ing each parent so the entries survive."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+        fsync_dir(d.parent)
+
+
+def write_bytes_durable(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> None:
+    """Write bytes to `path` atomically and durably (temp file in `tmp_dir` or beside it)."""
+    folder = tmp_dir if tmp_dir is not None else path.parent
+    makedirs_durable(folder)
+    tmp = folder / f"{uuid.uuid4().hex}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        makedirs_durable(path.parent)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_json_durable(path: Path, data: Any) -> None:
+    """Write a JSON document (indented, newline-terminated) atomically and durably."""
+    write_bytes_durable(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def write_dicom_durable(ds: Dataset, path: Path) -> None:
+    """Write a DICOM dataset as a Part 10 file atomically and durably.
+
+    Raises OSError, ValueError or AttributeError when the dataset cannot be encoded or written.
+    """
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    write_bytes_durable(path, buffer.getvalue())
