@@ -21,14 +21,8 @@ from node.config import DicomDestination, DicomWebDestination
 from node.errors import ReportError, SendError, StoreStatus
 from node.log import get_logger, uid_key
 from node.records import SendResult
-from node.report.objects import (
-    SC_SOP_CLASS_UID,
-    SR_FALLBACK_ORDER,
-    SR_SOP_CLASS_UIDS,
-    SrClass,
-    reencode_sr,
-    sr_class_of,
-)
+from node.report.codes import SC_SOP_CLASS_UID, SR_FALLBACK_ORDER, SR_SOP_CLASS_UIDS, SrClass
+from node.report.sr import reencode_sr, sr_class_of
 
 log = get_logger(__name__)
 

@@ -58,7 +58,7 @@ log = get_logger(__name__)
 def is_own_result(header: InstanceHeader) -> bool:
     """An SR or heatmap this node made, come back with the study (a PACS forwarding whole
     studies): it is neither analysed nor allowed to change the result UIDs."""
-    from node.report.objects import (
+    from node.report.codes import (
         SC_SERIES_DESCRIPTION,
         SC_SOP_CLASS_UID,
         SR_SERIES_DESCRIPTION,
@@ -284,7 +284,9 @@ def stage_report(ctx: StudyContext) -> StudyContext:
         return ctx
     if not any(f.status is not FindingStatus.NOT_ASSESSABLE for f in ctx.findings):
         return replace(ctx, report_note="no task assessable: no result objects made")
-    from node.report.objects import build_heatmap_images, build_sr, sr_uid
+    from node.report.sc import build_heatmap_images
+    from node.report.sr import build_sr
+    from node.report.uids import sr_uid
 
     outputs = ctx.rules.outputs
     result = StudyResult(

@@ -28,9 +28,9 @@ import pytest
 import yaml
 from pydicom.dataset import Dataset
 
-from node.lab.orthanc import OrthancServer, orthanc_binary
-from node.report.objects import finding_code
-from tests.conftest import REPO, free_port, system_tool
+from node.lab.orthanc import OrthancServer, free_port, orthanc_binary
+from node.report.codes import finding_code
+from tests.conftest import REPO, system_tool
 from tests.integration.conftest import NodeProc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,7 +9,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from node.config import OutputSettings
-from node.report.objects import build_heatmap_images, build_sr, reencode_sr
+from node.report.sc import build_heatmap_images
+from node.report.sr import build_sr, reencode_sr
 from tests.conftest import system_tool
 from tests.unit.test_report import make_result, mr_small, xa30_t1
 

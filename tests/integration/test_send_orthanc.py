@@ -20,14 +20,11 @@ from node.config import DeliverySettings, DicomDestination, DicomWebDestination,
 from node.deliver.outbox import Outbox, deliver_due
 from node.deliver.send import send_dicom, send_stow
 from node.errors import SendError
+from node.lab.orthanc import free_port
 from node.records import DeliveryState
-from node.report.objects import (
-    SC_SOP_CLASS_UID,
-    SR_SOP_CLASS_UIDS,
-    build_heatmap_images,
-    build_sr,
-)
-from tests.conftest import free_port
+from node.report.codes import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
+from node.report.sc import build_heatmap_images
+from node.report.sr import build_sr
 from tests.integration.orthanc import (  # noqa: F401 - fixtures
     OrthancServer,
     make_test_pki,

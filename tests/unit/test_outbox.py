@@ -21,7 +21,7 @@ from node.deliver.outbox import (
 )
 from node.errors import SendError
 from node.records import DeliveryState, SendResult
-from node.report.objects import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
+from node.report.codes import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
 
 PACS = DicomDestination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
 WEB = DicomWebDestination(name="web", url="http://127.0.0.1:8042/dicom-web")

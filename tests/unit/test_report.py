@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from node.config import OutputSettings
@@ -24,18 +23,11 @@ from node.records import (
     StudyResult,
     TaskFinding,
 )
-from node.report.objects import (
-    SR_SOP_CLASS_UIDS,
-    build_heatmap_images,
-    build_sr,
-    finding_code,
-    jet,
-    overlay_cam,
-    reencode_sr,
-    result_uid,
-    sr_uid,
-    window_to_unit,
-)
+from node.report.codes import SR_SOP_CLASS_UIDS, finding_code
+from node.report.sc import build_heatmap_images, burn_caption, jet, overlay_cam, window_to_unit
+from node.report.sr import build_sr, reencode_sr
+from node.report.uids import result_uid, sr_uid
+from tests.conftest import pydicom_file
 
 REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 XA30_T1 = REALDATA / "dcm_qa_xa30" / "In" / "5_anat-T1w_acq-tfl"
@@ -43,7 +35,7 @@ XA30_T1 = REALDATA / "dcm_qa_xa30" / "In" / "5_anat-T1w_acq-tfl"
 
 def mr_small() -> Path:
     """pydicom's classic single-frame MR test file."""
-    return Path(str(get_testdata_file("MR_small.dcm")))
+    return pydicom_file("MR_small.dcm")
 
 
 def blob(rows: int, cols: int, cy: float, cx: float, sigma: float) -> np.ndarray:
@@ -221,7 +213,8 @@ def test_heatmap_images_classic_mr() -> None:
     assert sc.SeriesInstanceUID != src.SeriesInstanceUID
     assert sc.PatientID == src.PatientID and sc.PatientName == src.PatientName
     assert sc.PhotometricInterpretation == "RGB" and sc.BurnedInAnnotation == "YES"
-    assert (sc.Rows, sc.Columns) == (src.Rows, src.Columns)
+    # The slice keeps its resolution; the caption is a band added below it.
+    assert sc.Columns == src.Columns and sc.Rows > src.Rows
     assert [float(v) for v in sc.PixelSpacing] == [float(v) for v in src.PixelSpacing]
     assert list(sc.PatientOrientation) == ["L", "P"]  # axial: rows run to the left, columns back
     ref = sc.SourceImageSequence[0]
@@ -361,3 +354,15 @@ def test_wrong_study_and_missing_sources_are_report_errors() -> None:
         build_sr(
             dataclasses.replace(result, source_paths=(Path("/nonexistent.dcm"),)), (), uid_root=None
         )
+
+
+def test_caption_band_is_below_the_image_and_leaves_it_untouched() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    out = burn_caption(image, ("gbm_pcnsl: glioblastoma present (p=91%)", "NOT FOR DIAGNOSTIC USE"))
+    assert out.shape[1] == 96 and out.shape[0] > 64
+    assert np.array_equal(out[:64], image)  # every anatomy pixel as it was
+    band = out[64:]
+    assert band.max() > 200 and band.min() == 0  # white text on black
+    longer = burn_caption(image, ("x " * 200,))
+    assert longer.shape[0] > out.shape[0]  # long captions wrap onto more lines, never cut

@@ -20,7 +20,8 @@ from node.deliver.send import (
     store_status_retryable,
 )
 from node.errors import SendError
-from node.report.objects import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
+from node.lab.orthanc import free_port
+from node.report.codes import SC_SOP_CLASS_UID, SR_SOP_CLASS_UIDS
 
 DEST = DicomDestination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
 WEB = DicomWebDestination(name="web", url="http://127.0.0.1:8042/dicom-web")
@@ -175,8 +176,6 @@ def test_unreachable_raises_retryable() -> None:
 
 
 def test_real_connect_refused_on_closed_port() -> None:
-    from tests.conftest import free_port
-
     dest = DicomDestination(name="down", ae_title="NOBODY", host="127.0.0.1", port=free_port())
     with pytest.raises(SendError, match="cannot be reached") as info:
         send_dicom(dest, [obj(SR3D, "1.2.3")], calling_ae="NEURONODE")
@@ -232,8 +231,6 @@ def test_stow_unreachable_raises() -> None:
 
 
 def test_real_stow_connection_refused() -> None:
-    from tests.conftest import free_port
-
     web = DicomWebDestination(name="w", url=f"http://127.0.0.1:{free_port()}/dicom-web")
     with pytest.raises(SendError, match="cannot be reached"):
         send_stow(web, [obj(SC_SOP_CLASS_UID, "1.1")])
