@@ -22,6 +22,7 @@ import numpy.typing as npt
 from node import NOT_FOR_CLINICAL_USE
 from node.bundles.bundle import Bundle, classify_slices, predict_series
 from node.classify.sequence import vote_slices
+from node.ensemble import logit
 from node.errors import LoadError
 from node.lab.train import plots
 from node.lab.train.data import DataError, SeriesItem, load_volume
@@ -36,11 +37,6 @@ from node.records import SequenceLabel, SeriesVolume
 
 VolumeLoader = Callable[[SeriesItem], SeriesVolume]
 Progress = Callable[[str], None]
-
-
-def _logit(p: float) -> float:
-    p = min(max(p, 1e-7), 1 - 1e-7)
-    return math.log(p / (1 - p))
 
 
 def study_probabilities(
@@ -62,7 +58,7 @@ def study_probabilities(
         label = members[0].label
         if label not in meta.labels:
             raise DataError(f"label '{label}' is not one of {meta.labels}")
-        logits = [_logit(predict_series(bundle, load(it)).probability) for it in members]
+        logits = [logit(predict_series(bundle, load(it)).probability) for it in members]
         uids.append(study)
         ys.append(meta.labels.index(label))
         z = float(np.mean(logits))
