@@ -214,8 +214,20 @@ class SequenceSettings(_Frozen):
 
     bundle: str = "sequence"  # bundle folder name under models_dir
     slices_per_series: int = Field(default=9, ge=1, le=256)  # slices voted over, central first
-    min_confidence: float = Field(default=0.6, ge=0, le=1)  # below: OTHER (not routed)
+    # A tag label at or above this is confident and no CNN vote overturns it; below, it is
+    # unsure and alone gives OTHER (not routed).
+    min_confidence: float = Field(default=0.6, ge=0, le=1)
+    # The calibrated CNN confidence a vote needs to count at all (below: ignored).
+    min_cnn_confidence: float = Field(default=0.6, ge=0, le=1)
+    # Who decides where the tags do not (docs/sequence.md): "other" = the CNN names the label
+    # when the tags abstain, and a CNN that contradicts an unsure tag label gives OTHER;
+    # "prefer_tags" = the CNN only confirms or doubts, it never names a label; "prefer_cnn" =
+    # the CNN also decides over an unsure tag label. A confident tag label and a tag OTHER
+    # hold under all three.
     disagreement: Literal["other", "prefer_tags", "prefer_cnn"] = "other"
+    # Let a CNN vote choose T1 or T1C where the headers say nothing of contrast (off: the
+    # sequence bundle swaps T1/T1C on about a third of synthetic series).
+    cnn_decides_contrast: bool = False
 
 
 class ModelRoute(_Frozen):

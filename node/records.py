@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -132,12 +133,22 @@ class DecodeProblem:
 
 
 class DecisionMethod(StrEnum):
-    """Which evidence decided a series label."""
+    """Which step decided a series label: the tag rules, the CNN, both, or the study context."""
 
     TAGS = "tags"
     CNN = "cnn"
     FUSED = "fused"
     STUDY_CONTEXT = "study-context"
+
+
+class EvidenceKind(StrEnum):
+    """The evidence a series label rests on (docs/sequence.md)."""
+
+    TAGS = "tags"  # acquisition physics and standard tags (ImageType, b-values, TR/TE/TI, agent)
+    DESCRIPTION = "description"  # SeriesDescription / ProtocolName words
+    ORDER_IMAGE = "order+image"  # acquisition order in the study plus image contrast evidence
+    CNN = "cnn"  # the slice CNN's calibrated vote
+    NONE = "none"  # nothing usable: the series is OTHER
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +163,7 @@ class SequenceDecision:
     tag_label: SequenceLabel | None = None  # None when the tag rules abstained
     cnn_label: SequenceLabel | None = None  # None when the CNN did not run
     cnn_votes: tuple[tuple[SequenceLabel, int], ...] = field(default_factory=tuple)
+    evidence: EvidenceKind = EvidenceKind.TAGS  # what decided the label (docs/sequence.md)
 
 
 # --- pipeline ------------------------------------------------------------------------------------
@@ -292,6 +304,10 @@ class SeriesHeader:
     samples_per_pixel: int = 1
     is_mosaic: bool = False
     is_localizer: bool = False
+    # Where the b-values came from when that is worth saying (a private tag read at its fixed
+    # address because an anonymiser removed its private creator), else "".
+    b_values_note: str = ""
+    n_set_aside: int = 0  # non-image objects (raw data, vendor private SOP classes) ignored
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -302,6 +318,10 @@ class TagVerdict:
     confidence: float  # 0..1; 0 when abstaining
     rule: str  # name of the rule that fired (or "abstain")
     reason: str  # human-readable: which tags, which values
+    evidence: EvidenceKind = EvidenceKind.TAGS  # TAGS (physics) or DESCRIPTION (words only)
+    # Routable labels the tags could not rule out: T1 with no contrast information leaves T1C
+    # open (and a T1C known only from words leaves T1 open). Only these the CNN may choose.
+    open_labels: tuple[SequenceLabel, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -316,22 +336,57 @@ class CnnVerdict:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FusionPolicy:
-    """How tag and CNN opinions are combined into one decision."""
+    """How the CNN vote meets the tag verdict (the table in docs/sequence.md).
 
-    min_confidence: float = 0.5  # below this a single source gives OTHER
-    min_cnn_confidence: float = 0.6  # CNN alone (tags abstained) must reach this
-    disagreement_to_other: bool = True  # tags and CNN disagree -> OTHER (both recorded)
-    prefer_tags_for: tuple[SequenceLabel, ...] = (
-        SequenceLabel.DWI,
-        SequenceLabel.ADC,
-        SequenceLabel.OTHER,
-    )  # on disagreement, a confident tag verdict of these labels wins (physics is decisive)
-    prefer_tags_min_confidence: float = 0.85
+    Fixed whatever the policy: a confident tag label is never overturned, a tag OTHER is
+    absolute, and a CNN vote below ``min_cnn_confidence`` counts for nothing.
+    """
+
+    min_confidence: float = 0.5  # a tag label at or above this is confident; below, unsure
+    min_cnn_confidence: float = 0.6  # the CNN's calibrated confidence a vote must reach to count
+    # Who decides where the tags do not: "tags" (the CNN only confirms or doubts, never names a
+    # label), "cnn_if_abstain" (the CNN names the label when the tags abstain; a CNN that
+    # contradicts an unsure tag label gives OTHER) or "cnn" (the CNN also decides over an unsure
+    # tag label).
+    unsure_tags: Literal["tags", "cnn_if_abstain", "cnn"] = "cnn_if_abstain"
     # The CNN sees one slice at a time: on slices without a lesion or a vessel, T1 before and
     # after gadolinium look alike (the sequence bundle's card: 36% T1/T1C swaps on synth). So by
-    # default a CNN vote for T1 or T1C counts as agreement on the T1 family, and whether there
-    # was contrast is decided by the tags and the study context.
+    # default the CNN never chooses between T1 and T1C, even where the tags leave it open.
     cnn_decides_contrast: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("min_confidence", "min_cnn_confidence"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise TypeError(f"{name}: a number from 0 to 1 is needed, not {value!r}")
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name}: {value} is not between 0 and 1")
+        if self.unsure_tags not in ("tags", "cnn_if_abstain", "cnn"):
+            raise ValueError(
+                f"unsure_tags: {self.unsure_tags!r} is not one of tags, cnn_if_abstain, cnn"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ContrastEvidence:
+    """Image evidence that the later of two co-registered T1 volumes is post-contrast."""
+
+    post_contrast: bool | None  # None: the volumes could not tell (too little head in view)
+    score: float  # enhanced fraction minus the darkened fraction (what noise alone gives)
+    enhanced_fraction: float  # of head voxels, brighter on the later volume beyond threshold
+    darkened_fraction: float  # of head voxels, darker on the later volume beyond threshold
+    n_voxels: int  # head voxels compared
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ContrastPair:
+    """Two T1 series of one protocol whose images could tell pre- from post-contrast."""
+
+    earlier_uid: str
+    earlier_number: int | None
+    later_uid: str
+    later_number: int | None
 
 
 # --- dicomio: headers and a loaded study (issue 2) --------------------------------------------

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from node.config import SequenceSettings
 from node.errors import ConfigError, NodeError
@@ -25,17 +25,18 @@ _ROUTABLE = frozenset(label for label in SequenceLabel if label is not SequenceL
 
 
 def policy_from_settings(settings: SequenceSettings) -> FusionPolicy:
-    """The fusion policy the rule file's `sequence:` section asks for."""
-    if settings.disagreement == "prefer_tags":
-        return FusionPolicy(
-            min_confidence=settings.min_confidence,
-            prefer_tags_for=tuple(SequenceLabel),
-            prefer_tags_min_confidence=0.0,
-        )
-    if settings.disagreement == "prefer_cnn":
-        # The more confident opinion wins; tags still win for their decisive physics labels.
-        return FusionPolicy(min_confidence=settings.min_confidence, disagreement_to_other=False)
-    return FusionPolicy(min_confidence=settings.min_confidence)
+    """The fusion policy the rule file's `sequence:` section asks for (docs/sequence.md)."""
+    unsure: dict[str, Literal["tags", "cnn_if_abstain", "cnn"]] = {
+        "prefer_tags": "tags",
+        "other": "cnn_if_abstain",
+        "prefer_cnn": "cnn",
+    }
+    return FusionPolicy(
+        min_confidence=settings.min_confidence,
+        min_cnn_confidence=settings.min_cnn_confidence,
+        unsure_tags=unsure[settings.disagreement],
+        cnn_decides_contrast=settings.cnn_decides_contrast,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

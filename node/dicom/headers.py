@@ -3,7 +3,10 @@
 This is the one place that knows vendor private tags and vendor spellings; everything after it
 (sequence rules) sees a normalised ``SeriesHeader``. Private b-value tags follow the public
 documentation of dcm2niix (Siemens (0019,xx0C), GE (0043,xx39), Philips (2001,xx03), UIH
-(0065,xx09), Canon/Toshiba b-value in ImageComments).
+(0065,xx09), Canon/Toshiba b-value in ImageComments); when an anonymiser removed the private
+creator, the b-value is read at the vendor's fixed address (node/dicom/private.py) and the header
+says so. Objects without pixels (Raw Data, spectroscopy, vendor private non-image SOP classes)
+that share a SeriesInstanceUID with images are set aside: they must not decide the series.
 """
 
 from __future__ import annotations
@@ -20,6 +23,18 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from node.dicom.private import (
+    GE_B_VALUE,
+    GE_IMAGE_KIND,
+    GE_INTERNAL_SEQUENCE,
+    GE_PULSE_SEQUENCE,
+    PHILIPS_B_VALUE,
+    SIEMENS_B_VALUE,
+    SIEMENS_MOSAIC_IMAGES,
+    PrivateValue,
+    private_value,
+    read_private,
+)
 from node.log import get_logger, uid_key
 from node.records import SeriesHeader
 
@@ -114,12 +129,39 @@ def _first_float(value: Any) -> float | None:
     return numbers[0] if numbers else None
 
 
-def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
-    """The value of a private element, or None when the creator or element is absent."""
-    try:
-        return ds.get_private_item(group, offset, creator).value
-    except (KeyError, ValueError):
-        return None
+# SOP classes that never carry pixel data although they may share a series with images.
+NON_IMAGE_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.66",  # Raw Data Storage
+        "1.2.840.10008.5.1.4.1.1.4.2",  # MR Spectroscopy Storage
+        "1.3.12.2.1107.5.9.1",  # Siemens CSA Non-Image Storage
+        "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF Storage
+        "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State Storage
+    }
+)
+
+
+def is_image_object(ds: Dataset) -> bool:
+    """Whether an instance holds an image: an image SOP class with Rows and Columns.
+
+    Headers are read without pixel data, so the Image Pixel module's Rows and Columns (type 1
+    in every image IOD) stand in for PixelData; known non-image SOP classes are never images.
+    """
+    if _text(ds.get("SOPClassUID")) in NON_IMAGE_SOP_CLASSES:
+        return False
+    rows, cols = _first_float(ds.get("Rows")), _first_float(ds.get("Columns"))
+    return bool(rows and cols)
+
+
+def set_aside_non_images(datasets: Sequence[Dataset]) -> tuple[list[Dataset], int]:
+    """The image instances of a series and how many non-image objects were set aside.
+
+    A series made only of non-image objects is kept whole (the tag rules then call it OTHER).
+    """
+    images = [ds for ds in datasets if is_image_object(ds)]
+    if not images:
+        return list(datasets), 0
+    return images, len(datasets) - len(images)
 
 
 def _items(ds: Dataset, keyword: str) -> Iterator[Dataset]:
@@ -195,6 +237,8 @@ class _Accumulator:
     flip: float | None = None
     etl: int | None = None
     mosaic: bool = False
+    b_notes: dict[str, None] = field(default_factory=dict)
+    n_set_aside: int = 0
 
     def add(self, ds: Dataset, manufacturer: str) -> None:
         """Fold one instance into the series facts."""
@@ -210,13 +254,13 @@ class _Accumulator:
         self._geometry(ds)
         self._temporal(ds)
         self._enhanced(ds)
-        if "MOSAIC" in self.image_type or _private(ds, 0x0019, "SIEMENS MR HEADER", 0x0A):
+        if "MOSAIC" in self.image_type or private_value(ds, SIEMENS_MOSAIC_IMAGES):
             self.mosaic = True
         complex_part = _text(ds.get("ComplexImageComponent")).upper()
         if complex_part:
             self.complex_parts.setdefault(complex_part, None)
         if manufacturer == "ge":
-            ge_kind = _first_float(_private(ds, 0x0043, "GEMS_PARM_01", 0x2F))
+            ge_kind = _first_float(private_value(ds, GE_IMAGE_KIND))
             names = {0: "MAGNITUDE", 1: "PHASE", 2: "REAL", 3: "IMAGINARY"}
             if ge_kind is not None and int(ge_kind) in names:
                 self.complex_parts.setdefault(names[int(ge_kind)], None)
@@ -245,14 +289,19 @@ class _Accumulator:
         direction = _text(ds.get("DiffusionDirectionality")).upper()
         if direction:
             self.directionality.setdefault(direction, None)
+        found: PrivateValue | None = None
         if manufacturer == "siemens":
-            values.extend(_floats(_private(ds, 0x0019, "SIEMENS MR HEADER", 0x0C)))
+            found = read_private(ds, SIEMENS_B_VALUE, fixed_fallback=True)
+            values.extend(_floats(found.value if found else None))
         elif manufacturer == "ge":
-            raw = _floats(_private(ds, 0x0043, "GEMS_PARM_01", 0x39))
+            # Only the first value is the b-value; GE adds 1e9 (or more) to it.
+            found = read_private(ds, GE_B_VALUE, fixed_fallback=True)
+            raw = _floats(found.value if found else None)
             if raw:
                 values.append(raw[0] % _GE_B_BIAS)
         elif manufacturer == "philips":
-            values.extend(_floats(_private(ds, 0x2001, "Philips Imaging DD 001", 0x03)))
+            found = read_private(ds, PHILIPS_B_VALUE, fixed_fallback=True)
+            values.extend(_floats(found.value if found else None))
         elif manufacturer == "uih":
             element = ds.get((0x0065, 0x1009))
             values.extend(_floats(element.value if element is not None else None))
@@ -260,6 +309,8 @@ class _Accumulator:
             m = _CANON_B_COMMENT.search(_text(ds.get("ImageComments")))
             if m is not None:
                 values.append(float(m.group(1)))
+        if found is not None and found.creator_missing and _floats(found.value):
+            self.b_notes.setdefault(found.note, None)
         for value in values:
             if 0 <= value < 100_000:
                 self.b_values.add(round(value, 1))
@@ -358,12 +409,13 @@ def _instance_number(ds: Dataset) -> int:
 
 def header_from_datasets(datasets: Iterable[Dataset]) -> SeriesHeader:
     """Build the header record of one series from its instances (already grouped)."""
-    ordered = sorted(datasets, key=_instance_number)
+    images, n_set_aside = set_aside_non_images(list(datasets))
+    ordered = sorted(images, key=_instance_number)
     if not ordered:
         raise ValueError("datasets: a series needs at least one instance")
     first = ordered[0]
     manufacturer = normalise_manufacturer(_text(first.get("Manufacturer")))
-    acc = _Accumulator(first=first, first_number=_instance_number(first))
+    acc = _Accumulator(first=first, first_number=_instance_number(first), n_set_aside=n_set_aside)
     for ds in ordered:
         acc.add(ds, manufacturer)
     return _finish(acc, manufacturer)
@@ -422,8 +474,8 @@ def _finish(acc: _Accumulator, manufacturer: str) -> SeriesHeader:
     scan_options = _tokens(ds.get("ScanOptions")) + _enhanced_options(ds)
     sequence_name = _text(ds.get("SequenceName")) or _text(ds.get("PulseSequenceName"))
     if not sequence_name and manufacturer == "ge":
-        sequence_name = _text(_private(ds, 0x0019, "GEMS_ACQU_01", 0x9C)) or _text(
-            _private(ds, 0x0019, "GEMS_ACQU_01", 0x9E)
+        sequence_name = _text(private_value(ds, GE_PULSE_SEQUENCE)) or _text(
+            private_value(ds, GE_INTERNAL_SEQUENCE)
         )
     rows = _first_float(ds.get("Rows"))
     cols = _first_float(ds.get("Columns"))
@@ -471,6 +523,8 @@ def _finish(acc: _Accumulator, manufacturer: str) -> SeriesHeader:
         samples_per_pixel=int(_first_float(ds.get("SamplesPerPixel")) or 1),
         is_mosaic=acc.mosaic,
         is_localizer=localizer,
+        b_values_note="; ".join(acc.b_notes),
+        n_set_aside=acc.n_set_aside,
     )
 
 
@@ -513,7 +567,12 @@ def read_series_headers(paths: Iterable[Path]) -> tuple[SeriesHeader, ...]:
         if ds is not None:
             by_uid.setdefault(_text(ds.SeriesInstanceUID), []).append(ds)
     headers: list[SeriesHeader] = []
-    for uid, datasets in by_uid.items():
+    for uid, found in by_uid.items():
+        # Raw data or vendor objects under the images' UID (often with their own SeriesNumber)
+        # must neither decide the series nor split it into a spurious extra series.
+        datasets, n_set_aside = set_aside_non_images(found)
+        if n_set_aside:
+            log.info("non_image_objects_set_aside", series_key=uid_key(uid), count=n_set_aside)
         numbers = {_series_number(ds) for ds in datasets}
         groups: dict[str, list[Dataset]] = {}
         for ds in datasets:

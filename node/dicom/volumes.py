@@ -47,6 +47,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from node.dicom.private import SIEMENS_CSA_IMAGE, SIEMENS_MOSAIC_IMAGES, private_value
 from node.errors import LoadError
 from node.log import get_logger, uid_key
 from node.records import (
@@ -281,19 +282,6 @@ def _frames(ds: Dataset, file_index: int, n_frames: int) -> tuple[_Frame, ...]:
     return tuple(frames)
 
 
-_SIEMENS_MR = "SIEMENS MR HEADER"
-_SIEMENS_CSA = "SIEMENS CSA HEADER"
-
-
-def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
-    """A private element's value by creator and element offset, or None."""
-    try:
-        block = ds.private_block(group, creator)
-        return block[offset].value
-    except KeyError:
-        return None
-
-
 def _csa_slice_normal(raw: bytes) -> tuple[float, float, float] | None:
     """SliceNormalVector from a Siemens CSA2 ("SV10") image header, or None if absent/unreadable."""
     try:
@@ -325,7 +313,7 @@ def _mosaic_tiles(
     """Split a Siemens mosaic into its slices and their positions; None if it is not one."""
     if "MOSAIC" not in header.image_type or arr.shape[0] != 1:
         return None
-    count = _int_or_none(_private(ds, 0x0019, _SIEMENS_MR, 0x0A))
+    count = _int_or_none(private_value(ds, SIEMENS_MOSAIC_IMAGES))
     position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
     if not count or count < 1 or position is None or orientation is None:
         return None
@@ -348,7 +336,7 @@ def _mosaic_tiles(
         + col_cos * float(spacing[0]) * (arr.shape[1] - rows) / 2
     )
     normal = np.cross(row_cos, col_cos)
-    csa = _private(ds, 0x0029, _SIEMENS_CSA, 0x10)
+    csa = private_value(ds, SIEMENS_CSA_IMAGE)
     csa_normal = _csa_slice_normal(bytes(csa)) if isinstance(csa, bytes) else None
     if csa_normal is not None and float(np.dot(normal, csa_normal)) < 0:
         normal = -normal

@@ -343,7 +343,7 @@ def test_enhanced_pulse_sequence_flags_become_classic_codes() -> None:
 
 def test_private_tags_carry_vendor_series_through_the_rules() -> None:
     """Blank descriptions: the private b-value alone makes DWI, per vendor."""
-    from node.classify.sequence import classify_by_tags
+    from node.classify.tags import classify_by_tags
     from node.records import SequenceLabel
 
     def dwi(vendor: str, b: float) -> Dataset:

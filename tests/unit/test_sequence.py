@@ -7,17 +7,21 @@ from typing import Any
 
 import pytest
 
+from node.classify.fusion import fuse
 from node.classify.sequence import (
     apply_study_context,
-    classify_by_tags,
     classify_headers,
     cnn_verdict,
-    fuse,
+    contrast_questions,
     vote_slices,
 )
+from node.classify.tags import classify_by_tags
 from node.records import (
     CnnVerdict,
+    ContrastEvidence,
+    ContrastPair,
     DecisionMethod,
+    EvidenceKind,
     FusionPolicy,
     SequenceDecision,
     SequenceLabel,
@@ -547,36 +551,34 @@ def test_fuse_agreement_is_more_confident_than_either() -> None:
     assert d.cnn_votes == ((L.T2, 7), (L.OTHER, 2))
 
 
-def test_fuse_disagreement_gives_other_with_both_opinions() -> None:
+def test_fuse_disagreement_keeps_a_confident_tag_label_and_records_both() -> None:
     d = fuse("1.2", tag(L.T1, 0.8), cnn(L.T2, 0.8))
-    assert d.label is L.OTHER and d.method is DecisionMethod.FUSED
+    assert d.label is L.T1 and d.method is DecisionMethod.TAGS
+    assert d.confidence == pytest.approx(0.5)  # lowered: 0.8 x (1 - 0.8 / 2) = 0.48, floor 0.5
     assert (d.tag_label, d.cnn_label) == (L.T1, L.T2)
     assert any(r.startswith("tags T1") for r in d.reasons)
     assert any(r.startswith("CNN T2") for r in d.reasons)
+    assert "never overturned" in d.reasons[-1]
 
 
-def test_fuse_policy_prefers_confident_tags_for_physics_labels() -> None:
-    d = fuse("1.2", tag(L.DWI, 0.95), cnn(L.T2, 0.9))
-    assert d.label is L.DWI and d.method is DecisionMethod.TAGS
-    weak = fuse("1.2", tag(L.DWI, 0.7), cnn(L.T2, 0.9))
-    assert weak.label is L.OTHER
-
-
-def test_fuse_policy_without_disagreement_to_other() -> None:
-    policy = FusionPolicy(
-        disagreement_to_other=False, prefer_tags_for=(), cnn_decides_contrast=True
-    )
-    d = fuse("1.2", tag(L.T1, 0.6), cnn(L.T1C, 0.9), policy)
-    assert d.label is L.T1C and d.method is DecisionMethod.CNN
+def test_fuse_unsure_tag_label_contradicted_follows_the_policy() -> None:
+    unsure = tag(L.DWI, 0.4)
+    assert fuse("1.2", unsure, cnn(L.T2, 0.9)).label is L.OTHER
+    prefer_cnn = fuse("1.2", unsure, cnn(L.T2, 0.9), FusionPolicy(unsure_tags="cnn"))
+    assert prefer_cnn.label is L.T2 and prefer_cnn.evidence is EvidenceKind.CNN
 
 
 def test_fuse_cnn_contrast_opinion_counts_only_when_the_policy_says_so() -> None:
-    family = fuse("1.2", tag(L.T1C, 0.9), cnn(L.T1, 0.9))
-    assert family.label is L.T1C and family.cnn_label is L.T1
-    strict = fuse("1.2", tag(L.T1C, 0.9), cnn(L.T1, 0.9), FusionPolicy(cnn_decides_contrast=True))
-    assert strict.label is L.OTHER
-    # family agreement is only for T1/T1C: any other pair still disagrees
-    assert fuse("1.2", tag(L.T1, 0.9), cnn(L.FLAIR, 0.9)).label is L.OTHER
+    open_t1 = TagVerdict(label=L.T1, confidence=0.9, rule="r", reason="why", open_labels=(L.T1C,))
+    family = fuse("1.2", open_t1, cnn(L.T1C, 0.9))
+    assert family.label is L.T1 and family.cnn_label is L.T1C
+    assert family.method is DecisionMethod.FUSED
+    chosen = fuse("1.2", open_t1, cnn(L.T1C, 0.9), FusionPolicy(cnn_decides_contrast=True))
+    assert chosen.label is L.T1C and chosen.method is DecisionMethod.CNN
+    # a T1C the agent tag decided leaves nothing open: the CNN cannot choose T1
+    closed = fuse("1.2", tag(L.T1C, 0.9), cnn(L.T1, 0.9), FusionPolicy(cnn_decides_contrast=True))
+    assert closed.label is L.T1C and closed.method is DecisionMethod.TAGS
+    assert fuse("1.2", tag(L.T1, 0.9), cnn(L.FLAIR, 0.9)).label is L.T1
 
 
 def test_fuse_tags_only_and_low_confidence() -> None:
@@ -629,7 +631,7 @@ def test_study_context_pre_post_by_contrast_tag() -> None:
     assert [d.label for d in decisions] == [L.T1C, L.T1]
 
 
-def test_study_context_resolves_t1_t1c_disagreement() -> None:
+def test_study_context_cnn_t1c_vote_is_no_contrast_evidence() -> None:
     pre = t1_series("1.1", 3, 36000.0)
     post = t1_series("1.2", 9, 37800.0)
     decisions = (
@@ -640,10 +642,8 @@ def test_study_context_resolves_t1_t1c_disagreement() -> None:
     assert decisions[1].label is L.T1 and decisions[1].method is DecisionMethod.FUSED
     assert "contrast decided by the tags" in decisions[1].reasons[-1]
     out = apply_study_context(decisions, [pre, post])
-    assert out[0].label is L.T1
-    assert out[1].label is L.T1C
-    assert out[1].method is DecisionMethod.STUDY_CONTEXT
-    assert "later of 2 series of one T1 protocol" in out[1].reasons[-1]
+    assert [d.label for d in out] == [L.T1, L.T1]
+    assert "not assumed post-contrast" in out[1].reasons[-1]
 
 
 def test_study_context_leaves_single_or_unmatched_series() -> None:
@@ -652,14 +652,6 @@ def test_study_context_leaves_single_or_unmatched_series() -> None:
     decisions = classify_headers([pre, other_protocol])
     assert [d.label for d in decisions] == [L.T1, L.T1]
     assert all(d.method is DecisionMethod.TAGS for d in decisions)
-
-
-def test_study_context_keeps_evidence_on_the_earliest_without_time_rule() -> None:
-    a = t1_series("1.1", 3, 36000.0, contrast_agent="Gd")
-    b = t1_series("1.2", 9, 37800.0, contrast_agent="Gd")
-    decisions = [fuse(h.series_uid, classify_by_tags(h), None) for h in (a, b)]
-    out = apply_study_context(decisions, [a, b], time_alone=False)
-    assert [d.label for d in out] == [L.T1C, L.T1C]
 
 
 def test_study_context_exam_level_contrast_tag_makes_the_earlier_run_pre() -> None:
@@ -713,20 +705,75 @@ def test_time_of_flight_is_not_a_t1_even_without_description() -> None:
     assert verdict.label is L.OTHER and verdict.rule == "angiography"
 
 
-def test_study_context_time_alone_splits_pre_and_post_after_a_gap() -> None:
+def test_study_context_order_alone_never_makes_t1c() -> None:
     pre = t1_series("1.1", 3, 36000.0)
     post = t1_series("1.2", 9, 36900.0)  # starts 10 min after pre ended, no tag, no words
     decisions = classify_headers([pre, post])
+    assert [d.label for d in decisions] == [L.T1, L.T1]
+    assert all(d.method is DecisionMethod.TAGS for d in decisions)
+    assert "no contrast evidence (agent tag, description or images)" in decisions[1].reasons[-1]
+
+
+def image(post: bool | None, reason: str = "test") -> ContrastEvidence:
+    return ContrastEvidence(
+        post_contrast=post,
+        score=0.05 if post else 0.0,
+        enhanced_fraction=0.05 if post else 0.0,
+        darkened_fraction=0.0,
+        n_voxels=10000,
+        reason=reason,
+    )
+
+
+def test_study_context_image_evidence_splits_pre_and_post() -> None:
+    pre = t1_series("1.1", 3, 36000.0)
+    post = t1_series("1.2", 9, 36900.0)
+    first = classify_headers([pre, post])
+    pairs = contrast_questions(first, [pre, post])
+    assert pairs == (
+        ContrastPair(earlier_uid="1.1", earlier_number=3, later_uid="1.2", later_number=9),
+    )
+    decisions = classify_headers([pre, post], image_evidence={pairs[0]: image(True, "bright")})
     assert [d.label for d in decisions] == [L.T1, L.T1C]
     assert decisions[1].method is DecisionMethod.STUDY_CONTEXT
-    assert decisions[1].confidence == pytest.approx(0.65)
-    assert "assumed post-contrast" in decisions[1].reasons[-1]
-    kept = apply_study_context(
-        [fuse(h.series_uid, classify_by_tags(h), None) for h in (pre, post)],
-        [pre, post],
-        time_alone=False,
-    )
-    assert [d.label for d in kept] == [L.T1, L.T1]
+    assert decisions[1].evidence is EvidenceKind.ORDER_IMAGE
+    assert "bright" in decisions[1].reasons[-1]
+    assert decisions[0].evidence is EvidenceKind.TAGS
+    undecided = classify_headers([pre, post], image_evidence={pairs[0]: image(None)})
+    assert [d.label for d in undecided] == [L.T1, L.T1]
+
+
+def test_study_context_images_overrule_misleading_words_not_the_agent_tag() -> None:
+    pre = t1_series("1.1", 3, 36000.0)
+    named_post = t1_series("1.2", 9, 36900.0, series_description="AX T1 POST")
+    pairs = contrast_questions(classify_headers([pre, named_post]), [pre, named_post])
+    assert [d.label for d in classify_headers([pre, named_post])] == [L.T1, L.T1C]
+    flat = classify_headers([pre, named_post], image_evidence={pairs[0]: image(False)})
+    assert [d.label for d in flat] == [L.T1, L.T1]
+    assert flat[1].evidence is EvidenceKind.ORDER_IMAGE
+    assert "not believed" in flat[1].reasons[-1]
+    tagged = t1_series("1.2", 9, 36900.0, contrast_agent="Gadovist")
+    kept = classify_headers([pre, tagged], image_evidence={pairs[0]: image(False)})
+    assert [d.label for d in kept] == [L.T1, L.T1C]
+    assert "agent tag on this run alone is kept" in kept[1].reasons[-1]
+
+
+def test_study_context_image_evidence_makes_an_exam_level_tagged_earlier_run_pre() -> None:
+    a = t1_series("1.1", 3, 36000.0, contrast_agent="Gd")
+    b = t1_series("1.2", 9, 36400.0, contrast_agent="Gd")  # no gap: headers cannot split them
+    assert [d.label for d in classify_headers([a, b])] == [L.T1C, L.T1C]
+    pair = contrast_questions(classify_headers([a, b]), [a, b])[0]
+    out = classify_headers([a, b], image_evidence={pair: image(True)})
+    assert [d.label for d in out] == [L.T1, L.T1C]
+    assert out[0].evidence is EvidenceKind.ORDER_IMAGE
+
+
+def test_contrast_questions_skip_copies_of_one_acquisition() -> None:
+    pre = t1_series("1.1", 3, 36000.0)
+    norm_copy = t1_series("1.3", 5, 36000.0)  # ND and NORM copies: no injection in between
+    assert contrast_questions(classify_headers([pre, norm_copy]), [pre, norm_copy]) == ()
+    with pytest.raises(ValueError):
+        contrast_questions(classify_headers([pre]), [pre, norm_copy])
 
 
 def test_study_context_immediate_repeat_or_same_acquisition_stays_t1() -> None:
@@ -735,14 +782,6 @@ def test_study_context_immediate_repeat_or_same_acquisition_stays_t1() -> None:
     assert [d.label for d in classify_headers([pre, repeat])] == [L.T1, L.T1]
     norm_copy = t1_series("1.3", 5, 36000.0)  # ND and NORM copies of one acquisition
     assert [d.label for d in classify_headers([pre, norm_copy])] == [L.T1, L.T1]
-
-
-def test_study_context_time_alone_counts_series_in_between() -> None:
-    pre = t1_series("1.1", 3, 36000.0)
-    t2 = hdr(**GE_T2, series_uid="1.5", series_number=4, acquisition_times=(36310.0, 36350.0))
-    post = t1_series("1.2", 9, 36360.0)  # only 60 s after pre, but a T2 ran in between
-    decisions = classify_headers([pre, t2, post])
-    assert [d.label for d in decisions] == [L.T1, L.T2, L.T1C]
 
 
 def test_derived_diffusion_without_b_values_is_a_map() -> None:

@@ -1,4 +1,5 @@
-"""node/sequence.py stays pure: only the standard library and node.records, no I/O modules."""
+"""The sequence logic stays pure: tag rules, fusion, study context and the contrast evidence
+import only the standard library, node.records, each other (and numpy for the image evidence)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parents[2] / "node" / "classify" / "sequence.py"
+import pytest
+
+CLASSIFY = Path(__file__).resolve().parents[2] / "node" / "classify"
+PURE = ("tags.py", "fusion.py", "sequence.py", "contrast.py")
+PURE_NODE = {"node.records", "node.classify.tags", "node.classify.fusion"}
+EXTRA = {"contrast.py": {"numpy", "numpy.typing"}}
 FORBIDDEN = ("torch", "monai", "pydicom", "pynetdicom", "socket", "sqlite3", "structlog")
 IO_STDLIB = {"os", "io", "pathlib", "shutil", "socket", "subprocess", "tempfile", "sqlite3", "open"}
 
 
-def _imports() -> set[str]:
-    tree = ast.parse(SOURCE.read_text(encoding="utf-8"))
+def _imports(name: str) -> set[str]:
+    tree = ast.parse((CLASSIFY / name).read_text(encoding="utf-8"))
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -23,19 +29,21 @@ def _imports() -> set[str]:
     return names
 
 
-def test_sequence_imports_only_stdlib_and_records() -> None:
-    imports = _imports()
+@pytest.mark.parametrize("name", PURE)
+def test_pure_modules_import_only_stdlib_and_records(name: str) -> None:
+    imports = _imports(name)
     assert "node.records" in imports
-    for name in imports:
-        top = name.split(".")[0]
-        if name == "node.records":
+    for module in imports:
+        top = module.split(".")[0]
+        if module in PURE_NODE or module in EXTRA.get(name, set()):
             continue
-        assert top in sys.stdlib_module_names and top != "node", f"{name} is not allowed"
-        assert top not in IO_STDLIB, f"{name} does I/O"
+        assert top in sys.stdlib_module_names and top != "node", f"{name}: {module} not allowed"
+        assert top not in IO_STDLIB, f"{name}: {module} does I/O"
 
 
-def test_sequence_calls_no_open_or_print() -> None:
-    tree = ast.parse(SOURCE.read_text(encoding="utf-8"))
+@pytest.mark.parametrize("name", PURE)
+def test_pure_modules_call_no_open_or_print(name: str) -> None:
+    tree = ast.parse((CLASSIFY / name).read_text(encoding="utf-8"))
     calls = {
         node.func.id
         for node in ast.walk(tree)
@@ -44,9 +52,9 @@ def test_sequence_calls_no_open_or_print() -> None:
     assert not calls & {"open", "print", "input", "exec", "eval", "__import__"}
 
 
-def test_importing_sequence_loads_no_heavy_or_network_module() -> None:
+def test_importing_the_sequence_logic_loads_no_heavy_or_network_module() -> None:
     code = (
-        "import sys, node.classify.sequence; "
+        "import sys, node.classify.sequence, node.classify.contrast; "
         f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]; "
         "print(','.join(bad))"
     )
