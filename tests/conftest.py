@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import structlog
+from pydicom.data import get_testdata_file
+
+# The one free-port helper is the lab's (it also starts the demo's Orthanc); re-exported here
+# for the tests that still import it from tests.conftest.
+from node.lab.orthanc import free_port as free_port
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
@@ -49,11 +53,11 @@ def dciodvfy() -> str:
     return path
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def pydicom_file(name: str) -> Path:
+    """One of pydicom's bundled test files (MR_small.dcm ...), typed as a path."""
+    found = get_testdata_file(name)
+    assert isinstance(found, str), f"pydicom's test file {name} is not installed"
+    return Path(found)
 
 
 @pytest.fixture
@@ -65,7 +69,7 @@ def realdata() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_logging() -> object:
+def _isolated_logging() -> Iterator[None]:
     """Undo node.log.configure() after each test: a level or stream set by one test (a CLI run
     at warning level) must not hide the log lines another test captures with capture_logs."""
     root = logging.getLogger()

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port
+from node.lab.orthanc import free_port
+from tests.conftest import REPO
 
 CALLERS = ("STORESCU", "SENDER2", "PYSCU")
 

@@ -25,10 +25,11 @@ from node.lab.orthanc import (
     ORTHANC_BINARY,
     START_TIMEOUT_S,
     OrthancServer,
+    free_port,
     orthanc_binary,
     orthanc_version,
 )
-from tests.conftest import free_port, system_tool
+from tests.conftest import system_tool
 
 __all__ = [
     "ACCEPTED_SOP_CLASSES_SINCE",

@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from node.service import TEST_DELAY_ENV
+from tests.conftest import pydicom_file
 from tests.integration.conftest import NodeProc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,11 +26,11 @@ N = 40
 
 
 def _study() -> list[pydicom.Dataset]:
-    out = []
+    out: list[pydicom.Dataset] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i in range(1, N + 1):
-            ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+            ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
             ds.StudyInstanceUID = STUDY
             ds.SeriesInstanceUID = f"{STUDY}.1"
             ds.SOPInstanceUID = f"{STUDY}.1.{i}"

@@ -22,6 +22,8 @@ SHIPPED = (
     sorted(p.name for p in MODELS.iterdir() if (p / "configs").is_dir()) if MODELS.is_dir() else []
 )
 
+pytestmark = pytest.mark.integration
+
 torch.set_num_threads(1)
 
 
@@ -52,8 +54,7 @@ def synth_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_specialists_and_gradcam_on_a_synth_study(synth_study: Path) -> None:
     if "gbm_pcnsl_t1c" not in SHIPPED or "sequence" not in SHIPPED:
         pytest.skip("bundles not shipped")
-    from node.lab.train.data import load_items
-    from node.lab.train.evaluate import load_volume
+    from node.lab.train.data import load_items, load_volume
 
     seq = bundles.load_bundle(MODELS / "sequence")
     task = bundles.load_bundle(MODELS / "gbm_pcnsl_t1c")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
+from pydicom.uid import UID
 
-from tests.conftest import REPO
+from tests.conftest import REPO, pydicom_file
 from tests.integration.conftest import NodeProc
 
 pytestmark = pytest.mark.integration
@@ -32,11 +32,11 @@ STUDY = "1.2.826.0.1.3680043.9.7777.2"
 def _write(dest: Path, sop: str, series: str = f"{STUDY}.1", name: str | None = None) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+        ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
         for k, v in PHI.items():
             setattr(ds, k, v)
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = STUDY, series, sop
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
         path = dest / (name or f"{sop}.dcm")
         ds.save_as(path, enforce_file_format=True)
     return path

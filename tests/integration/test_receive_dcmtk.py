@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.data import get_testdata_files
 from pydicom.uid import UID
 
 from node.ingest.receive import TRANSFER_SYNTAXES, storage_sop_classes
 from node.ingest.spool import is_valid_uid
+from tests.conftest import pydicom_file
 from tests.integration.conftest import NodeProc
 
 pytestmark = pytest.mark.integration
@@ -252,9 +253,9 @@ def test_realdata_arrives_indexed_and_decodes(
 
 
 def _mr_copy(dest: Path, study: str, series: str, sop: str, **attrs: object) -> Path:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
     for k, v in attrs.items():
         if v is None:
             delattr(ds, k)

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 
 from node.config import Rules
 from node.errors import JobError
 from node.ingest.spool import Spool
+from node.lab.orthanc import free_port
 from node.pipeline.jobs import JobQueue
 from node.records import StudyJob, StudyOutcome, StudyStatus
+from tests.conftest import pydicom_file
 
 
 class Clock:
@@ -28,7 +29,7 @@ class Clock:
 
 
 def _mr(study: str, series: str, sop: str) -> bytes:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -247,8 +248,6 @@ def test_state_survives_reopen_of_index(tmp_path: Path, clock: Clock) -> None:
 
 
 def _node_rules(tmp_path: Path, **processing: float) -> Rules:
-    from tests.conftest import free_port
-
     return Rules.model_validate(
         {
             "node": {"port": free_port(), "accept_unknown_callers": True},

@@ -9,7 +9,6 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom import uid as dcm_uid
-from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
@@ -17,7 +16,8 @@ from node.config import AllowedCaller, NodeSettings
 from node.errors import StoreStatus
 from node.ingest.receive import TRANSFER_SYNTAXES, Receiver, check_association, storage_sop_classes
 from node.ingest.spool import Spool, StoreResult
-from tests.conftest import free_port
+from node.lab.orthanc import free_port
+from tests.conftest import pydicom_file
 
 
 def _settings(**kw: object) -> NodeSettings:
@@ -110,7 +110,7 @@ def receiver(tmp_path: Path) -> Iterator[tuple[Receiver, Spool]]:
 
 
 def _dataset(sop: str, series: str = "1.2.3.1") -> pydicom.Dataset:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = "1.2.3", series, sop
     return ds
 
@@ -160,7 +160,7 @@ def test_handler_guard_turns_error_into_failure_and_goes_on(
 
 def test_bytes_are_stored_as_received_big_endian(receiver: tuple[Receiver, Spool]) -> None:
     rx, spool = receiver
-    src = get_testdata_file("MR_small_bigendian.dcm")
+    src = pydicom_file("MR_small_bigendian.dcm")
     ds = pydicom.dcmread(src)
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(MRImageStorage, dcm_uid.ExplicitVRBigEndian)

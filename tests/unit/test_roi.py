@@ -114,5 +114,5 @@ def test_gradcam_map_lies_inside_the_region_on_the_source_grid(tmp_path: Path) -
         outside = np.ones((128, 128), dtype=bool)
         outside[box.r0 : box.r1, box.c0 : box.c1] = False
         assert float(h.cam[outside].max()) == 0.0
-        r, c = np.unravel_index(int(np.argmax(h.cam)), h.cam.shape)
+        r, c = (int(i) for i in np.unravel_index(int(np.argmax(h.cam)), h.cam.shape))
         assert box.contains(r, c) and 26 <= r <= 48 and 66 <= c <= 90  # on the lesion

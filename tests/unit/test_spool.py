@@ -5,16 +5,17 @@ from __future__ import annotations
 import io
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from node.errors import InvalidInstance, StoreStatus
 from node.ingest.spool import Spool, instance_relpath, is_valid_uid, parse_instance
 from node.records import InstanceRef, StudyStatus
+from tests.conftest import pydicom_file
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -26,11 +27,11 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
 
 
 def _mr(study: str, series: str, sop: str, **extra: object) -> bytes:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = series
     ds.SOPInstanceUID = sop
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
     ds.PatientName = "ZZTESTPHI^SENTINEL"
     for k, v in extra.items():
         setattr(ds, k, v)
@@ -38,7 +39,7 @@ def _mr(study: str, series: str, sop: str, **extra: object) -> bytes:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
+def spool(tmp_path: Path) -> Iterator[Spool]:
     s = Spool(tmp_path / "spool", min_free_disk_mb=1, free_bytes=lambda _p: 10**12)
     yield s
     s.close()
@@ -161,7 +162,7 @@ def test_unparseable_bytes_are_quarantined_cannot_understand(spool: Spool) -> No
 
 
 def test_missing_study_uid_is_quarantined(spool: Spool) -> None:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     del ds.StudyInstanceUID
     res = spool.store(_bytes(ds), calling_ae="X")
     assert res.status == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
@@ -184,7 +185,8 @@ def test_low_disk_answers_a700_and_writes_nothing(tmp_path: Path) -> None:
     try:
         free["bytes"] = 100 * 1024 * 1024 + 10  # above the floor, but not after this instance
         res = s.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"), calling_ae="X")
-        assert res.status == StoreStatus.OUT_OF_RESOURCES == 0xA700
+        assert res.status == StoreStatus.OUT_OF_RESOURCES
+        assert int(res.status) == 0xA700
         assert list((s.root / "instances").iterdir()) == []
         assert list((s.root / "tmp").iterdir()) == []
         assert s.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0

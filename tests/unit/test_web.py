@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 
 from node.ingest.spool import Spool
 from node.pipeline.jobs import JobQueue
 from node.web.server import WebServer
+from tests.conftest import pydicom_file
 
 
 def _mr(sop: str) -> bytes:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = "1.2.3", "1.2.3.1", sop
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
