@@ -1,10 +1,11 @@
 """Load MONAI model bundles from models/ and run them on a series.
 
-A bundle is data: configs/metadata.json (task, labels, input, normalisation, network, the
-SHA-256 of the weights, calibration), configs/inference.json (the same network as a MONAI
-config), models/model.pt (a state_dict) and docs/README.md (the model card). A bundle that
-cannot be served exactly as described is refused with ``ModelUnavailable`` and the reason:
-the node never runs a network whose weights it did not load and verify.
+A bundle is data: configs/metadata.json (MONAI's bundle metadata plus the node's fields: task,
+labels, input sequences, slice selection, the SHA-256 of the weights), configs/inference.json
+(the network, the preprocessing transforms and the calibration, built with MONAI's parser: see
+node.bundles.config), models/model.pt (a state_dict) and docs/README.md (the model card). A
+bundle that cannot be served exactly as described is refused with ``ModelUnavailable`` and the
+reason: the node never runs a network whose weights it did not load and verify.
 
 Series-level aggregation is the mean of the per-slice logits, then temperature scaling. A mean
 logit is robust to a few off-lesion or artefact slices (one confident slice cannot dominate as
@@ -29,9 +30,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 
 from node import NOT_FOR_CLINICAL_USE
+from node.bundles.config import (
+    INFERENCE_FILE,
+    METADATA_FILE,
+    SEQUENCE_TASK,
+    BundleFiles,
+    BundleMetadata,
+    Preprocessing,
+    build_network_config,
+    parse_bundle_config,
+    recipe_preprocessing,
+)
 from node.bundles.roi import Box, RoiSpec, lesion_box
 from node.errors import InferenceError, ModelUnavailable
 from node.log import get_logger
@@ -46,39 +57,7 @@ from node.records import (
 
 log = get_logger(__name__)
 
-SEQUENCE_TASK = "sequence"
-TASKS = ("sequence", "gbm_pcnsl", "glioma_grade", "tubers")
-SLICE_MODES = ("brain_range", "central_window")
-AGGREGATIONS = ("mean_logit",)
-# Networks a bundle may name: MONAI classes only, built without any download.
-NETWORKS = ("ResNet", "EfficientNetBN", "DenseNet121", "DenseNet", "SEResNet50", "SEResNext50")
 _BATCH = 32
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BundleMetadata:
-    """What configs/metadata.json says about a bundle, checked."""
-
-    name: str
-    version: str
-    task: str
-    labels: tuple[str, ...]  # class names; binary tasks: (negative, positive)
-    sequences: tuple[SequenceLabel, ...]  # series a task bundle reads
-    size: tuple[int, int]  # network input (H, W)
-    channels: int
-    norm_low: float  # percentile of the series' native values mapped to 0
-    norm_high: float  # percentile mapped to 1
-    slice_mode: str  # brain_range or central_window
-    slice_n: int  # how many slices at most
-    roi: RoiSpec | None  # tumour-centred rectangle (node.bundles.roi); None = whole slices
-    temperature: float
-    calibration_bias: float  # added to logit / temperature (Platt scaling); 0 = temperature only
-    series_aggregation: str
-    network_name: str
-    network_args: Mapping[str, Any]
-    cam_layer: str
-    weights_sha256: str
-    raw: Mapping[str, Any]  # the whole JSON, for the model card and audit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -129,131 +108,9 @@ def set_torch_threads() -> int:
     return n
 
 
-def _need(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in raw:
-        raise ModelUnavailable(f"{where}: metadata has no '{key}'")
-    value = raw[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ModelUnavailable(f"{where}: metadata '{key}' has the wrong type")
-    return value
-
-
-def parse_metadata(raw: Mapping[str, Any], where: str) -> BundleMetadata:
-    """Check and convert metadata.json; every problem names the key."""
-    if not isinstance(raw, Mapping):
-        raise ModelUnavailable(f"{where}: metadata is not a JSON object")
-    name = _need(raw, "name", str, where)
-    task = _need(raw, "task", str, where)
-    if task not in TASKS:
-        raise ModelUnavailable(f"{where}: unknown task '{task}' (expected one of {TASKS})")
-    labels = tuple(str(x) for x in _need(raw, "labels", list, where))
-    if len(labels) < 2 or len(set(labels)) != len(labels):
-        raise ModelUnavailable(f"{where}: 'labels' needs at least two distinct class names")
-    if task != SEQUENCE_TASK and len(labels) != 2:
-        raise ModelUnavailable(f"{where}: task '{task}' is binary; 'labels' must have two names")
-    if task == SEQUENCE_TASK:
-        try:
-            [SequenceLabel(x) for x in labels]
-        except ValueError as exc:
-            raise ModelUnavailable(
-                f"{where}: sequence labels must be {list(SequenceLabel)}"
-            ) from exc
-    inp = _need(raw, "input", dict, where)
-    try:
-        sequences = tuple(SequenceLabel(s) for s in inp.get("sequences", []))
-    except ValueError as exc:
-        raise ModelUnavailable(f"{where}: input.sequences holds an unknown label") from exc
-    if task != SEQUENCE_TASK and not sequences:
-        raise ModelUnavailable(f"{where}: input.sequences is empty")
-    size = inp.get("size")
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
-        raise ModelUnavailable(f"{where}: input.size must be [H, W] integers")
-    if min(size) < 16 or max(size) > 1024:
-        raise ModelUnavailable(f"{where}: input.size {size} is outside 16..1024")
-    channels = inp.get("channels", 1)
-    if not isinstance(channels, int) or channels not in (1, 3):
-        raise ModelUnavailable(f"{where}: input.channels must be 1 or 3")
-    norm = inp.get("normalisation", {})
-    if not isinstance(norm, dict) or norm.get("method") != "percentile":
-        raise ModelUnavailable(f"{where}: input.normalisation.method must be 'percentile'")
-    low, high = float(norm.get("low", 0.5)), float(norm.get("high", 99.5))
-    if not 0 <= low < high <= 100:
-        raise ModelUnavailable(f"{where}: normalisation percentiles must satisfy 0 <= low < high")
-    sel = inp.get("slice_selection", {})
-    mode = sel.get("mode") if isinstance(sel, dict) else None
-    if mode not in SLICE_MODES:
-        raise ModelUnavailable(f"{where}: input.slice_selection.mode must be one of {SLICE_MODES}")
-    n = sel.get("n")
-    if not isinstance(n, int) or n < 1:
-        raise ModelUnavailable(f"{where}: input.slice_selection.n must be a positive integer")
-    try:
-        roi = RoiSpec.from_json(inp.get("roi"))
-    except ValueError as exc:
-        raise ModelUnavailable(f"{where}: {exc}") from exc
-    temperature = _need(raw, "temperature", (int, float), where)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ModelUnavailable(f"{where}: temperature must be a positive number")
-    bias = raw.get("calibration_bias", 0.0)
-    if not isinstance(bias, int | float) or not math.isfinite(bias):
-        raise ModelUnavailable(f"{where}: calibration_bias must be a finite number")
-    aggregation = raw.get("series_aggregation", "mean_logit")
-    if aggregation not in AGGREGATIONS:
-        raise ModelUnavailable(f"{where}: series_aggregation must be one of {AGGREGATIONS}")
-    net = _need(raw, "network", dict, where)
-    net_name = net.get("name")
-    if net_name not in NETWORKS:
-        raise ModelUnavailable(f"{where}: network.name must be a MONAI network of {NETWORKS}")
-    args = net.get("args", {})
-    if not isinstance(args, dict):
-        raise ModelUnavailable(f"{where}: network.args must be an object")
-    if args.get("pretrained"):
-        raise ModelUnavailable(f"{where}: network.args.pretrained would download weights")
-    cam_layer = net.get("cam_layer")
-    if not isinstance(cam_layer, str) or not cam_layer:
-        raise ModelUnavailable(f"{where}: network.cam_layer (Grad-CAM target) is missing")
-    sha = _need(raw, "weights_sha256", str, where)
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise ModelUnavailable(f"{where}: weights_sha256 is not a lowercase SHA-256 hex digest")
-    if raw.get("not_for_clinical_use") is not True:
-        raise ModelUnavailable(f"{where}: metadata must declare not_for_clinical_use: true")
-    return BundleMetadata(
-        name=name,
-        version=str(_need(raw, "version", str, where)),
-        task=task,
-        labels=labels,
-        sequences=sequences,
-        size=(size[0], size[1]),
-        channels=channels,
-        norm_low=low,
-        norm_high=high,
-        slice_mode=str(mode),
-        slice_n=n,
-        roi=roi,
-        temperature=float(temperature),
-        calibration_bias=float(bias),
-        series_aggregation=str(aggregation),
-        network_name=str(net_name),
-        network_args=dict(args),
-        cam_layer=cam_layer,
-        weights_sha256=sha,
-        raw=dict(raw),
-    )
-
-
 def build_network(name: str, args: Mapping[str, Any]) -> torch.nn.Module:
-    """Instantiate a MONAI network by class name (never with pretrained downloads)."""
-    import monai.networks.nets as nets
-
-    if name not in NETWORKS:
-        raise ModelUnavailable(f"network '{name}' is not one of {NETWORKS}")
-    if args.get("pretrained"):
-        raise ModelUnavailable(f"network '{name}': pretrained=True would download weights")
-    cls = getattr(nets, name)
-    try:
-        module: torch.nn.Module = cls(**dict(args))
-    except (TypeError, ValueError, KeyError, AssertionError) as exc:
-        raise ModelUnavailable(f"network '{name}' cannot be built from its args: {exc}") from exc
-    return module
+    """A MONAI network by class name and arguments (a recipe's), built by MONAI's parser."""
+    return build_network_config({"_target_": f"monai.networks.nets.{name}", **dict(args)})
 
 
 def sha256_file(path: Path) -> str:
@@ -273,20 +130,32 @@ def resolve_layer(network: torch.nn.Module, name: str) -> torch.nn.Module:
     return modules[name]
 
 
-def load_bundle(path: Path) -> Bundle:
-    """Load and verify a bundle directory, or refuse it with ModelUnavailable and why."""
+def _read_json(path: Path, where: str) -> Any:
+    rel = f"{path.parent.name}/{path.name}"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelUnavailable(f"{where}: {rel} is missing") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelUnavailable(f"{where}: {rel} is not valid JSON: {exc}") from exc
+
+
+def read_bundle_config(path: Path) -> BundleMetadata:
+    """Both config files of a bundle directory, checked (no weights read)."""
     path = Path(path)
     where = f"model bundle {path}"
     if not path.is_dir():
         raise ModelUnavailable(f"{where}: directory not found")
-    meta_path = path / "configs" / "metadata.json"
-    try:
-        raw = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ModelUnavailable(f"{where}: configs/metadata.json is missing") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelUnavailable(f"{where}: configs/metadata.json is not valid JSON: {exc}") from exc
-    meta = parse_metadata(raw, where)
+    metadata = _read_json(path / "configs" / METADATA_FILE, where)
+    inference = _read_json(path / "configs" / INFERENCE_FILE, where)
+    return parse_bundle_config(metadata, inference, where)
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Load and verify a bundle directory, or refuse it with ModelUnavailable and why."""
+    path = Path(path)
+    where = f"model bundle {path}"
+    meta = read_bundle_config(path)
     weights = path / "models" / "model.pt"
     if not weights.is_file():
         raise ModelUnavailable(f"{where}: weights models/model.pt are missing")
@@ -296,7 +165,7 @@ def load_bundle(path: Path) -> Bundle:
             f"{where}: weights SHA-256 {digest[:12]}... does not match metadata "
             f"{meta.weights_sha256[:12]}... (corrupt or replaced file)"
         )
-    network = build_network(meta.network_name, meta.network_args)
+    network = build_network_config(meta.network_config, where)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad pickle/zip
@@ -325,66 +194,50 @@ def _count_outputs(network: torch.nn.Module, meta: BundleMetadata) -> int:
     return int(out.shape[-1])
 
 
+def _write_json(path: Path, content: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
 def write_bundle(
     out_dir: Path,
-    metadata: dict[str, Any],
+    files: BundleFiles,
     state_dict: Mapping[str, torch.Tensor],
     card: str,
 ) -> Path:
-    """Write a bundle directory (weights, metadata with their SHA-256, MONAI config, card)."""
+    """Write a bundle directory: weights, metadata.json with their SHA-256, inference.json, card.
+
+    Both files are checked as the loader checks them first: never write a bundle we would
+    refuse."""
+    if not isinstance(files, BundleFiles):
+        raise TypeError(f"files must be BundleFiles, not {type(files).__name__}")
     out_dir = Path(out_dir)
-    (out_dir / "configs").mkdir(parents=True, exist_ok=True)
-    (out_dir / "models").mkdir(parents=True, exist_ok=True)
-    (out_dir / "docs").mkdir(parents=True, exist_ok=True)
+    for sub in ("configs", "models", "docs"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
     weights = out_dir / "models" / "model.pt"
     torch.save({k: v.detach().cpu().clone() for k, v in state_dict.items()}, weights)
-    meta = dict(metadata)
+    meta = dict(files.metadata)
     meta["weights_sha256"] = sha256_file(weights)
     meta["not_for_clinical_use"] = True
     meta.setdefault("disclaimer", NOT_FOR_CLINICAL_USE)
-    parse_metadata(meta, f"model bundle {out_dir}")  # never write a bundle we would refuse
-    (out_dir / "configs" / "metadata.json").write_text(
-        json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8"
-    )
-    (out_dir / "configs" / "inference.json").write_text(
-        json.dumps(inference_config(meta), indent=2) + "\n", encoding="utf-8"
-    )
+    parse_bundle_config(meta, files.inference, f"model bundle {out_dir}")
+    _write_json(out_dir / "configs" / METADATA_FILE, meta)
+    _write_json(out_dir / "configs" / INFERENCE_FILE, files.inference)
     (out_dir / "docs" / "README.md").write_text(card, encoding="utf-8")
     return out_dir
 
 
-def inference_config(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The MONAI bundle inference config mirroring metadata (the node itself reads metadata)."""
-    net = meta["network"]
-    inp = meta["input"]
-    return {
-        "imports": ["$import torch"],
-        "bundle_root": ".",
-        "device": "$torch.device('cpu')",
-        "network_def": {"_target_": f"monai.networks.nets.{net['name']}", **net["args"]},
-        "network": "$@network_def.to(@device)",
-        "checkpoint": "$@bundle_root + '/models/model.pt'",
-        "preprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {
-                    "_target_": "ScaleIntensityRangePercentiles",
-                    "lower": inp["normalisation"]["low"],
-                    "upper": inp["normalisation"]["high"],
-                    "b_min": 0.0,
-                    "b_max": 1.0,
-                    "clip": True,
-                },
-                {"_target_": "Resize", "spatial_size": inp["size"], "mode": "bilinear"},
-            ],
-        },
-        "postprocessing": {
-            "temperature": meta["temperature"],
-            "calibration_bias": meta.get("calibration_bias", 0.0),
-            "series_aggregation": meta.get("series_aggregation", "mean_logit"),
-        },
-        "note": "neuronode reads configs/metadata.json; this file mirrors it for MONAI tools.",
-    }
+def write_calibration(bundle_dir: Path, *, temperature: float, calibration_bias: float) -> None:
+    """Set a bundle's calibration in inference.json, its one place (weights untouched)."""
+    bundle_dir = Path(bundle_dir)
+    where = f"model bundle {bundle_dir}"
+    path = bundle_dir / "configs" / INFERENCE_FILE
+    inference = _read_json(path, where)
+    metadata = _read_json(bundle_dir / "configs" / METADATA_FILE, where)
+    post = dict(inference.get("postprocessing") or {})
+    post.update(temperature=temperature, calibration_bias=calibration_bias)
+    inference["postprocessing"] = post
+    parse_bundle_config(metadata, inference, where)
+    _write_json(path, inference)
 
 
 # --- preprocessing (shared by inference and training so both see the same pixels) ---------------
@@ -426,13 +279,9 @@ def select_slices(
 
 
 def normalise_volume(pixels: npt.NDArray[Any], low: float, high: float) -> FloatArray:
-    """Map the series' native values: percentile low -> 0, high -> 1, clipped (per series)."""
-    vol = np.asarray(pixels, dtype=np.float32)
-    lo, hi = (float(v) for v in np.percentile(vol, [low, high]))
-    if not hi > lo:
-        return np.zeros_like(vol, dtype=np.float32)
-    out: FloatArray = np.clip((vol - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-    return out
+    """Map the series' native values: percentile low -> 0, high -> 1, clipped (per series),
+    with the MONAI transform a bundle's inference.json names."""
+    return recipe_preprocessing(low=low, high=high).scale(pixels)
 
 
 def preprocess(
@@ -445,17 +294,21 @@ def preprocess(
     high: float,
     box: Box | None = None,
 ) -> torch.Tensor:
-    """Network input (n, channels, H, W): per-series percentile scaling, the series' region
-    (box) when the bundle reads one, bilinear resize."""
-    vol = normalise_volume(pixels, low, high)
-    picked = vol[list(indices)]
+    """Network input (n, channels, H, W) for a recipe that has no bundle yet (training data):
+    the transforms its bundle's inference.json will hold, built the same way."""
+    pre = recipe_preprocessing(low=low, high=high, size=size, channels=channels)
+    return slices_input(pre, pre.scale(pixels), indices, box)
+
+
+def slices_input(
+    pre: Preprocessing, scaled: npt.NDArray[Any], indices: tuple[int, ...], box: Box | None
+) -> torch.Tensor:
+    """The chosen slices of a scaled series, cut to the region when given, through the
+    bundle's per-slice transforms."""
+    picked = scaled[list(indices)]
     if box is not None:
         picked = picked[:, box.r0 : box.r1, box.c0 : box.c1]
-    x = torch.from_numpy(np.ascontiguousarray(picked))[:, None]
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    if channels > 1:
-        x = x.repeat(1, channels, 1, 1)
-    return x
+    return pre.slice_input(picked)
 
 
 def roi_box(pixels: npt.NDArray[Any], roi: RoiSpec | None, low: float, high: float) -> Box | None:
@@ -465,7 +318,9 @@ def roi_box(pixels: npt.NDArray[Any], roi: RoiSpec | None, low: float, high: flo
 
 def series_box(pixels: npt.NDArray[Any], meta: BundleMetadata) -> Box | None:
     """The series' tumour-centred rectangle when the bundle reads one, else None."""
-    return roi_box(pixels, meta.roi, meta.norm_low, meta.norm_high)
+    if meta.roi is None:
+        return None
+    return lesion_box(meta.preprocessing.scale(pixels), meta.roi)
 
 
 def prepare_slices(
@@ -474,17 +329,13 @@ def prepare_slices(
     meta: BundleMetadata,
     box: Box | None = None,
 ) -> torch.Tensor:
-    """Network input (n, channels, H, W) for the chosen slices of one series (box: the
-    series' region, found here when the bundle reads one and it is not given)."""
-    return preprocess(
-        pixels,
-        indices,
-        size=meta.size,
-        channels=meta.channels,
-        low=meta.norm_low,
-        high=meta.norm_high,
-        box=box if box is not None else series_box(pixels, meta),
-    )
+    """Network input (n, channels, H, W) for the chosen slices of one series, through the
+    bundle's own preprocessing (box: the series' region, found here when the bundle reads one
+    and it is not given)."""
+    scaled = meta.preprocessing.scale(pixels)
+    if box is None and meta.roi is not None:
+        box = lesion_box(scaled, meta.roi)
+    return slices_input(meta.preprocessing, scaled, indices, box)
 
 
 def forward_logits(bundle: Bundle, x: torch.Tensor) -> torch.Tensor:

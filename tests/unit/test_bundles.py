@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -100,20 +102,53 @@ def test_refuses_invalid_metadata(tmp_path: Path) -> None:
         bundles.load_bundle(path)
     cases = {
         "task": ("nonsense", "unknown task"),
-        "temperature": (-1, "temperature"),
         "not_for_clinical_use": (False, "not_for_clinical_use"),
         "labels": (["only"], "labels"),
+        "copyright": (None, "copyright"),
     }
     for key, (value, message) in cases.items():
         bad = dict(good, **{key: value})
         meta_path.write_text(json.dumps(bad))
         with pytest.raises(ModelUnavailable, match=message):
             bundles.load_bundle(path)
-    bad = json.loads(json.dumps(good))
-    bad["network"]["args"]["pretrained"] = True
-    meta_path.write_text(json.dumps(bad))
-    with pytest.raises(ModelUnavailable, match="download"):
-        bundles.load_bundle(path)
+    for key in ("numpy_version", "description", "authors", "network_data_format"):
+        meta_path.write_text(json.dumps({k: v for k, v in good.items() if k != key}))
+        with pytest.raises(ModelUnavailable, match=f"metadata has no '{key}'"):
+            bundles.load_bundle(path)
+
+
+def _edit_inference(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    inf_path = path / "configs" / "inference.json"
+    config = json.loads(inf_path.read_text())
+    change(config)
+    inf_path.write_text(json.dumps(config))
+
+
+def test_refuses_invalid_inference_config(tmp_path: Path) -> None:
+    path = make_bundle(tmp_path)
+    good = (path / "configs" / "inference.json").read_text()
+    cases: dict[str, Callable[[dict[str, Any]], None]] = {
+        "temperature": lambda c: c["postprocessing"].update(temperature=-1),
+        "calibration_bias": lambda c: c["postprocessing"].update(calibration_bias="x"),
+        "series_aggregation": lambda c: c["postprocessing"].update(series_aggregation="max"),
+        "download": lambda c: c["network_def"].update(pretrained=True),
+        "runs no code": lambda c: c["network_def"].update(block="$__import__('os').getcwd()"),
+        "not a MONAI class": lambda c: c["preprocessing"]["transforms"].append(
+            {"_target_": "subprocess.Popen", "args": ["true"]}
+        ),
+        "dictionary transform": lambda c: c["preprocessing"]["transforms"].append(
+            {"_target_": "ScaleIntensityd", "keys": "image"}
+        ),
+        r"gives \(1, 64, 64\)": lambda c: c["preprocessing"]["transforms"][1].update(
+            spatial_size=[64, 64]
+        ),
+        "has no 'network_def'": lambda c: c.pop("network_def"),
+    }
+    for message, change in cases.items():
+        (path / "configs" / "inference.json").write_text(good)
+        _edit_inference(path, change)
+        with pytest.raises(ModelUnavailable, match=message):
+            bundles.load_bundle(path)
 
 
 def test_refuses_checksum_mismatch(tmp_path: Path) -> None:
@@ -128,21 +163,17 @@ def test_refuses_checksum_mismatch(tmp_path: Path) -> None:
 
 def test_refuses_build_failure_and_state_mismatch(tmp_path: Path) -> None:
     path = make_bundle(tmp_path)
-    meta_path = path / "configs" / "metadata.json"
-    good = json.loads(meta_path.read_text())
-    bad = json.loads(json.dumps(good))
-    bad["network"]["args"]["no_such_arg"] = 3
-    meta_path.write_text(json.dumps(bad))
+    good = (path / "configs" / "inference.json").read_text()
+    _edit_inference(path, lambda c: c["network_def"].update(no_such_arg=3))
     with pytest.raises(ModelUnavailable, match="cannot be built"):
         bundles.load_bundle(path)
-    bad = json.loads(json.dumps(good))
-    bad["network"]["args"]["block_inplanes"] = [4, 8, 16, 32]
-    meta_path.write_text(json.dumps(bad))
+    (path / "configs" / "inference.json").write_text(good)
+    _edit_inference(path, lambda c: c["network_def"].update(block_inplanes=[4, 8, 16, 32]))
     with pytest.raises(ModelUnavailable, match="do not match the network"):
         bundles.load_bundle(path)
-    bad = json.loads(json.dumps(good))
-    bad["network"]["cam_layer"] = "layer9"
-    meta_path.write_text(json.dumps(bad))
+    (path / "configs" / "inference.json").write_text(good)
+    meta_path = path / "configs" / "metadata.json"
+    meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), cam_layer="layer9")))
     with pytest.raises(ModelUnavailable, match="layer9"):
         bundles.load_bundle(path)
 

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from node.bundles.bundle import load_bundle, write_bundle
+from node.bundles.bundle import load_bundle, read_bundle_config, write_bundle, write_calibration
 from node.lab.train.data import (
     DataError,
     SeriesItem,
@@ -161,8 +161,7 @@ def train_bundle(
         metrics={"validation": val_metrics},
     )
     write_bundle(out, meta, result.state_dict, "")
-    written = json.loads((out / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    (out / "docs" / "README.md").write_text(model_card(written), encoding="utf-8")
+    (out / "docs" / "README.md").write_text(model_card(read_bundle_config(out)), encoding="utf-8")
     log.info(
         "bundle_trained", model_id=recipe.bundle_name, duration_ms=int(1000 * result.wall_time_s)
     )
@@ -246,7 +245,10 @@ def recalibrate_bundle(
     bundle_dir: Path, items: Sequence[SeriesItem], *, seed: int = 0
 ) -> tuple[float, float]:
     """Refit a task bundle's calibration on its own validation split (same data and seed as
-    training, so the split is the same); weights are untouched, so their SHA-256 still holds."""
+    training, so the split is the same); weights are untouched, so their SHA-256 still holds.
+
+    The temperature and bias go to inference.json, their one place; metadata.json keeps the
+    training record (the validation log-loss after calibration)."""
     meta_path = bundle_dir / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     recipe = get_recipe(meta["name"], meta["training"].get("recipe", "small"))
@@ -262,12 +264,14 @@ def recalibrate_bundle(
     z = series_mean_logits(_val_logits(recipe, state, val_set.x), val_set)
     y = np.asarray(val_set.series_labels)
     temperature, bias = calibrate(z, y, binary=True)
-    meta["temperature"] = round(temperature, 4)
-    meta["calibration_bias"] = round(bias, 4)
+    write_calibration(
+        bundle_dir, temperature=round(temperature, 4), calibration_bias=round(bias, 4)
+    )
     meta["training"]["val_nll_after"] = round(nll(z / temperature + bias, y), 4)
     meta["training"]["calibration"] = "Platt scaling refitted on the validation split"
     meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    (bundle_dir / "docs" / "README.md").write_text(model_card(meta), encoding="utf-8")
+    card = model_card(read_bundle_config(bundle_dir))
+    (bundle_dir / "docs" / "README.md").write_text(card, encoding="utf-8")
     return temperature, bias
 
 

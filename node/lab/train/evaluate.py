@@ -20,7 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from node import NOT_FOR_CLINICAL_USE
-from node.bundles.bundle import Bundle, classify_slices, predict_series
+from node.bundles.bundle import Bundle, classify_slices, predict_series, read_bundle_config
+from node.bundles.config import BundleMetadata
 from node.classify.sequence import vote_slices
 from node.ensemble import logit
 from node.errors import LoadError
@@ -258,11 +259,16 @@ def _metrics_table(m: Mapping[str, Any]) -> list[str]:
     return rows
 
 
-def model_card(meta: Mapping[str, Any]) -> str:
-    """docs/README.md for a bundle, from its metadata (training, calibration, evaluation)."""
+def model_card(config: BundleMetadata) -> str:
+    """docs/README.md for a bundle, from its two config files (training, calibration,
+    evaluation from metadata.json; network, transforms and calibration from inference.json)."""
+    meta = config.raw
     name = meta["name"]
     inp = meta["input"]
-    net = meta["network"]
+    net = dict(config.network_config)
+    net_name = str(net.pop("_target_")).removeprefix("monai.networks.nets.")
+    steps = config.inference["preprocessing"]["transforms"]
+    scaling = next(t for t in steps if t.get("_target_") == "ScaleIntensityRangePercentiles")
     training = meta.get("training", {})
     metrics = meta.get("metrics", {})
     lines = [
@@ -289,8 +295,8 @@ def model_card(meta: Mapping[str, Any]) -> str:
             f"{desc[0]} (`{meta['labels'][0]}`) from a {', '.join(inp['sequences'])} series.",
             "",
             "Series-level aggregation: **mean logit** over the brain-bearing slices, then",
-            f"calibration p = sigmoid(z / T + b), T = {meta['temperature']:.3f},"
-            f" b = {meta.get('calibration_bias', 0.0):.3f}. A mean logit is robust to a",
+            f"calibration p = sigmoid(z / T + b), T = {config.temperature:.3f},"
+            f" b = {config.calibration_bias:.3f}. A mean logit is robust to a",
             "few off-lesion or artefact slices (one confident slice cannot dominate as with a",
             "max); slices without lesion evidence sit near logit 0 because in training they",
             "get a uniform target (slices through a lesion carry the study label; every slice",
@@ -299,14 +305,13 @@ def model_card(meta: Mapping[str, Any]) -> str:
             "Without lesion positions (a hospital's own data) every slice carries the study",
             "label.",
         ]
-    norm = inp["normalisation"]
     lines += [
         "",
         "## Input",
         "",
-        f"- size {inp['size'][0]} x {inp['size'][1]}, {inp['channels']} channel(s), bilinear"
+        f"- size {config.size[0]} x {config.size[1]}, {config.channels} channel(s), bilinear"
         " resize of each slice",
-        f"- intensity: percentile {norm['low']} -> 0 and {norm['high']} -> 1 (clipped),"
+        f"- intensity: percentile {scaling['lower']} -> 0 and {scaling['upper']} -> 1 (clipped),"
         " computed per series on the native DICOM values after the modality LUT (not on 8-bit"
         " exports)",
         f"- slices: {inp['slice_selection']['mode']}, at most {inp['slice_selection']['n']}",
@@ -320,8 +325,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
             if inp.get("roi")
             else []
         ),
-        f"- network: MONAI `{net['name']}` {json.dumps(net['args'])}; Grad-CAM layer"
-        f" `{net['cam_layer']}`",
+        f"- network: MONAI `{net_name}` {json.dumps(net)}; Grad-CAM layer `{config.cam_layer}`",
         f"- weights SHA-256 `{meta.get('weights_sha256', '(set on write)')}` (checked at load)",
         "",
         "## Training",
@@ -350,7 +354,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
         "",
         "## Calibration",
         "",
-        f"Temperature {meta['temperature']:.3f} and bias {meta.get('calibration_bias', 0.0):.3f}"
+        f"Temperature {config.temperature:.3f} and bias {config.calibration_bias:.3f}"
         " (Platt scaling of the series mean logit; temperature only for the sequence CNN),"
         " fitted on the validation split by minimising the negative log-likelihood"
         + (
@@ -436,4 +440,5 @@ def record_evaluation(
     keep["figures"] = copied
     meta.setdefault("metrics", {})["test"] = keep
     meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    (bundle_dir / "docs" / "README.md").write_text(model_card(meta), encoding="utf-8")
+    card = model_card(read_bundle_config(bundle_dir))
+    (bundle_dir / "docs" / "README.md").write_text(card, encoding="utf-8")

@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node import __version__
+from node.bundles.config import (
+    META_SCHEMA_URL,
+    BundleFiles,
+    inference_config,
+    network_data_format,
+)
 from node.bundles.roi import RoiSpec
 from node.records import SequenceLabel
 
@@ -365,6 +371,27 @@ def get_recipe(name: str, variant: str = "small") -> Recipe:
     )
 
 
+AUTHORS = "neuronode contributors"
+COPYRIGHT = "Copyright (c) neuronode contributors; Apache License 2.0"
+VALUES_SOURCE = "per series, native DICOM values after the modality LUT"
+
+
+def bundle_description(recipe: Recipe) -> str:
+    """MONAI metadata 'description': what the network reads and answers, in plain words."""
+    if recipe.task == "sequence":
+        return (
+            "2-D CNN labelling single MR slices as one of "
+            + ", ".join(recipe.labels)
+            + "; the series label is a vote over central slices. Trained on synthetic phantoms."
+        )
+    neg, pos = recipe.label_descriptions
+    return (
+        f"2-D CNN giving the probability of {pos} versus {neg} from a"
+        f" {', '.join(recipe.sequences)} series: mean logit over the chosen slices, then"
+        " calibration. Trained on synthetic phantoms."
+    )
+
+
 def bundle_metadata(
     recipe: Recipe,
     *,
@@ -373,63 +400,50 @@ def bundle_metadata(
     training: Mapping[str, Any],
     metrics: Mapping[str, Any],
     version: str = __version__,
-) -> dict[str, Any]:
-    """metadata.json content for a bundle trained with this recipe (SHA-256 added on write)."""
+) -> BundleFiles:
+    """metadata.json (MONAI's bundle metadata plus the node's fields; SHA-256 added on write)
+    and inference.json (network, preprocessing, calibration) for a bundle of this recipe."""
     import monai
+    import numpy
     import torch
 
-    args = {k: v for k, v in recipe.network_args.items() if k != "pretrained"}
-    if "pretrained" in recipe.network_args:
-        args["pretrained"] = False
-    h, w = recipe.size
-    return {
+    metadata = {
+        "schema": META_SCHEMA_URL,
         "name": recipe.bundle_name,
         "version": version,
+        "changelog": {version: f"trained with `neuronode train` (recipe {recipe.variant})"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": numpy.__version__,
+        "required_packages_version": {},
         "task": recipe.task,
+        "description": bundle_description(recipe),
+        "authors": AUTHORS,
+        "copyright": COPYRIGHT,
         "labels": list(recipe.labels),
         "label_descriptions": list(recipe.label_descriptions),
         "input": {
             "sequences": list(recipe.sequences),
-            "size": [h, w],
-            "channels": recipe.channels,
-            "normalisation": {
-                "method": "percentile",
-                "low": NORM_LOW,
-                "high": NORM_HIGH,
-                "source": "per series, native DICOM values after the modality LUT",
-            },
+            "values": VALUES_SOURCE,
             "slice_selection": {"mode": recipe.slice_mode, "n": recipe.slice_n},
             **({"roi": recipe.roi.to_json()} if recipe.roi is not None else {}),
         },
-        "temperature": temperature,
-        "calibration_bias": calibration_bias,
-        "series_aggregation": "mean_logit",
-        "network": {"name": recipe.network_name, "args": args, "cam_layer": recipe.cam_layer},
+        "cam_layer": recipe.cam_layer,
         "training": dict(training),
         "metrics": dict(metrics),
         "intended_use": (
             "Demonstration of the neuronode pipeline on synthetic phantoms; research only."
         ),
         "not_for_clinical_use": True,
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "magnitude",
-                    "num_channels": recipe.channels,
-                    "spatial_shape": [h, w],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "logits",
-                    "num_channels": len(recipe.labels),
-                    "channel_def": dict(enumerate(recipe.labels)),
-                }
-            },
-        },
+        "network_data_format": network_data_format(recipe.channels, recipe.size, recipe.labels),
     }
+    inference = inference_config(
+        network_name=recipe.network_name,
+        network_args=recipe.network_args,
+        norm_low=NORM_LOW,
+        norm_high=NORM_HIGH,
+        channels=recipe.channels,
+        temperature=temperature,
+        calibration_bias=calibration_bias,
+    )
+    return BundleFiles(metadata=metadata, inference=inference)

@@ -1,0 +1,231 @@
+"""One source of truth per bundle: MONAI metadata, transforms and calibration in inference.json,
+built with MONAI's parser, giving the same network input and predictions as before."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from node.bundles import bundle as bundles
+from node.bundles.config import META_REQUIRED, TENSOR_KEYS
+from node.bundles.roi import RoiSpec, lesion_box
+from node.records import SeriesVolume
+from tests.unit.test_bundles import make_bundle, make_volume
+
+torch.set_num_threads(1)
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+SHIPPED = (
+    "gbm_pcnsl_adc",
+    "gbm_pcnsl_t1c",
+    "glioma_grade_flair",
+    "glioma_grade_t1c",
+    "sequence",
+    "tubers_flair",
+    "tubers_t2",
+)
+
+# Captured from the node before its preprocessing came from inference.json (hand-written
+# percentile scaling + F.interpolate, calibration read from metadata.json): series mean logit
+# (positive minus negative) and served probability. The sequence CNN: mean logits over its
+# 9 central slices and mean calibrated probabilities.
+BEFORE: dict[str, tuple[float, float]] = {
+    "gbm_pcnsl_adc/disc": (42.82289, 1.0),
+    "gbm_pcnsl_adc/lesion": (4.89480, 1.0),
+    "gbm_pcnsl_t1c/disc": (-14.47300, 1.9449e-32),
+    "gbm_pcnsl_t1c/lesion": (-3.23380, 1.16461e-07),
+    "glioma_grade_flair/disc": (-13.60500, 3.1697e-27),
+    "glioma_grade_flair/lesion": (-6.38560, 3.28751e-13),
+    "glioma_grade_t1c/disc": (-0.75594, 0.0205636),
+    "glioma_grade_t1c/lesion": (3.15797, 1.0),
+    "tubers_flair/disc": (-2.00734, 0.0331935),
+    "tubers_flair/lesion": (-5.04629, 1.88563e-07),
+    "tubers_t2/disc": (-4.24098, 1.98454e-06),
+    "tubers_t2/lesion": (-2.64308, 0.00128171),
+}
+BEFORE_SEQUENCE = {
+    "disc": (
+        [-3.8715, -2.2469, -2.2792, -6.2084, -1.8308, -2.2843, 3.2863],
+        [1e-05, 0.00014, 0.00024, 0.0, 0.0003, 9e-05, 0.99922],
+    ),
+    "lesion": (
+        [-1.3934, -1.5626, -4.2261, -4.819, -1.5511, -1.6895, 3.0812],
+        [0.04751, 0.02385, 0.00023, 5e-05, 0.02389, 0.00306, 0.90141],
+    ),
+}
+
+
+def lesion_volume() -> SeriesVolume:
+    """A phantom with a small bright lesion off centre and a left-right intensity ramp."""
+    v = make_volume(n=10, rows=64, cols=56, seed=3)
+    pix = v.pixels.copy()
+    yy, xx = np.mgrid[:64, :56]
+    spot = (yy - 24) ** 2 + (xx - 34) ** 2 < 36
+    for i in range(3, 7):
+        pix[i][spot] += 900 + 40 * i
+    pix += np.linspace(0, 60, 56, dtype=np.float32)[None, None, :]
+    return dataclasses.replace(v, pixels=pix)
+
+
+def volumes() -> dict[str, SeriesVolume]:
+    return {"disc": make_volume(), "lesion": lesion_volume()}
+
+
+def hand_written(
+    pixels: np.ndarray[Any, Any],
+    indices: tuple[int, ...],
+    size: tuple[int, int],
+    channels: int,
+    roi: RoiSpec | None,
+) -> torch.Tensor:
+    """The node's preprocessing before this change, kept here as the reference."""
+    vol = np.asarray(pixels, dtype=np.float32)
+    lo, hi = (float(v) for v in np.percentile(vol, [0.5, 99.5]))
+    scaled = (
+        np.clip((vol - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        if hi > lo
+        else np.zeros_like(vol)
+    )
+    picked = scaled[list(indices)]
+    if roi is not None:
+        box = lesion_box(scaled, roi)
+        picked = picked[:, box.r0 : box.r1, box.c0 : box.c1]
+    x = torch.from_numpy(np.ascontiguousarray(picked))[:, None]
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x.repeat(1, channels, 1, 1) if channels > 1 else x
+
+
+@pytest.mark.parametrize("name", ["gbm_pcnsl_t1c", "glioma_grade_t1c", "sequence"])
+def test_preprocessing_from_inference_json_matches_the_hand_written_one(
+    tmp_path: Path, name: str
+) -> None:
+    meta = bundles.load_bundle(make_bundle(tmp_path, name)).metadata
+    for volume in (*volumes().values(), make_volume(n=6, rows=130, cols=97, seed=9)):
+        idx = tuple(range(volume.pixels.shape[0]))
+        served = bundles.prepare_slices(volume.pixels, idx, meta)
+        ref = hand_written(volume.pixels, idx, meta.size, meta.channels, meta.roi)
+        assert served.shape == ref.shape == (len(idx), 1, 128, 128)
+        assert served.dtype == torch.float32
+        assert torch.allclose(served, ref, atol=1e-5), float((served - ref).abs().max())
+    constant = np.full((3, 20, 20), 7.0, dtype=np.float32)
+    assert not bundles.normalise_volume(constant, 0.5, 99.5).any()
+
+
+def test_three_channel_bundles_repeat_the_slice_through_monai() -> None:
+    volume = lesion_volume()
+    idx = (3, 4, 5)
+    x = bundles.preprocess(
+        volume.pixels, idx, size=(96, 96), channels=3, low=0.5, high=99.5, box=None
+    )
+    ref = hand_written(volume.pixels, idx, (96, 96), 3, None)
+    assert x.shape == (3, 3, 96, 96)
+    assert torch.allclose(x, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_bundle_predictions_are_unchanged(name: str) -> None:
+    b = bundles.load_bundle(MODELS / name)
+    for vname, volume in volumes().items():
+        if name == "sequence":
+            sc = bundles.classify_slices(b, volume, 9)
+            x = bundles.prepare_slices(volume.pixels, sc.slice_indices, b.metadata)
+            z = bundles.forward_logits(b, x).double().mean(0).numpy()
+            logits, probs = BEFORE_SEQUENCE[vname]
+            assert np.allclose(z, logits, atol=2e-4)
+            assert np.allclose(sc.probabilities.mean(0), probs, atol=2e-5)
+            continue
+        pred = bundles.predict_series(b, volume)
+        box = None if pred.region is None else bundles.series_box(volume.pixels, b.metadata)
+        x = bundles.prepare_slices(volume.pixels, pred.slice_indices, b.metadata, box)
+        z = bundles.forward_logits(b, x).double()
+        mean_logit = float((z[:, 1] - z[:, 0]).mean())
+        logit, prob = BEFORE[f"{name}/{vname}"]
+        assert mean_logit == pytest.approx(logit, abs=1e-4)
+        assert pred.probability == pytest.approx(prob, rel=2e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_bundles_keep_each_number_in_one_file(name: str) -> None:
+    meta = json.loads((MODELS / name / "configs" / "metadata.json").read_text())
+    inference = json.loads((MODELS / name / "configs" / "inference.json").read_text())
+    for key, _kind in META_REQUIRED:
+        assert key in meta, key
+    assert "required_packages_version" in meta and "changelog" in meta and "schema" in meta
+    for side, tensor in (("inputs", "image"), ("outputs", "pred")):
+        assert set(TENSOR_KEYS) <= set(meta["network_data_format"][side][tensor])
+    for moved in ("temperature", "calibration_bias", "series_aggregation", "network"):
+        assert moved not in meta, moved
+    assert not {"size", "channels", "normalisation"} & set(meta["input"])
+    assert set(inference["postprocessing"]) == {
+        "temperature",
+        "calibration_bias",
+        "series_aggregation",
+    }
+    scaling = inference["preprocessing"]["transforms"][0]
+    assert scaling["_target_"] == "ScaleIntensityRangePercentiles"
+    assert (scaling["lower"], scaling["upper"]) == (0.5, 99.5)
+    assert inference["network_def"]["num_classes"].startswith("@_meta_#network_data_format")
+
+
+def test_disagreeing_temperature_kept_the_served_value() -> None:
+    b = bundles.load_bundle(MODELS / "gbm_pcnsl_t1c")
+    assert b.metadata.temperature == 0.197  # metadata.json's, not inference.json's 0.2183
+    assert b.metadata.calibration_bias == 0.4495
+
+
+def test_monai_tools_build_the_same_network_from_the_bundle() -> None:
+    """A MONAI consumer (ConfigParser with the metadata read) gets the node's network."""
+    from monai.bundle.config_parser import ConfigParser
+
+    path = MODELS / "tubers_flair"
+    parser = ConfigParser()
+    parser.read_config(str(path / "configs" / "inference.json"))
+    parser.read_meta(str(path / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(path)
+    net = parser.get_parsed_content("network")
+    net.load_state_dict(torch.load(parser.get_parsed_content("checkpoint"), weights_only=True))
+    net.eval()
+    b = bundles.load_bundle(path)
+    volume = lesion_volume()
+    pre = parser.get_parsed_content("preprocessing")
+    x = torch.stack([torch.as_tensor(pre(volume.pixels[i : i + 1])) for i in (3, 4)])
+    with torch.inference_mode():
+        assert torch.allclose(net(x), b.network(x), atol=1e-6)
+
+
+def test_recalibration_writes_inference_json_only(tmp_path: Path) -> None:
+    path = make_bundle(tmp_path)
+    before = (path / "configs" / "metadata.json").read_text()
+    bundles.write_calibration(path, temperature=0.8, calibration_bias=-0.25)
+    assert (path / "configs" / "metadata.json").read_text() == before
+    post = json.loads((path / "configs" / "inference.json").read_text())["postprocessing"]
+    assert (post["temperature"], post["calibration_bias"]) == (0.8, -0.25)
+    b = bundles.load_bundle(path)
+    assert (b.metadata.temperature, b.metadata.calibration_bias) == (0.8, -0.25)
+    from node.errors import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable, match="temperature"):
+        bundles.write_calibration(path, temperature=0.0, calibration_bias=0.0)
+    assert json.loads((path / "configs" / "inference.json").read_text())["postprocessing"] == post
+
+
+def test_writer_refuses_a_bundle_it_could_not_load(tmp_path: Path) -> None:
+    from node.errors import ModelUnavailable
+    from node.lab.train import recipes
+
+    recipe = recipes.get_recipe("tubers_flair")
+    net = bundles.build_network(recipe.network_name, recipe.network_args)
+    files = recipes.bundle_metadata(recipe, temperature=1.0, training={}, metrics={})
+    bad = dataclasses.replace(files, inference={**files.inference, "postprocessing": {}})
+    with pytest.raises(ModelUnavailable, match="temperature"):
+        bundles.write_bundle(tmp_path / "b", bad, net.state_dict(), "# card\n")
+    assert not (tmp_path / "b" / "configs" / "metadata.json").exists()
+    with pytest.raises(TypeError, match="BundleFiles"):
+        bundles.write_bundle(tmp_path / "c", dict(files.metadata), net.state_dict(), "")  # type: ignore[arg-type]
