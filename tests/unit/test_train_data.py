@@ -150,7 +150,9 @@ def test_tiny_training_run_writes_a_loadable_bundle(tmp_path: Path) -> None:
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["training"]["epochs"] == 3
     assert meta["training"]["split"]["n_val_patients"] >= 2
-    assert meta["temperature"] > 0
+    inference = json.loads((out / "configs" / "inference.json").read_text())
+    assert inference["postprocessing"]["temperature"] > 0  # the one place it is written
+    assert "temperature" not in meta
     assert "NOT FOR CLINICAL USE" in (out / "docs" / "README.md").read_text()
     assert b.metadata.name == "gbm_pcnsl_t1c"
     from node.lab.train.evaluate import evaluate_task, record_evaluation
