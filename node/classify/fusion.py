@@ -115,14 +115,14 @@ def fuse(
             f"the tags leave {tag_label} or {cnn.label} open; the policy lets the CNN choose",
         )
     if cnn.label is tag_label or cnn.label in tag.open_labels:
-        confidence = _combined(tag.confidence, cnn.confidence)
+        confidence = max(tag.confidence, _combined(tag.confidence, cnn.confidence))
         why = (
             "tags and CNN agree"
             if cnn.label is tag_label
             else "tags and CNN agree on the T1 family; contrast decided by the tags and study "
             "context"
         )
-        if confidence < policy.min_confidence:
+        if not confident and confidence < policy.min_confidence:
             return decide(
                 L.OTHER,
                 confidence,

@@ -15,7 +15,7 @@ import re
 import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -579,7 +579,8 @@ def read_series_headers(paths: Iterable[Path]) -> tuple[SeriesHeader, ...]:
             groups.setdefault(group_key(uid, _series_number(ds), numbers), []).append(ds)
         for group in groups.values():
             try:
-                headers.append(header_from_datasets(group))
+                header = header_from_datasets(group)
+                headers.append(replace(header, n_set_aside=header.n_set_aside + n_set_aside))
             except (AttributeError, TypeError, ValueError, KeyError) as exc:
                 # One malformed series must not hide the others: skip it, say which and why.
                 log.warning(

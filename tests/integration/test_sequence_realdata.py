@@ -174,3 +174,31 @@ def test_cnn_path_runs_a_bundle_and_fuses(tmp_path: Path) -> None:
         assert d.label is SequenceLabel.OTHER
         assert d.cnn_label is not None and d.cnn_votes
         assert d.method in (DecisionMethod.FUSED, DecisionMethod.TAGS)
+
+
+def test_fused_with_the_shipped_cnn_is_never_below_tags(
+    realdata_headers: tuple[SeriesHeader, ...],
+) -> None:
+    """With the repository's sequence bundle, fused >= tags alone, and every labelled series
+    right (no CNN vote overturns a confident tag label, a tag OTHER stays OTHER)."""
+    pytest.importorskip("torch")
+    from node.classify.commands import policy_from_settings, run_cnn
+    from node.config import SequenceSettings
+
+    settings = SequenceSettings()
+    run = run_cnn(REALDATA, realdata_headers, settings)
+    if run.verdicts is None:
+        pytest.skip(run.status)
+    truth = _truth()
+    policy = policy_from_settings(settings)
+    tags = classify_headers(realdata_headers, None, policy)
+    fused = classify_headers(realdata_headers, run.verdicts, policy)
+    labelled = [i for i, h in enumerate(realdata_headers) if h.series_uid in truth]
+    right_tags = sum(tags[i].label is truth[realdata_headers[i].series_uid] for i in labelled)
+    right_fused = sum(fused[i].label is truth[realdata_headers[i].series_uid] for i in labelled)
+    assert right_fused >= right_tags
+    assert right_fused == len(labelled), [
+        (realdata_headers[i].series_description, fused[i].reasons)
+        for i in labelled
+        if fused[i].label is not truth[realdata_headers[i].series_uid]
+    ]

@@ -378,3 +378,155 @@ def test_private_tags_carry_vendor_series_through_the_rules() -> None:
         # The same EPI without any b-value is not routed as DWI.
         plain = mr(1, Manufacturer=vendor, SeriesDescription="", ScanningSequence=["EP", "SE"])
         assert classify_by_tags(header_from_datasets([plain])).label is SequenceLabel.OTHER
+
+
+# --- private creators removed by an anonymiser (read at the fixed address, as dcm2niix does) ---
+
+
+def _dwi(vendor: str) -> Dataset:
+    return mr(
+        1,
+        Manufacturer=vendor,
+        SeriesDescription="",
+        ScanningSequence=["EP", "SE"],
+        ImageType=["ORIGINAL", "PRIMARY", "OTHER"],
+        RepetitionTime="6000",
+        EchoTime="80",
+    )
+
+
+@pytest.mark.parametrize(
+    ("vendor", "tag", "vr", "value", "address"),
+    [
+        ("SIEMENS", (0x0019, 0x100C), "IS", "1000", "(0019,100C)"),
+        ("GE MEDICAL SYSTEMS", (0x0043, 0x1039), "IS", [1_000_001_000, 8, 0, 0], "(0043,1039)"),
+        ("Philips Medical Systems", (0x2001, 0x1003), "FL", 1000.0, "(2001,1003)"),
+    ],
+)
+def test_b_value_at_the_fixed_address_when_the_creator_was_removed(
+    vendor: str, tag: tuple[int, int], vr: str, value: Any, address: str
+) -> None:
+    from node.classify.tags import classify_by_tags
+    from node.records import SequenceLabel
+
+    ds = _dwi(vendor)
+    ds.add_new(tag, vr, value)  # the element is kept, its private creator (gggg,0010) is gone
+    h = header_from_datasets([ds])
+    assert h.b_values == (1000.0,)
+    assert address in h.b_values_note and "private creator missing" in h.b_values_note
+    verdict = classify_by_tags(h)
+    assert verdict.label is SequenceLabel.DWI
+    assert "private creator missing" in verdict.reason
+
+
+def test_fixed_address_is_not_read_when_another_creator_owns_the_block() -> None:
+    ds = _dwi("SIEMENS")
+    ds.add_new((0x0019, 0x0010), "LO", "SOME OTHER CREATOR")
+    ds.add_new((0x0019, 0x100C), "IS", "1000")
+    h = header_from_datasets([ds])
+    assert h.b_values == () and h.b_values_note == ""
+
+
+def test_b_value_with_its_creator_says_nothing_about_addresses() -> None:
+    ds = _dwi("SIEMENS")
+    ds.private_block(0x0019, "SIEMENS MR HEADER", create=True).add_new(0x0C, "IS", "1000")
+    h = header_from_datasets([ds])
+    assert h.b_values == (1000.0,) and h.b_values_note == ""
+
+
+def test_private_tag_checks_its_arguments() -> None:
+    from node.dicom.private import PrivateTag
+
+    with pytest.raises(ValueError, match="group"):
+        PrivateTag(group=0x0018, creator="X", offset=0x0C, name="even group")
+    with pytest.raises(TypeError, match="creator"):
+        PrivateTag(group=0x0019, creator="", offset=0x0C, name="no creator")
+    with pytest.raises(ValueError, match="offset"):
+        PrivateTag(group=0x0019, creator="X", offset=0x100, name="offset too big")
+
+
+# --- non-image objects sharing a series with images ---------------------------------------------
+
+RAW_DATA = "1.2.840.10008.5.1.4.1.1.66"
+SIEMENS_NON_IMAGE = "1.3.12.2.1107.5.9.1"
+
+
+def _non_image(sop_class: str, number: int, **kw: Any) -> Dataset:
+    ds = mr(number, SOPClassUID=sop_class, **kw)
+    for keyword in ("Rows", "Columns", "ImageType", "PixelSpacing", "ImageOrientationPatient"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    return ds
+
+
+def test_non_image_objects_do_not_decide_the_series() -> None:
+    from node.classify.tags import classify_by_tags
+    from node.records import SequenceLabel
+
+    raw = _non_image(RAW_DATA, 0)  # lowest instance number: it would have been "first"
+    csa = _non_image(SIEMENS_NON_IMAGE, 99)
+    h = header_from_datasets([raw, mr(1, z=0.0), mr(2, z=5.0), csa])
+    assert h.sop_class_uid == MR and h.n_instances == 2 and h.n_set_aside == 2
+    assert classify_by_tags(h).label is SequenceLabel.T1
+
+
+def test_a_series_of_only_non_image_objects_stays_other() -> None:
+    from node.classify.tags import classify_by_tags
+    from node.records import SequenceLabel
+
+    h = header_from_datasets([_non_image(RAW_DATA, 1)])
+    assert h.n_set_aside == 0 and h.sop_class_uid == RAW_DATA
+    assert classify_by_tags(h).label is SequenceLabel.OTHER
+
+
+def test_read_series_headers_sets_non_images_aside_before_splitting_numbers(
+    tmp_path: Path,
+) -> None:
+    _save(mr(1, z=0.0), tmp_path / "a.dcm")
+    _save(mr(2, z=5.0), tmp_path / "b.dcm")
+    # Raw data under the images' UID but with its own SeriesNumber: no spurious extra series.
+    _save(_non_image(RAW_DATA, 3, SeriesNumber=99), tmp_path / "raw.dcm")
+    (h,) = read_series_headers([tmp_path])
+    assert (h.series_number, h.n_instances, h.n_set_aside) == (5, 2, 1)
+
+
+# --- susceptibility-weighted and phase images ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "image_type",
+    [
+        ["ORIGINAL", "PRIMARY", "SW_M_FFE", "M", "FFE"],  # Philips SWIp magnitude
+        ["ORIGINAL", "PRIMARY", "SW_P_FFE", "P", "FFE"],  # Philips SWIp phase
+        ["DERIVED", "PRIMARY", "SWI", "NORM", "DIS2D"],  # Siemens SWI
+        ["DERIVED", "PRIMARY", "MNIP", "NORM"],  # Siemens minimum-intensity projection
+        ["ORIGINAL", "PRIMARY", "P", "ND"],  # Siemens phase
+        ["ORIGINAL", "PRIMARY", "PHASE"],
+    ],
+)
+def test_susceptibility_and_phase_images_are_other_never_t1(image_type: list[str]) -> None:
+    from node.classify.tags import classify_by_tags
+    from node.records import SequenceLabel
+
+    # Short TR, short TE, moderate flip: the spoiled-GRE physics alone would say T1.
+    ds = mr(
+        1,
+        SeriesDescription="",
+        ImageType=image_type,
+        ScanningSequence="GR",
+        RepetitionTime="27",
+        EchoTime="12",
+        FlipAngle="15",
+    )
+    verdict = classify_by_tags(header_from_datasets([ds]))
+    assert verdict.label is SequenceLabel.OTHER, verdict
+
+
+def test_enhanced_acquisition_contrast_t2_star_is_other() -> None:
+    from node.classify.tags import classify_by_tags
+    from node.records import SequenceLabel
+
+    ds = mr(1, SeriesDescription="", ScanningSequence="GR", RepetitionTime="27", EchoTime="12")
+    ds.AcquisitionContrast = "T2_STAR"
+    verdict = classify_by_tags(header_from_datasets([ds]))
+    assert (verdict.label, verdict.rule) == (SequenceLabel.OTHER, "susceptibility")
