@@ -175,9 +175,9 @@ def test_the_cnn_moves_confidence_only_as_documented(
     if tag.label in ROUTABLE and tag.confidence >= policy.min_confidence and d.label is tag.label:
         # lowered at most to the floor (confidences are rounded to 3 decimals)
         assert d.confidence >= policy.min_confidence - 0.0005
-        if cnn is not None and cnn.confidence >= policy.min_cnn_confidence:
-            if cnn.label is tag.label:
-                assert d.confidence >= tag.confidence - 0.0005  # agreement raises
+        counts = cnn is not None and cnn.confidence >= policy.min_cnn_confidence
+        if counts and cnn is not None and cnn.label is tag.label:
+            assert d.confidence >= tag.confidence - 0.0005  # agreement raises
 
 
 series = st.tuples(labels, tags(), cnns)
