@@ -45,6 +45,9 @@ class SynthArgs:
     transfer_syntax: str
     no_distractors: bool
     figures: Path | None
+    style: list[str] | None
+    plane: str | None
+    randomise: bool
 
 
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,6 +76,24 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-distractors", action="store_true", help="omit localizer/fMRI/etc.")
     p.add_argument("--figures", type=Path, default=None, help="also write PNG grids here")
+    p.add_argument(
+        "--style",
+        action="append",
+        default=None,
+        choices=("a", "b"),
+        help="rendering style a or b, cycled study by study (repeatable; default a)",
+    )
+    p.add_argument(
+        "--plane",
+        default=None,
+        choices=("axial", "sagittal", "coronal"),
+        help="every routed series in this plane (default: axial, or drawn with --randomise)",
+    )
+    p.add_argument(
+        "--randomise",
+        action="store_true",
+        help="domain randomisation: planes, 2D/3D, thickness, contrast, lesions, artefacts",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

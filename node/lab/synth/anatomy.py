@@ -32,7 +32,7 @@ class Template:
 
     maps: npt.NDArray[np.uint8]  # (i, j, k, tissue): ANATOMY_TISSUES then ventricles
     affine: npt.NDArray[np.float64]
-    source: str  # "mni152" or "procedural"
+    source: str  # "mni152", "procedural" or "parametric"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,6 +118,34 @@ def centred_grid(
         thickness_mm=round(thickness_mm, 4),
         shape=shape,
     )
+
+
+# Acquisition planes: (row_dir, col_dir) in patient LPS, as scanners write ImageOrientationPatient
+# for a head-first supine patient. Axial: rows run posterior, slices advance superior; sagittal:
+# columns run posterior, rows inferior, slices advance to the patient's right (-x); coronal:
+# columns run to the patient's left, rows inferior, slices advance posterior.
+PLANES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+    "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+}
+
+
+def plane_of(row_dir: npt.ArrayLike, col_dir: npt.ArrayLike) -> str:
+    """axial, sagittal or coronal: the patient axis the slice normal is closest to."""
+    n = np.abs(np.cross(np.asarray(row_dir, dtype=float), np.asarray(col_dir, dtype=float)))
+    return ("sagittal", "coronal", "axial")[int(np.argmax(n))]
+
+
+def plane_directions(
+    plane: str, angles_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Row and column directions of a plane, obliqued by small rotations about x, y, z (deg)."""
+    if plane not in PLANES:
+        raise ValueError(f"plane must be one of {tuple(PLANES)}, not {plane!r}")
+    rot = _rotation(*np.deg2rad(np.asarray(angles_deg, dtype=float)))
+    rd, cd = PLANES[plane]
+    return rot @ np.array(rd), rot @ np.array(cd)
 
 
 def _nilearn_data_dir() -> Path:
@@ -233,13 +261,123 @@ def _procedural_template() -> Template:
     return Template(maps=np.ascontiguousarray(maps), affine=affine, source="procedural")
 
 
-@lru_cache(maxsize=2)
+def _ellipsoid(
+    x: FloatArray, y: FloatArray, z: FloatArray, c: tuple[float, float, float], r: tuple[float, ...]
+) -> npt.NDArray[np.bool_]:
+    out: npt.NDArray[np.bool_] = ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + (
+        (z - c[2]) / r[2]
+    ) ** 2 <= 1.0
+    return out
+
+
+def _parametric_template() -> Template:
+    """Rendering style b's own head: parametric shapes, not a warped MNI brain.
+
+    Cerebrum, cerebellum and brainstem as (super)ellipsoids; sulci are the zero crossings of a
+    band-limited random field, so they are long connected clefts; the cortex is a 3 mm ribbon
+    around the outer surface and every sulcus; thalami, caudate and putamen are grey-matter
+    nuclei inside the white matter (the MNI maps blur them); banana-shaped lateral ventricles and
+    a third ventricle; skull and scalp of varying thickness.
+    """
+    step = 2.0
+    shape = (100, 124, 104)
+    affine = np.diag([step, step, step, 1.0])
+    affine[:3, 3] = [-99.0, -140.0, -92.0]
+    ijk = np.indices(shape, dtype=np.float32)
+    cx, cy, cz = _BRAIN_CENTRE_RAS
+    x, y, z = (ijk[i] * step + affine[i, 3] - c for i, c in enumerate((cx, cy, cz)))
+    rng = np.random.default_rng(20240613)
+
+    def field(sigma_vox: float) -> FloatArray:
+        f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox)
+        out: FloatArray = (f / float(f.std())).astype(np.float32)
+        return out
+
+    lobes = field(6.0)
+    e = 2.3  # superellipsoid exponent: flatter sides than an ellipsoid
+    rc = (
+        (np.abs(x) / 67.0) ** e
+        + (np.abs(y - 2.0) / (86.0 - 6.0 * np.tanh(y / 40.0))) ** e
+        + (np.abs(z - 10.0) / 57.0) ** e
+    ) ** (1.0 / e)
+    cerebrum = rc <= 1.0 + 0.03 * lobes
+    cerebellum = _ellipsoid(x, y, z, (0.0, -50.0, -36.0), (52.0, 30.0, 22.0))
+    stem = _ellipsoid(x, y, z, (0.0, -22.0, -42.0), (13.0, 14.0, 36.0))
+    brain = cerebrum | cerebellum | stem
+    callosum = _ellipsoid(x, y, z, (0.0, -8.0, 6.0), (12.0, 46.0, 17.0))
+    fissure = (np.abs(x) < 1.6) & cerebrum & ~callosum
+    sulcal = field(2.2)
+    shallow = ndimage.distance_transform_edt(brain) * step
+    sulci = (np.abs(sulcal) < 0.09) & (shallow < 16.0) & cerebrum
+    cleft = sulci | fissure
+    tissue = brain & ~cleft
+    depth = ndimage.distance_transform_edt(tissue) * step
+    gm = tissue & (depth <= 3.0 + 0.6 * lobes)
+    wm = tissue & ~gm
+    # Cerebellar folia: fine grey/white stripes around a white core.
+    folia = np.sin(z * 0.9 + 0.4 * sulcal) > 0.1
+    cb = cerebellum & ~_ellipsoid(x, y, z, (0.0, -46.0, -32.0), (22.0, 13.0, 10.0))
+    gm = gm | (cb & folia)
+    wm = wm & ~(cb & folia)
+    nuclei = np.zeros(shape, dtype=bool)
+    for s in (-1.0, 1.0):
+        nuclei |= _ellipsoid(x, y, z, (s * 10.0, -18.0, 6.0), (9.0, 15.0, 9.0))  # thalamus
+        nuclei |= _ellipsoid(x, y, z, (s * 13.0, 10.0, 12.0), (5.0, 9.0, 8.0))  # caudate head
+        nuclei |= _ellipsoid(x, y, z, (s * 24.0, 0.0, 2.0), (6.0, 14.0, 9.0))  # putamen
+    gm = (gm | (nuclei & wm)) & brain
+    wm = wm & ~nuclei
+    vent = np.zeros(shape, dtype=bool)
+    for s in (-1.0, 1.0):
+        vent |= _ellipsoid(x, y, z, (s * 9.0, -6.0, 16.0), (6.0, 30.0, 8.0))
+        vent |= _ellipsoid(x, y, z, (s * 16.0, -34.0, 9.0), (6.0, 10.0, 9.0))
+        vent |= _ellipsoid(x, y, z, (s * 20.0, -20.0, -6.0), (3.5, 11.0, 4.0))  # temporal horn
+    vent |= _ellipsoid(x, y, z, (0.0, -14.0, 2.0), (1.8, 12.0, 8.0))
+    gm &= ~vent
+    wm &= ~vent
+    inside = brain | ndimage.binary_dilation(brain, iterations=1)
+    ic = ndimage.binary_fill_holes(ndimage.binary_closing(inside, iterations=2))
+    out_d = ndimage.distance_transform_edt(~ic) * step
+    skull_w = 5.0 + 1.5 * lobes
+    skull = (out_d > 0) & (out_d <= skull_w)
+    scalp = (out_d > skull_w) & (out_d <= skull_w + 5.0 + 0.8 * sulcal)
+
+    def soft(m: npt.NDArray[np.bool_]) -> FloatArray:
+        out: FloatArray = ndimage.gaussian_filter(m.astype(np.float32), 0.55)
+        return out
+
+    gmf, wmf, ventf = soft(gm), soft(wm), soft(vent)
+    icf = soft(ic)
+    csf = np.clip(icf - gmf - wmf, 0.0, 1.0)
+    ventf = np.minimum(ventf, csf)
+    maps = np.stack(
+        [
+            _to_u8(soft(scalp)),
+            _to_u8(soft(skull) * (1 - icf)),
+            _to_u8(csf),
+            _to_u8(gmf),
+            _to_u8(wmf),
+            _to_u8(ventf),
+        ],
+        axis=-1,
+    )
+    return Template(maps=np.ascontiguousarray(maps), affine=affine, source="parametric")
+
+
+TEMPLATE_SOURCES = ("auto", "mni152", "procedural", "parametric")
+
+
+@lru_cache(maxsize=3)
 def load_template(source: str = "auto") -> Template:
-    """The tissue template, loaded once per process: MNI152 from nilearn, else procedural."""
-    if source not in ("auto", "mni152", "procedural"):
-        raise ValueError(f"source must be auto, mni152 or procedural, not {source!r}")
+    """The tissue template, loaded once per process: MNI152 from nilearn, else procedural.
+
+    "parametric" is rendering style b's own head (never a fallback).
+    """
+    if source not in TEMPLATE_SOURCES:
+        raise ValueError(f"source must be one of {TEMPLATE_SOURCES}, not {source!r}")
     if source == "procedural":
         return _procedural_template()
+    if source == "parametric":
+        return _parametric_template()
     try:
         return _mni_template()
     except (ImportError, OSError, FileNotFoundError):
@@ -259,6 +397,12 @@ class Subject:
     warp_amp: npt.NDArray[np.float64]  # (n, 3) mm
     ventricle_gain: float  # >0 enlarges, <0 shrinks the ventricles
     template_source: str
+    # Style b: a smooth random displacement field (3, n, n, n) in mm on a coarse lattice spanning
+    # +-ELASTIC_HALF_MM around the brain centre (template offsets), linearly interpolated.
+    elastic: npt.NDArray[np.float32] | None = None
+
+
+ELASTIC_HALF_MM = 110.0
 
 
 def _rotation(ax: float, ay: float, az: float) -> npt.NDArray[np.float64]:
@@ -295,14 +439,63 @@ def random_subject(rng: np.random.Generator, template_source: str = "auto") -> S
     )
 
 
-def _template_points(subject: Subject, points_lps: FloatArray) -> FloatArray:
-    """Template (RAS mm) points that patient (LPS mm) points see."""
+def random_subject_b(rng: np.random.Generator) -> Subject:
+    """Style b's head: rotation +-10 deg, size 0.86..1.12 per axis, a random elastic field.
+
+    The displacement is a 6^3 lattice of N(0, 2-4.5 mm) vectors, cubic-upsampled to 13^3 and
+    interpolated linearly: a different deformation family from style a's random sinusoids.
+    """
+    rot = _rotation(*np.deg2rad(rng.uniform(-10, 10, 3)))
+    scale = np.diag(rng.uniform(0.86, 1.12, 3))
+    coarse = rng.normal(0.0, float(rng.uniform(2.0, 4.5)), (3, 6, 6, 6))
+    fine = np.stack([ndimage.zoom(c, 13 / 6, order=3) for c in coarse]).astype(np.float32)
+    return Subject(
+        linear=rot @ scale,
+        shift_mm=rng.uniform(-6, 6, 3),
+        warp_k=np.zeros((0, 3)),
+        warp_phase=np.zeros(0),
+        warp_amp=np.zeros((0, 3)),
+        ventricle_gain=float(rng.uniform(-0.2, 0.6)),
+        template_source="parametric",
+        elastic=fine,
+    )
+
+
+def _elastic(field: npt.NDArray[np.float32], m: FloatArray) -> FloatArray:
+    """Displacement (N, 3) mm of the lattice field at template offsets m (N, 3)."""
+    n = field.shape[1]
+    idx = (m + np.float32(ELASTIC_HALF_MM)) * np.float32((n - 1) / (2 * ELASTIC_HALF_MM))
+    out = np.stack(
+        [ndimage.map_coordinates(field[i], idx.T, order=1, mode="nearest") for i in range(3)],
+        axis=1,
+    )
+    res: FloatArray = out.astype(np.float32)
+    return res
+
+
+def _affine_points(subject: Subject, points_lps: FloatArray) -> FloatArray:
+    """Template offsets from the brain centre (before any warp) of patient points (N, 3)."""
     flat = points_lps.reshape(-1, 3).astype(np.float32)
     ras = flat * np.array([-1.0, -1.0, 1.0], dtype=np.float32)
     inv = np.linalg.inv(subject.linear).astype(np.float32)
-    m = (ras - subject.shift_mm.astype(np.float32)) @ inv.T
+    out: FloatArray = (ras - subject.shift_mm.astype(np.float32)) @ inv.T
+    return out
+
+
+def _template_points(
+    subject: Subject, points_lps: FloatArray, elastic_mm: FloatArray | None = None
+) -> FloatArray:
+    """Template (RAS mm) points that patient (LPS mm) points see.
+
+    `elastic_mm` (N, 3): the elastic displacement at these points when the caller has it
+    already (sample_anatomy interpolates it from a coarse lattice of the grid)."""
+    m = _affine_points(subject, points_lps)
     phase = m @ subject.warp_k.T.astype(np.float32) + subject.warp_phase.astype(np.float32)
     m = m + np.sin(phase) @ subject.warp_amp.astype(np.float32)
+    if elastic_mm is not None:
+        m = m + elastic_mm.reshape(-1, 3)
+    elif subject.elastic is not None:
+        m = m + _elastic(subject.elastic, m)
     # Ventricle size: sample closer to the ventricle centre to enlarge them.
     d = m - (_VENTRICLE_CENTRE_RAS - _BRAIN_CENTRE_RAS).astype(np.float32)
     r2 = np.einsum("ij,ij->i", d, d)
@@ -333,12 +526,48 @@ def _trilinear(maps: npt.NDArray[np.uint8], vox: FloatArray) -> FloatArray:
     return out
 
 
-def sample_anatomy(subject: Subject, grid: Grid) -> dict[str, FloatArray]:
-    """Tissue fractions of the subject's head on a grid: ANATOMY_TISSUES plus 'ventricles'."""
+def sample_points(
+    subject: Subject, points_lps: FloatArray, elastic_mm: FloatArray | None = None
+) -> dict[str, FloatArray]:
+    """Tissue fractions of the subject's head at patient points (..., 3)."""
     template = load_template(subject.template_source)
-    pts = _template_points(subject, grid.points()).reshape(-1, 3)
+    pts = _template_points(subject, points_lps, elastic_mm).reshape(-1, 3)
     inv = np.linalg.inv(template.affine)
     vox = pts @ inv[:3, :3].T.astype(np.float32) + inv[:3, 3].astype(np.float32)
     vals = _trilinear(template.maps, vox)
     names = (*ANATOMY_TISSUES, "ventricles")
-    return {n: np.ascontiguousarray(vals[:, i].reshape(grid.shape)) for i, n in enumerate(names)}
+    shape = points_lps.shape[:-1]
+    return {n: np.ascontiguousarray(vals[:, i].reshape(shape)) for i, n in enumerate(names)}
+
+
+def sample_anatomy(subject: Subject, grid: Grid) -> dict[str, FloatArray]:
+    """Tissue fractions of the subject's head on a grid: ANATOMY_TISSUES plus 'ventricles'."""
+    pts = grid.points()
+    s, r, c = grid.shape
+    if subject.elastic is None or min(r, c) < 16:
+        return sample_points(subject, pts)
+    # The elastic field is smooth over ~18 mm: evaluate it on every 4th row and column and
+    # interpolate linearly in between (corner-aligned), a tenth of the cost.
+    rows = np.linspace(0, r - 1, r // 4 + 1)
+    cols = np.linspace(0, c - 1, c // 4 + 1)
+    coarse = (
+        np.array(grid.origin, dtype=np.float32)
+        + (np.arange(s, dtype=np.float32) * grid.slice_mm)[:, None, None, None]
+        * grid.normal.astype(np.float32)
+        + (rows.astype(np.float32) * grid.pixel_mm[0])[None, :, None, None]
+        * np.array(grid.col_dir, dtype=np.float32)
+        + (cols.astype(np.float32) * grid.pixel_mm[1])[None, None, :, None]
+        * np.array(grid.row_dir, dtype=np.float32)
+    )
+    d = _elastic(subject.elastic, _affine_points(subject, coarse)).reshape(
+        s, len(rows), len(cols), 3
+    )
+    ri = np.interp(np.arange(r), rows, np.arange(len(rows))).astype(np.float32)
+    ci = np.interp(np.arange(c), cols, np.arange(len(cols))).astype(np.float32)
+    r0 = np.minimum(ri.astype(np.intp), len(rows) - 2)
+    c0 = np.minimum(ci.astype(np.intp), len(cols) - 2)
+    wr = (ri - r0)[None, :, None, None]
+    wc = (ci - c0)[None, None, :, None]
+    dr = d[:, r0] * (1 - wr) + d[:, r0 + 1] * wr
+    full = dr[:, :, c0] * (1 - wc) + dr[:, :, c0 + 1] * wc
+    return sample_points(subject, pts, full.astype(np.float32))

@@ -29,6 +29,9 @@ def cmd_synth(args: SynthArgs) -> int:
             enhanced=args.enhanced,
             transfer_syntax=args.transfer_syntax,
             distractors=not args.no_distractors,
+            styles=args.style,
+            randomise=args.randomise,
+            plane=args.plane,
         )
     except ValueError as exc:
         print(f"neuronode synth: {exc}")
@@ -36,7 +39,9 @@ def cmd_synth(args: SynthArgs) -> int:
     if args.figures is not None:
         from node.lab.synth.figures import write_figures
 
-        for path in write_figures(args.figures, seed=args.seed, size=args.size, slices=args.slices):
+        for path in write_figures(
+            args.figures, seed=args.seed, size=args.size, slices=args.slices, styles=args.style
+        ):
             print(path)
     n_series = sum(len(s["series"]) for s in manifest.studies)  # type: ignore[arg-type,misc]
     log.info(

@@ -175,3 +175,150 @@ def rician(rng: np.random.Generator, img: FloatArray, sigma: float) -> FloatArra
     n2 = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(sigma)
     out: FloatArray = np.sqrt((img + n1) ** 2 + n2**2).astype(np.float32)
     return out
+
+
+# --- Rendering style b: relaxation maps, then the signal equations voxel by voxel. ---
+
+
+def tissue_maps(
+    fractions: dict[str, FloatArray], tissues: dict[str, Tissue], *, contrast: bool
+) -> dict[str, FloatArray]:
+    """PD, R1, R2 (1/ms), ADC and fat maps: proton-weighted averages of the tissues in a voxel.
+
+    Style a sums each tissue's signal (partial volume of signals); style b averages the
+    relaxation rates first (fast exchange), which gives different edges and contrasts.
+    """
+    shape = next(iter(fractions.values())).shape
+    pd = np.zeros(shape, dtype=np.float32)
+    r1 = np.zeros(shape, dtype=np.float32)
+    r2 = np.zeros(shape, dtype=np.float32)
+    adc = np.zeros(shape, dtype=np.float32)
+    fat = np.zeros(shape, dtype=np.float32)
+    for name, frac in fractions.items():
+        t = tissues.get(name)
+        if t is None:
+            continue
+        w = frac * np.float32(t.pd)
+        pd += w
+        rate1 = 1.0 / t.t1_ms + (t.gd_r1 / 1000.0 if contrast else 0.0)
+        rate2 = 1.0 / t.t2_ms + (t.gd_r1 * 0.6 / 1000.0 if contrast else 0.0)
+        r1 += w * np.float32(rate1)
+        r2 += w * np.float32(rate2)
+        adc += w * np.float32(t.adc)
+        if t.fat:
+            fat += w
+    safe = np.maximum(pd, np.float32(1e-4))
+    return {
+        "pd": pd,
+        "r1": (r1 / safe).astype(np.float32),
+        "r2": (r2 / safe).astype(np.float32),
+        "adc": (adc / safe).astype(np.float32),
+        "fat": (fat / safe).astype(np.float32),
+    }
+
+
+def signal_b(maps: dict[str, FloatArray], acq: Acquisition) -> FloatArray:
+    """Style b's signal equations on maps (TR, TE, TI in ms; b in s/mm^2).
+
+    Spin echo with the refocusing term, inversion recovery with it too, MP-RAGE-like
+    magnetisation-prepared gradient echo when an IR sequence has a gradient-echo TE (< 10 ms),
+    FLASH with T2* = T2 / 1.4, and spin-echo EPI diffusion.
+    """
+    pd, r1, r2 = maps["pd"], maps["r1"], maps["r2"]
+    tr, te = np.float32(acq.tr_ms), np.float32(acq.te_ms)
+    e1 = np.exp(-tr * r1)
+    e1h = np.exp(-(tr - te / 2) * r1)
+    e2 = np.exp(-te * r2)
+    if acq.equation == "se":
+        s = pd * np.abs(1 - 2 * e1h + e1) * e2
+    elif acq.equation == "ir" and acq.te_ms < 10:
+        ti = np.float32(acq.ti_ms or 0.0)
+        s = pd * np.abs(1 - 2 * np.exp(-ti * r1) / (1 + e1)) * np.exp(-te * r2 * 1.4)
+    elif acq.equation == "ir":
+        ti = np.float32(acq.ti_ms or 0.0)
+        s = pd * np.abs(1 - 2 * np.exp(-ti * r1) + 2 * e1h - e1) * e2
+    elif acq.equation == "gre":
+        a = np.float32(math.radians(acq.flip_deg))
+        s = pd * np.sin(a) * (1 - e1) / (1 - np.cos(a) * e1) * np.exp(-te * r2 * 1.4)
+    elif acq.equation == "epi":
+        s = pd * (1 - e1) * e2 * np.exp(-np.float32(acq.b_value * 1e-3) * maps["adc"])
+    else:
+        raise ValueError(f"unknown signal equation {acq.equation!r}")
+    if acq.fat_sat:
+        s = s * (1 - 0.92 * maps["fat"])
+    out: FloatArray = s.astype(np.float32)
+    return out
+
+
+def tissue_signal_b(t: Tissue, acq: Acquisition) -> float:
+    """Style b's signal of a pure tissue voxel (for ordering checks and scaling)."""
+    one = np.ones((1,), dtype=np.float32)
+    maps = tissue_maps({"x": one}, {"x": t}, contrast=acq.contrast)
+    return float(signal_b(maps, acq)[0])
+
+
+def kspace_resize(img: FloatArray, rows: int, cols: int, keep: float) -> FloatArray:
+    """Resample each slice through k-space: keep the central `keep` share of the acquired
+    frequencies and zero-fill to (rows, cols), as scanners reconstruct (sinc interpolation with
+    Gibbs ringing at sharp edges). Returns the real part."""
+    s, r, c = img.shape
+    k = np.fft.fftshift(np.fft.fft2(img, axes=(1, 2)), axes=(1, 2))
+    kr, kc = max(4, int(r * keep)) // 2 * 2, max(4, int(c * keep)) // 2 * 2
+    kr, kc = min(kr, r), min(kc, c)
+    r0, c0 = (r - kr) // 2, (c - kc) // 2
+    crop = k[:, r0 : r0 + kr, c0 : c0 + kc]
+    out = np.zeros((s, rows, cols), dtype=np.complex64)
+    R0, C0 = (rows - kr) // 2, (cols - kc) // 2
+    out[:, R0 : R0 + kr, C0 : C0 + kc] = crop
+    res = np.fft.ifft2(np.fft.ifftshift(out, axes=(1, 2)), axes=(1, 2)).real
+    scaled: FloatArray = (res * (rows * cols) / (r * c)).astype(np.float32)
+    return scaled
+
+
+def motion_ghosts(
+    rng: np.random.Generator, img: FloatArray, share: float, shift_px: float
+) -> FloatArray:
+    """Rigid in-plane motion during a share of the phase-encoding lines: ghost replicas."""
+    _, r, c = img.shape
+    k = np.fft.fft2(img, axes=(1, 2))
+    lines = rng.random(r) < share
+    kx = np.fft.fftfreq(c).astype(np.float32)
+    ramp = np.exp(-2j * np.pi * kx * np.float32(shift_px)).astype(np.complex64)
+    k[:, lines, :] *= ramp[None, None, :]
+    out: FloatArray = np.abs(np.fft.ifft2(k, axes=(1, 2))).astype(np.float32)
+    return out
+
+
+def multicoil_noise(
+    rng: np.random.Generator, img: FloatArray, sigma: float, coils: int, layout_seed: int
+) -> FloatArray:
+    """Root-sum-of-squares magnitude of `coils` receive channels (style b's noise model).
+
+    Each channel sees the image through a smooth sensitivity and adds complex Gaussian noise;
+    the combined magnitude is noncentral chi with 2 x coils degrees of freedom, drawn here in
+    its closed form (one Gaussian plus one chi-square), and the sum of squared sensitivities
+    shades the image (brighter near the coils). The layout comes from `layout_seed`, so series
+    acquired together (DWI b=0 and b=1000) share it and their ratio stays physical.
+    """
+    layout = np.random.default_rng(layout_seed)
+    s, r, c = img.shape
+    zz = np.linspace(-1, 1, s, dtype=np.float32)
+    yy = np.linspace(-1, 1, r, dtype=np.float32)
+    xx = np.linspace(-1, 1, c, dtype=np.float32)
+    phi0 = float(layout.uniform(0, 2 * math.pi))
+    width = float(layout.uniform(0.9, 1.5))
+    norm = np.zeros(img.shape, dtype=np.float32)
+    for i in range(coils):
+        phi = phi0 + 2 * math.pi * i / coils
+        py, px = 1.2 * math.sin(phi), 1.2 * math.cos(phi)
+        pz = float(layout.uniform(-0.6, 0.6))
+        ez = np.exp(-0.6 * (zz - pz) ** 2 / width**2)[:, None, None]
+        ey = np.exp(-2 * (yy - py) ** 2 / width**2)[None, :, None]
+        ex = np.exp(-2 * (xx - px) ** 2 / width**2)[None, None, :]
+        norm += ez * ey * ex
+    gain = np.sqrt(norm / np.float32(norm.mean()))
+    amp = img * gain
+    first = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(sigma)
+    rest = rng.chisquare(2 * coils - 1, img.shape).astype(np.float32) * np.float32(sigma**2)
+    out: FloatArray = np.sqrt((amp + first) ** 2 + rest).astype(np.float32)
+    return out

@@ -20,13 +20,16 @@ _PANELS = (
 )
 
 
-def lesion_slice(study: SynthStudy) -> int:
-    """Index of the slice through the first lesion (the middle slice when there is none)."""
+def lesion_slice(study: SynthStudy, key: str | None = None) -> int:
+    """Index of the slice through the first lesion (the middle slice when there is none), on
+    the grid of volume `key` (default: the study's grid)."""
+    grid = study.grids.get(key, study.grid) if key else study.grid
     if study.lesions:
-        vox = study.lesions[0]["center_voxel"]
-        assert isinstance(vox, list)
-        return int(vox[0])
-    return study.grid.shape[0] // 2
+        centre = study.lesions[0]["center_mm"]
+        assert isinstance(centre, list)
+        k = round(grid.voxel_of(centre)[0])
+        return int(min(max(k, 0), grid.shape[0] - 1))
+    return grid.shape[0] // 2
 
 
 def study_figure(study: SynthStudy, path: Path) -> Path:
@@ -37,16 +40,21 @@ def study_figure(study: SynthStudy, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     k = lesion_slice(study)
+    planes = {s.kind: f"{s.plane[:3]} {s.acquisition}" for s in study.series}
     fig, axes = plt.subplots(1, len(_PANELS), figsize=(2.0 * len(_PANELS), 2.35))
     for ax, (key, title) in zip(axes, _PANELS, strict=True):
-        img = study.volumes[key][k]
+        img = study.volumes[key][lesion_slice(study, key)]
         hi = float(np.percentile(img, 99.5)) or 1.0
         ax.imshow(img, cmap="gray", vmin=0.0, vmax=hi, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        kind = "dwi" if key == "dwi_b0" else key
+        ax.set_title(f"{title}\n{planes.get(kind, '')}" if study.randomised else title, fontsize=8)
         ax.axis("off")
     atyp = " (atypical)" if study.atypical else ""
+    extra = ", randomised" if study.randomised else ""
     fig.suptitle(
-        f"{study.phenotype}{atyp}, {study.vendor}, slice {k + 1}/{study.grid.shape[0]}", fontsize=10
+        f"{study.phenotype}{atyp}, {study.vendor}, style {study.style}{extra}, "
+        f"{study.field_t:g} T, slice {k + 1}/{study.grid.shape[0]}",
+        fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,10 +64,34 @@ def study_figure(study: SynthStudy, path: Path) -> Path:
 
 
 def write_figures(
-    out: Path, *, seed: int, size: int = 256, slices: int = 24, vendor: str = "siemens"
+    out: Path,
+    *,
+    seed: int,
+    size: int = 256,
+    slices: int = 24,
+    vendor: str = "siemens",
+    styles: list[str] | None = None,
 ) -> tuple[Path, ...]:
-    """synth_<phenotype>.png for every phenotype (typical cases, same vendor) into out."""
-    paths = []
+    """synth_<phenotype>.png for every phenotype (typical cases, same vendor) into out; with
+    styles, also synth_style_<s>.png and synth_style_<s>_randomised.png (a typical GBM)."""
+    paths: list[Path] = []
+    for style in styles or ():
+        for randomise in (False, True):
+            for j in range(50):
+                st = generate_study(
+                    seed + j,
+                    phenotype="gbm",
+                    vendor=vendor,
+                    size=size,
+                    slices=slices,
+                    distractors=False,
+                    style=style,
+                    randomise=randomise,
+                )
+                if not st.atypical:
+                    break
+            name = f"synth_style_{style}{'_randomised' if randomise else ''}.png"
+            paths.append(study_figure(st, out / name))
     for i, ph in enumerate(PHENOTYPES):
         # Pick the first seed whose draw is typical, so the docs show the textbook picture.
         for j in range(50):

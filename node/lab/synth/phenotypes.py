@@ -45,6 +45,7 @@ class Lesion:
     enhancing_fraction: float = 0.0  # share of the solid part that enhances (patchy < 1)
     softness: float = 0.15  # edge width as a fraction of the radius
     shape_seed: int = 0  # irregularity of the outline
+    irregularity: float = 1.0  # scales the outline's wobble (randomised studies draw it)
 
     def truth(self, grid: Grid) -> dict[str, object]:
         """The manifest entry: geometry in patient mm and on the grid of the routed series."""
@@ -78,6 +79,8 @@ def _lesion_parts(
     k = rng.normal(0, 1, (5, 3)).astype(np.float32) * 2.2
     ph = rng.uniform(0, 2 * math.pi, 5).astype(np.float32)
     amp = rng.uniform(0.04, 0.11, 5).astype(np.float32)
+    if les.irregularity != 1.0:
+        amp = (amp * np.float32(les.irregularity)).astype(np.float32)
     wobble = np.sin(u @ k.T + ph) @ amp
     dn = r / (np.float32(les.radius_mm) * (1 + wobble))
     solid = _inside(dn, les.softness)
@@ -187,6 +190,41 @@ class PhenotypeDraw:
     lesions: tuple[Lesion, ...]
     tissue_overrides: dict[str, dict[str, float]]
     atypical: bool
+
+
+def randomise_lesions(
+    rng: np.random.Generator, draw: PhenotypeDraw, grid: Grid, anatomy: dict[str, FloatArray]
+) -> PhenotypeDraw:
+    """Wider lesion variation for domain randomisation: size, outline, softness, oedema extent,
+    position (half the gliomas anywhere in the white matter), and atypical forms: a GBM with a
+    non-enhancing solid part (a quarter), a low-grade glioma with a cyst-like core (a tenth)."""
+    wm = anatomy["wm"] > 0.6
+    out = []
+    for les in draw.lesions:
+        centre = les.center_mm
+        if les.kind in ("gbm", "hgg", "lgg") and rng.random() < 0.5:
+            centre = _pick(rng, wm, grid, slice_band=(0.2, 0.85)) or centre
+        small = les.kind in ("tuber", "subependymal_nodule", "wmh")
+        scale = float(rng.uniform(0.8, 1.25) if small else rng.uniform(0.6, 1.4))
+        enh = les.enhancing_fraction
+        core = les.core_fraction
+        if les.kind == "gbm" and rng.random() < 0.25:
+            enh = float(rng.uniform(0.55, 0.85))
+        if les.kind == "lgg" and rng.random() < 0.1:
+            core = float(rng.uniform(0.2, 0.4))
+        out.append(
+            replace(
+                les,
+                center_mm=centre,
+                radius_mm=max(2.0, les.radius_mm * scale),
+                edema_mm=les.edema_mm * float(rng.uniform(0.5, 1.6)),
+                softness=min(0.6, les.softness * float(rng.uniform(0.7, 1.5))),
+                irregularity=float(rng.uniform(0.5, 2.2)),
+                enhancing_fraction=enh,
+                core_fraction=core,
+            )
+        )
+    return replace(draw, lesions=tuple(out))
 
 
 def draw_lesions(

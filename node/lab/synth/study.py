@@ -7,7 +7,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -17,7 +17,16 @@ from pydicom import config as dcm_config
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from node.lab.synth.anatomy import Grid, centred_grid, random_subject, sample_anatomy
+from node.lab.synth.anatomy import (
+    PLANES,
+    Grid,
+    Subject,
+    centred_grid,
+    plane_of,
+    random_subject,
+    random_subject_b,
+    sample_anatomy,
+)
 from node.lab.synth.contrast import (
     TISSUES,
     Acquisition,
@@ -26,9 +35,15 @@ from node.lab.synth.contrast import (
     blur_inplane,
     flair_null_ti,
     jitter_tissues,
+    kspace_resize,
+    motion_ghosts,
+    multicoil_noise,
     render,
     rician,
+    signal_b,
+    tissue_maps,
     tissue_signal,
+    tissue_signal_b,
     upsample_inplane,
 )
 from node.lab.synth.phenotypes import (
@@ -36,15 +51,35 @@ from node.lab.synth.phenotypes import (
     apply_lesions,
     draw_lesions,
     override_tissues,
+    randomise_lesions,
     study_labels,
+)
+from node.lab.synth.randomise import (
+    SERIES_GROUPS,
+    STYLES,
+    Artefacts,
+    SeriesPlan,
+    draw_acquisition,
+    draw_artefacts,
+    draw_plane,
+    draw_protocol,
+    draw_tissues,
+    plan_grid,
+    plane_name,
+    relative_overrides,
+    smooth_field,
 )
 from node.lab.synth.vendors import (
     KIND_LABEL,
     MISLEADING,
     ROUTED_KINDS,
     SCAN_ORDER,
+    STYLE_B_NAMES,
+    STYLE_B_PLANES,
+    STYLE_B_STUDY,
     VENDOR_TABLE,
     VENDORS,
+    VOLUME_PROTOCOLS,
     Protocol,
     Vendor,
 )
@@ -85,6 +120,11 @@ class SynthSeries:
     series_uid: str
     series_number: int
     datasets: tuple[Dataset, ...]
+    plane: str = "axial"  # axial, sagittal, coronal (3-plane: the localizer)
+    acquisition: str = "2D"  # 2D or 3D (MRAcquisitionType)
+    lesions: tuple[dict[str, object], ...] = ()  # lesion truth on this series' own grid
+    geometry: dict[str, object] = field(default_factory=dict)  # routed series: the grid
+    artefacts: dict[str, object] = field(default_factory=dict)  # randomised or style b
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -106,6 +146,13 @@ class SynthStudy:
     # without oedema: a segmentation ground truth).
     volumes: dict[str, FloatArray]
     series: tuple[SynthSeries, ...]
+    style: str = "a"
+    randomised: bool = False
+    field_t: float = 1.5
+    # The grid of every volume (they differ when planes are drawn); `grid` is the T1C's.
+    grids: dict[str, Grid] = field(default_factory=dict)
+    subject: Subject | None = None  # the head, to sample anatomy at any patient point (tests)
+    tissue_draws: int = 0  # tissue tables drawn until every physical ordering held
 
 
 def _rng(seed: int, *tag: int) -> np.random.Generator:
@@ -192,8 +239,18 @@ def generate_study(
     distractors: bool = True,
     index: int = 0,
     template_source: str = "auto",
+    style: str = "a",
+    randomise: bool = False,
+    plane: str | None = None,
 ) -> SynthStudy:
-    """Generate one study in memory: pydicom Datasets per series plus ground truth."""
+    """Generate one study in memory: pydicom Datasets per series plus ground truth.
+
+    style "a" without randomise or plane gives the studies this generator always gave (same
+    seed, same bytes). `randomise` draws planes, 2D/3D, slice thickness, coverage, sequence
+    parameters, tissue properties, lesion variation and artefacts per study; `plane` puts every
+    routed series in one plane; style "b" renders with its own anatomy, signal model, noise and
+    header conventions (see docs/synth.md).
+    """
     if phenotype not in PHENOTYPES:
         raise ValueError(f"phenotype must be one of {PHENOTYPES}, not {phenotype!r}")
     if vendor not in VENDORS:
@@ -202,9 +259,21 @@ def generate_study(
         raise ValueError(f"size must be 32..1024, not {size}")
     if not 4 <= slices <= 400:
         raise ValueError(f"slices must be 4..400, not {slices}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, not {style!r}")
+    if plane is not None and plane not in PLANES:
+        raise ValueError(f"plane must be one of {tuple(PLANES)}, not {plane!r}")
+    legacy = style == "a" and not randomise and plane is None
     v = VENDOR_TABLE[vendor]
+    if style == "b":
+        description, models, software = STYLE_B_STUDY[vendor]
+        v = replace(v, models=models, software=software, institution=v.institution + " (B)")
     rng = _rng(seed, 1)
+    rrng = _rng(seed, 5)  # every draw legacy studies do not make
+    arng = _rng(seed, 6)  # artefacts of non-legacy studies
     hdr = _header(seed, index, v, _rng(seed, 2))
+    if style == "b":
+        hdr = replace(hdr, study_description=description)
     t1_protocol, t1c_names = v.t1_options[int(rng.integers(len(v.t1_options)))]
     protocols = dict(v.protocols)
     protocols["t1"] = t1_protocol
@@ -217,7 +286,8 @@ def generate_study(
         }
     )
 
-    # Geometry of the routed series: axial, tilted a few degrees to the AC-PC line.
+    # Reference geometry (the routed series' geometry unless planes are drawn): axial, tilted a
+    # few degrees to the AC-PC line. Lesions are placed on it.
     tilt = math.radians(float(rng.uniform(-10, 10)))
     coverage = 140.0
     slice_mm = round(coverage / slices, 2)
@@ -226,39 +296,63 @@ def generate_study(
     centre = (float(rng.uniform(-3, 3)), float(rng.uniform(-6, 6)), float(rng.uniform(-4, 6)))
     row_dir = (1.0, 0.0, 0.0)
     col_dir = (0.0, math.cos(tilt), -math.sin(tilt))
-    grid = centred_grid(
-        centre=centre,
-        row_dir=row_dir,
-        col_dir=col_dir,
-        shape=(slices, size, size),
-        fov_mm=fov,
-        slice_mm=slice_mm,
-        thickness_mm=thickness,
-    )
+    ref = {
+        "centre": centre,
+        "row_dir": row_dir,
+        "col_dir": col_dir,
+        "fov_mm": fov,
+        "slice_mm": slice_mm,
+        "thickness_mm": thickness,
+    }
     am = min(size, _ANATOMY_MATRIX)
-    agrid = centred_grid(
-        centre=centre,
-        row_dir=row_dir,
-        col_dir=col_dir,
-        shape=(slices, am, am),
-        fov_mm=fov,
-        slice_mm=slice_mm,
-        thickness_mm=thickness,
-    )
+    ref_grid = centred_grid(shape=(slices, size, size), **ref)  # type: ignore[arg-type]
+    ref_agrid = centred_grid(shape=(slices, am, am), **ref)  # type: ignore[arg-type]
 
     subject = random_subject(rng, template_source)
-    anatomy = sample_anatomy(subject, agrid)
-    draw = draw_lesions(rng, phenotype, agrid, anatomy)
-    fractions = apply_lesions(anatomy, draw.lesions, agrid)
+    if style == "b":
+        subject = random_subject_b(rrng)
+    anatomy = sample_anatomy(subject, ref_agrid)
+    draw = draw_lesions(rng, phenotype, ref_agrid, anatomy)
+    if randomise:
+        draw = randomise_lesions(rrng, draw, ref_agrid, anatomy)
+    ref_fractions = apply_lesions(anatomy, draw.lesions, ref_agrid)
     tissues = override_tissues(jitter_tissues(rng, TISSUES), draw.tissue_overrides)
     texture = (
         1.0
         + 0.05
         * ndimage.gaussian_filter(
-            rng.standard_normal(agrid.shape).astype(np.float32), (0.5, 1.5, 1.5)
+            rng.standard_normal(ref_agrid.shape).astype(np.float32), (0.5, 1.5, 1.5)
         )
         * 3.0
     ).astype(np.float32)
+
+    plans = _plans(
+        legacy=legacy,
+        rng=rrng,
+        vendor=vendor,
+        v=v,
+        protocols=protocols,
+        t1c_names=t1c_names,
+        plane=plane,
+        randomise=randomise,
+        style=style,
+        field_t=hdr.field_t,
+        size=size,
+        slices=slices,
+        ref=(ref_grid, ref_agrid),
+        keep_inside=draw.lesions[0].center_mm if draw.lesions else None,
+    )
+    acqs = {
+        "t1": _acq(plans["t1"].protocol),
+        "t1c": _acq(plans["t1"].protocol, contrast=True),
+        "t2": _acq(plans["t2"].protocol),
+        "flair": _acq(plans["flair"].protocol),
+        "dwi": _acq(plans["dwi"].protocol, b=_B_VALUE),
+    }
+    tissue_draws = 0
+    if not legacy and (randomise or style == "b"):
+        tissues, tissue_draws = draw_tissues(rrng, style=style, field_t=hdr.field_t, acqs=acqs)
+        tissues = relative_overrides(tissues, draw.tissue_overrides)
 
     # Acquisition order and times.
     kinds = [k for k in SCAN_ORDER if k in ROUTED_KINDS or distractors]
@@ -278,51 +372,143 @@ def generate_study(
     numbers = {k: (i + 1) * v.series_base + v.series_offset for i, k in enumerate(kinds)}
     if v.series_base > 1:
         numbers["adc"] = numbers["dwi"] + 1  # Philips numbers the derived ADC after its DWI
+    if style == "b" and vendor != "philips":
+        numbers = {k: i + 2 for i, k in enumerate(kinds)}
+        # GE numbers a derived ADC 100 x its DWI; others the next number.
+        numbers["adc"] = numbers["dwi"] * 100 if vendor == "ge" else numbers["dwi"] + 1
 
     freq = 42.577 * hdr.field_t
     wm_level = float(rng.uniform(*v.white_matter_level))
     slope = float(round(rng.uniform(*v.rescale_slope), 4)) if v.rescale_slope else None
+    if randomise and slope is None and rrng.random() < 0.35:
+        slope = float(round(rrng.uniform(0.5, 4.0), 4))
     nrng = _rng(seed, 3)
     volumes: dict[str, FloatArray] = {}
+    grids: dict[str, Grid] = {}
     pixels: dict[str, npt.NDArray[np.int32]] = {}
     frames: dict[str, tuple[FrameSpec, ...]] = {}
+    slopes: dict[str, float | None] = {}
+    artefacts: dict[str, Artefacts] = {}
+    sig = tissue_signal_b if style == "b" else tissue_signal
+
+    def inputs(plan: SeriesPlan) -> tuple[dict[str, FloatArray], FloatArray, FloatArray]:
+        """Tissue fractions on the plan's anatomy grid and two texture fields."""
+        if legacy:
+            return ref_fractions, texture, texture
+        f = apply_lesions(sample_anatomy(subject, plan.agrid), draw.lesions, plan.agrid)
+        if style == "b":
+            return (
+                f,
+                smooth_field(rrng, plan.agrid.shape, 0.04),
+                smooth_field(rrng, plan.agrid.shape, 0.05),
+            )
+        noise = rrng.standard_normal(plan.agrid.shape).astype(np.float32)
+        tex = (1.0 + 0.15 * ndimage.gaussian_filter(noise, (0.5, 1.5, 1.5))).astype(np.float32)
+        return f, tex, tex
 
     def acquire(
-        acq: Acquisition, p: Protocol, level: float, bias: FloatArray, sigma_ref: float
+        plan: SeriesPlan,
+        inp: tuple[dict[str, FloatArray], FloatArray, FloatArray],
+        acq: Acquisition,
+        level: float,
+        bias: FloatArray,
+        sigma_ref: float,
+        art: Artefacts,
+        coil_seed: int,
     ) -> FloatArray:
-        img = render(fractions, acq, tissues) * texture
-        img = upsample_inplane(img, size, size)
-        img = blur_inplane(img, 0.5 * (1.0 / p.resolution - 1.0) * size / 256 * 2)
-        scale = level / max(tissue_signal(tissues["wm"], _acq(p)), 1e-6)
+        fr, tex1, tex2 = inp
+        p = plan.protocol
+        if style == "b":
+            maps = tissue_maps(fr, tissues, contrast=acq.contrast)
+            maps["r1"] = maps["r1"] * tex1
+            maps["r2"] = maps["r2"] * tex2
+            img = signal_b(maps, acq)
+            img = np.maximum(kspace_resize(img, size, size, art.kspace_keep * p.resolution), 0)
+        else:
+            img = render(fr, acq, tissues) * tex1
+            img = upsample_inplane(img, size, size)
+            img = blur_inplane(img, 0.5 * (1.0 / p.resolution - 1.0) * size / 256 * 2)
+            if art.kspace_keep < 1.0:
+                img = np.maximum(kspace_resize(img, size, size, art.kspace_keep), 0)
+        scale = level / max(sig(tissues["wm"], _acq(p)), 1e-6)
         img = img * bias * np.float32(scale)
-        return rician(nrng, img, sigma_ref * scale / p.snr)
+        if art.motion_share > 0 and acq.equation != "epi":
+            img = motion_ghosts(arng, img, art.motion_share, art.motion_px)
+        sigma = sigma_ref * scale / (p.snr * art.snr_factor)
+        if style == "b":
+            out = multicoil_noise(nrng, img, sigma, art.coils, coil_seed)
+        else:
+            out = rician(nrng, img, sigma)
+        if art.gamma != 1.0:
+            out = (np.float32(level) * (out / np.float32(level)) ** np.float32(art.gamma)).astype(
+                np.float32
+            )
+        return out
 
-    shape3 = (slices, size, size)
+    def artefacts_for(group: str) -> Artefacts:
+        art = draw_artefacts(arng, style=style, field_t=hdr.field_t, randomise=randomise)
+        if legacy or not randomise:
+            art = replace(art, bias=0.35 if group == "t1" else 0.3)
+        return art
+
     # T1 and T1C: same protocol and scaling; T1C after gadolinium.
-    p1 = protocols["t1"]
-    bias_t1 = bias_field(nrng, shape3, 0.35)
-    ref = tissue_signal(tissues["gm"], _acq(p1))
+    plan = plans["t1"]
+    p1 = plan.protocol
+    inp = inputs(plan)
+    art = artefacts_for("t1")
+    bias_t1 = _bias(nrng, plan.grid.shape, art.bias, style, legacy)
+    gm_ref = sig(tissues["gm"], _acq(p1))
+    coil_seed = int(arng.integers(2**31))
     for kind, contrast in (("t1", False), ("t1c", True)):
-        img = acquire(_acq(p1, contrast=contrast), p1, wm_level, bias_t1, ref)
-        volumes[kind] = img
-    for kind in ("t2", "flair"):
-        p = protocols[kind]
-        lvl = wm_level * float(rng.uniform(0.8, 1.6))
         volumes[kind] = acquire(
-            _acq(p), p, lvl, bias_field(nrng, shape3, 0.3), tissue_signal(tissues["gm"], _acq(p))
+            plan, inp, _acq(p1, contrast=contrast), wm_level, bias_t1, gm_ref, art, coil_seed
         )
-    pd = protocols["dwi"]
-    bias_d = bias_field(nrng, shape3, 0.3)
+        grids[kind] = plan.grid
+        artefacts[kind] = art
+    t1_inputs = inp
+    for kind in ("t2", "flair"):
+        plan = plans[kind]
+        p = plan.protocol
+        lvl = wm_level * float(rng.uniform(0.8, 1.6))
+        art = artefacts_for(kind)
+        inp = inputs(plan)
+        volumes[kind] = acquire(
+            plan,
+            inp,
+            _acq(p),
+            lvl,
+            _bias(nrng, plan.grid.shape, art.bias, style, legacy),
+            sig(tissues["gm"], _acq(p)),
+            art,
+            int(arng.integers(2**31)),
+        )
+        grids[kind] = plan.grid
+        artefacts[kind] = art
+    plan = plans["dwi"]
+    pd = plan.protocol
+    art = replace(artefacts_for("dwi"), motion_share=0.0)  # single-shot EPI: no ghosts
+    inp = inputs(plan)
+    bias_d = _bias(nrng, plan.grid.shape, art.bias, style, legacy)
     lvl = wm_level * float(rng.uniform(0.8, 1.5))
-    b0ref = tissue_signal(tissues["gm"], _acq(pd, b=0.0))
-    b0 = acquire(_acq(pd, b=0.0), pd, lvl * 1.0, bias_d, b0ref)
+    b0ref = sig(tissues["gm"], _acq(pd, b=0.0))
+    coil_seed = int(arng.integers(2**31))
+    b0 = acquire(plan, inp, _acq(pd, b=0.0), lvl * 1.0, bias_d, b0ref, art, coil_seed)
     # The b=1000 image is scaled like b=0 (same scale) so the ADC is physical.
-    s0wm = tissue_signal(tissues["wm"], _acq(pd))
-    img = render(fractions, _acq(pd, b=_B_VALUE), tissues) * texture
-    img = upsample_inplane(img, size, size)
-    img = blur_inplane(img, 0.5 * (1.0 / pd.resolution - 1.0) * size / 256 * 2)
-    scale = lvl / max(s0wm, 1e-6)
-    b1000 = rician(nrng, img * bias_d * np.float32(scale), b0ref * scale / pd.snr)
+    if legacy:
+        s0wm = tissue_signal(tissues["wm"], _acq(pd))
+        img = render(ref_fractions, _acq(pd, b=_B_VALUE), tissues) * texture
+        img = upsample_inplane(img, size, size)
+        img = blur_inplane(img, 0.5 * (1.0 / pd.resolution - 1.0) * size / 256 * 2)
+        scale = lvl / max(s0wm, 1e-6)
+        b1000 = rician(nrng, img * bias_d * np.float32(scale), b0ref * scale / pd.snr)
+    else:
+        b1000 = acquire(
+            plan, inp, _acq(pd, b=_B_VALUE), lvl, bias_d, b0ref, replace(art, gamma=1.0), coil_seed
+        )
+        if art.gamma != 1.0:  # the same monotone remapping on b=0 would bias the ADC: undo
+            b0 = acquire(
+                plan, inp, _acq(pd, b=0.0), lvl, bias_d, b0ref, replace(art, gamma=1.0), coil_seed
+            )
     brain = ndimage.binary_erosion(b0 > 0.25 * lvl, iterations=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         adc = np.log(np.maximum(b0, 1e-3) / np.maximum(b1000, 1e-3)) / _B_VALUE * 1e3  # 1e-3 mm2/s
@@ -330,32 +516,51 @@ def generate_study(
     volumes["dwi_b0"] = b0
     volumes["dwi"] = b1000
     volumes["adc"] = adc_map
-    # Normal-appearing white matter (lesion tissue excluded), for checks and training masks.
-    volumes["wm_fraction"] = np.clip(upsample_inplane(fractions["wm"], size, size), 0.0, 1.0)
+    for kind in ("dwi_b0", "dwi", "adc"):
+        grids[kind] = plan.grid
+    artefacts["dwi"] = artefacts["adc"] = art
+    # Normal-appearing white matter (lesion tissue excluded), for checks and training masks, and
+    # the lesion tissue without oedema (segmentation truth): on the T1/T1C grid.
+    frac_t1 = t1_inputs[0]
+    volumes["wm_fraction"] = np.clip(upsample_inplane(frac_t1["wm"], size, size), 0.0, 1.0)
     solid = sum(
-        (fractions[t] for t in _LESION_TISSUES if t in fractions), np.zeros(agrid.shape, np.float32)
+        (frac_t1[t] for t in _LESION_TISSUES if t in frac_t1),
+        np.zeros(plans["t1"].agrid.shape, np.float32),
     )
     volumes["lesion_fraction"] = np.clip(upsample_inplane(solid, size, size), 0.0, 1.0)
+    grids["wm_fraction"] = grids["lesion_fraction"] = plans["t1"].grid
 
     label_slope = slope if slope else None
-    routed_times = {k: [_time(times[k] + 2.0 * i) for i in range(slices)] for k in ROUTED_KINDS}
+    top = 2 ** (v.bits_stored - (1 if v.signed else 0)) - 1
+    for kind in ("t1", "t1c", "t2", "flair", "dwi", "adc"):
+        s = label_slope
+        if not legacy and kind != "adc":
+            # Scanners scale each series to fit the stored range.
+            peak = float(np.percentile(volumes[kind], 99.9))
+            if peak / (s or 1.0) > 0.9 * top:
+                s = float(round(peak / (0.9 * top), 4))
+        slopes[kind] = s
+    routed_times = {
+        k: [_time(times[k] + 2.0 * i) for i in range(grids[k].shape[0])] for k in ROUTED_KINDS
+    }
     for kind in ("t1", "t1c", "t2", "flair"):
-        pixels[kind] = _quantize(volumes[kind], v, label_slope)
-        frames[kind] = _frames(grid, routed_times[kind])
+        pixels[kind] = _quantize(volumes[kind], v, slopes[kind])
+        frames[kind] = _frames(grids[kind], routed_times[kind])
     pixels["dwi"] = np.concatenate(
-        [_quantize(b0, v, label_slope), _quantize(b1000, v, label_slope)]
+        [_quantize(b0, v, slopes["dwi"]), _quantize(b1000, v, slopes["dwi"])]
     )
     seqname = {"siemens": ("*ep_b0", "*ep_b1000t")}.get(vendor, (None, None))
     frames["dwi"] = _frames(
-        grid, routed_times["dwi"], b_value=0.0, sequence_name=seqname[0]
-    ) + _frames(grid, routed_times["dwi"], b_value=_B_VALUE, sequence_name=seqname[1])
+        grids["dwi"], routed_times["dwi"], b_value=0.0, sequence_name=seqname[0]
+    ) + _frames(grids["dwi"], routed_times["dwi"], b_value=_B_VALUE, sequence_name=seqname[1])
     pixels["adc"] = np.clip(
         np.rint(adc_map * 1000.0 / (label_slope or 1.0)),
         0,
-        2 ** (v.bits_stored - (1 if v.signed else 0)) - 1,
+        top,
     ).astype(np.int32)
-    frames["adc"] = _frames(grid, routed_times["adc"])
-    protocols["t1c"] = p1
+    frames["adc"] = _frames(grids["adc"], routed_times["adc"])
+    protocols.update({g: plans[g].protocol for g in SERIES_GROUPS})
+    protocols["t1c"] = protocols["t1"]
     if distractors:
         _distractors(
             seed,
@@ -363,7 +568,7 @@ def generate_study(
             draw.lesions,
             tissues,
             protocols,
-            grid,
+            ref_grid,
             size,
             times,
             pixels,
@@ -375,13 +580,23 @@ def generate_study(
         )
 
     # Descriptions: vendor convention, with ~10% blank or misleading.
-    t1c_desc = str(rng.choice(t1c_names))
+    t1c_desc = str(rng.choice(plans["t1"].t1c_names or t1c_names))
     agent = str(rng.choice(v.contrast_agents)) if rng.random() < 0.6 else None
+    group_of = {k: g for g, ks in SERIES_GROUPS.items() for k in ks}
     series_list = []
     drng = _rng(seed, 4)
     for kind in kinds:
         p = protocols[kind]
+        plan_k = plans.get(group_of.get(kind, ""))
         desc = t1c_desc if kind == "t1c" else p.description
+        protocol_name = None
+        if plan_k is not None and not legacy:
+            desc = plane_name(desc, plan_k.plane)
+            if style == "b":
+                protocol_name = desc
+                names = STYLE_B_NAMES[vendor][f"{kind}/{plan_k.acquisition}"]
+                abbrev = STYLE_B_PLANES[vendor][plan_k.plane]
+                desc = str(rrng.choice(names)).format(P=abbrev)
         status = "ok"
         if kind in ROUTED_KINDS and drng.random() < BAD_DESCRIPTION_FRACTION:
             if drng.random() < 0.5:
@@ -389,6 +604,9 @@ def generate_study(
             else:
                 desc, status = str(drng.choice(MISLEADING[kind])), "misleading"
         s_uid = make_uid(seed, "series", kind)
+        slope_k = slopes.get(kind, label_slope)
+        if style == "b" and slope_k is None:
+            slope_k = 1.0  # style b writes RescaleSlope/Intercept on every image
         spec = SeriesSpec(
             kind=kind,
             protocol=p,
@@ -398,10 +616,13 @@ def generate_study(
             series_time=_time(times[kind]),
             frames=frames[kind],
             pixels=pixels[kind],
-            rescale_slope=label_slope if kind not in ("fieldmap",) else None,
+            rescale_slope=slope_k if kind not in ("fieldmap",) else None,
             contrast_agent=agent if kind == "t1c" else None,
             temporal_positions=3 if kind == "bold" else None,
             imaging_frequency_mhz=freq,
+            standard_b_value=not (style == "b" and vendor in ("siemens", "ge")),
+            window=not (style == "b" and vendor in ("philips", "generic")),
+            protocol_name=protocol_name,
         )
         # Values are built by this module to fit their VRs: skip pydicom's per-value checks.
         with dcm_config.disable_value_validation():
@@ -409,6 +630,7 @@ def generate_study(
                 datasets = build_enhanced(hdr, spec)
             else:
                 datasets = build_classic(hdr, spec)
+        g = grids.get(kind)
         series_list.append(
             SynthSeries(
                 kind=kind,
@@ -418,9 +640,14 @@ def generate_study(
                 series_uid=s_uid,
                 series_number=spec.series_number,
                 datasets=datasets,
+                plane=plan_k.plane if plan_k is not None else _frames_plane(frames[kind]),
+                acquisition=p.acquisition_type if plan_k is None else plan_k.acquisition,
+                lesions=tuple(les.truth(g) for les in draw.lesions) if g is not None else (),
+                geometry=_geometry(g) if g is not None else {},
+                artefacts=artefacts[kind].as_json() if kind in artefacts and not legacy else {},
             )
         )
-    lesions = tuple(les.truth(grid) for les in draw.lesions)
+    lesions = tuple(les.truth(grids["t1c"]) for les in draw.lesions)
     return SynthStudy(
         seed=seed,
         phenotype=phenotype,
@@ -431,10 +658,107 @@ def generate_study(
         labels=study_labels(phenotype),
         atypical=draw.atypical,
         lesions=lesions,
-        grid=grid,
+        grid=grids["t1c"],
         volumes=volumes,
         series=tuple(series_list),
+        style=style,
+        randomised=randomise,
+        field_t=hdr.field_t,
+        grids=grids,
+        subject=subject,
+        tissue_draws=tissue_draws,
     )
+
+
+def _bias(
+    rng: np.random.Generator, shape: tuple[int, int, int], strength: float, style: str, legacy: bool
+) -> FloatArray:
+    """Style a's smooth receive field; style b's shading comes from its coil model instead."""
+    if style == "b":
+        return np.ones(shape, dtype=np.float32)
+    return bias_field(rng, shape, strength)
+
+
+def _frames_plane(frames: tuple[FrameSpec, ...]) -> str:
+    """plane of a distractor series ('3-plane' for the localizer)."""
+    planes = {plane_of(f.row_dir, f.col_dir) for f in frames}
+    return planes.pop() if len(planes) == 1 else "3-plane"
+
+
+def _geometry(g: Grid) -> dict[str, object]:
+    """The manifest's geometry of a routed series."""
+    return {
+        "shape": list(g.shape),
+        "pixel_mm": [round(x, 4) for x in g.pixel_mm],
+        "spacing_mm": round(g.slice_mm, 4),
+        "slice_thickness_mm": round(g.thickness_mm, 4),
+        "row_dir": [round(x, 4) for x in g.row_dir],
+        "col_dir": [round(x, 4) for x in g.col_dir],
+    }
+
+
+def _plans(
+    *,
+    legacy: bool,
+    rng: np.random.Generator,
+    vendor: str,
+    v: Vendor,
+    protocols: dict[str, Protocol],
+    t1c_names: tuple[str, ...],
+    plane: str | None,
+    randomise: bool,
+    style: str,
+    field_t: float,
+    size: int,
+    slices: int,
+    ref: tuple[Grid, Grid],
+    keep_inside: tuple[float, float, float] | None,
+) -> dict[str, SeriesPlan]:
+    """Plane, 2D/3D, grids and protocol of each acquisition group."""
+    out = {}
+    for group in SERIES_GROUPS:
+        base = protocols[group]
+        names = t1c_names if group == "t1" else ()
+        if legacy:
+            out[group] = SeriesPlan(
+                group=group,
+                plane="axial",
+                acquisition=base.acquisition_type,
+                grid=ref[0],
+                agrid=ref[1],
+                protocol=base,
+                t1c_names=names,
+            )
+            continue
+        acq = draw_acquisition(rng, group) if randomise else base.acquisition_type
+        if acq == "3D" and base.acquisition_type != "3D":
+            base, vnames = VOLUME_PROTOCOLS[vendor][group]
+            names = vnames or names
+        elif acq == "2D" and base.acquisition_type == "3D":
+            base, names = v.t1_options[0]
+        pl = plane or (draw_plane(rng, group, acq) if randomise else "axial")
+        if randomise or style == "b":
+            base = draw_protocol(rng, base, group, field_t, TISSUES["csf"].t1_ms)
+        grid, agrid = plan_grid(
+            rng,
+            plane=pl,
+            acquisition=acq,
+            size=size,
+            slices=slices,
+            anatomy_matrix=_ANATOMY_MATRIX,
+            randomise=randomise,
+            keep_inside=keep_inside,
+        )
+        out[group] = SeriesPlan(
+            group=group,
+            plane=pl,
+            acquisition=acq,
+            grid=grid,
+            agrid=agrid,
+            protocol=base,
+            t1c_names=names,
+        )
+    return out
 
 
 def _distractors(
@@ -624,10 +948,23 @@ def write_studies(
     enhanced: bool = False,
     transfer_syntax: str = "explicit",
     distractors: bool = True,
+    styles: Sequence[str] | None = None,
+    randomise: bool = False,
+    plane: str | None = None,
 ) -> Manifest:
-    """Write OUT/<study>/<series>/<n>.dcm plus manifest.json, labels.csv and study_labels.csv."""
+    """Write OUT/<study>/<series>/<n>.dcm plus manifest.json, labels.csv and study_labels.csv.
+
+    `styles` (default ("a",)) are cycled study by study; see generate_study for `randomise` and
+    `plane`.
+    """
     if studies < 1:
         raise ValueError(f"studies must be >= 1, not {studies}")
+    style_cycle = tuple(styles) if styles else ("a",)
+    for st_name in style_cycle:
+        if st_name not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, not {st_name!r}")
+    if plane is not None and plane not in PLANES:
+        raise ValueError(f"plane must be one of {tuple(PLANES)}, not {plane!r}")
     ts = check_transfer_syntax(transfer_syntax)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -644,6 +981,9 @@ def write_studies(
             enhanced=enhanced,
             distractors=distractors,
             index=i,
+            style=style_cycle[i % len(style_cycle)],
+            randomise=randomise,
+            plane=plane,
         )
         folder = f"study_{i + 1:04d}"
         series_entries = []
@@ -662,6 +1002,13 @@ def write_studies(
                     "kind": s.kind,
                     "n_instances": len(s.datasets),
                     "n_frames": sum(int(getattr(d, "NumberOfFrames", 1)) for d in s.datasets),
+                    "style": st.style,
+                    "plane": s.plane,
+                    "acquisition": s.acquisition,
+                    "field_strength_t": st.field_t,
+                    "vendor": vd,
+                    **({"geometry": s.geometry, "lesions": list(s.lesions)} if s.geometry else {}),
+                    **({"artefacts": s.artefacts} if s.artefacts else {}),
                 }
             )
             label_rows.append((s.series_uid, s.label, st.study_uid, s.description))
@@ -674,6 +1021,9 @@ def write_studies(
                 "vendor": vd,
                 "patient_id": st.patient_id,
                 "atypical": st.atypical,
+                "style": st.style,
+                "randomised": st.randomised,
+                "field_strength_t": st.field_t,
                 "labels": st.labels,
                 "lesions": list(st.lesions),
                 "series": series_entries,

@@ -93,6 +93,7 @@ class StudyHeader:
     model: str
     field_t: float
     serial: str
+    study_description: str = "MR BRAIN WITH AND WITHOUT CONTRAST"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +128,10 @@ class SeriesSpec:
     contrast_agent: str | None
     temporal_positions: int | None
     imaging_frequency_mhz: float
+    # Header conventions that differ between rendering styles (defaults: style a).
+    standard_b_value: bool = True  # classic DWI: also the standard DiffusionBValue (0018,9087)
+    window: bool = True  # classic: WindowCenter/WindowWidth
+    protocol_name: str | None = None  # ProtocolName when it differs from the description
 
 
 def _ds(s: str) -> str:
@@ -167,7 +172,7 @@ def _common(
     ds.InstitutionName = v.institution
     ds.ReferringPhysicianName = ""
     ds.StationName = f"SYNMR{study.serial[-3:]}"
-    ds.StudyDescription = "MR BRAIN WITH AND WITHOUT CONTRAST"
+    ds.StudyDescription = study.study_description
     if series.description:
         ds.SeriesDescription = series.description
     ds.ManufacturerModelName = study.model
@@ -181,7 +186,7 @@ def _common(
     ds.BodyPartExamined = "BRAIN"
     ds.DeviceSerialNumber = study.serial
     ds.SoftwareVersions = v.software
-    ds.ProtocolName = series.description or series.protocol.description
+    ds.ProtocolName = series.protocol_name or series.description or series.protocol.description
     ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = study.study_uid
     ds.SeriesInstanceUID = series.series_uid
@@ -243,11 +248,12 @@ def _pixels(
     ds.PixelData = np.ascontiguousarray(pixels.astype(dtype)).tobytes()
 
 
-def _b_value_tags(ds: Dataset, study: StudyHeader, b: float) -> None:
-    """The standard b-value and the vendor's private one, in a proper private block."""
+def _b_value_tags(ds: Dataset, study: StudyHeader, b: float, standard: bool = True) -> None:
+    """The standard b-value (unless `standard` is off) and the vendor's private one."""
     v = study.vendor
-    ds.DiffusionBValue = float(b)
-    ds.DiffusionDirectionality = "ISOTROPIC" if b > 0 else "NONE"
+    if standard:
+        ds.DiffusionBValue = float(b)
+        ds.DiffusionDirectionality = "ISOTROPIC" if b > 0 else "NONE"
     if not v.private_creator:
         return
     block = ds.private_block(v.private_group, v.private_creator, create=True)
@@ -289,14 +295,15 @@ def build_classic(study: StudyHeader, series: SeriesSpec) -> tuple[Dataset, ...]
             ds.TemporalPositionIdentifier = fr.temporal_index or 1
             ds.ImagesInAcquisition = n
         if fr.b_value is not None:
-            _b_value_tags(ds, study, fr.b_value)
+            _b_value_tags(ds, study, fr.b_value, series.standard_b_value)
         _pixels(ds, study, series.pixels[i], slope)
         if slope is not None:
             ds.RescaleIntercept = "0"
             ds.RescaleSlope = _fmt(slope)
             ds.RescaleType = "US"
-        ds.WindowCenter = _fmt(wc)
-        ds.WindowWidth = _fmt(ww)
+        if series.window:
+            ds.WindowCenter = _fmt(wc)
+            ds.WindowWidth = _fmt(ww)
         out.append(_attach_meta(ds))
     return tuple(out)
 
