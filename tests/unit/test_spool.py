@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, UID
 
 from node.errors import InvalidInstance, StoreStatus
 from node.ingest.spool import Spool, instance_relpath, is_valid_uid, parse_instance
@@ -225,7 +225,9 @@ def test_leftover_temp_files_are_removed_on_open(tmp_path: Path) -> None:
 
 
 def test_overlong_uid_is_quarantined_not_truncated(spool: Spool) -> None:
-    study = generate_uid()  # 64 characters: the longest valid UID
+    # Exactly 64 characters, the longest valid UID (generate_uid() is sometimes shorter, and
+    # then the series UID below would still fit).
+    study = PYDICOM_ROOT_UID + "1" * (64 - len(PYDICOM_ROOT_UID))
     ok = spool.store(_mr(study, "1.2.3.1", "1.2.3.1.1"), calling_ae="A")
     assert ok.instance is not None
     assert ok.instance.path.relative_to(spool.root).parts[:2] == ("instances", study)
