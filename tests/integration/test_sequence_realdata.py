@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from node import __version__
 from node.classify.commands import read_labels
 from node.classify.sequence import classify_headers
 from node.cli.study import (
@@ -122,11 +123,10 @@ def test_evaluate_sequences_writes_metrics(tmp_path: Path) -> None:
 def test_cnn_path_runs_a_bundle_and_fuses(tmp_path: Path) -> None:
     """With a (random-weight) sequence bundle present, every image series gets CNN votes."""
     torch = pytest.importorskip("torch")
-    from monai.networks.nets import ResNet
-
-    from node.bundles.bundle import write_bundle
+    from node.bundles.bundle import build_network, write_bundle
     from node.classify.commands import run_cnn
     from node.config import SequenceSettings
+    from node.lab.train import recipes
     from node.records import DecisionMethod
 
     folder = REALDATA / "dcm_qa_fmap" / "In" / "Siemens"
@@ -134,34 +134,15 @@ def test_cnn_path_runs_a_bundle_and_fuses(tmp_path: Path) -> None:
         pytest.skip("dcm_qa_fmap is not in ../shared/realdata")
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    args = {
-        "block": "basic",
-        "layers": [1, 1, 1, 1],
-        "block_inplanes": [8, 16, 32, 64],
-        "spatial_dims": 2,
-        "n_input_channels": 1,
-        "num_classes": len(SequenceLabel),
-    }
-    network = ResNet(**args)
-    metadata = {
-        "name": "sequence-test",
-        "version": "0.0.1",
-        "task": "sequence",
-        "labels": [label.value for label in SequenceLabel],
-        "input": {
-            "size": [64, 64],
-            "channels": 1,
-            "normalisation": {"method": "percentile", "low": 0.5, "high": 99.5},
-            "slice_selection": {"mode": "central_window", "n": 5},
-        },
-        "temperature": 1.0,
-        "network": {"name": "ResNet", "args": args, "cam_layer": "layer4"},
-    }
-    bundle = write_bundle(tmp_path / "sequence", metadata, network.state_dict(), "test card")
+    # A random network in a bundle written by the lab's own bundle writer (the sequence recipe).
+    recipe = recipes.get_recipe("sequence")
+    files = recipes.bundle_metadata(recipe, temperature=1.0, training={}, metrics={})
+    network = build_network(recipe.network_name, recipe.network_args)
+    bundle = write_bundle(tmp_path / "sequence", files, network.state_dict(), "test card")
     headers = read_series_headers([folder])
     settings = SequenceSettings(slices_per_series=5)
     run = run_cnn(folder, headers, settings, bundle_dir=bundle)
-    assert run.status.startswith("sequence CNN sequence-test 0.0.1: ran on 4 of 4 series")
+    assert run.status.startswith(f"sequence CNN sequence {__version__}: ran on 4 of 4 series")
     assert run.verdicts is not None
     for verdict in run.verdicts:
         assert verdict is not None

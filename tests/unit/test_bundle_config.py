@@ -144,8 +144,8 @@ def test_shipped_bundle_predictions_are_unchanged(name: str) -> None:
         pred = bundles.predict_series(b, volume)
         box = None if pred.region is None else bundles.series_box(volume.pixels, b.metadata)
         x = bundles.prepare_slices(volume.pixels, pred.slice_indices, b.metadata, box)
-        z = bundles.forward_logits(b, x).double()
-        mean_logit = float((z[:, 1] - z[:, 0]).mean())
+        zt = bundles.forward_logits(b, x).double()
+        mean_logit = float((zt[:, 1] - zt[:, 0]).mean())
         logit, prob = BEFORE[f"{name}/{vname}"]
         assert mean_logit == pytest.approx(logit, abs=1e-4)
         assert pred.probability == pytest.approx(prob, rel=2e-4, abs=1e-9)

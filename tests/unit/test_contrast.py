@@ -66,7 +66,7 @@ def test_blank_or_tiny_volumes_cannot_tell() -> None:
 def test_arguments_are_checked() -> None:
     a = head(0)
     with pytest.raises(TypeError, match="earlier"):
-        judge_contrast(a.tolist(), a)  # type: ignore[arg-type]
+        judge_contrast(a.tolist(), a)
     with pytest.raises(ValueError, match="one grid"):
         judge_contrast(a, a[:-1])
     with pytest.raises(ValueError, match="later"):

@@ -72,7 +72,7 @@ OPEN = {None: ((),), L.T1: ((), (L.T1C,)), L.T1C: ((), (L.T1,))}
 
 
 def _cases() -> list[tuple[object, ...]]:
-    cases = []
+    cases: list[tuple[object, ...]] = []
     for tag, cnn, confident, counts, unsure, contrast in itertools.product(
         (None, *LABELS), (None, *LABELS), (True, False), (True, False), UNSURE, (True, False)
     ):
