@@ -36,3 +36,24 @@ def test_compressed_files_pass_dciodvfy(dciodvfy: str, tmp_path: Path, ts: str) 
     files = sorted(tmp_path.rglob("*.dcm"))
     failures = {str(f.relative_to(tmp_path)): e for f in files[::5] if (e := _errors(dciodvfy, f))}
     assert failures == {}
+
+
+@pytest.mark.parametrize("enhanced", [False, True], ids=["classic", "enhanced"])
+def test_style_b_and_randomised_files_pass_dciodvfy(
+    dciodvfy: str, tmp_path: Path, enhanced: bool
+) -> None:
+    write_studies(
+        tmp_path,
+        studies=4,
+        seed=17,
+        vendors=list(VENDORS),
+        size=32,
+        slices=4,
+        enhanced=enhanced,
+        styles=["a", "b"],
+        randomise=True,
+        distractors=False,
+    )
+    files = sorted(tmp_path.rglob("*.dcm"))
+    failures = {str(f.relative_to(tmp_path)): e for f in files[::3] if (e := _errors(dciodvfy, f))}
+    assert failures == {}

@@ -457,3 +457,312 @@ def test_speed_one_full_size_study() -> None:
     print(f"one 6-series 256x256x24 study: {elapsed:.2f} s")
     assert sum(len(s.datasets) for s in st.series) == 24 * 7
     assert elapsed < 5.0
+
+
+# --- Domain randomisation and rendering styles (issues 12 and 13) ---
+
+
+def _patient_points(dss: list[pydicom.Dataset]) -> np.ndarray:
+    """Patient coordinates (slices, rows, cols, 3) of every pixel, from IOP/IPP/PixelSpacing."""
+    iop = np.array(dss[0].ImageOrientationPatient, dtype=float)
+    row, col = iop[:3], iop[3:]
+    dr, dc = (float(x) for x in dss[0].PixelSpacing)
+    r = np.arange(int(dss[0].Rows))[:, None, None] * dr * col
+    c = np.arange(int(dss[0].Columns))[None, :, None] * dc * row
+    return np.stack([np.array(d.ImagePositionPatient, dtype=float) + r + c for d in dss]).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize("style", ["a", "b"])
+@pytest.mark.parametrize("plane", ["axial", "sagittal", "coronal"])
+def test_geometry_per_plane_puts_the_head_right_side_up(plane: str, style: str) -> None:
+    from node.lab.synth.anatomy import sample_points
+
+    st = generate_study(
+        31,
+        phenotype="gbm",
+        vendor="siemens",
+        size=64,
+        slices=10,
+        distractors=False,
+        style=style,
+        plane=plane,
+    )
+    assert st.subject is not None
+    for s in st.series:
+        assert s.plane == plane
+        dss = list(s.datasets)
+        pts = _patient_points(dss)
+        # The header's geometry is the one the pixels were rendered on ...
+        n = st.grids[s.kind].shape[0]
+        assert np.allclose(pts[:n], st.grids[s.kind].points(), atol=0.01)
+        if s.kind not in ("t1", "t2"):
+            continue
+        # ... and the head a reader finds at each pixel's patient position is the one shown.
+        f = sample_points(st.subject, pts)
+        head = sum(f[t] for t in ("scalp", "csf", "gm", "wm")) > 0.5
+        img = np.stack([d.pixel_array for d in dss]).astype(float)
+        shown = img > 0.1 * np.percentile(img, 99)
+
+        def dice(x: np.ndarray, head: np.ndarray = head) -> float:
+            return float(2 * (x & head).sum() / (x.sum() + head.sum()))
+
+        assert dice(shown) > 0.7, (s.kind, dice(shown))
+        if plane != "axial":  # upside down, the same pixels would not be the head
+            assert dice(shown[:, ::-1]) < dice(shown) - 0.04, (s.kind, dice(shown[:, ::-1]))
+        iop = np.array(dss[0].ImageOrientationPatient, dtype=float)
+        if plane != "axial":
+            assert iop[5] < -0.9  # rows run inferior: the vertex is at the top of the image
+    # The lesion is where the T1C header geometry says, not in the mirrored hemisphere.
+    t1c = list(next(s for s in st.series if s.kind == "t1c").datasets)
+    pts = _patient_points(t1c)
+    centre = np.array(st.lesions[0]["center_mm"], dtype=np.float32)
+    d = np.linalg.norm(pts - centre, axis=-1)
+    k, r, c = np.unravel_index(np.argmin(d), d.shape)
+    tol = 0.6 * float(t1c[0].SpacingBetweenSlices) + 2.0
+    assert d[k, r, c] < tol and st.volumes["lesion_fraction"][k, r, c] > 0.3
+    if abs(centre[0]) > 15:
+        mirrored = centre * np.array([-1, 1, 1], dtype=np.float32)
+        dm = np.linalg.norm(pts - mirrored, axis=-1)
+        km = np.unravel_index(np.argmin(dm), dm.shape)
+        assert st.volumes["lesion_fraction"][km] < 0.1
+
+
+def test_randomised_geometry_varies_and_is_written_consistently() -> None:
+    seen = set()
+    for seed in range(8):
+        st = generate_study(
+            seed,
+            phenotype="pcnsl",
+            vendor="ge",
+            size=48,
+            slices=8,
+            distractors=False,
+            randomise=True,
+        )
+        for s in st.series:
+            ds = s.datasets[0]
+            seen.add((s.kind, s.plane, s.acquisition))
+            assert ds.MRAcquisitionType == s.acquisition
+            g = s.geometry
+            assert [float(x) for x in ds.ImageOrientationPatient] == pytest.approx(
+                [*g["row_dir"], *g["col_dir"]],
+                abs=1e-4,  # type: ignore[list-item]
+            )
+            assert float(ds.SliceThickness) == pytest.approx(g["slice_thickness_mm"], abs=1e-3)
+            if s.acquisition == "3D":
+                assert float(ds.SliceThickness) < 2.0
+            else:
+                assert float(ds.SliceThickness) >= 2.9
+            # Every series keeps the lesion inside its stack.
+            k = s.lesions[0]["center_voxel"][0]  # type: ignore[index]
+            assert 0 <= k < g["shape"][0]  # type: ignore[index]
+    planes = {p for _, p, _ in seen}
+    assert planes == {"axial", "sagittal", "coronal"}
+    assert {a for _, _, a in seen} == {"2D", "3D"}
+    assert {a for k, _, a in seen if k in ("dwi", "adc")} == {"2D"}
+
+
+def test_tissue_draws_keep_every_physical_ordering() -> None:
+    from node.lab.synth.contrast import TISSUES, Acquisition
+    from node.lab.synth.randomise import draw_tissues, ordering_violations
+
+    acqs = {
+        "t1": Acquisition(equation="se", tr_ms=500, te_ms=10),
+        "t1c": Acquisition(equation="se", tr_ms=500, te_ms=10, contrast=True),
+        "t2": Acquisition(equation="se", tr_ms=4500, te_ms=100),
+        "flair": Acquisition(equation="ir", tr_ms=9000, te_ms=110, ti_ms=2500),
+        "dwi": Acquisition(equation="epi", tr_ms=5000, te_ms=80, b_value=1000, fat_sat=True),
+    }
+    rng = np.random.default_rng(0)
+    t1_wm = []
+    for style in ("a", "b"):
+        for field_t in (1.5, 3.0):
+            for _ in range(15):
+                tissues, tries = draw_tissues(rng, style=style, field_t=field_t, acqs=acqs)
+                assert tries <= 40
+                assert ordering_violations(tissues, acqs, style) == ()
+                t1_wm.append(tissues["wm"].t1_ms)
+    assert max(t1_wm) / min(t1_wm) > 1.5  # wide ranges, not one table
+    # The check itself can fail: a table with T2-dark CSF breaks T2 and FLAIR orderings.
+    from dataclasses import replace
+
+    broken = {**TISSUES, "csf": replace(TISSUES["csf"], t2_ms=60.0, t1_ms=700.0)}
+    assert "t2: csf > gm > wm" in ordering_violations(broken, acqs, "a")
+
+
+@pytest.mark.parametrize("style", ["a", "b"])
+def test_randomised_images_keep_the_ordering(style: str) -> None:
+    from node.lab.synth.anatomy import sample_points
+
+    for seed in (1, 2, 3):
+        st = generate_study(
+            seed,
+            phenotype="normal",
+            vendor="philips",
+            size=64,
+            slices=12,
+            distractors=False,
+            randomise=True,
+            style=style,
+        )
+        assert st.subject is not None and st.tissue_draws <= 40
+        med = {}
+        for kind in ("t1", "t2", "flair"):
+            f = sample_points(st.subject, st.grids[kind].points())
+            up = {
+                k: np.clip(
+                    __import__("node.lab.synth.contrast", fromlist=["x"]).upsample_inplane(
+                        v, 64, 64
+                    ),
+                    0,
+                    1,
+                )
+                for k, v in f.items()
+            }
+            vol = st.volumes[kind]
+            masks = {"wm": up["wm"] > 0.9, "csf": up["ventricles"] > 0.7}
+            if min(int(m.sum()) for m in masks.values()) < 15:
+                continue
+            med[kind] = {k: float(np.median(vol[m])) for k, m in masks.items()}
+        assert med, "no series with enough pure white matter and ventricle"
+        if "t1" in med:
+            assert med["t1"]["wm"] > med["t1"]["csf"]
+        if "t2" in med:
+            assert med["t2"]["csf"] > med["t2"]["wm"]
+        if "flair" in med:
+            assert med["flair"]["csf"] < med["flair"]["wm"]
+
+
+def test_styles_differ_in_noise_and_headers() -> None:
+    kw = {"phenotype": "normal", "vendor": "siemens", "size": 64, "slices": 8}
+    a = generate_study(12, distractors=False, style="a", **kw)  # type: ignore[arg-type]
+    b = generate_study(12, distractors=False, style="b", **kw)  # type: ignore[arg-type]
+
+    def background_ratio(st: SynthStudy) -> float:
+        # Air in the image corners: Rician (one channel) gives Rayleigh noise, mean/std ~1.9;
+        # root-sum-of-squares over many coils gives noncentral chi, mean/std well above 3.
+        t2 = st.volumes["t2"]
+        corner = np.concatenate([t2[:, :6, :6].ravel(), t2[:, -6:, :6].ravel()])
+        return float(corner.mean() / corner.std())
+
+    assert background_ratio(a) < 2.4 < 3.0 < background_ratio(b)
+    da = {s.kind: s.datasets for s in a.series}
+    db = {s.kind: s.datasets for s in b.series}
+    assert ({s.description for s in a.series} - {""}).isdisjoint({s.description for s in b.series})
+    assert da["t2"][0].StudyDescription != db["t2"][0].StudyDescription
+    assert "DiffusionBValue" in da["dwi"][-1] and "DiffusionBValue" not in db["dwi"][-1]
+    assert db["dwi"][-1].SequenceName == "*ep_b1000t"  # b-value still in name and private tag
+    assert "RescaleSlope" not in da["t2"][0] and float(db["t2"][0].RescaleSlope) == 1.0
+    assert db["t2"][0].ProtocolName != db["t2"][0].SeriesDescription
+    # Different anatomy: the brain's share of the T2 stack is not the same head.
+    assert a.subject is not None and b.subject is not None
+    assert a.subject.template_source != b.subject.template_source == "parametric"
+
+
+def test_randomised_styles_deterministic_per_seed(tmp_path: Path) -> None:
+    kw = {"studies": 2, "size": 32, "slices": 6, "styles": ["a", "b"], "randomise": True}
+    write_studies(tmp_path / "x", seed=5, **kw)  # type: ignore[arg-type]
+    write_studies(tmp_path / "y", seed=5, **kw)  # type: ignore[arg-type]
+    write_studies(tmp_path / "z", seed=6, **kw)  # type: ignore[arg-type]
+    hx, hy, hz = _hashes(tmp_path / "x"), _hashes(tmp_path / "y"), _hashes(tmp_path / "z")
+    assert hx == hy
+    assert hx["manifest.json"] != hz["manifest.json"]
+    m = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert [s["style"] for s in m["studies"]] == ["a", "b"]
+    for study in m["studies"]:
+        assert study["randomised"] is True and study["field_strength_t"] in (1.5, 3.0)
+        for s in study["series"]:
+            assert {"style", "plane", "acquisition", "field_strength_t", "vendor"} <= set(s)
+            assert s["vendor"] == study["vendor"] and s["style"] == study["style"]
+            if s["label"] != "OTHER":
+                assert s["plane"] in ("axial", "sagittal", "coronal")
+                assert len(s["geometry"]["shape"]) == 3 and len(s["lesions"]) == len(
+                    study["lesions"]
+                )
+
+
+def test_style_and_plane_arguments() -> None:
+    with pytest.raises(ValueError, match="style"):
+        generate_study(1, phenotype="gbm", vendor="ge", style="c")
+    with pytest.raises(ValueError, match="plane"):
+        generate_study(1, phenotype="gbm", vendor="ge", plane="oblique")
+    with pytest.raises(ValueError, match="style"):
+        write_studies(Path("/nonexistent"), studies=1, seed=1, styles=["z"])
+
+
+def test_cli_synth_style_b_randomised(tmp_path: Path) -> None:
+    from node.cli import main
+
+    rc = main(
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "o"),
+            "--studies",
+            "2",
+            "--seed",
+            "3",
+            "--size",
+            "32",
+            "--slices",
+            "6",
+            "--style",
+            "b",
+            "--randomise",
+            "--no-distractors",
+        ]
+    )
+    assert rc == 0
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert {s["style"] for s in m["studies"]} == {"b"}
+    rc = main(
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "p"),
+            "--studies",
+            "1",
+            "--size",
+            "32",
+            "--slices",
+            "4",
+            "--plane",
+            "coronal",
+            "--no-distractors",
+        ]
+    )
+    assert rc == 0
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert {s["plane"] for s in m["studies"][0]["series"]} == {"coronal"}
+
+
+def test_speed_randomised_study() -> None:
+    load_template()
+    load_template("parametric")
+    for style in ("a", "b"):
+        generate_study(
+            0,
+            phenotype="gbm",
+            vendor="ge",
+            size=64,
+            slices=8,
+            distractors=False,
+            style=style,
+            randomise=True,
+        )  # warm up
+        t0 = time.perf_counter()
+        generate_study(
+            1,
+            phenotype="gbm",
+            vendor="ge",
+            size=128,
+            slices=16,
+            distractors=False,
+            style=style,
+            randomise=True,
+        )
+        elapsed = time.perf_counter() - t0
+        print(f"style {style} randomised 128x128x16: {elapsed:.2f} s")
+        assert elapsed < 4.0
