@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ from node.bundles.config import (
     recipe_preprocessing,
 )
 from node.bundles.roi import Box, RoiSpec, lesion_box
+from node.dicom.canonical import canonical_axial
+from node.ensemble import sigmoid
 from node.errors import InferenceError, ModelUnavailable
 from node.log import get_logger
 from node.records import (
@@ -350,10 +351,6 @@ def forward_logits(bundle: Bundle, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs) if outs else torch.zeros(0, len(bundle.metadata.labels))
 
 
-def _sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
-
-
 def predict_series(
     bundle: Bundle,
     volume: SeriesVolume,
@@ -365,9 +362,11 @@ def predict_series(
     meta = bundle.metadata
     if meta.task == SEQUENCE_TASK:
         raise InferenceError(f"model {meta.name} is a sequence classifier; use classify_slices")
-    indices = select_slices(volume.pixels, meta.slice_mode, meta.slice_n, max_slices=max_slices)
-    box = series_box(volume.pixels, meta)
-    logits = forward_logits(bundle, prepare_slices(volume.pixels, indices, meta, box))
+    # Canonical axial slices from the DICOM geometry: a sagittal 3D series reads as axial.
+    pixels = canonical_axial(volume).pixels
+    indices = select_slices(pixels, meta.slice_mode, meta.slice_n, max_slices=max_slices)
+    box = series_box(pixels, meta)
+    logits = forward_logits(bundle, prepare_slices(pixels, indices, meta, box))
     slice_logit = (logits[:, 1] - logits[:, 0]).double().numpy()
     series_logit = float(slice_logit.mean())
     t = meta.temperature
@@ -378,7 +377,7 @@ def predict_series(
     else:
         label = sequence
     b = meta.calibration_bias
-    prob = _sigmoid(series_logit / t + b)
+    prob = sigmoid(series_logit / t + b)
     log.debug("series_predicted", model_id=meta.name, task=meta.task, probability=round(prob, 4))
     return SeriesPrediction(
         task=meta.task,
@@ -388,7 +387,7 @@ def predict_series(
         sequence=label,
         probability=prob,
         slice_indices=indices,
-        slice_probabilities=tuple(_sigmoid(float(z) / t + b) for z in slice_logit),
+        slice_probabilities=tuple(sigmoid(float(z) / t + b) for z in slice_logit),
         weights_sha256=meta.weights_sha256,
         region=None if box is None else (box.r0, box.r1, box.c0, box.c1),
     )
@@ -399,8 +398,9 @@ def classify_slices(bundle: Bundle, volume: SeriesVolume, n: int) -> SliceClassi
     meta = bundle.metadata
     if meta.task != SEQUENCE_TASK:
         raise InferenceError(f"model {meta.name} is not a sequence classifier")
-    indices = select_slices(volume.pixels, "central_window", max(1, n))
-    logits = forward_logits(bundle, prepare_slices(volume.pixels, indices, meta))
+    pixels = canonical_axial(volume).pixels
+    indices = select_slices(pixels, "central_window", max(1, n))
+    logits = forward_logits(bundle, prepare_slices(pixels, indices, meta))
     probs = torch.softmax(logits / meta.temperature, dim=1).numpy().astype(np.float32)
     best = probs.argmax(axis=1)
     return SliceClassification(

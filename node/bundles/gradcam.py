@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from node.bundles.bundle import Bundle, prepare_slices, resolve_layer, series_box
 from node.bundles.roi import Box
+from node.dicom.canonical import canonical_axial, to_source
 from node.errors import InferenceError
 from node.records import FloatArray, Heatmap, SeriesPrediction, SeriesVolume
 
@@ -83,36 +84,92 @@ def to_source_grid(cam: torch.Tensor, rows: int, cols: int, box: Box | None = No
 def explain_series(
     bundle: Bundle, volume: SeriesVolume, prediction: SeriesPrediction, *, top_k: int = 3
 ) -> tuple[Heatmap, ...]:
-    """Heatmaps for the key slices: those most confident in the predicted class."""
+    """Heatmaps of the key slices, on source slices of the series.
+
+    The model read canonical axial slices (node.dicom.canonical). For an axial series those are
+    the source slices: the key slices are the ones most confident in the predicted class. For
+    a sagittal or coronal series the maps of every slice the model read, each weighted by that
+    slice's confidence in the predicted class and interpolated between them, form a 3-D map
+    that is mapped back onto the source grid; the key source slices are those holding most of
+    it."""
     meta = bundle.metadata
     if top_k < 1 or not prediction.slice_indices:
         return ()
+    canon = canonical_axial(volume)
+    pixels = canon.pixels
     positive = prediction.probability >= 0.5
     class_index = 1 if positive else 0
     probs = np.asarray(prediction.slice_probabilities)
-    order = np.argsort(-probs if positive else probs, kind="stable")[:top_k]
-    chosen = tuple(prediction.slice_indices[int(i)] for i in order)
     if prediction.region is not None:
         box: Box | None = Box(*prediction.region, found=True)
     else:
-        box = series_box(volume.pixels, meta)
-    x = prepare_slices(volume.pixels, chosen, meta, box)
-    layer = resolve_layer(bundle.network, meta.cam_layer)
-    try:
-        cams = grad_cam(bundle.network, layer, x, class_index)
-    except RuntimeError as exc:
-        raise InferenceError(f"Grad-CAM failed for model {meta.name}: {exc}") from exc
-    rows, cols = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
+        box = series_box(pixels, meta)
+    rows, cols = int(pixels.shape[1]), int(pixels.shape[2])
+    if canon.identity:
+        order = np.argsort(-probs if positive else probs, kind="stable")[:top_k]
+        chosen = tuple(prediction.slice_indices[int(i)] for i in order)
+        cams = _cams(bundle, pixels, chosen, box, class_index)
+        return tuple(
+            Heatmap(
+                series_uid=volume.series_uid,
+                slice_index=idx,
+                source=volume.slices[idx],
+                cam=to_source_grid(cams[j], rows, cols, box),
+                image=np.asarray(volume.pixels[idx], dtype=np.float32),
+            )
+            for j, idx in enumerate(chosen)
+        )
+    read = prediction.slice_indices
+    cams = _cams(bundle, pixels, read, box, class_index)
+    support = probs if positive else 1.0 - probs
+    maps = np.stack(
+        [float(support[j]) * to_source_grid(cams[j], rows, cols, box) for j in range(len(read))]
+    )
+    source_map = to_source(fill_between(maps, read, int(pixels.shape[0])), canon)
+    mass = source_map.reshape(source_map.shape[0], -1).sum(axis=1)
+    chosen = tuple(int(i) for i in np.argsort(-mass, kind="stable")[:top_k] if mass[i] > 0)
     return tuple(
         Heatmap(
             series_uid=volume.series_uid,
             slice_index=idx,
             source=volume.slices[idx],
-            cam=to_source_grid(cams[j], rows, cols, box),
+            cam=_unit_range(torch.from_numpy(source_map[idx][None])).numpy()[0],
             image=np.asarray(volume.pixels[idx], dtype=np.float32),
         )
-        for j, idx in enumerate(chosen)
+        for idx in chosen
     )
+
+
+def _cams(
+    bundle: Bundle,
+    pixels: FloatArray,
+    indices: tuple[int, ...],
+    box: Box | None,
+    class_index: int,
+) -> torch.Tensor:
+    meta = bundle.metadata
+    x = prepare_slices(pixels, indices, meta, box)
+    layer = resolve_layer(bundle.network, meta.cam_layer)
+    try:
+        return grad_cam(bundle.network, layer, x, class_index)
+    except RuntimeError as exc:
+        raise InferenceError(f"Grad-CAM failed for model {meta.name}: {exc}") from exc
+
+
+def fill_between(maps: FloatArray, indices: tuple[int, ...], n_slices: int) -> FloatArray:
+    """A (n_slices, rows, cols) volume from maps on some slices, linear in between, 0 outside."""
+    out = np.zeros((n_slices, *maps.shape[1:]), dtype=np.float32)
+    order = np.argsort(indices, kind="stable")
+    idx = [int(indices[i]) for i in order]
+    sorted_maps = maps[order]
+    for j, k in enumerate(idx):
+        out[k] = sorted_maps[j]
+        if j + 1 < len(idx):
+            nxt = idx[j + 1]
+            for z in range(k + 1, nxt):
+                t = (z - k) / (nxt - k)
+                out[z] = (1.0 - t) * sorted_maps[j] + t * sorted_maps[j + 1]
+    return out
 
 
 def with_heatmaps(

@@ -1,0 +1,167 @@
+"""One canonical geometry for every series: axial slices, read as a radiologist reads them.
+
+Models were trained on axial slices; scanners also send sagittal and coronal series, 2D and
+3D. Before a model reads a series, its volume is turned into axial slices from its DICOM
+geometry (ImageOrientationPatient, the slice order along the normal, PixelSpacing and the slice
+spacing): slices run feet to head, rows anterior to posterior, columns patient right to left
+(the standard axial display), with square pixels. Only axis permutations, flips and an in-plane
+linear resampling are used, so an axial series comes out unchanged and every canonical voxel
+maps back to the source grid exactly (`to_source`), which is how Grad-CAM maps computed on
+canonical slices return to the source slices for the Secondary Captures.
+
+A series whose slices are not one spatial stack (a time series, repeated positions) or whose
+orientation is missing is left as it is (plane "unknown"). Pure numpy and scipy, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from node.records import FloatArray, SeriesVolume
+
+# Target direction of each canonical axis in patient (LPS) coordinates: slices towards the head
+# (+z), rows towards posterior (+y), columns towards the patient's left (+x).
+_TARGET = ((2, 1.0), (1, 1.0), (0, 1.0))
+_PLANE_OF_NORMAL = {0: "sagittal", 1: "coronal", 2: "axial"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class CanonicalVolume:
+    """A series' pixels as canonical axial slices, and how they map back to the source grid."""
+
+    pixels: FloatArray  # (slices feet->head, rows A->P, cols R->L)
+    plane: str  # the source's acquisition plane: axial, sagittal, coronal or unknown
+    axes: tuple[int, int, int]  # canonical axis k is source axis axes[k]
+    flips: tuple[bool, bool, bool]  # canonical axis k runs against source axis axes[k]
+    zoom: tuple[float, float]  # in-plane factors applied to canonical rows and columns
+    permuted_shape: tuple[int, int, int]  # canonical shape before the in-plane zoom
+    spacing_mm: tuple[float, float, float]  # canonical voxel size (slice, row, column)
+
+    @property
+    def identity(self) -> bool:
+        """True when the canonical pixels are the source pixels themselves."""
+        return self.axes == (0, 1, 2) and not any(self.flips) and self.zoom == (1.0, 1.0)
+
+
+def _source_axes(volume: SeriesVolume) -> tuple[npt.NDArray[np.float64], ...] | None:
+    """Unit direction (LPS) of source axes (slice, row index, column index), or None."""
+    first, last = volume.slices[0].geometry, volume.slices[-1].geometry
+    ori = np.asarray(first.orientation, dtype=np.float64)
+    if ori.shape != (6,) or not np.all(np.isfinite(ori)):
+        return None
+    row_cos, col_cos = ori[:3], ori[3:]
+    if np.linalg.norm(row_cos) < 0.5 or np.linalg.norm(col_cos) < 0.5:
+        return None
+    normal = np.cross(row_cos, col_cos)
+    if len(volume.slices) > 1:
+        step = np.asarray(last.position, dtype=np.float64) - np.asarray(first.position)
+        if float(np.dot(step, normal)) < 0:
+            normal = -normal
+    # pixels[k, r, c]: r moves along the column cosines, c along the row cosines.
+    return (
+        normal / np.linalg.norm(normal),
+        col_cos / np.linalg.norm(col_cos),
+        row_cos / np.linalg.norm(row_cos),
+    )
+
+
+def _one_stack(volume: SeriesVolume) -> bool:
+    """Slices strictly ascending along their normal: one spatial stack, no repeats."""
+    if len(volume.slices) != volume.pixels.shape[0]:
+        return False
+    ori = np.asarray(volume.slices[0].geometry.orientation, dtype=np.float64)
+    normal = np.cross(ori[:3], ori[3:])
+    d = np.array([float(np.dot(normal, s.geometry.position)) for s in volume.slices])
+    return bool(len(d) < 2 or np.all(np.diff(d) > 1e-3) or np.all(np.diff(d) < -1e-3))
+
+
+def _assign(directions: tuple[npt.NDArray[np.float64], ...]) -> tuple[int, int, int] | None:
+    """Source axis for each patient axis (x, y, z): the best one-to-one match by |cosine|."""
+    weights = np.abs(np.stack(directions))  # [source axis, patient axis]
+    best: tuple[float, tuple[int, int, int]] | None = None
+    for perm in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
+        # perm[p] = source axis that carries patient axis p
+        score = float(sum(weights[perm[p], p] for p in range(3)))
+        if best is None or score > best[0] + 1e-9:
+            best = (score, perm)
+    return None if best is None else best[1]
+
+
+def canonical_axial(volume: SeriesVolume) -> CanonicalVolume:
+    """The series as canonical axial slices (the source itself when it already is one)."""
+    pixels = np.asarray(volume.pixels, dtype=np.float32)
+    unchanged = CanonicalVolume(
+        pixels=pixels,
+        plane="unknown",
+        axes=(0, 1, 2),
+        flips=(False, False, False),
+        zoom=(1.0, 1.0),
+        permuted_shape=(int(pixels.shape[0]), int(pixels.shape[1]), int(pixels.shape[2])),
+        spacing_mm=(1.0, 1.0, 1.0),
+    )
+    if pixels.ndim != 3 or not volume.slices or not _one_stack(volume):
+        return unchanged
+    directions = _source_axes(volume)
+    if directions is None:
+        return unchanged
+    geom = volume.slices[0].geometry
+    slice_mm = volume.slice_spacing_mm or geom.slice_thickness or 1.0
+    source_mm = (float(slice_mm), float(geom.pixel_spacing[0]), float(geom.pixel_spacing[1]))
+    carrier = _assign(directions)
+    if carrier is None:
+        return unchanged
+    plane = _PLANE_OF_NORMAL[int(np.argmax(np.abs(directions[0])))]
+    axes_list: list[int] = []
+    flips_list: list[bool] = []
+    for patient_axis, sign in _TARGET:
+        src = carrier[patient_axis]
+        axes_list.append(src)
+        flips_list.append(bool(directions[src][patient_axis] * sign < 0))
+    axes = (axes_list[0], axes_list[1], axes_list[2])
+    flips = (flips_list[0], flips_list[1], flips_list[2])
+    out = np.transpose(pixels, axes)
+    for k, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis=k)
+    permuted_shape = (int(out.shape[0]), int(out.shape[1]), int(out.shape[2]))
+    mm = tuple(source_mm[a] for a in axes)
+    target = min(mm[1], mm[2])
+    zoom = (mm[1] / target, mm[2] / target)
+    if zoom != (1.0, 1.0):
+        out = ndimage.zoom(out, (1.0, zoom[0], zoom[1]), order=1, mode="nearest", grid_mode=True)
+    return CanonicalVolume(
+        pixels=np.ascontiguousarray(out, dtype=np.float32),
+        plane=plane,
+        axes=axes,
+        flips=flips,
+        zoom=(float(zoom[0]), float(zoom[1])),
+        permuted_shape=permuted_shape,
+        spacing_mm=(mm[0], target, target),
+    )
+
+
+def to_source(values: npt.NDArray[np.floating], canonical: CanonicalVolume) -> FloatArray:
+    """A canonical-grid volume (e.g. a Grad-CAM map) on the source grid of the series."""
+    arr = np.asarray(values, dtype=np.float32)
+    if canonical.identity:
+        return arr
+    if canonical.zoom != (1.0, 1.0):
+        shape = canonical.permuted_shape
+        factors = (1.0, shape[1] / arr.shape[1], shape[2] / arr.shape[2])
+        arr = _fit(ndimage.zoom(arr, factors, order=1, mode="nearest", grid_mode=True), shape)
+    for k, flip in enumerate(canonical.flips):
+        if flip:
+            arr = np.flip(arr, axis=k)
+    inverse = tuple(int(i) for i in np.argsort(canonical.axes))
+    return np.ascontiguousarray(np.transpose(arr, inverse), dtype=np.float32)
+
+
+def _fit(arr: FloatArray, shape: tuple[int, int, int]) -> FloatArray:
+    """Crop or edge-pad rows and columns to `shape` (zoom can round a pixel either way)."""
+    arr = arr[:, : shape[1], : shape[2]]
+    pad = ((0, 0), (0, shape[1] - arr.shape[1]), (0, shape[2] - arr.shape[2]))
+    return np.pad(arr, pad, mode="edge") if any(p[1] for p in pad) else arr
