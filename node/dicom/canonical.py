@@ -144,6 +144,19 @@ def canonical_axial(volume: SeriesVolume) -> CanonicalVolume:
     )
 
 
+def canonical_index(
+    voxel: tuple[float, float, float], canonical: CanonicalVolume
+) -> tuple[float, float, float]:
+    """Where a source voxel (slice, row, column) lands on the canonical grid."""
+    point = [float(voxel[a]) for a in canonical.axes]
+    for k, flip in enumerate(canonical.flips):
+        if flip:
+            point[k] = canonical.permuted_shape[k] - 1 - point[k]
+    for k, factor in ((1, canonical.zoom[0]), (2, canonical.zoom[1])):
+        point[k] = (point[k] + 0.5) * factor - 0.5
+    return (point[0], point[1], point[2])
+
+
 def to_source(values: npt.NDArray[np.floating], canonical: CanonicalVolume) -> FloatArray:
     """A canonical-grid volume (e.g. a Grad-CAM map) on the source grid of the series."""
     arr = np.asarray(values, dtype=np.float32)

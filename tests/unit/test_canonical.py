@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from node.dicom.canonical import canonical_axial, to_source
+from node.dicom.canonical import canonical_axial, canonical_index, to_source
 from node.records import SeriesVolume, SliceGeometry, SliceRef
 
 X, Y, Z = 20, 24, 16  # patient voxels (L, P, H), 1 mm
@@ -127,3 +127,13 @@ def test_a_time_series_is_left_as_it_is() -> None:
     canon = canonical_axial(series)
     assert canon.identity and canon.plane == "unknown"
     assert canon.pixels is series.pixels or np.array_equal(canon.pixels, series.pixels)
+
+
+def test_a_source_voxel_lands_on_its_canonical_voxel() -> None:
+    v = _patient_volume()
+    series = _sagittal(v)
+    canon = canonical_axial(series)
+    k, r, c = 3, 4, 7  # sagittal slice x=3, row z=Z-1-4, column y=7
+    z, y, x = canonical_index((k, r, c), canon)
+    assert (z, y, x) == (Z - 1 - r, c, k)
+    assert canon.pixels[int(z), int(y), int(x)] == series.pixels[k, r, c]

@@ -24,6 +24,7 @@ import numpy.typing as npt
 import torch
 
 from node.bundles.bundle import preprocess, roi_box, select_slices
+from node.dicom.canonical import CanonicalVolume, canonical_axial, canonical_index
 from node.errors import NodeError
 from node.lab.train.recipes import NORM_HIGH, NORM_LOW, Recipe
 from node.records import SequenceLabel, SeriesVolume
@@ -55,6 +56,7 @@ class SeriesItem:
     # Task lesions as (centre slice index, radius mm) when the data says where they are (synth);
     # then slices away from every lesion get an uninformative target instead of the study label.
     lesions: tuple[tuple[int, float], ...] = ()
+    lesion_voxels: tuple[tuple[float, float, float], ...] = ()  # centres (slice, row, column)
     lesions_known: bool = False
 
 
@@ -184,14 +186,22 @@ def load_synth(root: Path, task: str) -> tuple[SeriesItem, ...]:
             label = str(raw_label)
         group = str(study.get("patient_key") or study.get("patient_id") or study_uid)
         kinds = EVIDENCE_KINDS.get(task, ())
-        lesions = tuple(
-            (int(les["center_voxel"][0]), float(les["radius_mm"]))
-            for les in study.get("lesions", [])
-            if isinstance(les, Mapping) and les.get("kind") in kinds
-        )
         for series in study.get("series", []):
             if not isinstance(series, Mapping):
                 continue
+            # Each routed series carries its lesions on its own grid (randomised planes);
+            # older manifests only have the study's, on the one shared grid.
+            found = [
+                les
+                for les in series.get("lesions", study.get("lesions", []))
+                if isinstance(les, Mapping) and les.get("kind") in kinds
+            ]
+            lesions = tuple((int(les["center_voxel"][0]), float(les["radius_mm"])) for les in found)
+            voxels = tuple(
+                (float(v[0]), float(v[1]), float(v[2]))
+                for v in (les["center_voxel"] for les in found)
+                if len(v) == 3
+            )
             seq = series.get("label") or series.get("sequence")
             try:
                 sequence = SequenceLabel(str(seq))
@@ -211,6 +221,7 @@ def load_synth(root: Path, task: str) -> tuple[SeriesItem, ...]:
                     label=label,
                     paths=paths,
                     lesions=lesions,
+                    lesion_voxels=voxels if len(voxels) == len(lesions) else (),
                     lesions_known=task in EVIDENCE_KINDS,
                 )
             )
@@ -393,14 +404,20 @@ def build_slice_set(
     for i, it in enumerate(items):
         target = class_index(it, recipe)
         loaded = load(it)
+        item = it
         if isinstance(loaded, SeriesVolume):
-            pixels, spacing = loaded.pixels, loaded.slice_spacing_mm
+            # The same canonical axial slices the node reads at inference.
+            canon = canonical_axial(loaded)
+            pixels, spacing = canon.pixels, loaded.slice_spacing_mm
+            if not canon.identity:
+                spacing = canon.spacing_mm[0]
+                item = _lesions_on_canonical(it, canon)
         else:
             pixels, spacing = loaded, None
         idx, x = series_slices(pixels, recipe)
         xs.append(x.half())
         ys.append(torch.full((x.shape[0],), target, dtype=torch.int64))
-        ts.append(slice_targets(it, idx, k, target, spacing))
+        ts.append(slice_targets(item, idx, k, target, spacing))
         ss.append(torch.full((x.shape[0],), i, dtype=torch.int64))
         labels.append(target)
         groups.append(it.group)
@@ -418,6 +435,19 @@ def build_slice_set(
         series_groups=tuple(groups),
         series_uids=tuple(uids),
     )
+
+
+def _lesions_on_canonical(item: SeriesItem, canon: CanonicalVolume) -> SeriesItem:
+    """The item with its lesions' slice indices on the canonical grid (unknown: none known)."""
+    if not item.lesions:
+        return item
+    if len(item.lesion_voxels) != len(item.lesions):
+        return dataclasses.replace(item, lesions_known=False)
+    lesions = tuple(
+        (round(canonical_index(v, canon)[0]), r)
+        for v, (_, r) in zip(item.lesion_voxels, item.lesions, strict=True)
+    )
+    return dataclasses.replace(item, lesions=lesions)
 
 
 def load_volume(item: SeriesItem) -> SeriesVolume:
