@@ -9,6 +9,9 @@ command -v /usr/sbin/Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
 [ -x /usr/bin/dciodvfy ] || need_apt+=(dicom3tools)
+[ -x /usr/bin/systemd-analyze ] || need_apt+=(systemd)
+[ -x /usr/bin/shellcheck ] || need_apt+=(shellcheck)
+[ -x /usr/bin/docker-compose ] || need_apt+=(docker-compose)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: apt-get install ${need_apt[*]}" >&2
