@@ -81,6 +81,15 @@ class AllowedCaller(_Frozen):
     _host = field_validator("host")(_check_host)
 
 
+class NodeTls(_Frozen):
+    """Inbound DICOM TLS: our certificate and key; with a CA, callers must present a
+    certificate it signed (client-certificate verification)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+
+
 class NodeSettings(_Frozen):
     """Our DICOM identity and association policy."""
 
@@ -93,6 +102,7 @@ class NodeSettings(_Frozen):
     allowed_callers: tuple[AllowedCaller, ...] = ()
     network_timeout_s: float = Field(default=60.0, gt=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
+    tls: NodeTls | None = None  # None: the listener speaks plain DICOM
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -120,6 +130,9 @@ class CompletionSettings(_Frozen):
     """When a study counts as complete."""
 
     quiet_period_s: float = Field(default=20.0, ge=0.5)
+    # A study that keeps trickling is processed this long after its first instance (of this
+    # round) even if instances still come; later ones re-open it.
+    max_wait_s: float = Field(default=3600.0, ge=1)
     use_expected_counts: bool = True
     poll_interval_s: float = Field(default=0.25, gt=0, le=10)
 
@@ -263,6 +276,9 @@ class TaskSettings(_Frozen):
     method: FusionMethod = "weighted_mean_logit"
     temperature: float = Field(default=1.0, gt=0)  # applied to the fused logit
     indeterminate_band: tuple[float, float] = (0.35, 0.65)  # fused p inside -> indeterminate
+    # The lesion gate: the name of a task (e.g. tumour) whose "absent" finding means this task
+    # gives no diagnosis and reports "no lesion found" instead.
+    requires_lesion: str | None = None
 
     @field_validator("indeterminate_band")
     @classmethod
@@ -344,6 +360,26 @@ class Rules(_Frozen):
     sequence: SequenceSettings = SequenceSettings()
     tasks: dict[str, TaskSettings] = Field(default_factory=_default_tasks)
     qualify: QualifySettings = QualifySettings()
+
+    @field_validator("tasks")
+    @classmethod
+    def _lesion_gates(cls, tasks: dict[str, TaskSettings]) -> dict[str, TaskSettings]:
+        for name, task in tasks.items():
+            gate = task.requires_lesion
+            if gate is None:
+                continue
+            if gate == name or gate not in tasks:
+                others = sorted(t for t in tasks if t != name)
+                raise _rule_error(
+                    f"task {name}: requires_lesion names '{gate}', which is not another task",
+                    f"the name of the lesion task, one of {others}, or remove the key",
+                )
+            if tasks[gate].requires_lesion is not None:
+                raise _rule_error(
+                    f"task {name}: its lesion gate '{gate}' is itself gated",
+                    f"a task without requires_lesion (remove it from task {gate})",
+                )
+        return tasks
 
 
 # --- validation with line numbers and fixes ------------------------------------------------------
@@ -700,6 +736,39 @@ def check_bundles_exist(
                 line=line_of(loc),
                 message=f"no bundle folder '{bundle}' in {models_dir}",
                 fix=fix + (" (or set enabled: false on the task)" if loc[0] == "tasks" else ""),
+            )
+        )
+    return tuple(problems)
+
+
+def check_files_exist(rules: Rules, text: str | None = None) -> tuple[RuleProblem, ...]:
+    """Every TLS file the rules name exists (relative paths: from the working directory)."""
+    lines = _line_index(text) if text is not None else {}
+    wanted: list[tuple[Loc, Path]] = []
+    tls = rules.node.tls
+    if tls is not None:
+        wanted.append((("node", "tls", "cert_file"), tls.cert_file))
+        wanted.append((("node", "tls", "key_file"), tls.key_file))
+        if tls.ca_file is not None:
+            wanted.append((("node", "tls", "ca_file"), tls.ca_file))
+    for i, dest in enumerate(rules.destinations):
+        if isinstance(dest, DicomDestination):
+            for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+                value = getattr(dest, key)
+                if value is not None:
+                    wanted.append((("destinations", i, key), value))
+    problems = []
+    for loc, path in wanted:
+        if path.is_file():
+            continue
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+        problems.append(
+            RuleProblem(
+                path=".".join(str(p) for p in loc),
+                line=line,
+                message=f"file {path} does not exist",
+                fix="the path of a PEM file readable by the node (absolute, or relative to"
+                " the folder the node runs in)",
             )
         )
     return tuple(problems)

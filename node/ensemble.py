@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from node.config import Rules, TaskSettings
 from node.records import FindingStatus, SeriesPrediction, TaskFinding
@@ -164,7 +165,39 @@ def fuse_task(
 
 
 def fuse_study(rules: Rules, predictions: Sequence[SeriesPrediction]) -> tuple[TaskFinding, ...]:
-    """One finding per enabled task, in rule-file order."""
+    """One finding per enabled task, in rule-file order, the lesion gates applied."""
+    findings = {
+        name: fuse_task(name, task, predictions)
+        for name, task in rules.tasks.items()
+        if task.enabled
+    }
     return tuple(
-        fuse_task(name, task, predictions) for name, task in rules.tasks.items() if task.enabled
+        apply_lesion_gate(f, findings.get(rules.tasks[name].requires_lesion or ""))
+        for name, f in findings.items()
     )
+
+
+def apply_lesion_gate(finding: TaskFinding, gate: TaskFinding | None) -> TaskFinding:
+    """No diagnosis without a lesion: when the gate task (lesion presence) found none, the task
+    reports "no lesion found" with no probability and no model evidence (so no heatmaps).
+
+    A gate that is present or indeterminate lets the task answer; a gate that could not be
+    assessed (no series for it) lets it answer too, and the reason says the gate did not run.
+    """
+    if gate is None or finding.status is FindingStatus.NOT_ASSESSABLE:
+        return finding
+    if gate.status is FindingStatus.ABSENT:
+        return replace(
+            finding,
+            status=FindingStatus.NO_LESION,
+            probability=None,
+            contributions=(),
+            method=f"{finding.method}; gated by task {gate.task}",
+            reason=f"no lesion found ({gate.task}: {gate.reason}); no {finding.task} diagnosis",
+        )
+    if gate.status is FindingStatus.NOT_ASSESSABLE:
+        return replace(
+            finding,
+            reason=f"{finding.reason}; lesion presence ({gate.task}) not assessed: {gate.reason}",
+        )
+    return finding

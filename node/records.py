@@ -190,6 +190,7 @@ class FindingStatus(StrEnum):
     ABSENT = "absent"
     INDETERMINATE = "indeterminate"
     NOT_ASSESSABLE = "not-assessable"  # no suitable series in the study
+    NO_LESION = "no-lesion"  # the lesion gate found no lesion: the task gives no diagnosis
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -460,6 +461,7 @@ class DeliveryState(StrEnum):
     SENDING = "sending"
     DELIVERED = "delivered"
     DEAD = "dead"  # dead letter: gave up; `neuronode requeue` sends it again
+    PARKED = "parked"  # its destination is no longer in the rules; sent again if it comes back
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -66,6 +66,7 @@ STATUS_CODES: Final[dict[FindingStatus, Code]] = {
     FindingStatus.ABSENT: Code("2667000", "SCT", "Absent"),
     FindingStatus.INDETERMINATE: Code("82334004", "SCT", "Indeterminate"),
     FindingStatus.NOT_ASSESSABLE: Code("NOTASSESSABLE", PRIVATE_SCHEME, "Not assessable"),
+    FindingStatus.NO_LESION: Code("NOLESION", PRIVATE_SCHEME, "No lesion found"),
 }
 
 

@@ -35,6 +35,7 @@ EVIDENCE_KINDS: dict[str, tuple[str, ...]] = {
     "gbm_pcnsl": ("gbm", "pcnsl"),
     "glioma_grade": ("lgg", "hgg", "gbm"),
     "tubers": ("tuber", "subependymal_nodule"),
+    "tumour": ("gbm", "pcnsl", "lgg", "hgg"),
 }
 Loaded = npt.NDArray[Any] | SeriesVolume
 
@@ -163,6 +164,14 @@ def scan_dicom_folder(
     return tuple(items)
 
 
+def tumour_label(labels: Mapping[str, Any]) -> str:
+    """Lesion presence from a study's task labels: a glioma or a lymphoma is a tumour."""
+    tumour = str(labels.get("gbm_pcnsl") or "") in ("gbm", "pcnsl") or str(
+        labels.get("glioma_grade") or ""
+    ) in ("low", "high")
+    return "present" if tumour else "absent"
+
+
 def _manifest_studies(manifest: Any) -> list[Mapping[str, Any]]:
     studies = manifest.get("studies") if isinstance(manifest, Mapping) else manifest
     if not isinstance(studies, list):
@@ -180,6 +189,8 @@ def load_synth(root: Path, task: str) -> tuple[SeriesItem, ...]:
     for study in _manifest_studies(manifest):
         study_uid = str(study.get("study_uid") or study.get("StudyInstanceUID") or "")
         labels = study.get("labels") or {}
+        if task == "tumour" and "tumour" not in labels:
+            labels = {**labels, "tumour": tumour_label(labels)}
         raw_label = labels.get(task) if task != "sequence" else None
         label = None
         if raw_label is not None and str(raw_label).lower() not in _NOT_APPLICABLE:

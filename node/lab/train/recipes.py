@@ -30,16 +30,20 @@ TASK_LABELS: dict[str, tuple[str, str]] = {
     "gbm_pcnsl": ("pcnsl", "gbm"),
     "glioma_grade": ("low", "high"),
     "tubers": ("absent", "present"),
+    # Lesion presence, the gate before the tumour tasks: any glioma or lymphoma is present;
+    # normal brains and tuberous sclerosis (tubers are lesions, not tumours) are absent.
+    "tumour": ("absent", "present"),
 }
 TASK_DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "gbm_pcnsl": ("primary CNS lymphoma", "glioblastoma"),
     "glioma_grade": ("low-grade glioma", "high-grade glioma"),
     "tubers": ("no cortical tubers", "cortical tubers"),
+    "tumour": ("no brain tumour", "brain tumour"),
 }
 SEQUENCE_LABELS = tuple(label.value for label in SequenceLabel)
 
 # Default sequence per task (the bundle name without a suffix) and every bundle we know.
-DEFAULT_SEQUENCE = {"gbm_pcnsl": "T1C", "glioma_grade": "T1C", "tubers": "FLAIR"}
+DEFAULT_SEQUENCE = {"gbm_pcnsl": "T1C", "glioma_grade": "T1C", "tubers": "FLAIR", "tumour": "FLAIR"}
 BUNDLES: dict[str, tuple[str, str | None]] = {
     "sequence": ("sequence", None),
     "gbm_pcnsl_t1c": ("gbm_pcnsl", "T1C"),
@@ -48,6 +52,7 @@ BUNDLES: dict[str, tuple[str, str | None]] = {
     "glioma_grade_flair": ("glioma_grade", "FLAIR"),
     "tubers_flair": ("tubers", "FLAIR"),
     "tubers_t2": ("tubers", "T2"),
+    "tumour_flair": ("tumour", "FLAIR"),
 }
 
 
@@ -167,6 +172,14 @@ def get_recipe(name: str, variant: str = "small") -> Recipe:
             # the published tubers augmentation at half strength: at 128 px a tuber is a few
             # pixels across and the full-strength affine blurred it out of a tiny network's reach
             "tubers": Augment(hflip=True, rotate_deg=15, shift=0.05, shear=0.1, zoom=0.12),
+            "tumour": Augment(
+                hflip=True,
+                rotate_deg=10,
+                shift=0.05,
+                zoom=0.1,
+                intensity_scale=0.2,
+                intensity_shift=0.1,
+            ),
         }[task]
         return Recipe(
             bundle_name=bundle,
