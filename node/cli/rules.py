@@ -13,6 +13,7 @@ from node.classify.sequence import classify_headers
 from node.cli.command import Command
 from node.config import (
     check_bundles_exist,
+    check_files_exist,
     summarise_rules,
     validate_rules_text,
 )
@@ -42,7 +43,10 @@ def cmd_check(args: CheckArgs) -> int:
         return 1
     rules, problems = validate_rules_text(text)
     if rules is not None and not args.skip_bundle_check:
-        problems = check_bundles_exist(rules, path.parent, text)
+        problems = (
+            *check_files_exist(rules, text),
+            *check_bundles_exist(rules, path.parent, text),
+        )
     for p in problems:
         print(p.render(path))
     if rules is None or problems:
@@ -112,7 +116,8 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip-bundle-check",
         action="store_true",
-        help="do not require a folder under models_dir for every bundle named",
+        help="do not require what the file names to exist on this machine (a folder under"
+        " models_dir for every bundle, the TLS files)",
     )
 
 

@@ -7,7 +7,9 @@ unexpected error into a failure status, so one bad instance never ends the assoc
 
 from __future__ import annotations
 
+import errno
 import itertools
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,10 +26,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     RawDataStorage,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeSettings
-from node.errors import EchoStatus, SpoolError, StoreStatus
+from node.errors import ConfigError, EchoStatus, SpoolError, StoreStatus
 from node.ingest.spool import Spool
+from node.ingest.transport import PduLimits, guarded_handler, server_tls_context
 from node.log import get_logger, uid_key
 
 log = get_logger(__name__)
@@ -92,6 +96,21 @@ def check_association(
     return "calling AE title not recognised"
 
 
+def _bind_problem(settings: NodeSettings, exc: OSError) -> str:
+    """One line naming the rule-file key behind a failed bind."""
+    where = f"{settings.bind_address}:{settings.port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"node.port: port {settings.port} is already in use ({where})"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"node.bind_address: {settings.bind_address} is not an address of this host"
+            " (use 127.0.0.1, 0.0.0.0 or one of this host's addresses)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"node.port: no permission to listen on port {settings.port} (use 1024 or above)"
+    return f"node.bind_address/node.port: cannot listen on {where}: {exc.strerror}"
+
+
 @dataclass(slots=True)
 class _AssocStats:
     assoc_id: str
@@ -131,7 +150,7 @@ class Receiver:
         return ae
 
     def start(self) -> None:
-        """Start listening (non-blocking)."""
+        """Start listening (non-blocking); a bind failure is a ConfigError naming the key."""
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
@@ -140,9 +159,42 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self._server = self.ae.start_server(
-            (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
+        limits = PduLimits(
+            network_timeout_s=self.settings.network_timeout_s,
+            max_pdu_bytes=self.settings.max_pdu_bytes,
         )
+        address = (self.settings.bind_address, self.settings.port)
+        try:
+            # AE.start_server without its own TLS wrapping (done per connection, off the
+            # accept loop) and with our request handler (timeouts and PDU limits).
+            server = self.ae.make_server(
+                address,
+                evt_handlers=handlers,
+                server_class=ThreadedAssociationServer,
+                request_handler=guarded_handler(limits, self._tls_context()),
+            )
+        except OSError as exc:
+            raise ConfigError(_bind_problem(self.settings, exc)) from None
+        self.ae._servers.append(server)  # so AE.shutdown() stops it, as start_server does
+        thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
+        thread.start()
+        self._server = server
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.settings.tls
+        if tls is None:
+            return None
+        try:
+            return server_tls_context(
+                str(tls.cert_file),
+                str(tls.key_file),
+                str(tls.ca_file) if tls.ca_file is not None else None,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"node.tls: cannot load the certificate, key or CA: {type(exc).__name__}"
+                f" ({getattr(exc, 'strerror', None) or getattr(exc, 'reason', None) or 'invalid'})"
+            ) from None
 
     @property
     def port(self) -> int:

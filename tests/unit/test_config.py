@@ -70,7 +70,13 @@ def test_shipped_rule_files_pass_bundle_check_when_bundles_exist(
     rel = path.relative_to(REPO)
     copy = tmp_path / rel
     copy.parent.mkdir(parents=True)
-    copy.write_text(path.read_text())
+    text = path.read_text()
+    if "/etc/neuronode/tls/" in text:  # the TLS files must exist too: make them here
+        (tmp_path / "tls").mkdir()
+        for name in ("ca.pem", "node.pem", "node.key"):
+            (tmp_path / "tls" / name).write_text("PEM\n")
+        text = text.replace("/etc/neuronode/tls/", f"{tmp_path}/tls/")
+    copy.write_text(text)
     for bundle in all_bundles(rules):
         (tmp_path / "models" / bundle).mkdir(parents=True, exist_ok=True)
     assert cmd_check(CheckArgs(rules_file=copy, skip_bundle_check=False)) == 0

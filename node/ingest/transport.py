@@ -1,0 +1,188 @@
+"""The accepted connection, before pynetdicom reads from it: timeouts, PDU limits, TLS.
+
+pynetdicom reads a PDU as ``recv(6)`` (type and length) and then ``recv(length)``, blocking on
+a socket that Python's ``accept()`` hands over without a timeout, and it buffers whatever
+length the peer declares. So a peer that sends a few bytes and stops holds an association slot
+forever, and one that declares 4 GiB makes us allocate it. pynetdicom lets a server take its
+own request handler class (``AE.make_server(request_handler=...)``): ours gives the accepted
+socket a reader that follows the PDU framing, so every PDU must be complete within the network
+timeout (a byte every few seconds does not keep it open) and a PDU whose declared length is over
+the limit is aborted from its header, before a byte of its body is read. TLS is negotiated in
+the connection's own thread under the same timeout, not in the accept loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pynetdicom.transport import RequestHandler
+
+from node.log import get_logger
+
+log = get_logger(__name__)
+
+PDU_HEADER_BYTES: Final = 6
+P_DATA_TF: Final = 0x04
+# Other PDUs (association negotiation, release, abort) are small; an A-ASSOCIATE-RQ proposing
+# every storage class in every transfer syntax stays well under this.
+MAX_CONTROL_PDU_BYTES: Final = 1024 * 1024
+# A-ABORT, source: service provider (2), reason: invalid PDU parameter value (6). PS3.8 9.3.8.
+ABORT_INVALID_PARAMETER: Final = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06))
+
+
+class PduRefused(ConnectionAbortedError):
+    """The peer declared a PDU longer than we accept, or did not finish one in time."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PduLimits:
+    """What one accepted connection may do: time per PDU and length of a P-DATA PDU."""
+
+    network_timeout_s: float
+    max_pdu_bytes: int  # 0: no limit on P-DATA-TF (PS3.8); control PDUs stay capped
+
+    def max_length(self, pdu_type: int) -> int | None:
+        """The largest declared length accepted for a PDU type (None: no limit)."""
+        if pdu_type == P_DATA_TF:
+            return self.max_pdu_bytes or None
+        return max(MAX_CONTROL_PDU_BYTES, self.max_pdu_bytes)
+
+
+class _PduReader:
+    """``recv`` that follows PDU framing: a deadline per PDU and a limit on declared lengths.
+
+    Mixed into ``socket.socket`` and ``ssl.SSLSocket`` so pynetdicom keeps a real socket
+    (``select`` and its TLS ``pending()`` check still work).
+    """
+
+    limits: PduLimits
+    peer_host: str
+    _header: bytes
+    _left: int
+    _deadline: float | None
+
+    def init_reader(self, limits: PduLimits, peer_host: str) -> None:
+        self.limits = limits
+        self.peer_host = peer_host
+        self._header = b""
+        self._left = 0
+        self._deadline = None
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        bufsize = buflen
+        sock: Any = super()
+        now = time.monotonic()
+        if self._deadline is None:
+            # The first byte of a PDU is here (pynetdicom reads only when select says so):
+            # all of it must follow within the network timeout.
+            self._deadline = now + self.limits.network_timeout_s
+        remaining = self._deadline - now
+        if remaining <= 0:
+            self._refuse("PDU not complete within the network timeout", send_abort=False)
+        sock.settimeout(remaining)
+        try:
+            if self._left:
+                data: bytes = sock.recv(min(bufsize, self._left), flags)
+                self._left -= len(data)
+            else:
+                data = sock.recv(min(bufsize, PDU_HEADER_BYTES - len(self._header)), flags)
+                self._header += data
+                if len(self._header) == PDU_HEADER_BYTES:
+                    self._start_body()
+        except TimeoutError:
+            self._refuse("PDU not complete within the network timeout", send_abort=False)
+        finally:
+            sock.settimeout(self.limits.network_timeout_s)
+        if not self._left and not self._header:
+            self._deadline = None
+        return data
+
+    def _start_body(self) -> None:
+        pdu_type, _, length = struct.unpack(">BBL", self._header)
+        self._header = b""
+        limit = self.limits.max_length(pdu_type)
+        if limit is not None and length > limit:
+            log.warning(
+                "pdu_refused",
+                peer_host=self.peer_host,
+                reason="declared PDU length over the limit",
+                bytes=length,
+                count=limit,
+            )
+            self._refuse("declared PDU length over the limit", send_abort=True)
+        self._left = length
+
+    def _refuse(self, reason: str, *, send_abort: bool) -> None:
+        sock: Any = super()
+        if send_abort:
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(ABORT_INVALID_PARAMETER)
+            except OSError:
+                pass
+        else:
+            log.warning("pdu_refused", peer_host=self.peer_host, reason=reason)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        raise PduRefused(reason)
+
+
+class GuardedSocket(_PduReader, socket.socket):
+    """A plain TCP connection read PDU by PDU."""
+
+
+class GuardedTlsSocket(_PduReader, ssl.SSLSocket):
+    """A TLS connection read PDU by PDU."""
+
+
+def guarded_handler(limits: PduLimits, tls: ssl.SSLContext | None) -> type[RequestHandler]:
+    """A pynetdicom request handler class whose connections are read under `limits`."""
+    if tls is not None:
+        tls.sslsocket_class = GuardedTlsSocket
+
+    class GuardedRequestHandler(RequestHandler):
+        def handle(self) -> None:
+            raw: socket.socket = self.request
+            peer_host = str(self.client_address[0])
+            raw.settimeout(limits.network_timeout_s)
+            guarded: GuardedSocket | GuardedTlsSocket
+            try:
+                if tls is not None:
+                    # Handshake here, in this connection's thread, under the timeout.
+                    guarded = tls.wrap_socket(raw, server_side=True)  # type: ignore[assignment]
+                else:
+                    guarded = GuardedSocket(fileno=raw.detach())
+            except (OSError, ssl.SSLError) as exc:
+                log.warning(
+                    "connection_refused",
+                    peer_host=peer_host,
+                    reason="TLS handshake failed" if tls is not None else "socket error",
+                    error_type=type(exc).__name__,
+                )
+                raw.close()
+                return
+            guarded.settimeout(limits.network_timeout_s)
+            guarded.init_reader(limits, peer_host)
+            self.request = guarded
+            super().handle()
+
+    return GuardedRequestHandler
+
+
+def server_tls_context(cert_file: str, key_file: str, ca_file: str | None) -> ssl.SSLContext:
+    """The listener's TLS context; with a CA, callers must present a certificate it signed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    if ca_file is not None:
+        ctx.load_verify_locations(cafile=ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
