@@ -169,6 +169,10 @@ def configure(fmt: LogFormat = "auto", level: str = "info", stream: Any = None) 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    # Python warnings are log lines too: pydicom's quote header values ("Invalid value for VR
+    # DA: '...'"), so they go through the guard above (level and logger kept, text dropped)
+    # instead of raw to stderr.
+    logging.captureWarnings(True)
     # pynetdicom logs dataset dumps (patient attributes) at DEBUG/INFO: keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     _quiet_pynetdicom()

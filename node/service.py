@@ -18,11 +18,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from node.config import Rules
-from node.errors import JobError, NodeError, SpoolError
+from node.errors import ConfigError, JobError, NodeError, SpoolError
 from node.ingest.completion import decide_ready
 from node.ingest.receive import Receiver
 from node.ingest.spool import Spool
@@ -31,12 +32,19 @@ from node.pipeline.jobs import JobQueue
 from node.records import StudyJob, StudyOutcome, StudyStatus
 from node.web.server import HTTP_PORT_ENV, WebServer
 
+if TYPE_CHECKING:
+    from node.deliver.outbox import SendFn
+
 log = get_logger(__name__)
 
 Processor = Callable[[StudyJob], StudyOutcome]
 
 SHUTDOWN_GRACE_S = 10.0
-SENDER_INTERVAL_S = 1.0  # how often the sender looks for due deliveries
+SENDER_INTERVAL_S = 1.0  # how often each destination's sender looks for due deliveries
+# A loop that keeps failing the same way (disk full) logs once, then once per this period with
+# the number of failures in between; it also slows down, up to ERROR_BACKOFF_MAX_S.
+ERROR_LOG_PERIOD_S = 60.0
+ERROR_BACKOFF_MAX_S = 5.0
 # Test hook only: seconds each job sleeps before the pipeline runs, so a test can kill the
 # node while a study is processing. Logged loudly when set.
 TEST_DELAY_ENV = "NEURONODE_TEST_PROCESS_DELAY_S"
@@ -68,12 +76,24 @@ def _with_test_delay(processor: Processor, delay_s: float) -> Processor:
 class Node:
     """Everything `serve` runs, startable and stoppable from a test in the same process."""
 
-    def __init__(self, rules: Rules, *, processor: Processor | None = None) -> None:
+    def __init__(
+        self,
+        rules: Rules,
+        *,
+        processor: Processor | None = None,
+        send: SendFn | None = None,
+    ) -> None:
         self.rules = rules
         spool_dir = rules.storage.spool_dir
-        spool_dir.mkdir(parents=True, exist_ok=True)
+        prepare_spool_dir(spool_dir)
         self._lock_file = _lock_spool(spool_dir)
-        self.spool = Spool(spool_dir, min_free_disk_mb=rules.storage.min_free_disk_mb)
+        try:
+            self.spool = Spool(spool_dir, min_free_disk_mb=rules.storage.min_free_disk_mb)
+        except (OSError, sqlite3.Error) as exc:
+            self._lock_file.close()
+            raise ConfigError(
+                f"storage.spool_dir: cannot use {spool_dir}: {_os_reason(exc)}"
+            ) from None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.queue = JobQueue(
             self.spool.index,
@@ -82,6 +102,7 @@ class Node:
             max_attempts=rules.processing.max_attempts,
         )
         self.processor = processor if processor is not None else pipeline_processor(rules)
+        self._send = send  # None: C-STORE / STOW-RS (tests inject a fake)
         delay = os.environ.get(TEST_DELAY_ENV)
         if delay:
             log.warning("test_delay_active", duration_ms=round(float(delay) * 1000))
@@ -114,8 +135,9 @@ class Node:
         self._spawn("scheduler", self._schedule_loop)
         for i in range(self.rules.processing.workers):
             self._spawn(f"worker-{i}", self._work_loop)
-        if self.rules.destinations:
-            self._spawn("sender", self._send_loop)
+        self._park_unknown_deliveries()
+        for dest in self.rules.destinations:
+            self._spawn(f"sender-{dest.name}", partial(self._send_loop, dest.name))
         self._work.set()
         log.info(
             "node_started",
@@ -153,6 +175,7 @@ class Node:
     def _schedule_loop(self) -> None:
         """Poll receiving studies; enqueue the complete ones; take back expired leases."""
         c = self.rules.completion
+        errors = RepeatedError("scheduler_error")
         while not self._stop.is_set():
             try:
                 if self.queue.expire_leases():
@@ -167,12 +190,16 @@ class Node:
                         quiet_period_s=c.quiet_period_s,
                         series=study.series,
                         use_expected_counts=c.use_expected_counts,
+                        first_instance_at=max(study.receiving_since, self._started_at),
+                        max_wait_s=c.max_wait_s,
                     )
                     if decision.ready and self.queue.enqueue(study.study_uid) is not None:
                         self._work.set()
             except (NodeError, OSError, sqlite3.Error) as exc:
-                log.error("scheduler_error", error_type=type(exc).__name__)
-            self._stop.wait(c.poll_interval_s)
+                errors.record(exc)
+            else:
+                errors.clear()
+            self._stop.wait(errors.wait_s(c.poll_interval_s))
 
     def _work_loop(self) -> None:
         while not self._stop.is_set():
@@ -253,35 +280,55 @@ class Node:
             duration_ms=round((time.monotonic() - started) * 1000),
         )
 
-    def _send_loop(self) -> None:
-        """Deliver due outbox rows to every destination until stopped.
+    def _park_unknown_deliveries(self) -> None:
+        """Park the deliveries of destinations removed from the rules (logged once, shown by
+        `status`), and take back the parked rows of destinations that are in the rules again."""
+        from node.deliver.outbox import Outbox
 
-        Each pass sends the destinations in parallel (outbox.deliver_due), so one that is down
-        backs off only its own rows. The outbox has its own SQLite connection in this thread.
+        try:
+            with Outbox(self.rules.storage.spool_dir) as outbox:
+                outbox.park_unknown([d.name for d in self.rules.destinations], now=time.time())
+        except (sqlite3.Error, OSError) as exc:
+            log.error("sender_failed", error_type=type(exc).__name__)
+
+    def _send_loop(self, destination: str) -> None:
+        """Deliver one destination's due outbox rows until stopped.
+
+        Each destination has its own thread and its own outbox connection, so one that never
+        answers holds up only itself, and each honours its own backoff: it wakes when its
+        earliest row is due (at most SENDER_INTERVAL_S later, to see newly queued rows).
         """
         from node.deliver.outbox import Outbox, deliver_due
 
         try:
             outbox = Outbox(self.rules.storage.spool_dir)
         except (sqlite3.Error, OSError) as exc:
-            log.error("sender_failed", error_type=type(exc).__name__)
+            log.error("sender_failed", destination=destination, error_type=type(exc).__name__)
             return
+        errors = RepeatedError("sender_error")
         try:
             while not self._stop.is_set():
+                wait_s = SENDER_INTERVAL_S
                 try:
-                    counts = deliver_due(outbox, self.rules, time.time())
+                    counts = deliver_due(
+                        outbox, self.rules, time.time(), send=self._send, destination=destination
+                    )
+                    next_due = outbox.next_due(destination)
                 except (NodeError, OSError, sqlite3.Error) as exc:
-                    log.error("sender_error", error_type=type(exc).__name__)
+                    errors.record(exc)
+                    wait_s = errors.wait_s(SENDER_INTERVAL_S)
                 else:
+                    errors.clear()
                     if counts.delivered or counts.dead or counts.retrying:
                         log.info(
                             "sender_pass",
+                            destination=destination,
                             count=counts.delivered,
                             n_failed=counts.retrying + counts.dead,
                         )
-                        if counts.delivered:
-                            continue  # more may be due right away (batches of 50)
-                self._stop.wait(SENDER_INTERVAL_S)
+                    if next_due is not None:
+                        wait_s = min(wait_s, max(0.0, next_due - time.time()))
+                self._stop.wait(wait_s)
         finally:
             outbox.close()
 
@@ -292,6 +339,57 @@ class Node:
                 self.queue.renew(job)
             except JobError:
                 return
+
+
+class RepeatedError:
+    """Logging for a loop that may fail on every turn: the first error of a run is logged,
+    the same error again only once per ERROR_LOG_PERIOD_S (with how many there were), and the
+    loop's wait doubles up to ERROR_BACKOFF_MAX_S while it keeps failing."""
+
+    def __init__(self, event: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.event = event
+        self._clock = clock
+        self._failures = 0
+        self._suppressed = 0
+        self._last_type: str | None = None
+        self._logged_at = 0.0
+
+    def record(self, exc: BaseException) -> None:
+        now = self._clock()
+        kind = type(exc).__name__
+        self._failures += 1
+        if kind == self._last_type and now - self._logged_at < ERROR_LOG_PERIOD_S:
+            self._suppressed += 1
+            return
+        log.error(self.event, error_type=kind, count=self._suppressed + 1)
+        self._last_type, self._logged_at, self._suppressed = kind, now, 0
+
+    def clear(self) -> None:
+        if self._failures and self._last_type is not None:
+            log.info(f"{self.event}_cleared", count=self._failures)
+        self._failures, self._suppressed, self._last_type = 0, 0, None
+
+    def wait_s(self, interval_s: float) -> float:
+        if not self._failures:
+            return interval_s
+        return float(min(ERROR_BACKOFF_MAX_S, interval_s * 2.0 ** min(self._failures, 16)))
+
+
+def _os_reason(exc: BaseException) -> str:
+    return str(getattr(exc, "strerror", None) or type(exc).__name__)
+
+
+def prepare_spool_dir(spool_dir: Path) -> None:
+    """Create the spool folder; failing that, one ConfigError naming storage.spool_dir."""
+    try:
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        probe = spool_dir / ".writable"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"storage.spool_dir: cannot create or write {spool_dir}: {_os_reason(exc)}"
+        ) from None
 
 
 def _lock_spool(spool_dir: Path) -> IO[str]:

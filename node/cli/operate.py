@@ -14,14 +14,14 @@ from typing import Any
 
 from node.cli.command import Command, rules_option
 from node.config import load_rules
-from node.deliver.outbox import OUTBOX_DB, Outbox
-from node.errors import ConfigError
+from node.deliver.outbox import OUTBOX_DB, Outbox, delivery_counts
+from node.errors import ConfigError, NodeError
 from node.ingest.spool import Index
 from node.log import configure, get_logger, load_or_create_key, set_correlation_key
 from node.pipeline.jobs import JobQueue
 from node.pipeline.models import check_bundles
 from node.records import StudyStatus
-from node.service import Node
+from node.service import Node, prepare_spool_dir
 
 log = get_logger(__name__)
 
@@ -61,7 +61,7 @@ def cmd_serve(args: ServeArgs) -> int:
             + f"\n(fix models_dir or the bundle, or set enabled: false on the task; "
             f"`neuronode check {args.rules}` lists what is missing)"
         )
-    rules.storage.spool_dir.mkdir(parents=True, exist_ok=True)
+    prepare_spool_dir(rules.storage.spool_dir)
     set_correlation_key(load_or_create_key(rules.storage.spool_dir / "log.key"))
     node = Node(rules)
     stop = threading.Event()
@@ -72,7 +72,11 @@ def cmd_serve(args: ServeArgs) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node.start()
+    try:
+        node.start()
+    except NodeError:
+        node.stop(grace_s=0)
+        raise
     while not stop.wait(0.5):
         pass
     node.stop()
@@ -100,12 +104,15 @@ def cmd_status(args: StatusArgs) -> int:
         n_quarantined = int(index.query("SELECT COUNT(*) AS n FROM quarantine")[0]["n"])
     finally:
         index.close()
+    deliveries = delivery_counts(spool_dir)
+    known = {d.name for d in rules.destinations}
     doc: dict[str, Any] = {
         "spool": str(spool_dir),
         "studies": {s.value: by_state.get(s.value, 0) for s in StudyStatus},
         "queue_depth": summary.queue_depth,
         "processing": summary.processing,
         "quarantined": n_quarantined,
+        "deliveries": deliveries,
         "recent_failures": [
             {
                 "study_key": f.study_key,
@@ -125,6 +132,12 @@ def cmd_status(args: StatusArgs) -> int:
     print("studies: " + ", ".join(f"{k}={v}" for k, v in doc["studies"].items()))
     print(f"queue depth: {summary.queue_depth} ready, {summary.processing} processing")
     print(f"quarantined instances: {n_quarantined}")
+    for name, states in sorted(deliveries.items()):
+        note = "" if name in known else " (not in the rules: parked)"
+        print(
+            f"deliveries to {name}{note}: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(states.items()))
+        )
     if summary.recent_failures:
         print("recent failures:")
         for f in summary.recent_failures:
@@ -143,6 +156,12 @@ def cmd_requeue(args: RequeueArgs) -> int:
     rules = load_rules(args.rules)
     spool: Path = rules.storage.spool_dir
     destination = args.destination
+    names = [d.name for d in rules.destinations]
+    if destination is not None and destination not in names:
+        raise ConfigError(
+            f"no destination '{destination}' in {args.rules}"
+            f" (destinations: {', '.join(names) or 'none'})"
+        )
     if not (spool / OUTBOX_DB).exists():
         print("0 deliveries requeued (no outbox yet)")
         return 0

@@ -77,7 +77,7 @@ def _write_atomic(ds: Dataset, path: Path) -> None:
     try:
         write_dicom_durable(ds, path)
     except (OSError, ValueError, AttributeError) as exc:
-        raise SpoolError(f"cannot write outbox object: {exc}") from exc
+        raise SpoolError(f"cannot write outbox object: {type(exc).__name__}") from exc
 
 
 class Outbox:
@@ -205,6 +205,53 @@ class Outbox:
         )
         return tuple(r[0] for r in cur.fetchall())
 
+    def next_due(self, destination: str) -> float | None:
+        """When the earliest pending row of a destination is due (None: nothing pending)."""
+        row = self._db.execute(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE destination=? AND state=?",
+            (destination, DeliveryState.PENDING),
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def park_unknown(self, known: Sequence[str], *, now: float) -> dict[str, int]:
+        """Park the unsent rows of destinations no longer in the rules (logged once each, shown
+        by `neuronode status`); rows parked earlier whose destination is back are pending again.
+        Returns the rows parked now, per destination."""
+        names = sorted(set(known))
+        marks = ",".join("?" * len(names))
+        not_known = f"destination NOT IN ({marks})" if names else "1=1"
+        with self._tx() as db:
+            parked = {
+                str(r[0]): int(r[1])
+                for r in db.execute(
+                    f"SELECT destination, COUNT(*) FROM deliveries WHERE {not_known}"
+                    " AND state IN (?, ?) GROUP BY destination",
+                    (*names, DeliveryState.PENDING, DeliveryState.SENDING),
+                )
+            }
+            db.execute(
+                f"UPDATE deliveries SET state=?, updated_at=? WHERE {not_known}"
+                " AND state IN (?, ?)",
+                (DeliveryState.PARKED, now, *names, DeliveryState.PENDING, DeliveryState.SENDING),
+            )
+            if names:
+                cur = db.execute(
+                    "UPDATE deliveries SET state=?, next_attempt_at=?, updated_at=?"
+                    f" WHERE state=? AND destination IN ({marks})",
+                    (DeliveryState.PENDING, now, now, DeliveryState.PARKED, *names),
+                )
+                if cur.rowcount:
+                    log.info("outbox_destination_unparked", count=cur.rowcount)
+        for name, n in parked.items():
+            log.warning(
+                "outbox_unknown_destination",
+                destination=name,
+                count=n,
+                state=DeliveryState.PARKED.value,
+                reason="destination not in the rules: its deliveries are parked",
+            )
+        return parked
+
     def mark_delivered(self, row: Delivery, result: SendResult, *, now: float) -> None:
         """Record an accepted object."""
         with self._tx() as db:
@@ -278,6 +325,23 @@ class Outbox:
         return None if row is None else Path(row[0])
 
 
+def delivery_counts(spool_dir: Path) -> dict[str, dict[str, int]]:
+    """Rows per destination and state, read-only (safe while a node is sending)."""
+    path = spool_dir / OUTBOX_DB
+    if not path.exists():
+        return {}
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        out: dict[str, dict[str, int]] = {}
+        for r in db.execute(
+            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
+        ):
+            out.setdefault(str(r[0]), {})[str(r[1])] = int(r[2])
+        return out
+    finally:
+        db.close()
+
+
 # --- the sender loop -------------------------------------------------------------------------
 
 Destination = DicomDestination | DicomWebDestination
@@ -304,11 +368,14 @@ def deliver_due(
     send: SendFn | None = None,
     rng: random.Random | None = None,
     batch: int = 50,
+    destination: str | None = None,
 ) -> DeliveryCounts:
-    """One sender pass: each destination's due rows, the destinations sent in parallel.
+    """One sender pass: each destination's due rows (only `destination`'s when given).
 
     Each destination has its own association in its own thread, so one that is down (or
-    slow to time out) only backs off its own rows; the database is written here only.
+    slow to time out) only backs off its own rows; the database is written here only. The
+    running node calls this once per destination, each from its own thread, so a slow one
+    never holds up the others' passes. Rows of destinations not in the rules are parked.
     """
     sender = send or default_sender(rules)
     rand = rng or random.Random()
@@ -316,10 +383,12 @@ def deliver_due(
     delivered = retrying = dead = 0
     unreachable: list[str] = []
     claimed: list[tuple[str, Destination, tuple[Delivery, ...]]] = []
-    for name in outbox.destinations_due(now):
+    due = outbox.destinations_due(now)
+    if any(name not in by_name for name in due):
+        outbox.park_unknown(tuple(by_name), now=now)
+    for name in due:
         dest = by_name.get(name)
-        if dest is None:
-            log.warning("outbox_unknown_destination", destination=name)
+        if dest is None or (destination is not None and name != destination):
             continue
         rows = outbox.claim_due(name, now, batch)
         if rows:

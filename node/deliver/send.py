@@ -80,7 +80,9 @@ def _load(item: Dataset | Path) -> Dataset:
     try:
         return pydicom.dcmread(item)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
-        raise SendError(f"cannot read queued object {item.name}: {exc}", retryable=False) from exc
+        raise SendError(
+            f"cannot read queued object {item.name}: {type(exc).__name__}", retryable=False
+        ) from exc
 
 
 # --- DICOM C-STORE ---------------------------------------------------------------------------
@@ -259,7 +261,7 @@ def _store_one(
         try:
             to_send = reencode_sr(ds, fallback, uid_root=uid_root)
         except ReportError as exc:
-            return _not_sent(ds, f"SR fallback impossible: {exc}", retryable=False)
+            return _not_sent(ds, f"SR fallback impossible: {type(exc).__name__}", retryable=False)
         log.info(
             "sr_fallback",
             destination=dest.name,

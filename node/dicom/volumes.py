@@ -159,8 +159,32 @@ def _header(path: Path, ds: Dataset, *, has_pixels: bool) -> InstanceHeader:
     )
 
 
+# What reading one file may raise: pydicom on a malformed header or value, its pixel
+# handlers on a stream they cannot decode (NotImplementedError for an unsupported one).
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    InvalidDicomError,
+    LoadError,
+    OSError,
+    ValueError,
+    TypeError,
+    EOFError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+    OverflowError,
+    RuntimeError,
+    MemoryError,
+    struct.error,
+)
+
+
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:_REASON_CHARS]
+    """What the audit says about a file: our own message, or only the type of a third-party
+    error (its text may quote header values, e.g. a birth date pydicom cannot convert)."""
+    if isinstance(exc, LoadError):
+        return f"{type(exc).__name__}: {exc}"[:_REASON_CHARS]
+    return type(exc).__name__
 
 
 def read_headers(
@@ -175,7 +199,7 @@ def read_headers(
             # stop_before_pixels hides PixelData: look at the tags the header does carry.
             has_pixels = "Rows" in ds and "Columns" in ds
             headers.append(_header(Path(path), ds, has_pixels=has_pixels))
-        except (InvalidDicomError, LoadError, OSError, ValueError, TypeError, EOFError) as exc:
+        except _READ_ERRORS as exc:
             problems.append(DecodeProblem(path=Path(path), series_uid=None, reason=_reason(exc)))
     return tuple(headers), tuple(problems)
 

@@ -28,6 +28,7 @@ class ReadyKind(StrEnum):
     WAITING = "waiting"
     QUIET_PERIOD = "quiet-period"
     EXPECTED_COUNTS = "expected-counts"
+    MAX_WAIT = "max-wait"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,13 +52,24 @@ def decide_ready(
     quiet_period_s: float,
     series: tuple[SeriesCount, ...],
     use_expected_counts: bool = True,
+    first_instance_at: float | None = None,
+    max_wait_s: float | None = None,
 ) -> ReadyDecision:
-    """Decide if a receiving study is ready: quiet long enough, or complete by its hints."""
+    """Decide if a receiving study is ready: quiet long enough, complete by its hints, or
+    waited for `max_wait_s` since `first_instance_at` (a study that never stops trickling)."""
     if quiet_period_s <= 0:
         raise ValueError("quiet_period_s must be positive")
+    if max_wait_s is not None and max_wait_s <= 0:
+        raise ValueError("max_wait_s must be positive")
     idle = max(0.0, now - last_instance_at)
     if idle >= quiet_period_s:
         return ReadyDecision(ready=True, kind=ReadyKind.QUIET_PERIOD, wait_s=0.0)
+    if (
+        max_wait_s is not None
+        and first_instance_at is not None
+        and now - first_instance_at >= max_wait_s
+    ):
+        return ReadyDecision(ready=True, kind=ReadyKind.MAX_WAIT, wait_s=0.0)
     settle = min(EXPECTED_COUNT_SETTLE_S, quiet_period_s)
     if use_expected_counts and all_series_complete(series) and idle >= settle:
         return ReadyDecision(ready=True, kind=ReadyKind.EXPECTED_COUNTS, wait_s=0.0)

@@ -18,13 +18,17 @@ import sqlite3
 import struct
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 
 from node.errors import InvalidInstance, SpoolError, StoreStatus
@@ -87,6 +91,7 @@ class StudyProgress:
 
     study_uid: str
     last_received_at: float
+    receiving_since: float  # first instance of this round (the study's first, or since re-opened)
     series: tuple[SeriesCount, ...]
 
 
@@ -107,28 +112,37 @@ def _positive_int(value: Any) -> int | None:
     return n if n > 0 else None
 
 
+# What pydicom and its pixel handlers raise on malformed input (a truncated value, a length
+# running past the end, a VR it cannot read, a compressed stream that does not parse).
+PARSE_ERRORS: tuple[type[BaseException], ...] = (
+    InvalidDicomError,
+    ValueError,  # includes UnicodeError
+    EOFError,
+    OSError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    NotImplementedError,
+    OverflowError,
+    RuntimeError,
+    MemoryError,
+    struct.error,
+    zlib.error,
+)
+
+
 def parse_instance(data: bytes, *, transfer_syntax_uid: str | None = None) -> ParsedInstance:
     """Read only the UIDs and count hints of a received instance; raise InvalidInstance."""
     try:
-        ds = pydicom.dcmread(
-            io.BytesIO(data), force=True, stop_before_pixels=True, specific_tags=list(_TAGS)
-        )
-        values = {name: ds.get(name) for name in _TAGS}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's warnings quote header values
+            ds = pydicom.dcmread(
+                io.BytesIO(data), force=True, stop_before_pixels=True, specific_tags=list(_TAGS)
+            )
+            values = {name: ds.get(name) for name in _TAGS}
         ts = transfer_syntax_uid or str(ds.file_meta.get("TransferSyntaxUID", "") or "")
-    except (
-        InvalidDicomError,
-        ValueError,  # includes UnicodeError
-        EOFError,
-        OSError,
-        KeyError,
-        IndexError,
-        TypeError,
-        AttributeError,
-        NotImplementedError,
-        OverflowError,
-        struct.error,
-        zlib.error,
-    ) as exc:
+    except PARSE_ERRORS as exc:
         raise InvalidInstance(f"unparseable: {type(exc).__name__}") from exc
     uids: dict[str, str] = {}
     for name in _TAGS[:4]:
@@ -150,6 +164,45 @@ def parse_instance(data: bytes, *, transfer_syntax_uid: str | None = None) -> Pa
         images_in_acquisition=_positive_int(values["ImagesInAcquisition"]),
         temporal_positions=_positive_int(values["NumberOfTemporalPositions"]),
     )
+
+
+def verify_instance(data: bytes) -> None:
+    """Parse a received instance to its end, every element and the pixel data included.
+
+    Native pixel data is decoded (its length must fit Rows x Columns x frames x samples x
+    bits); encapsulated pixel data must split into its items, one frame or more per frame.
+    Raise InvalidInstance with a reason of constant text (no header value) otherwise.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # value warnings quote header values; not fatal
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            for elem in ds.iterall():  # converts every raw element, nested sequences too
+                _ = elem.value
+            _verify_pixels(ds)
+    except InvalidInstance:
+        raise
+    except PARSE_ERRORS as exc:
+        raise InvalidInstance(f"unparseable: {type(exc).__name__}") from exc
+
+
+def _verify_pixels(ds: Dataset) -> None:
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        return
+    for keyword in ("Rows", "Columns", "BitsAllocated"):
+        if not _positive_int(ds.get(keyword)):
+            raise InvalidInstance(f"pixel data: missing or invalid {keyword}")
+    meta = getattr(ds, "file_meta", None)
+    ts = pydicom.uid.UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    if "PixelData" in ds and ts.is_valid and ts.is_encapsulated:
+        n_frames = _positive_int(ds.get("NumberOfFrames")) or 1
+        frames = sum(1 for _ in generate_frames(ds.PixelData, number_of_frames=n_frames))
+        if frames != n_frames:
+            raise InvalidInstance("pixel data: fewer compressed frames than NumberOfFrames")
+        return
+    arr = ds.pixel_array  # native: pydicom checks the length against the image attributes
+    if np.asarray(arr).size == 0:
+        raise InvalidInstance("pixel data: empty")
 
 
 _SCHEMA = """
@@ -176,7 +229,8 @@ CREATE TABLE IF NOT EXISTS studies (
     last_seq INTEGER NOT NULL,
     n_instances INTEGER NOT NULL,
     reopened INTEGER NOT NULL DEFAULT 0,
-    times_done INTEGER NOT NULL DEFAULT 0
+    times_done INTEGER NOT NULL DEFAULT 0,
+    receiving_since REAL
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     sha256 TEXT PRIMARY KEY,
@@ -205,6 +259,9 @@ class Index:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
+            columns = {str(r["name"]) for r in db.execute("PRAGMA table_info(studies)")}
+            if "receiving_since" not in columns:  # an index made before max_wait_s existed
+                db.execute("ALTER TABLE studies ADD COLUMN receiving_since REAL")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -254,6 +311,64 @@ class Spool:
         self.index = Index(root / "index.sqlite")
         self._inflight: set[str] = set()
         self._inflight_cv = threading.Condition()
+        self.sweep_orphans()
+
+    def sweep_orphans(self) -> tuple[int, int]:
+        """Reconcile files under instances/ that the index does not know (the index write
+        failed after the rename, e.g. ENOSPC; the sender was told it failed): index each one
+        that parses under its own name, quarantine the others. Returns (indexed, quarantined)."""
+        indexed = quarantined = 0
+        instances = self.root / "instances"
+        for study_dir in sorted(p for p in instances.iterdir() if p.is_dir()):
+            known = {
+                str(r["path"])
+                for r in self.index.query(
+                    "SELECT path FROM instances WHERE study_uid = ?", (study_dir.name,)
+                )
+            }
+            for path in sorted(study_dir.rglob("*.dcm")):
+                rel = path.relative_to(self.root)
+                if str(rel) in known:
+                    continue
+                try:
+                    adopted = self._adopt(path, rel)
+                except (SpoolError, OSError) as exc:  # still no room: try again next start
+                    log.error("spool_orphan_not_reconciled", error_type=type(exc).__name__)
+                    continue
+                if adopted:
+                    indexed += 1
+                else:
+                    quarantined += 1
+        if indexed or quarantined:
+            log.warning("spool_orphans_reconciled", count=indexed, n_quarantined=quarantined)
+        return indexed, quarantined
+
+    def _adopt(self, path: Path, rel: Path) -> bool:
+        """Index one orphan file if it parses and lives under its own UIDs; else quarantine it."""
+        data = path.read_bytes()
+        now = self._clock()
+        reason = ""
+        try:
+            parsed = parse_instance(data)
+            verify_instance(data)
+            if instance_relpath(parsed.ref) != rel:
+                reason = "orphan in the spool: its UIDs do not match its path"
+        except InvalidInstance as exc:
+            reason = f"orphan in the spool: {exc}"
+        if reason:
+            self._quarantine(
+                data,
+                reason=reason,
+                calling_ae="",
+                now=now,
+                status=StoreStatus.CANNOT_UNDERSTAND,
+            )
+            path.unlink()
+            return False
+        # Its arrival time is unknown: the file's own time is the best there is.
+        received = path.stat().st_mtime
+        result = self._store_parsed(data, parsed, calling_ae="", now=received)
+        return result.instance is not None and not result.instance.duplicate
 
     def store(
         self, data: bytes, *, calling_ae: str, sop_class_uid: str | None = None
@@ -274,6 +389,16 @@ class Spool:
             )
             return self._quarantine(
                 data, reason=str(exc), calling_ae=calling_ae, now=now, status=status
+            )
+        try:
+            verify_instance(data)
+        except InvalidInstance as exc:
+            return self._quarantine(
+                data,
+                reason=str(exc),
+                calling_ae=calling_ae,
+                now=now,
+                status=StoreStatus.CANNOT_UNDERSTAND,
             )
         if sop_class_uid is not None and parsed.ref.sop_class_uid != sop_class_uid:
             return self._quarantine(
@@ -308,6 +433,7 @@ class Spool:
         )
         if existing:
             row = existing[0]
+            self._reopen_given_up(ref.study_uid, now=now)
             return StoreResult(
                 status=StoreStatus.SUCCESS,
                 instance=StoredInstance(
@@ -370,19 +496,52 @@ class Spool:
         if row is None:
             db.execute(
                 "INSERT INTO studies (study_uid, state, first_received_at, last_received_at, "
-                "last_seq, n_instances) VALUES (?, ?, ?, ?, ?, 1)",
-                (study_uid, StudyStatus.RECEIVING.value, now, now, seq),
+                "last_seq, n_instances, receiving_since) VALUES (?, ?, ?, ?, ?, 1, ?)",
+                (study_uid, StudyStatus.RECEIVING.value, now, now, seq, now),
             )
             return
         finished = row["state"] in (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.DEAD)
         db.execute(
             "UPDATE studies SET last_received_at = ?, last_seq = ?, n_instances = n_instances + 1, "
             "state = CASE WHEN ? THEN ? ELSE state END, "
+            "receiving_since = CASE WHEN ? THEN ? ELSE COALESCE(receiving_since, ?) END, "
             "reopened = CASE WHEN ? THEN 1 ELSE reopened END WHERE study_uid = ?",
-            (now, seq, finished, StudyStatus.RECEIVING.value, finished, study_uid),
+            (
+                now,
+                seq,
+                finished,
+                StudyStatus.RECEIVING.value,
+                finished,
+                now,
+                now,
+                finished,
+                study_uid,
+            ),
         )
         if finished:
             log.info("study_reopened", study_key=uid_key(study_uid), state=row["state"])
+
+    def _reopen_given_up(self, study_uid: str, *, now: float) -> None:
+        """A re-sent instance of a failed or dead study is an explicit request to try again:
+        the study receives anew and gets a fresh job (a done study stays done: no duplicates)."""
+        try:
+            with self.index.transaction() as db:
+                cur = db.execute(
+                    "UPDATE studies SET state = ?, reopened = 1, last_received_at = ?, "
+                    "receiving_since = ? WHERE study_uid = ? AND state IN (?, ?)",
+                    (
+                        StudyStatus.RECEIVING.value,
+                        now,
+                        now,
+                        study_uid,
+                        StudyStatus.FAILED.value,
+                        StudyStatus.DEAD.value,
+                    ),
+                )
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot re-open study: {type(exc).__name__}") from exc
+        if cur.rowcount:
+            log.info("study_reopened", study_key=uid_key(study_uid), reason="instance sent again")
 
     def _quarantine(
         self, data: bytes, *, reason: str, calling_ae: str, now: float, status: StoreStatus
@@ -426,7 +585,7 @@ class Spool:
     def receiving_studies(self) -> tuple[StudyProgress, ...]:
         """Studies still receiving, with per-series counts and expected-count hints."""
         studies = self.index.query(
-            "SELECT study_uid, last_received_at FROM studies WHERE state = ?",
+            "SELECT study_uid, last_received_at, receiving_since FROM studies WHERE state = ?",
             (StudyStatus.RECEIVING.value,),
         )
         out = []
@@ -451,6 +610,11 @@ class Spool:
                 StudyProgress(
                     study_uid=str(st["study_uid"]),
                     last_received_at=float(st["last_received_at"]),
+                    receiving_since=float(
+                        st["receiving_since"]
+                        if st["receiving_since"] is not None
+                        else st["last_received_at"]
+                    ),
                     series=series,
                 )
             )

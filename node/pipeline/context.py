@@ -57,6 +57,7 @@ class PreviousSr:
     series_instance_uid: str
     path: Path
     predecessor_path: Path | None
+    content_uid: str = ""  # its UID without the predecessor: equal means the same result
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)

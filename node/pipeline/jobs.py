@@ -243,8 +243,15 @@ class JobQueue:
         newer = st is not None and int(st["last_seq"]) > int(st["claimed_seq"] or 0)
         if newer and state in (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.DEAD):
             db.execute(
-                "UPDATE studies SET state = ?, reopened = 1 WHERE study_uid = ?",
-                (StudyStatus.RECEIVING.value, job.study_uid),
+                "UPDATE studies SET state = ?, reopened = 1, receiving_since = ("
+                "SELECT MIN(received_at) FROM instances WHERE study_uid = ? AND seq > ?) "
+                "WHERE study_uid = ?",
+                (
+                    StudyStatus.RECEIVING.value,
+                    job.study_uid,
+                    int(st["claimed_seq"] or 0),
+                    job.study_uid,
+                ),
             )
             return StudyStatus.RECEIVING
         db.execute("UPDATE studies SET state = ? WHERE study_uid = ?", (state.value, job.study_uid))
@@ -319,8 +326,14 @@ class JobQueue:
                 (now + self.lease_s, job.job_id),
             )
 
-    def _abandon(self, where: str, params: tuple[object, ...], outcome: str) -> int:
-        """Take back processing jobs matching `where`: ready again, or dead past max attempts."""
+    def _abandon(
+        self, where: str, params: tuple[object, ...], outcome: str, *, counted: bool
+    ) -> int:
+        """Take back processing jobs matching `where`: ready again, or dead past max attempts.
+
+        An attempt that is not `counted` (the node died under it) is given back: it was not
+        the study's fault, so it never moves the job towards the dead letter.
+        """
         now = self._clock()
         with self.index.transaction() as db:
             rows = db.execute(
@@ -329,12 +342,13 @@ class JobQueue:
                 (StudyStatus.PROCESSING.value, *params),
             ).fetchall()
             for r in rows:
-                dead = int(r["attempts"]) >= int(r["max_attempts"])
+                attempts = int(r["attempts"]) if counted else max(0, int(r["attempts"]) - 1)
+                dead = counted and attempts >= int(r["max_attempts"])
                 state = StudyStatus.DEAD if dead else StudyStatus.READY
                 db.execute(
                     "UPDATE jobs SET state = ?, owner = NULL, lease_expires = NULL, "
-                    "updated_at = ?, last_error = ? WHERE job_id = ?",
-                    (state.value, now, outcome, r["job_id"]),
+                    "attempts = ?, updated_at = ?, last_error = ? WHERE job_id = ?",
+                    (state.value, attempts, now, outcome, r["job_id"]),
                 )
                 db.execute(
                     "UPDATE job_history SET finished_at = ?, outcome = ? "
@@ -356,12 +370,17 @@ class JobQueue:
         return len(rows)
 
     def release_orphans(self) -> int:
-        """At startup: jobs left in processing by a previous (dead) process are taken back."""
-        return self._abandon("(owner IS NULL OR owner != ?)", (self.owner,), "interrupted")
+        """At startup: jobs left in processing by a previous (dead) process are taken back.
+
+        A crash of the node is not the study's fault: the interrupted attempt is not counted.
+        """
+        return self._abandon(
+            "(owner IS NULL OR owner != ?)", (self.owner,), "interrupted", counted=False
+        )
 
     def expire_leases(self) -> int:
-        """Jobs whose lease ran out are taken back (their worker hung or died)."""
-        return self._abandon("lease_expires < ?", (self._clock(),), "lease-expired")
+        """Jobs whose lease ran out are taken back (their worker hung): the attempt counts."""
+        return self._abandon("lease_expires < ?", (self._clock(),), "lease-expired", counted=True)
 
     def summary(self, n_failures: int = 10) -> QueueSummary:
         """Queue depth, jobs processing and the latest failed or dead jobs."""

@@ -257,6 +257,7 @@ def read_previous_sr(folder: Path) -> PreviousSr | None:
             predecessor_path=Path(data["predecessor_path"])
             if data.get("predecessor_path")
             else None,
+            content_uid=str(data.get("content_uid") or data["sop_instance_uid"]),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -269,7 +270,7 @@ def _save_object(ds: Dataset, folder: Path) -> Path:
     try:
         write_dicom_durable(ds, path)
     except (OSError, ValueError, AttributeError) as exc:
-        raise ReportError(f"cannot write result object: {exc}") from exc
+        raise ReportError(f"cannot write result object: {type(exc).__name__}") from exc
     return path
 
 
@@ -311,12 +312,14 @@ def stage_report(ctx: StudyContext) -> StudyContext:
     ]
     predecessor_uid: str | None = None
     if outputs.structured_report:
-        new_uid = sr_uid(result, "comprehensive3d", uid_root=outputs.uid_root)
+        # What the SR says decides its UID: a changed result gets a new UID that names the
+        # previous SR as its predecessor; the same result again keeps its UID (no duplicate).
+        content_uid = sr_uid(result, "comprehensive3d", uid_root=outputs.uid_root)
         prev = read_previous_sr(folder)
         predecessor: Path | None
         if prev is None:
             predecessor = None
-        elif prev.sop_instance_uid == new_uid:
+        elif prev.content_uid == content_uid:
             predecessor = prev.predecessor_path  # the same SR again: same content, same UID
         else:
             predecessor = prev.path
@@ -344,6 +347,7 @@ def stage_report(ctx: StudyContext) -> StudyContext:
                 "series_instance_uid": str(sr.SeriesInstanceUID),
                 "path": str(sr_path.resolve()),
                 "predecessor_path": str(predecessor.resolve()) if predecessor else None,
+                "content_uid": content_uid,
             },
         )
     return replace(ctx, objects=tuple(objects), predecessor_sr=predecessor_uid)

@@ -166,7 +166,7 @@ def build_heatmap_images(
                 transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
             )
         except (TypeError, ValueError, AttributeError) as exc:
-            raise ReportError(f"cannot build the heatmap image: {exc}") from exc
+            raise ReportError(f"cannot build the heatmap image: {type(exc).__name__}") from exc
         copy_entity_attributes(src, sc)
         sc.SeriesDescription = SC_SERIES_DESCRIPTION
         sc.BurnedInAnnotation = "YES"

@@ -10,6 +10,7 @@ from typing import Any, Final, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, DT, TM
 
 from node.errors import ReportError
 
@@ -49,9 +50,40 @@ def quietly(build: Callable[..., T], /, **kwargs: Any) -> T:
         return build(**kwargs)
 
 
+# Date and time VRs highdicom converts when it copies patient and study attributes: a value
+# that does not convert (a scanner's 'ZZDOB0203') would make the whole result fail.
+_DATE_TIME_VRS: Final = {"DA": DA, "DT": DT, "TM": TM}
+
+
+def blank_nonconformant_dates(ds: Dataset) -> tuple[str, ...]:
+    """Empty the top-level date and time values that are not valid DICOM (Type 2: present but
+    empty is conformant), so one bad header value costs that value, never the result.
+    Returns the keywords blanked (never the values: they may be patient data)."""
+    blanked = []
+    for elem in ds:
+        convert = _DATE_TIME_VRS.get(str(elem.VR))
+        if convert is None or elem.value in (None, ""):
+            continue
+        values = elem.value if elem.VM > 1 else [elem.value]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for value in values:
+                    convert(str(value))
+        except (ValueError, TypeError, OverflowError):
+            elem.value = ""
+            blanked.append(elem.keyword or str(elem.tag))
+    return tuple(blanked)
+
+
 def read_header(path: Path) -> Dataset:
-    """A source header without pixels; a file that cannot be read is a ReportError."""
+    """A source header without pixels, its non-conformant dates blanked; a file that cannot be
+    read is a ReportError (naming the error type only: its text may quote header values)."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
-        raise ReportError(f"cannot read source {path.name}: {exc}") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # value warnings quote header values
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            blank_nonconformant_dates(ds)
+    except (OSError, ValueError, TypeError, EOFError, pydicom.errors.InvalidDicomError) as exc:
+        raise ReportError(f"cannot read source {path.name}: {type(exc).__name__}") from exc
+    return ds

@@ -208,7 +208,7 @@ def build_sr(
         ]
         seq_group = _sequence_group(result, series_numbers, uid_root)
     except (TypeError, ValueError, AttributeError) as exc:
-        raise ReportError(f"cannot build a measurement group: {exc}") from exc
+        raise ReportError(f"cannot build a measurement group: {type(exc).__name__}") from exc
     if seq_group is not None:
         groups.append(seq_group)
     observer = hd.sr.ObserverContext(
@@ -231,7 +231,7 @@ def build_sr(
             or None,
         )
     except (TypeError, ValueError, AttributeError) as exc:
-        raise ReportError(f"cannot build the measurement report: {exc}") from exc
+        raise ReportError(f"cannot build the measurement report: {type(exc).__name__}") from exc
     previous: list[Dataset] = []
     if predecessor is not None:
         prev = read_header(predecessor) if isinstance(predecessor, Path) else predecessor
@@ -266,14 +266,19 @@ def build_sr(
                 "sr-series", result.study_uid, *model_parts(result), uid_root=uid_root
             ),
             series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=sr_uid(result, sop_class, uid_root=uid_root),
+            sop_instance_uid=sr_uid(
+                result,
+                sop_class,
+                uid_root=uid_root,
+                predecessor_uid=str(previous[0].SOPInstanceUID) if previous else None,
+            ),
             instance_number=1,
             manufacturer=MANUFACTURER,
             is_complete=True,
             previous_versions=previous or None,
         )
     except (TypeError, ValueError, AttributeError) as exc:
-        raise ReportError(f"cannot build the structured report: {exc}") from exc
+        raise ReportError(f"cannot build the structured report: {type(exc).__name__}") from exc
     copy_entity_attributes(first, sr)
     sr.SeriesDescription = SR_SERIES_DESCRIPTION
     sr.CodingSchemeIdentificationSequence = _scheme_identification()

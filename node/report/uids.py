@@ -40,10 +40,30 @@ def model_parts(result: StudyResult) -> tuple[str, ...]:
     )
 
 
+def _probability(value: float | None) -> str:
+    """A probability as the UIDs see it: 4 decimals, so float noise never changes a UID."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def content_parts(result: StudyResult) -> tuple[str, ...]:
+    """What the SR says, in short: each task's answer and each series' probability. A result
+    that changes (a re-opened study) changes these, and so gets a new UID."""
+    return tuple(
+        sorted(
+            f"{f.task}:{f.status.value}:{_probability(f.probability)}:"
+            + ",".join(
+                sorted(f"{p.series_uid}={_probability(p.probability)}" for p in f.contributions)
+            )
+            for f in result.findings
+        )
+    )
+
+
 def heatmap_uid(
     study_uid: str, pred: SeriesPrediction, hm: Heatmap, *, uid_root: str | None
 ) -> str:
-    """A heatmap image's SOP Instance UID: fixed by its source slice, task and model weights."""
+    """A heatmap image's SOP Instance UID: fixed by its source slice, task, model weights and
+    the series' probability (a series that changed gives new maps under new UIDs)."""
     return result_uid(
         "sc",
         study_uid,
@@ -53,16 +73,32 @@ def heatmap_uid(
         pred.model_id,
         pred.model_version,
         pred.weights_sha256,
+        _probability(pred.probability),
         uid_root=uid_root,
     )
 
 
-def sr_uid(result: StudyResult, sop_class: SrClass, *, uid_root: str | None) -> str:
-    """The SR's SOP Instance UID: fixed by study, its series set, model versions and SR class."""
+def sr_uid(
+    result: StudyResult,
+    sop_class: SrClass,
+    *,
+    uid_root: str | None,
+    predecessor_uid: str | None = None,
+) -> str:
+    """The SR's SOP Instance UID: fixed by study, its series set, model versions, what it says,
+    the SR class and the SR it supersedes. The same study and result give the same UID (no
+    duplicates in the PACS); a changed result gives a new one (never two contents under one)."""
     series = sorted(
         {d.series_uid for d in result.sequences}
         | {p.series_uid for f in result.findings for p in f.contributions}
     )
     return result_uid(
-        "sr", result.study_uid, *series, *model_parts(result), sop_class, uid_root=uid_root
+        "sr",
+        result.study_uid,
+        *series,
+        *model_parts(result),
+        *content_parts(result),
+        sop_class,
+        *((f"supersedes:{predecessor_uid}",) if predecessor_uid else ()),
+        uid_root=uid_root,
     )

@@ -180,12 +180,18 @@ def test_permanent_failure_goes_dead_at_once_retryable_backs_off(tmp_path: Path)
         assert row.last_status_code == 0xA700
 
 
-def test_unknown_destination_rows_wait(tmp_path: Path) -> None:
-    with Outbox(tmp_path) as outbox:
+def test_unknown_destination_rows_are_parked_and_logged_once(tmp_path: Path) -> None:
+    with Outbox(tmp_path) as outbox, capture_logs() as logs:
         outbox.enqueue([obj("1.1")], ["gone"], now=0)
         sender = FakeSender()
-        assert deliver_due(outbox, RULES, 1.0, send=sender).delivered == 0
-        assert sender.calls == [] and states(outbox)[("1.1", "gone")] == DeliveryState.PENDING
+        for t in range(1, 50):
+            assert deliver_due(outbox, RULES, float(t), send=sender).delivered == 0
+        assert sender.calls == [] and states(outbox)[("1.1", "gone")] == DeliveryState.PARKED
+        unknown = [e for e in logs if e["event"] == "outbox_unknown_destination"]
+        assert len(unknown) == 1 and unknown[0]["count"] == 1
+        # The destination is back in the rules: its rows are pending again.
+        assert outbox.park_unknown(["gone"], now=60.0) == {}
+        assert states(outbox)[("1.1", "gone")] == DeliveryState.PENDING
 
 
 def test_previous_sr(tmp_path: Path) -> None:
@@ -209,7 +215,10 @@ def test_cmd_requeue(
 ) -> None:
     spool = tmp_path / "spool"
     rules_file = tmp_path / "rules.yaml"
-    rules_file.write_text(f"storage:\n  spool_dir: {spool}\nmodels_dir: {tmp_path}\n")
+    rules_file.write_text(
+        f"storage:\n  spool_dir: {spool}\nmodels_dir: {tmp_path}\ndestinations:\n"
+        "  - {kind: dicom, name: pacs, ae_title: PACS, host: 127.0.0.1, port: 104}\n"
+    )
     args = RequeueArgs(rules=rules_file, destination=None)
     assert cmd_requeue(args) == 0
     assert "0 deliveries requeued" in capsys.readouterr().out
@@ -233,6 +242,9 @@ def test_cmd_requeue(
 
     assert main(["requeue", "--rules", str(rules_file), "--destination", "pacs"]) == 0
     assert "0 deliveries requeued for pacs" in capsys.readouterr().out
+    assert main(["requeue", "--rules", str(rules_file), "--destination", "nosuch"]) == 1
+    err = capsys.readouterr().err
+    assert "no destination 'nosuch'" in err and "pacs" in err
 
 
 def test_unreadable_object_dead_letters_alone(tmp_path: Path) -> None:

@@ -399,3 +399,31 @@ def test_sender_thread_delivers_the_outbox_and_stops_cleanly(
         pacs.stop()
     assert time.monotonic() - t0 < 6.0
     assert not any(t.is_alive() for t in node._threads if t.name == "sender")
+
+
+def test_a_changed_result_gets_a_new_uid_that_the_outbox_sends(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """Same series set, more slices of the T1C: the answer changes, so the SR must too."""
+    spool = tmp_path / "spool"
+    pacs = {"kind": "dicom", "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+    rules = _rules(world, destinations=[pacs], storage={"spool_dir": str(spool)})
+    t1c = _paths(world, "T1C")
+    partial = tuple(p for p in _paths(world) if p not in t1c[4:])
+    process_study(_job(world, partial), rules, out_dir=tmp_path, deliver=True)
+    first = _audit(tmp_path, world)
+    process_study(_job(world, _paths(world), reopened=True), rules, out_dir=tmp_path, deliver=True)
+    second = _audit(tmp_path, world)
+    p1 = {f["task"]: f["probability"] for f in first["findings"]}
+    p2 = {f["task"]: f["probability"] for f in second["findings"]}
+    assert p1["gbm_pcnsl"] != p2["gbm_pcnsl"]
+    sr1 = next(o for o in first["objects"] if o["kind"] == "sr")
+    sr2 = next(o for o in second["objects"] if o["kind"] == "sr")
+    assert sr2["sop_instance_uid"] != sr1["sop_instance_uid"]
+    assert second["predecessor_sr"] == sr1["sop_instance_uid"]
+    with Outbox(spool) as outbox:
+        pending = {r.sop_uid for r in outbox.all() if r.state.value == "pending"}
+    assert {o["sop_instance_uid"] for o in second["objects"]} <= pending
+    # The file queued under the new UID holds the new content.
+    queued = pydicom.dcmread(spool / "outbox" / "objects" / f"{sr2['sop_instance_uid']}.dcm")
+    assert "PredecessorDocumentsSequence" in queued
