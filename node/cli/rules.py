@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from node.classify.sequence import classify_headers
+from node.classify.study import classify_folder, load_sequence_bundle
 from node.cli.command import Command
 from node.config import (
     check_bundles_exist,
@@ -86,13 +86,15 @@ def cmd_explain(args: ExplainArgs) -> int:
     if not ok:
         print("not processed under qualify:; nothing is routed")
         return 0
-    decisions = classify_headers(headers)  # tag rules + study context, no CNN
+    bundle, why = load_sequence_bundle(rules.sequence, rules.models_dir)
+    run = classify_folder(study_dir, rules.sequence, bundle=bundle, unavailable=why)
+    headers, decisions = run.headers, run.decisions
     names = {
         h.series_uid: f"#{h.series_number if h.series_number is not None else '?'}"
         f" '{h.series_description}'"
         for h in headers
     }
-    print("(sequence labels from the tag rules only; the CNN vote runs in the pipeline)")
+    print(f"(sequence labels as the node gives them: {run.cnn_note})")
     print(explain_routes(decisions, rules, series_names=names))
     return 0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
 from collections.abc import Mapping
@@ -11,28 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from node import NOT_FOR_CLINICAL_USE
-from node.classify.commands import (
-    CnnRun,
-    _per_uid,
-    _Prediction,
-    policy_from_settings,
-    read_labels,
-    run_cnn,
-    score,
-)
-from node.classify.sequence import classify_headers
+from node.classify.evaluate import _per_uid, _Prediction, read_labels, score
+from node.classify.study import FolderClassification, classify_folder, load_sequence_bundle
 from node.cli.command import Command, rules_option
 from node.cli.show import format_results, summary_table
-from node.config import Rules, SequenceSettings, load_rules
+from node.config import Rules, load_rules
 from node.dicom.folder import scan_folder
-from node.dicom.headers import read_series_headers
 from node.errors import ConfigError, NodeError
 from node.log import configure, uid_key
 from node.pipeline.audit import audit_path, read_audit
 from node.pipeline.context import DEFAULT_OUT
 from node.pipeline.models import check_bundles, worker_bundle
 from node.pipeline.runner import process_study
-from node.records import SequenceDecision, SequenceLabel, SeriesHeader, StudyJob
+from node.records import SequenceDecision, SequenceLabel, StudyJob
+from node.store.files import write_bytes_durable, write_json_durable
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +41,7 @@ class ClassifyArgs:
     directory: Path
     no_cnn: bool
     json: bool
+    rules: Path
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +50,7 @@ class EvaluateSequencesArgs:
     labels: Path
     out: Path | None
     no_cnn: bool
+    rules: Path
 
 
 def cmd_process(args: ProcessArgs) -> int:
@@ -109,8 +105,9 @@ def cmd_process(args: ProcessArgs) -> int:
     return 1 if failures else 0
 
 
-def _settings() -> SequenceSettings:
-    return Rules().sequence
+def _rules_or_defaults(path: Path) -> Rules:
+    """The rule file when it exists, else the built-in defaults (what `process` does too)."""
+    return load_rules(path) if path.exists() else Rules()
 
 
 def _check_directory(directory: Path) -> None:
@@ -118,20 +115,27 @@ def _check_directory(directory: Path) -> None:
         raise ConfigError(f"{directory}: not a folder")
 
 
-def _classify(
-    directory: Path, no_cnn: bool
-) -> tuple[tuple[SeriesHeader, ...], tuple[SequenceDecision, ...], CnnRun]:
+def _progress(done: int, total: int) -> None:
+    """A progress line on stderr (rewritten in place on a terminal)."""
+    end = "\r" if sys.stderr.isatty() and done < total else "\n"
+    if sys.stderr.isatty() or done == total or done % 50 == 0:
+        print(f"classified {done}/{total} studies", end=end, file=sys.stderr, flush=True)
+
+
+def _classify(directory: Path, no_cnn: bool, rules_path: Path) -> FolderClassification:
+    """The one classification path over every study of a folder (node.classify.study), under
+    the rule file's `sequence:` settings and models_dir, as the running node classifies."""
     # Log lines go to stderr so the table (or --json) on stdout stays clean.
     configure(fmt="auto", level="warning", stream=sys.stderr)
     _check_directory(directory)
-    settings = _settings()
-    headers = read_series_headers([directory])
+    rules = _rules_or_defaults(rules_path)
+    settings = rules.sequence
     if no_cnn:
-        cnn = CnnRun(verdicts=None, status="sequence CNN disabled (--no-cnn): tag rules only")
+        bundle, why = None, "sequence CNN disabled (--no-cnn): tag rules only"
     else:
-        cnn = run_cnn(directory, headers, settings)
-    decisions = classify_headers(headers, cnn.verdicts, policy_from_settings(settings))
-    return headers, decisions, cnn
+        models = rules.models_dir if rules_path.exists() else None
+        bundle, why = load_sequence_bundle(settings, models)
+    return classify_folder(directory, settings, bundle=bundle, unavailable=why, progress=_progress)
 
 
 def _reason(d: SequenceDecision) -> str:
@@ -140,7 +144,8 @@ def _reason(d: SequenceDecision) -> str:
 
 def cmd_classify(args: ClassifyArgs) -> int:
     """Print, series by series: number, description, label, confidence, method, reason."""
-    headers, decisions, cnn = _classify(Path(args.directory), bool(args.no_cnn))
+    run = _classify(Path(args.directory), bool(args.no_cnn), args.rules)
+    headers, decisions = run.headers, run.decisions
     if args.json:
         rows = [
             {
@@ -157,10 +162,10 @@ def cmd_classify(args: ClassifyArgs) -> int:
             }
             for h, d in zip(headers, decisions, strict=True)
         ]
-        json.dump({"cnn": cnn.status, "series": rows}, sys.stdout, indent=2)
+        json.dump({"cnn": run.cnn_note, "series": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    print(cnn.status)
+    print(run.cnn_note)
     print(f"{'#':>6}  {'description':<32} {'label':<6} {'conf':>5}  {'method':<13} reason")
     for h, d in zip(headers, decisions, strict=True):
         number = "" if h.series_number is None else str(h.series_number)
@@ -200,12 +205,13 @@ def _print_metrics(name: str, metrics: Mapping[str, Any]) -> None:
 def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
     """Accuracy of tags alone, CNN alone and fused against a labels CSV; optional metrics.json."""
     truth = read_labels(Path(args.labels))
-    headers, fused, cnn = _classify(Path(args.directory), bool(args.no_cnn))
-    tags_only = classify_headers(headers, None, policy_from_settings(_settings()))
+    run = _classify(Path(args.directory), bool(args.no_cnn), args.rules)
+    headers, fused, tags_only = run.headers, run.decisions, run.tags_only
     descriptions = {h.series_uid: h.series_description for h in headers}
     labelled = sum(h.series_uid in truth for h in headers)
-    print(cnn.status)
+    print(run.cnn_note)
     print(
+        f"{run.n_studies} studies, {run.n_skipped} non-DICOM file(s) skipped; "
         f"{len(headers)} series read, {len({h.series_uid for h in headers})} series UIDs, "
         f"{labelled} of them labelled ({len(truth)} labelled UIDs in the file; "
         "unlabelled series skipped)"
@@ -216,7 +222,7 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
         _per_uid(headers, [_Prediction(label=d.label, reason=_reason(d)) for d in tags_only]),
         descriptions,
     )
-    if cnn.verdicts is not None:
+    if run.cnn_verdicts is not None:
         cnn_predictions = [
             _Prediction(
                 label=v.label if v is not None else None,
@@ -226,7 +232,7 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
                     else "CNN did not run on this series"
                 ),
             )
-            for v in cnn.verdicts
+            for v in run.cnn_verdicts
         ]
         sections["cnn"] = score(truth, _per_uid(headers, cnn_predictions), descriptions)
     sections["fused"] = score(
@@ -238,7 +244,7 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
         if name in sections:
             _print_metrics(name, sections[name])
     if "cnn" not in sections:
-        print(f"\n== cnn: not evaluated ({cnn.status})")
+        print(f"\n== cnn: not evaluated ({run.cnn_note})")
     if args.out is not None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -250,17 +256,50 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
             "errors": primary["errors"],
             "per_class": primary["per_class"],
             "other_as_routable": primary["other_as_routable"],
-            "cnn_status": cnn.status,
+            "cnn_status": run.cnn_note,
             "labels_file": str(args.labels),
             "directory": str(args.directory),
             "methods": sections,
         }
         target = out / "metrics.json"
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(target)
-        print(f"\nwrote {target}")
+        write_json_durable(target, document)
+        rows_path = out / "series.csv"
+        _write_series_csv(rows_path, run, truth)
+        print(f"\nwrote {target} and {rows_path}")
     return 0
+
+
+def _write_series_csv(
+    path: Path, run: FolderClassification, truth: Mapping[str, SequenceLabel]
+) -> None:
+    """One row per series: where, what it is called, the truth and every method's answer."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        (
+            "study_uid", "series_uid", "series_number", "description", "true", "tags", "cnn",
+            "fused", "method", "evidence", "reason",
+        )
+    )  # fmt: skip
+    verdicts = run.cnn_verdicts or (None,) * len(run.headers)
+    for h, tag, fused, cnn in zip(run.headers, run.tags_only, run.decisions, verdicts, strict=True):
+        label = truth.get(h.series_uid)
+        writer.writerow(
+            (
+                h.study_uid,
+                h.series_uid,
+                "" if h.series_number is None else h.series_number,
+                h.series_description,
+                "" if label is None else label.value,
+                tag.label.value,
+                "" if cnn is None else cnn.label.value,
+                fused.label.value,
+                fused.method.value,
+                fused.evidence.value,
+                _reason(fused),
+            )
+        )
+    write_bytes_durable(path, buffer.getvalue().encode("utf-8"))
 
 
 def _process_arguments(p: argparse.ArgumentParser) -> None:
@@ -273,13 +312,15 @@ def _classify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path)
     p.add_argument("--no-cnn", action="store_true", help="tag rules only")
     p.add_argument("--json", action="store_true")
+    rules_option(p)
 
 
 def _evaluate_sequences_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path)
     p.add_argument("--labels", type=Path, required=True)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="writes metrics.json and series.csv")
     p.add_argument("--no-cnn", action="store_true", help="tag rules only")
+    rules_option(p)
 
 
 COMMANDS = (

@@ -40,6 +40,9 @@ class CanonicalVolume:
     zoom: tuple[float, float]  # in-plane factors applied to canonical rows and columns
     permuted_shape: tuple[int, int, int]  # canonical shape before the in-plane zoom
     spacing_mm: tuple[float, float, float]  # canonical voxel size (slice, row, column)
+    # Patient (LPS) position of canonical voxel (0, 0, 0); voxel (z, y, x) sits at
+    # origin + (x * spacing[2], y * spacing[1], z * spacing[0]). None when unknown.
+    origin_mm: tuple[float, float, float] | None = None
 
     @property
     def identity(self) -> bool:
@@ -135,6 +138,7 @@ def canonical_axial(volume: SeriesVolume) -> CanonicalVolume:
         out = ndimage.zoom(out, (1.0, zoom[0], zoom[1]), order=1, mode="nearest", grid_mode=True)
     return CanonicalVolume(
         pixels=np.ascontiguousarray(out, dtype=np.float32),
+        origin_mm=_origin(volume, axes, flips, permuted_shape, source_mm, target),
         plane=plane,
         axes=axes,
         flips=flips,
@@ -142,6 +146,67 @@ def canonical_axial(volume: SeriesVolume) -> CanonicalVolume:
         permuted_shape=permuted_shape,
         spacing_mm=(mm[0], target, target),
     )
+
+
+def _origin(
+    volume: SeriesVolume,
+    axes: tuple[int, int, int],
+    flips: tuple[bool, bool, bool],
+    shape: tuple[int, int, int],
+    source_mm: tuple[float, float, float],
+    target_mm: float,
+) -> tuple[float, float, float]:
+    """Patient position of canonical voxel (0, 0, 0) (approximate for oblique slices)."""
+    first = [0, 0, 0]  # the source voxel (slice, row, column) that becomes canonical (0, 0, 0)
+    for k in range(3):
+        if flips[k]:
+            first[axes[k]] = shape[k] - 1
+    geom = volume.slices[first[0]].geometry
+    ori = np.asarray(geom.orientation, dtype=np.float64)
+    point = (
+        np.asarray(geom.position, dtype=np.float64)
+        + first[1] * geom.pixel_spacing[0] * ori[3:]
+        + first[2] * geom.pixel_spacing[1] * ori[:3]
+    )
+    # In-plane resampling (grid mode) moves the first voxel centre by half a voxel difference.
+    for k, patient_axis in ((1, 1), (2, 0)):
+        point[patient_axis] += 0.5 * (target_mm - source_mm[axes[k]])
+    return (float(point[0]), float(point[1]), float(point[2]))
+
+
+def resample_onto(
+    moving: CanonicalVolume, fixed: CanonicalVolume, *, min_overlap: float = 0.5
+) -> tuple[FloatArray, FloatArray] | None:
+    """Both series on the fixed series' canonical grid, cut to where they overlap.
+
+    Returns (fixed pixels, moving pixels resampled), the same shape, or None when the two do
+    not share geometry (an unknown origin) or overlap on less than `min_overlap` of the fixed
+    grid. Canonical grids are axis-aligned, so this is a scaling and a shift per axis.
+    """
+    if moving.origin_mm is None or fixed.origin_mm is None:
+        return None
+    scale = []
+    offset = []
+    for k, patient_axis in ((0, 2), (1, 1), (2, 0)):
+        scale.append(fixed.spacing_mm[k] / moving.spacing_mm[k])
+        shift = fixed.origin_mm[patient_axis] - moving.origin_mm[patient_axis]
+        offset.append(shift / moving.spacing_mm[k])
+    resampled = ndimage.affine_transform(
+        moving.pixels,
+        np.asarray(scale),
+        offset=np.asarray(offset),
+        output_shape=fixed.pixels.shape,
+        order=1,
+        mode="constant",
+        cval=np.nan,
+    )
+    inside = np.isfinite(resampled)
+    if inside.mean() < min_overlap:
+        return None
+    zs, ys, xs = (np.flatnonzero(inside.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    box = np.s_[zs[0] : zs[-1] + 1, ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
+    moved = np.where(inside[box], resampled[box], 0.0).astype(np.float32)
+    return np.ascontiguousarray(fixed.pixels[box], dtype=np.float32), moved
 
 
 def canonical_index(

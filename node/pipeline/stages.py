@@ -16,14 +16,14 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from node.dicom.volumes import SeriesId, scan_study, series_id, volume_id
-from node.errors import ModelUnavailable, NodeError, ReportError
+from node.errors import ModelUnavailable, ReportError
 from node.log import get_logger, uid_key
 from node.pipeline.audit import series_ids, write_audit
 from node.pipeline.context import (
@@ -45,6 +45,9 @@ from node.records import (
     StudyResult,
 )
 from node.store.files import write_dicom_durable, write_json_durable
+
+if TYPE_CHECKING:
+    from node.bundles.bundle import Bundle
 
 log = get_logger(__name__)
 
@@ -106,48 +109,22 @@ def _image_paths(ctx: StudyContext) -> tuple[Path, ...]:
 
 
 def stage_classify(ctx: StudyContext) -> StudyContext:
-    """Label each series: tag rules, the sequence CNN's slice vote, fusion, study context."""
-    from node.classify.commands import policy_from_settings
-    from node.classify.sequence import classify_headers
+    """Label each series: the one classification path (node.classify.study)."""
+    from node.classify.study import classify_study
     from node.dicom.headers import read_series_headers
 
     headers = read_series_headers(_image_paths(ctx))
     settings = ctx.rules.sequence
-    volumes = _volumes(ctx)
-    cnn: list[Any] | None = None
-    note: str
+    bundle: Bundle | None
     try:
-        from node.bundles.bundle import classify_series
-
         bundle = worker_bundle(ctx.rules.models_dir / settings.bundle)
+        unavailable = ""
     except ModelUnavailable as exc:
-        note = f"sequence CNN not available, tag rules alone: {exc}"
+        bundle = None
+        unavailable = f"sequence CNN not available, tag rules alone: {exc}"
         log.warning("sequence_cnn_unavailable", study_key=uid_key(ctx.job.study_uid))
-    else:
-        cnn = []
-        failed = 0
-        for h in headers:
-            volume = volumes.get((h.series_uid, h.series_number))
-            if volume is None or volume.pixels.ndim != 3:
-                cnn.append(None)
-                continue
-            try:
-                cnn.append(classify_series(bundle, volume, settings.slices_per_series))
-            except NodeError as exc:
-                failed += 1
-                log.warning(
-                    "sequence_cnn_failed",
-                    series_key=uid_key(h.series_uid),
-                    error_type=type(exc).__name__,
-                )
-                cnn.append(None)
-        ran = sum(v is not None for v in cnn)
-        meta = bundle.metadata
-        note = f"sequence CNN {meta.name} {meta.version} ran on {ran} of {len(headers)} series"
-        if failed:
-            note += f" ({failed} failed)"
-    decisions = classify_headers(headers, cnn, policy_from_settings(settings))
-    return replace(ctx, headers=headers, decisions=decisions, sequence_cnn=note)
+    result = classify_study(headers, _volumes(ctx), settings, bundle, unavailable=unavailable)
+    return replace(ctx, headers=headers, decisions=result.decisions, sequence_cnn=result.cnn_note)
 
 
 def _body_parts(ctx: StudyContext) -> tuple[str, ...] | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from node import __version__
-from node.classify.commands import read_labels
+from node.classify.evaluate import read_labels
 from node.classify.sequence import classify_headers
 from node.cli.study import (
     ClassifyArgs,
@@ -25,6 +25,7 @@ from tests.conftest import REALDATA
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROUTABLE = {label for label in SequenceLabel if label is not SequenceLabel.OTHER}
+NO_RULES = Path("/nonexistent/rules.yaml")  # no rule file: the built-in defaults
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_classify_prints_a_row_per_series(capsys: pytest.CaptureFixture[str]) ->
     folder = REALDATA / "dcm_qa_xa30" / "In"
     if not folder.is_dir():
         pytest.skip("dcm_qa_xa30 is not in ../shared/realdata")
-    args = ClassifyArgs(directory=folder, no_cnn=False, json=False)
+    args = ClassifyArgs(directory=folder, no_cnn=False, json=False, rules=NO_RULES)
     assert cmd_classify(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("sequence CNN bundle not available:") or out[0].startswith(
@@ -91,7 +92,7 @@ def test_classify_json(capsys: pytest.CaptureFixture[str]) -> None:
     folder = REALDATA / "dcm_qa_fmap" / "In" / "Siemens"
     if not folder.is_dir():
         pytest.skip("dcm_qa_fmap is not in ../shared/realdata")
-    assert cmd_classify(ClassifyArgs(directory=folder, no_cnn=True, json=True)) == 0
+    assert cmd_classify(ClassifyArgs(directory=folder, no_cnn=True, json=True, rules=NO_RULES)) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["cnn"].startswith("sequence CNN disabled")
     assert [s["label"] for s in doc["series"]] == ["OTHER"] * 4
@@ -103,7 +104,11 @@ def test_evaluate_sequences_writes_metrics(tmp_path: Path) -> None:
     if not folder.is_dir():
         pytest.skip("dcm_qa_xa30 is not in ../shared/realdata")
     args = EvaluateSequencesArgs(
-        directory=folder, labels=REALDATA / "labels.csv", out=tmp_path, no_cnn=True
+        directory=folder,
+        labels=REALDATA / "labels.csv",
+        out=tmp_path,
+        no_cnn=True,
+        rules=NO_RULES,
     )
     assert cmd_evaluate_sequences(args) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -118,13 +123,18 @@ def test_evaluate_sequences_writes_metrics(tmp_path: Path) -> None:
     assert metrics["confusion"]["ADC"] == {"ADC": 2}
     assert set(metrics["methods"]) == {"tags", "fused"}  # no CNN: never invented
     assert len(read_labels(REALDATA / "labels.csv")) == 40  # one Philips UID listed twice
+    rows = list(csv.DictReader((tmp_path / "series.csv").open(encoding="utf-8")))
+    labelled = [r for r in rows if r["true"]]
+    assert len({r["series_uid"] for r in labelled}) == 20
+    assert all(r["cnn"] == "" for r in rows)  # --no-cnn: no CNN column invented
+    assert sum(r["fused"] == r["true"] for r in labelled) >= 0.95 * len(labelled)
 
 
 def test_cnn_path_runs_a_bundle_and_fuses(tmp_path: Path) -> None:
     """With a (random-weight) sequence bundle present, every image series gets CNN votes."""
     torch = pytest.importorskip("torch")
-    from node.bundles.bundle import build_network, write_bundle
-    from node.classify.commands import run_cnn
+    from node.bundles.bundle import build_network, load_bundle, write_bundle
+    from node.classify.study import classify_folder
     from node.config import SequenceSettings
     from node.lab.train import recipes
     from node.records import DecisionMethod
@@ -139,18 +149,16 @@ def test_cnn_path_runs_a_bundle_and_fuses(tmp_path: Path) -> None:
     files = recipes.bundle_metadata(recipe, temperature=1.0, training={}, metrics={})
     network = build_network(recipe.network_name, recipe.network_args)
     bundle = write_bundle(tmp_path / "sequence", files, network.state_dict(), "test card")
-    headers = read_series_headers([folder])
     settings = SequenceSettings(slices_per_series=5)
-    run = run_cnn(folder, headers, settings, bundle_dir=bundle)
-    assert run.status.startswith(f"sequence CNN sequence {__version__}: ran on 4 of 4 series")
-    assert run.verdicts is not None
-    for verdict in run.verdicts:
+    run = classify_folder(folder, settings, bundle=load_bundle(bundle))
+    assert run.cnn_note.startswith(f"sequence CNN sequence {__version__}: ran on 4 of 4 series")
+    assert run.cnn_verdicts is not None
+    for verdict in run.cnn_verdicts:
         assert verdict is not None
         assert verdict.n_slices == 5
         assert sum(n for _, n in verdict.votes) == 5
         assert 0 < verdict.confidence <= 1
-    decisions = classify_headers(headers, run.verdicts)
-    for d in decisions:
+    for d in run.decisions:
         # The tags are sure these are field maps; a random CNN never makes them routable.
         assert d.label is SequenceLabel.OTHER
         assert d.cnn_label is not None and d.cnn_votes
@@ -163,23 +171,22 @@ def test_fused_with_the_shipped_cnn_is_never_below_tags(
     """With the repository's sequence bundle, fused >= tags alone, and every labelled series
     right (no CNN vote overturns a confident tag label, a tag OTHER stays OTHER)."""
     pytest.importorskip("torch")
-    from node.classify.commands import policy_from_settings, run_cnn
+    from node.classify.study import classify_folder, load_sequence_bundle
     from node.config import SequenceSettings
 
     settings = SequenceSettings()
-    run = run_cnn(REALDATA, realdata_headers, settings)
-    if run.verdicts is None:
-        pytest.skip(run.status)
+    bundle, why = load_sequence_bundle(settings)
+    if bundle is None:
+        pytest.skip(why)
+    run = classify_folder(REALDATA, settings, bundle=bundle)
     truth = _truth()
-    policy = policy_from_settings(settings)
-    tags = classify_headers(realdata_headers, None, policy)
-    fused = classify_headers(realdata_headers, run.verdicts, policy)
-    labelled = [i for i, h in enumerate(realdata_headers) if h.series_uid in truth]
-    right_tags = sum(tags[i].label is truth[realdata_headers[i].series_uid] for i in labelled)
-    right_fused = sum(fused[i].label is truth[realdata_headers[i].series_uid] for i in labelled)
+    headers = run.headers
+    labelled = [i for i, h in enumerate(headers) if h.series_uid in truth]
+    right_tags = sum(run.tags_only[i].label is truth[headers[i].series_uid] for i in labelled)
+    right_fused = sum(run.decisions[i].label is truth[headers[i].series_uid] for i in labelled)
     assert right_fused >= right_tags
     assert right_fused == len(labelled), [
-        (realdata_headers[i].series_description, fused[i].reasons)
+        (headers[i].series_description, run.decisions[i].reasons)
         for i in labelled
-        if fused[i].label is not truth[realdata_headers[i].series_uid]
+        if run.decisions[i].label is not truth[headers[i].series_uid]
     ]

@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from node.dicom.canonical import canonical_axial, canonical_index, to_source
+from node.dicom.canonical import canonical_axial, canonical_index, resample_onto, to_source
 from node.records import SeriesVolume, SliceGeometry, SliceRef
 
 X, Y, Z = 20, 24, 16  # patient voxels (L, P, H), 1 mm
@@ -137,3 +137,32 @@ def test_a_source_voxel_lands_on_its_canonical_voxel() -> None:
     z, y, x = canonical_index((k, r, c), canon)
     assert (z, y, x) == (Z - 1 - r, c, k)
     assert canon.pixels[int(z), int(y), int(x)] == series.pixels[k, r, c]
+
+
+def test_a_sagittal_and_an_axial_series_of_one_head_meet_on_one_grid() -> None:
+    v = _patient_volume()
+    axial = canonical_axial(_axial(v))
+    sagittal = canonical_axial(_sagittal(v))
+    assert axial.origin_mm == pytest.approx((0.0, 0.0, 0.0))
+    assert sagittal.origin_mm == pytest.approx((0.0, 0.0, 0.0))
+    pair = resample_onto(sagittal, axial)
+    assert pair is not None
+    fixed, moved = pair
+    assert np.allclose(fixed, moved)
+
+
+def test_a_shifted_series_is_resampled_by_its_origin() -> None:
+    v = _patient_volume()
+    shifted = _volume(
+        v.transpose(2, 1, 0)[:, :, 2:].copy(),
+        (1, 0, 0),
+        (0, 1, 0),
+        [(2.0, 0, k) for k in range(Z)],
+    )  # starts 2 mm to the left: the same head, fewer columns
+    pair = resample_onto(canonical_axial(shifted), canonical_axial(_axial(v)))
+    assert pair is not None
+    fixed, moved = pair
+    assert fixed.shape == (Z, Y, X - 2)
+    assert np.allclose(fixed, moved)
+    far = _volume(shifted.pixels, (1, 0, 0), (0, 1, 0), [(500.0, 0, k) for k in range(Z)])
+    assert resample_onto(canonical_axial(far), canonical_axial(_axial(v))) is None

@@ -1,8 +1,4 @@
-"""`neuronode classify` and `neuronode evaluate-sequences`: the sequence classifier on a folder.
-
-The CNN half runs only when the sequence bundle loads; otherwise the commands say why and use the
-tag rules alone (they never invent CNN votes).
-"""
+"""Scoring the sequence classifier against labels: accuracy, confusion, misses per method."""
 
 from __future__ import annotations
 
@@ -11,87 +7,15 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from node.config import SequenceSettings
-from node.errors import ConfigError, NodeError
+from node.errors import ConfigError
 from node.log import get_logger
-from node.records import CnnVerdict, FusionPolicy, SequenceLabel, SeriesHeader
+from node.records import SequenceLabel, SeriesHeader
 
 log = get_logger(__name__)
 
-_REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 _ROUTABLE = frozenset(label for label in SequenceLabel if label is not SequenceLabel.OTHER)
-
-
-def policy_from_settings(settings: SequenceSettings) -> FusionPolicy:
-    """The fusion policy the rule file's `sequence:` section asks for (docs/sequence.md)."""
-    unsure: dict[str, Literal["tags", "cnn_if_abstain", "cnn"]] = {
-        "prefer_tags": "tags",
-        "other": "cnn_if_abstain",
-        "prefer_cnn": "cnn",
-    }
-    return FusionPolicy(
-        min_confidence=settings.min_confidence,
-        min_cnn_confidence=settings.min_cnn_confidence,
-        unsure_tags=unsure[settings.disagreement],
-        cnn_decides_contrast=settings.cnn_decides_contrast,
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CnnRun:
-    """The CNN verdict per header (None where it did not run) and a status line saying why."""
-
-    verdicts: tuple[CnnVerdict | None, ...] | None
-    status: str
-
-
-def _bundle_dir(settings: SequenceSettings) -> Path:
-    local = Path("models") / settings.bundle
-    return local if local.is_dir() else _REPO_MODELS / settings.bundle
-
-
-def run_cnn(
-    directory: Path,
-    headers: Sequence[SeriesHeader],
-    settings: SequenceSettings,
-    bundle_dir: Path | None = None,
-) -> CnnRun:
-    """Run the sequence CNN on every series, or say plainly why it is not available."""
-    try:
-        from node.bundles import bundle as bundles
-        from node.dicom import volumes as dicomio  # torch is imported only when the CNN is wanted
-    except ImportError as exc:
-        return CnnRun(verdicts=None, status=f"sequence CNN bundle not available: {exc}")
-    path = bundle_dir if bundle_dir is not None else _bundle_dir(settings)
-    try:
-        bundle = bundles.load_bundle(path)
-    except NodeError as exc:
-        return CnnRun(verdicts=None, status=f"sequence CNN bundle not available: {exc}")
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    loaded = dicomio.scan_study(files)
-    volumes = {(v.series_uid, v.series_number): v for v in loaded.volumes}
-    verdicts: list[CnnVerdict | None] = []
-    failed = 0
-    for h in headers:
-        volume = volumes.get((h.series_uid, h.series_number))
-        if volume is None:
-            verdicts.append(None)
-            continue
-        try:
-            # The same series vote the pipeline uses (node.bundles.bundle), so figures match.
-            verdicts.append(bundles.classify_series(bundle, volume, settings.slices_per_series))
-        except NodeError as exc:
-            failed += 1
-            log.warning("sequence_cnn_failed", error_type=type(exc).__name__)
-            verdicts.append(None)
-    ran = sum(v is not None for v in verdicts)
-    meta = bundle.metadata
-    status = f"sequence CNN {meta.name} {meta.version}: ran on {ran} of {len(headers)} series"
-    if failed:
-        status += f" ({failed} failed)"
-    return CnnRun(verdicts=tuple(verdicts), status=status)
 
 
 # --- evaluation ---------------------------------------------------------------------------------

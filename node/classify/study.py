@@ -1,0 +1,220 @@
+"""One classification path for a study's series: what the pipeline, `classify`, `explain` and
+`evaluate-sequences` all call, so they give the same label for the same series.
+
+Tag rules read every header; the sequence CNN (when its bundle loads) votes over canonical axial
+slices of every series with pixels; the two are fused physics first (node.classify.fusion);
+study context then decides contrast state, and where two runs of one T1 protocol leave it open,
+their images are compared on one grid (node.classify.contrast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from node.classify.contrast import judge_contrast
+from node.classify.sequence import classify_headers, contrast_questions
+from node.config import SequenceSettings
+from node.dicom.canonical import canonical_axial, resample_onto
+from node.errors import NodeError
+from node.log import get_logger, uid_key
+from node.records import (
+    CnnVerdict,
+    ContrastEvidence,
+    ContrastPair,
+    FusionPolicy,
+    SequenceDecision,
+    SeriesHeader,
+    SeriesVolume,
+)
+
+if TYPE_CHECKING:
+    from node.bundles.bundle import Bundle
+
+log = get_logger(__name__)
+
+_REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+
+SeriesKey = tuple[str, int | None]  # (SeriesInstanceUID, SeriesNumber)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StudyClassification:
+    """The sequence decision of every series, the CNN's verdicts and what became of the CNN."""
+
+    decisions: tuple[SequenceDecision, ...]
+    cnn_verdicts: tuple[CnnVerdict | None, ...] | None  # None: the CNN did not run at all
+    cnn_note: str
+    contrast: tuple[tuple[ContrastPair, ContrastEvidence], ...] = ()
+
+
+def policy_from_settings(settings: SequenceSettings) -> FusionPolicy:
+    """The fusion policy the rule file's `sequence:` section asks for (docs/sequence.md)."""
+    unsure: dict[str, Literal["tags", "cnn_if_abstain", "cnn"]] = {
+        "prefer_tags": "tags",
+        "other": "cnn_if_abstain",
+        "prefer_cnn": "cnn",
+    }
+    return FusionPolicy(
+        min_confidence=settings.min_confidence,
+        min_cnn_confidence=settings.min_cnn_confidence,
+        unsure_tags=unsure[settings.disagreement],
+        cnn_decides_contrast=settings.cnn_decides_contrast,
+    )
+
+
+def cnn_verdicts(
+    bundle: Bundle,
+    headers: Sequence[SeriesHeader],
+    volumes: Mapping[SeriesKey, SeriesVolume],
+    slices_per_series: int,
+) -> tuple[tuple[CnnVerdict | None, ...], str]:
+    """The sequence CNN's vote on every series with a volume, and a line saying how it went."""
+    from node.bundles.bundle import classify_series
+
+    verdicts: list[CnnVerdict | None] = []
+    failed = 0
+    for h in headers:
+        volume = volumes.get((h.series_uid, h.series_number))
+        if volume is None or volume.pixels.ndim != 3:
+            verdicts.append(None)
+            continue
+        try:
+            verdicts.append(classify_series(bundle, volume, slices_per_series))
+        except NodeError as exc:
+            failed += 1
+            log.warning(
+                "sequence_cnn_failed",
+                series_key=uid_key(h.series_uid),
+                error_type=type(exc).__name__,
+            )
+            verdicts.append(None)
+    ran = sum(v is not None for v in verdicts)
+    meta = bundle.metadata
+    note = f"sequence CNN {meta.name} {meta.version}: ran on {ran} of {len(headers)} series"
+    if failed:
+        note += f" ({failed} failed)"
+    return tuple(verdicts), note
+
+
+def image_evidence(
+    decisions: Sequence[SequenceDecision],
+    headers: Sequence[SeriesHeader],
+    volumes: Mapping[SeriesKey, SeriesVolume],
+) -> tuple[tuple[ContrastPair, ContrastEvidence], ...]:
+    """For each T1 pair whose contrast state is open, the images' answer on one grid."""
+    answers: list[tuple[ContrastPair, ContrastEvidence]] = []
+    for pair in contrast_questions(decisions, headers):
+        earlier = volumes.get((pair.earlier_uid, pair.earlier_number))
+        later = volumes.get((pair.later_uid, pair.later_number))
+        if earlier is None or later is None:
+            continue
+        on_grid = resample_onto(canonical_axial(later), canonical_axial(earlier))
+        if on_grid is None:
+            continue  # no common geometry: the images cannot be compared voxel by voxel
+        pre, post = on_grid
+        answers.append((pair, judge_contrast(pre, post)))
+    return tuple(answers)
+
+
+def classify_study(
+    headers: Sequence[SeriesHeader],
+    volumes: Mapping[SeriesKey, SeriesVolume],
+    settings: SequenceSettings,
+    bundle: Bundle | None,
+    *,
+    unavailable: str = "sequence CNN not run",
+) -> StudyClassification:
+    """Label every series: tags, the CNN vote (when `bundle` is given), fusion, study context
+    and image evidence of contrast. `unavailable` says why there is no bundle."""
+    policy = policy_from_settings(settings)
+    verdicts: tuple[CnnVerdict | None, ...] | None = None
+    note = unavailable
+    if bundle is not None:
+        verdicts, note = cnn_verdicts(bundle, headers, volumes, settings.slices_per_series)
+    decisions = classify_headers(headers, verdicts, policy)
+    contrast = image_evidence(decisions, headers, volumes)
+    if contrast:
+        decisions = classify_headers(headers, verdicts, policy, image_evidence=dict(contrast))
+    return StudyClassification(
+        decisions=decisions, cnn_verdicts=verdicts, cnn_note=note, contrast=contrast
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FolderClassification:
+    """Every series of every study under a folder, classified study by study."""
+
+    headers: tuple[SeriesHeader, ...]
+    decisions: tuple[SequenceDecision, ...]  # what the node routes on
+    tags_only: tuple[SequenceDecision, ...]  # the same path without the CNN
+    cnn_verdicts: tuple[CnnVerdict | None, ...] | None
+    cnn_note: str
+    n_studies: int
+    n_skipped: int  # files that are not DICOM (or have no StudyInstanceUID)
+
+
+def load_sequence_bundle(
+    settings: SequenceSettings, models_dir: Path | None = None
+) -> tuple[Bundle | None, str]:
+    """The sequence CNN bundle, or None and why not (models_dir: default ./models, then the
+    repository's)."""
+    from node.bundles.bundle import load_bundle
+
+    if models_dir is not None:
+        path = models_dir / settings.bundle
+    else:
+        local = Path("models") / settings.bundle
+        path = local if local.is_dir() else _REPO_MODELS / settings.bundle
+    try:
+        return load_bundle(path), ""
+    except NodeError as exc:
+        return None, f"sequence CNN bundle not available: {exc}"
+
+
+def classify_folder(
+    directory: Path,
+    settings: SequenceSettings,
+    *,
+    bundle: Bundle | None,
+    unavailable: str = "sequence CNN not run",
+    progress: Callable[[int, int], None] | None = None,
+) -> FolderClassification:
+    """Classify a folder study by study (one study's volumes in memory at a time)."""
+    from node.dicom.folder import scan_folder
+    from node.dicom.headers import read_series_headers
+    from node.dicom.volumes import scan_study
+
+    scan = scan_folder(directory)
+    headers: list[SeriesHeader] = []
+    fused: list[SequenceDecision] = []
+    tags: list[SequenceDecision] = []
+    verdicts: list[CnnVerdict | None] = []
+    note = unavailable
+    for i, (_, paths) in enumerate(scan.studies):
+        study_headers = read_series_headers(paths)
+        volumes = {(v.series_uid, v.series_number): v for v in scan_study(paths).volumes}
+        result = classify_study(study_headers, volumes, settings, bundle, unavailable=unavailable)
+        alone = classify_study(study_headers, volumes, settings, None)
+        headers.extend(study_headers)
+        fused.extend(result.decisions)
+        tags.extend(alone.decisions)
+        verdicts.extend(result.cnn_verdicts or (None,) * len(study_headers))
+        del volumes
+        if progress is not None:
+            progress(i + 1, len(scan.studies))
+    if bundle is not None:
+        meta = bundle.metadata
+        ran = sum(v is not None for v in verdicts)
+        note = f"sequence CNN {meta.name} {meta.version}: ran on {ran} of {len(headers)} series"
+    return FolderClassification(
+        headers=tuple(headers),
+        decisions=tuple(fused),
+        tags_only=tuple(tags),
+        cnn_verdicts=tuple(verdicts) if bundle is not None else None,
+        cnn_note=note,
+        n_studies=len(scan.studies),
+        n_skipped=scan.n_skipped,
+    )
