@@ -2,6 +2,9 @@
 
 Errors name the file, the key path and the line, and say what to write instead, so IT can fix
 the file without guessing.
+
+Why this module is long: the rule file is one schema (every section IT edits) plus its
+validation with line numbers and fixes; one file mirrors one YAML document.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ region is cut out when the bundle reads one.
 
 A config is data from a file, so nothing in it may run code: ``$`` expressions are refused in
 the parts the node builds, and every ``_target_`` must be a MONAI class.
+
+Why this module is long: it is the whole bundle contract (MONAI metadata schema checks, the
+refusal of code in configs, network, preprocessing and calibration parsing, and the writer's
+side of the same files); keeping reader and writer together keeps them from drifting.
 """
 
 from __future__ import annotations

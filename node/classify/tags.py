@@ -6,6 +6,9 @@ TR/TE/TI, temporal positions, contrast agent) and use descriptions only as weake
 because descriptions lie in about one series in ten. A description may always veto to OTHER
 (fMRI, field map, ASL, localizer...): OTHER is never routed, so a false OTHER costs a missed
 series, while a false routable label would feed a tumour model the wrong images.
+
+Why this module is long: it is the table of tag rules, one small function per rule, read top to
+bottom in the order they fire; splitting it would hide that order.
 """
 
 from __future__ import annotations

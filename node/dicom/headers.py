@@ -7,6 +7,10 @@ documentation of dcm2niix (Siemens (0019,xx0C), GE (0043,xx39), Philips (2001,xx
 creator, the b-value is read at the vendor's fixed address (node/dicom/private.py) and the header
 says so. Objects without pixels (Raw Data, spectroscopy, vendor private non-image SOP classes)
 that share a SeriesInstanceUID with images are set aside: they must not decide the series.
+
+Why this module is long: one header read per instance, for classic and enhanced MR, every
+vendor's conventions and the per-series aggregation; the private tags live in
+node/dicom/private.py.
 """
 
 from __future__ import annotations

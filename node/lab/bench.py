@@ -4,6 +4,10 @@ Targets (issues 3-5) are checked here, by printed figures, not by timed unit tes
 a shared machine. Every benchmark times the node's own code path and, in the same run, a plain
 reference workload of the same size (pydicom writes, a bare network forward, a storage SCP with
 no fsync or index), so the ratio says what the node's own work costs whatever the machine load.
+
+Why this module is long: each benchmark is a small function with its reference measured in the
+same run; they share the timing, memory and reporting helpers (lab code, never imported by the
+node).
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Tissue maps live in template space (RAS mm); a ``Subject`` maps patient LPS points to template
 points with a random affine, a smooth elastic field and a ventricle enlargement, so every
 series samples the same deformed head on its own geometry.
+
+Why this module is long: the two anatomy sources (the atlas-based one and style b's parametric
+head with its elastic field) share the sampling code; split further, each half would import the
+other.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Synthetic studies end to end: anatomy + phenotype -> contrasts -> vendor headers -> files."""
+"""Synthetic studies end to end: anatomy + phenotype -> contrasts -> vendor headers -> files.
+
+Why this module is long: a study's series list, their acquisition parameters and the domain
+randomisation draws are one generative description; split, each draw would have to be threaded
+through several modules (lab code, never imported by the node).
+"""
 
 from __future__ import annotations
 

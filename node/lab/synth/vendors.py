@@ -1,4 +1,8 @@
-"""Vendor conventions as data: protocol names, sequence parameters, pixel formats, private tags."""
+"""Vendor conventions as data: protocol names, sequence parameters, pixel formats, private tags.
+
+Why this module is long: it is the table of vendor header conventions (Siemens, GE, Philips,
+generic; classic and enhanced; style b's site naming), data more than logic.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""DICOM writing for synthetic studies: one header builder for all vendors, classic or enhanced."""
+"""DICOM writing for synthetic studies: one header builder for all vendors, classic or enhanced.
+
+Why this module is long: DICOM writing for classic and enhanced MR in every transfer syntax,
+with the per-vendor private tags; lab code, never imported by the node.
+"""
 
 from __future__ import annotations
 
