@@ -27,6 +27,13 @@ Decisions (read these before relying on the output):
   along the slice normal, whose sign comes from the CSA header's SliceNormalVector when it can
   be read (else cross(row, col)). Tiles refer to their file with ``frame_number`` None.
 - Objects without pixel data (SR, documents) are listed in the headers and make no volume.
+- A file that cannot be read costs that file only: whatever pydicom or a pixel handler raises
+  becomes a ``DecodeProblem`` naming the error type (never its text: it may quote a header
+  value), and the study goes on.
+
+Why this module is long: the decisions above are one algorithm (split, group, order, scale,
+unpack mosaics) over one decoded file list; split across modules, each part would need the
+private frame records of the others.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from node.dicom.private import SIEMENS_CSA_IMAGE, SIEMENS_MOSAIC_IMAGES, private_value
 from node.errors import LoadError
@@ -163,6 +170,7 @@ def _header(path: Path, ds: Dataset, *, has_pixels: bool) -> InstanceHeader:
 # handlers on a stream they cannot decode (NotImplementedError for an unsupported one).
 _READ_ERRORS: tuple[type[BaseException], ...] = (
     InvalidDicomError,
+    BytesLengthException,  # a value whose length is not a multiple of its VR's size
     LoadError,
     OSError,
     ValueError,

@@ -4,6 +4,11 @@ A C-STORE is answered with success only after `Spool.store` returns a stored (or
 result: by then the bytes are fsync'ed under a name built from validated UIDs and the index row
 is committed (WAL, synchronous=FULL). The index is one SQLite file shared by the receive threads,
 the scheduler and the workers; one connection guarded by a lock keeps it simple and correct.
+
+Why this module is long: everything that decides whether a received instance is on disk and
+known lives here together, so the one rule (success only once stored and indexed) is read in
+one place: the header read, the full parse that decides quarantine, the index and the study
+state it keeps, and the start-up sweep that reconciles the two after a crash or ENOSPC.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from node.errors import InvalidInstance, SpoolError, StoreStatus
 from node.ingest.completion import SeriesCount
@@ -116,6 +121,7 @@ def _positive_int(value: Any) -> int | None:
 # running past the end, a VR it cannot read, a compressed stream that does not parse).
 PARSE_ERRORS: tuple[type[BaseException], ...] = (
     InvalidDicomError,
+    BytesLengthException,  # a value whose length is not a multiple of its VR's size
     ValueError,  # includes UnicodeError
     EOFError,
     OSError,

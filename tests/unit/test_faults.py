@@ -282,3 +282,46 @@ def test_a_destination_that_never_answers_does_not_stall_another(tmp_path: Path)
         node.stop(grace_s=3)
     with Outbox(tmp_path / "spool") as outbox:
         assert {r.state for r in outbox.all()} == {DeliveryState.PENDING}
+
+
+# --- 5: no patient data from third-party text; a bad birth date does not cost the SR ----------
+
+
+def test_a_birth_date_pydicom_cannot_convert_still_gives_results(tmp_path: Path) -> None:
+    from node.report.sc import build_heatmap_images
+    from node.report.sr import build_sr
+    from tests.unit.test_report import OUT, make_result
+
+    with pytest.warns(UserWarning):
+        ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+        ds.PatientBirthDate = "ZZDOB0203"
+    path = tmp_path / "bad-dob.dcm"
+    ds.save_as(path)
+    result = make_result(path)
+    scs = build_heatmap_images(result, OUT, uid_root=None)
+    sr = build_sr(result, scs, uid_root=None)
+    for made in (sr, *scs):
+        assert "PatientBirthDate" in made and not made.PatientBirthDate
+        buf = io.BytesIO()
+        made.save_as(buf)
+        assert b"ZZDOB" not in buf.getvalue()
+
+
+def test_python_warnings_go_through_the_log_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    import warnings
+
+    from node.log import configure
+
+    stream = io.StringIO()
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    try:
+        configure("json", "info", stream=stream)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("Invalid value for VR DA: 'ZZDOB0203'", UserWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+    out = stream.getvalue()
+    assert '"logger": "py.warnings"' in out and "third_party_log" in out
+    assert "ZZDOB0203" not in out
