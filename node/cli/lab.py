@@ -107,6 +107,7 @@ class TrainArgs:
     recipe: str
     pretrained: Path | None
     folds: int | None
+    label_map: str | None
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,6 +116,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         "--data", type=Path, action="append", required=True, help="data folder (repeatable)"
     )
     p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
+    p.add_argument(
+        "--label-map",
+        default=None,
+        metavar="SITE=TASK,...",
+        help="map the CSV's label values to the task's, e.g. GBM=gbm,PCNSL=pcnsl",
+    )
     p.add_argument("--out", type=Path, default=None, help="bundle folder (default models/NAME)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -140,6 +147,7 @@ class EvaluateArgs:
     ensemble: bool
     rules: Path
     models_dir: Path | None
+    label_map: str | None
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -148,6 +156,12 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
         "--data", type=Path, action="append", required=True, help="data folder (repeatable)"
     )
     p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
+    p.add_argument(
+        "--label-map",
+        default=None,
+        metavar="SITE=TASK,...",
+        help="map the CSV's label values to the task's, e.g. GBM=gbm,PCNSL=pcnsl",
+    )
     p.add_argument("--bundle", type=Path, default=None, help="bundle folder (default models/NAME)")
     p.add_argument("--out", type=Path, default=None, help="writes metrics.json, roc.png, ...")
     p.add_argument(
@@ -172,6 +186,7 @@ class FitEnsembleArgs:
     out: Path | None
     rules: Path
     models_dir: Path | None
+    label_map: str | None
 
 
 def _fit_ensemble_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,6 +195,12 @@ def _fit_ensemble_arguments(p: argparse.ArgumentParser) -> None:
         "--data", type=Path, action="append", required=True, help="data folder (repeatable)"
     )
     p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
+    p.add_argument(
+        "--label-map",
+        default=None,
+        metavar="SITE=TASK,...",
+        help="map the CSV's label values to the task's, e.g. GBM=gbm,PCNSL=pcnsl",
+    )
     p.add_argument("--out", type=Path, default=None, help="writes fit.json")
     rules_option(p)
     p.add_argument("--models-dir", type=Path, default=None, help="override the rules' models_dir")

@@ -222,3 +222,24 @@ def test_cross_validation_holds_out_each_patient_once(tmp_path: Path) -> None:
             == 16
         )  # the fold's 8 held-out patients never train
     assert (tmp_path / "cv" / "roc.png").stat().st_size > 1000
+
+
+def test_label_map_parses_and_refuses_bad_text() -> None:
+    assert data.parse_label_map("GBM=gbm, PCNSL=pcnsl") == {"GBM": "gbm", "PCNSL": "pcnsl"}
+    assert data.parse_label_map(None) == {}
+    for bad in ("GBM", "GBM=", "=gbm", "GBM=gbm,GBM=pcnsl"):
+        with pytest.raises(data.DataError, match="label-map"):
+            data.parse_label_map(bad)
+
+
+def test_label_map_turns_a_sites_labels_into_the_tasks(tmp_path: Path) -> None:
+    from tests.unit.test_dicomio import write_mr
+
+    (tmp_path / "d").mkdir()
+    write_mr(tmp_path / "d" / "a.dcm", study="1.2.3", series="1.2.3.4", position=(0.0, 0.0, 0.0))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("StudyInstanceUID,label\n1.2.3,GBM\n")
+    items = data.load_items(tmp_path / "d", "gbm_pcnsl", labels, {"GBM": "gbm", "PCNSL": "pcnsl"})
+    assert [it.label for it in items] == ["gbm"]
+    with pytest.raises(data.DataError, match="not in --label-map"):
+        data.load_items(tmp_path / "d", "gbm_pcnsl", labels, {"PCNSL": "pcnsl"})

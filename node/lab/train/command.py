@@ -21,6 +21,7 @@ from node.lab.train.data import (
     class_index,
     fold_groups,
     load_items,
+    parse_label_map,
     select_items,
     split_groups,
 )
@@ -327,7 +328,7 @@ def cmd_train(args: TrainArgs) -> int:
     _threads()
     recipe = get_recipe(args.task, args.recipe)
     folders = _folders(args)
-    items = _task_items(folders, recipe.task, args.labels)
+    items = _task_items(folders, recipe.task, args.labels, args.label_map)
     description = "; ".join(_describe(f) for f in folders)
     if args.folds:
         cv_out = args.out or Path("cv") / recipe.bundle_name
@@ -366,9 +367,12 @@ def _folders(args: TrainArgs | EvaluateArgs | FitEnsembleArgs) -> list[Path]:
     return list(args.data)
 
 
-def _task_items(folders: Sequence[Path], task: str, labels: Path | None) -> list[SeriesItem]:
+def _task_items(
+    folders: Sequence[Path], task: str, labels: Path | None, label_map: str | None = None
+) -> list[SeriesItem]:
     """Labelled series of every --data folder."""
-    return [it for folder in folders for it in load_items(folder, task, labels)]
+    mapping = parse_label_map(label_map)
+    return [it for folder in folders for it in load_items(folder, task, labels, mapping)]
 
 
 def _task_rules(args: EvaluateArgs | FitEnsembleArgs) -> tuple[Any, Any, dict[str, Any]]:
@@ -398,7 +402,7 @@ def cmd_evaluate(args: EvaluateArgs) -> int:
             task,
             task_rules,
             bundles,
-            _task_items(folders, task, args.labels),
+            _task_items(folders, task, args.labels, args.label_map),
             progress=stderr_progress,
         )
         report = evaluate_ensemble(task, task_rules, outputs, out=args.out)
@@ -418,7 +422,7 @@ def cmd_evaluate(args: EvaluateArgs) -> int:
     name, task, _seq = resolve_bundle_name(args.task)
     bundle_dir = args.bundle or Path("models") / name
     bundle = load_bundle(bundle_dir)
-    items = _task_items(folders, task, args.labels)
+    items = _task_items(folders, task, args.labels, args.label_map)
     if task == "sequence":
         report = evaluate_sequence(bundle, items, out=args.out, progress=stderr_progress)
     else:
@@ -441,7 +445,7 @@ def cmd_fit_ensemble(args: FitEnsembleArgs) -> int:
     _threads()
     folders = _folders(args)
     task, task_rules, bundles = _task_rules(args)
-    items = _task_items(folders, task, args.labels)
+    items = _task_items(folders, task, args.labels, args.label_map)
     outputs = collect_outputs(task, task_rules, bundles, items, progress=stderr_progress)
     fit = fit_ensemble(task, task_rules, outputs)
     result = {

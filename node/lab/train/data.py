@@ -256,8 +256,29 @@ def _with_paths(item: SeriesItem, paths: tuple[Path, ...]) -> SeriesItem:
     return dataclasses.replace(item, paths=paths)
 
 
-def load_items(root: Path, task: str, labels_csv: Path | None = None) -> tuple[SeriesItem, ...]:
-    """Labelled series for a task (or 'sequence') from a synth folder or a DICOM folder + CSV."""
+def parse_label_map(text: str | None) -> dict[str, str]:
+    """`--label-map GBM=gbm,PCNSL=pcnsl`: a site's archive labels to the task's labels."""
+    if not text:
+        return {}
+    mapping: dict[str, str] = {}
+    for part in text.split(","):
+        source, sep, target = part.partition("=")
+        if not sep or not source.strip() or not target.strip():
+            raise DataError(f"--label-map: '{part}' is not SITE_LABEL=task_label")
+        if source.strip() in mapping:
+            raise DataError(f"--label-map: '{source.strip()}' is mapped twice")
+        mapping[source.strip()] = target.strip()
+    return mapping
+
+
+def load_items(
+    root: Path,
+    task: str,
+    labels_csv: Path | None = None,
+    label_map: Mapping[str, str] | None = None,
+) -> tuple[SeriesItem, ...]:
+    """Labelled series for a task (or 'sequence') from a synth folder or a DICOM folder + CSV;
+    `label_map` turns the CSV's own label values into the task's."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
@@ -269,6 +290,14 @@ def load_items(root: Path, task: str, labels_csv: Path | None = None) -> tuple[S
         series_labels = read_csv_labels(labels_csv, ("series_uid", "SeriesInstanceUID"))
         return scan_dicom_folder(root, sequence_of=series_labels)
     study_labels = read_csv_labels(labels_csv, ("StudyInstanceUID", "study_uid"), ("label", task))
+    mapping = dict(label_map or {})
+    if mapping:
+        unknown = sorted({v for v in study_labels.values() if v not in mapping})
+        if unknown:
+            raise DataError(
+                f"{labels_csv}: labels {unknown} are not in --label-map (map every value)"
+            )
+        study_labels = {uid: mapping[v] for uid, v in study_labels.items()}
     return tuple(_with_label(it, study_labels.get(it.study_uid)) for it in scan_dicom_folder(root))
 
 
