@@ -296,6 +296,7 @@ class SeriesHeader:
     n_temporal_positions: int = 1
     acquisition_times: tuple[float, float] | None = None  # first, last; seconds from midnight
     orientation: str = ""  # axial, sagittal, coronal, oblique (first image), "" if unknown
+    body_part: str = ""  # BodyPartExamined (for the rules' qualify: section)
     orientations: tuple[str, ...] = ()  # all distinct plane labels in the series
     rows: int | None = None
     cols: int | None = None

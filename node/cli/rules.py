@@ -6,9 +6,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-
 from node.classify.study import classify_folder, load_sequence_bundle
 from node.cli.command import Command
 from node.config import (
@@ -80,7 +77,7 @@ def cmd_explain(args: ExplainArgs) -> int:
         print(f"{study_dir}: no readable DICOM series")
         return 1
     ok, why = study_qualifies(
-        [h.modality for h in headers], _body_parts(study_dir), len(headers), rules.qualify
+        [h.modality for h in headers], [h.body_part for h in headers], len(headers), rules.qualify
     )
     print(f"study: {why}")
     if not ok:
@@ -97,20 +94,6 @@ def cmd_explain(args: ExplainArgs) -> int:
     print(f"(sequence labels as the node gives them: {run.cnn_note})")
     print(explain_routes(decisions, rules, series_names=names))
     return 0
-
-
-def _body_parts(study_dir: Path) -> tuple[str, ...]:
-    """BodyPartExamined of every file under study_dir (header only; not in SeriesHeader)."""
-    parts: set[str] = set()
-    for path in sorted(study_dir.rglob("*")):
-        if not path.is_file():
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["BodyPartExamined"])
-        except (InvalidDicomError, OSError, ValueError):
-            continue
-        parts.add(str(ds.get("BodyPartExamined", "") or ""))
-    return tuple(sorted(parts))
 
 
 def _check_arguments(p: argparse.ArgumentParser) -> None:

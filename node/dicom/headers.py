@@ -488,6 +488,7 @@ def _finish(acc: _Accumulator, manufacturer: str) -> SeriesHeader:
         study_uid=_text(ds.get("StudyInstanceUID")),
         series_number=_series_number(ds),
         series_description=_text(ds.get("SeriesDescription")),
+        body_part=_text(ds.get("BodyPartExamined")).upper(),
         protocol_name=_text(ds.get("ProtocolName")),
         sequence_name=sequence_name,
         manufacturer=manufacturer,

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from node.dicom.volumes import SeriesId, scan_study, series_id, volume_id
 from node.errors import ModelUnavailable, ReportError
@@ -128,20 +127,11 @@ def stage_classify(ctx: StudyContext) -> StudyContext:
 
 
 def _body_parts(ctx: StudyContext) -> tuple[str, ...] | None:
-    """BodyPartExamined of one file per series, only when the rules filter on it."""
-    if not ctx.rules.qualify.body_parts or ctx.loaded is None:
+    """BodyPartExamined of the study's series (from the headers CLASSIFY read), only when the
+    rules filter on it."""
+    if not ctx.rules.qualify.body_parts:
         return None
-    firsts: dict[SeriesId, Path] = {}
-    for h in ctx.loaded.headers:
-        firsts.setdefault(series_id(h), h.path)
-    parts: set[str] = set()
-    for path in firsts.values():
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["BodyPartExamined"])
-        except (InvalidDicomError, OSError, ValueError, TypeError, EOFError):
-            continue
-        parts.add(str(ds.get("BodyPartExamined", "") or ""))
-    return tuple(sorted(parts))
+    return tuple(sorted({h.body_part for h in ctx.headers}))
 
 
 def stage_qualify(ctx: StudyContext) -> StudyContext:

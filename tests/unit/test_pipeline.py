@@ -216,3 +216,20 @@ def test_one_uid_with_two_numbers_gets_two_audit_entries_with_distinct_keys(
     assert entries[0]["series_key"] == uid_key(f"{series}#1")
     assert entries[0]["series_key"] != entries[1]["series_key"]
     assert outcome.n_series == 2
+
+
+@pytest.mark.parametrize(("part", "status"), [("KNEE", "skipped"), ("brain", "done")])
+def test_qualify_reads_body_part_from_the_headers(tmp_path: Path, part: str, status: str) -> None:
+    import pydicom
+
+    study, paths = _study(tmp_path / "in", n_series=2)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.BodyPartExamined = part
+        ds.save_as(p)
+    rules = Rules.model_validate({"qualify": {"body_parts": ["BRAIN", "HEAD"]}})
+    job = StudyJob(job_id=1, study_uid=study, instance_paths=tuple(paths), attempt=1)
+    process_study(job, rules, out_dir=tmp_path / "out")
+    audit = json.loads(audit_path(tmp_path / "out", study).read_text())
+    assert audit["status"] == status
+    assert (audit["qualifies"] is True) is (status == "done")
