@@ -34,6 +34,10 @@ Decisions (read these before relying on the output):
 Why this module is long: the decisions above are one algorithm (split, group, order, scale,
 unpack mosaics) over one decoded file list; split across modules, each part would need the
 private frame records of the others.
+
+Why this module is long: series assembly is one algorithm over classic and enhanced objects
+(frames, geometry, spatial and temporal order, decoding with a per-file guard); its parts share
+the frame records and are read together.
 """
 
 from __future__ import annotations
