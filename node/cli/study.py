@@ -245,6 +245,8 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
             _print_metrics(name, sections[name])
     if "cnn" not in sections:
         print(f"\n== cnn: not evaluated ({run.cnn_note})")
+    cells = accuracy_by_acquisition(run, truth)
+    _print_cells(cells)
     if args.out is not None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +262,7 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
             "labels_file": str(args.labels),
             "directory": str(args.directory),
             "methods": sections,
+            "by_acquisition": cells,
         }
         target = out / "metrics.json"
         write_json_durable(target, document)
@@ -267,6 +270,42 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
         _write_series_csv(rows_path, run, truth)
         print(f"\nwrote {target} and {rows_path}")
     return 0
+
+
+def accuracy_by_acquisition(
+    run: FolderClassification, truth: Mapping[str, SequenceLabel]
+) -> dict[str, dict[str, dict[str, float | int]]]:
+    """Accuracy of each method per acquisition cell (plane x 2D/3D) over labelled series."""
+    verdicts = run.cnn_verdicts or (None,) * len(run.headers)
+    cells: dict[str, dict[str, list[int]]] = {}
+    for h, tag, fused, cnn in zip(run.headers, run.tags_only, run.decisions, verdicts, strict=True):
+        label = truth.get(h.series_uid)
+        if label is None:
+            continue
+        cell = f"{h.orientation or 'unknown'} {h.mr_acquisition_type or '?'}"
+        answers: dict[str, SequenceLabel | None] = {"tags": tag.label, "fused": fused.label}
+        if run.cnn_verdicts is not None:
+            answers["cnn"] = cnn.label if cnn is not None else None
+        for method, answer in answers.items():
+            hit = cells.setdefault(cell, {}).setdefault(method, [0, 0])
+            hit[0] += answer is label
+            hit[1] += 1
+    return {
+        cell: {m: {"accuracy": round(r / n, 4), "n": n} for m, (r, n) in methods.items()}
+        for cell, methods in sorted(cells.items())
+    }
+
+
+def _print_cells(cells: Mapping[str, Mapping[str, Mapping[str, float | int]]]) -> None:
+    if not cells:
+        return
+    print("\n== accuracy by plane and 2D/3D (labelled series)")
+    for cell, methods in cells.items():
+        shown = "  ".join(
+            f"{m} {v['accuracy']:.3f}" for m, v in methods.items() if m in ("tags", "cnn", "fused")
+        )
+        n = next(iter(methods.values()))["n"]
+        print(f"  {cell:<16} n={n:<5} {shown}")
 
 
 def _write_series_csv(
@@ -277,8 +316,8 @@ def _write_series_csv(
     writer = csv.writer(buffer)
     writer.writerow(
         (
-            "study_uid", "series_uid", "series_number", "description", "true", "tags", "cnn",
-            "fused", "method", "evidence", "reason",
+            "study_uid", "series_uid", "series_number", "description", "plane", "acquisition",
+            "true", "tags", "cnn", "fused", "method", "evidence", "reason",
         )
     )  # fmt: skip
     verdicts = run.cnn_verdicts or (None,) * len(run.headers)
@@ -290,6 +329,8 @@ def _write_series_csv(
                 h.series_uid,
                 "" if h.series_number is None else h.series_number,
                 h.series_description,
+                h.orientation,
+                h.mr_acquisition_type,
                 "" if label is None else label.value,
                 tag.label.value,
                 "" if cnn is None else cnn.label.value,
