@@ -183,13 +183,52 @@ def verify_instance(data: bytes) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # value warnings quote header values; not fatal
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            for elem in ds.iterall():  # converts every raw element, nested sequences too
-                _ = elem.value
+            _convert_all(ds)
             _verify_pixels(ds)
     except InvalidInstance:
         raise
     except PARSE_ERRORS as exc:
         raise InvalidInstance(f"unparseable: {type(exc).__name__}") from exc
+
+
+# Text VRs whose value may not convert (IS '1A', DA 'ZZDOB0203') while the data set around it is
+# sound: a non-conformant value is the value's problem (readers treat values defensively), not
+# a reason to refuse the instance. Binary values that do not fit their VR are structural.
+_TEXT_VRS = frozenset(
+    {
+        "AE",
+        "AS",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "IS",
+        "LO",
+        "LT",
+        "PN",
+        "SH",
+        "ST",
+        "TM",
+        "UC",
+        "UI",
+        "UR",
+        "UT",
+    }
+)
+
+
+def _convert_all(ds: Dataset) -> None:
+    """Convert every element, nested sequences too; only text values may fail to convert."""
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]
+        except (ValueError, TypeError, OverflowError):
+            if str(ds.get_item(tag).VR) not in _TEXT_VRS:
+                raise
+            continue
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _convert_all(item)
 
 
 def _verify_pixels(ds: Dataset) -> None:

@@ -96,13 +96,29 @@ def _mutate(data: bytes, other: bytes, rng: random.Random) -> tuple[str, bytes]:
     return kind, bytes(data[:start]) + bytes(body)
 
 
+TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC"}
+TEXT_VRS |= {"UI", "UR", "UT"}
+
+
+def _convert(ds: pydicom.Dataset) -> None:
+    """Every element converts; a text value that does not (IS '1A') is the value's problem."""
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]
+        except ValueError:
+            assert str(ds.get_item(tag).VR) in TEXT_VRS
+            continue
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _convert(item)
+
+
 def full_parse(path: Path) -> None:
     """What a reader of the stored instance does: every element and the pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(path)
-        for elem in ds.iterall():
-            _ = elem.value
+        _convert(ds)
         if "PixelData" not in ds:  # a flipped tag may leave an object without pixels
             return
         if ds.file_meta.TransferSyntaxUID.is_encapsulated:
