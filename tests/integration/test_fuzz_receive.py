@@ -49,7 +49,7 @@ def _base(ts: str, sop: str) -> bytes:
         if ts == RLELossless:
             ds.compress(RLELossless)
         else:
-            ds.file_meta.TransferSyntaxUID = ts
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(ts)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True, implicit_vr=ts == ImplicitVRLittleEndian)
     return buf.getvalue()
@@ -57,7 +57,7 @@ def _base(ts: str, sop: str) -> bytes:
 
 def _meta_end(data: bytes) -> int:
     """Offset of the data set after the preamble and the file meta group."""
-    (group_len,) = struct.unpack("<I", data[140:144])
+    group_len = int(struct.unpack("<I", data[140:144])[0])
     return 144 + group_len
 
 

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from node.config import Rules
 from node.deliver.outbox import Outbox
 from node.errors import StoreStatus
-from node.ingest.completion import ReadyKind, decide_ready
+from node.ingest.completion import ReadyDecision, ReadyKind, decide_ready
 from node.ingest.spool import Spool, instance_relpath, parse_instance
 from node.lab.orthanc import free_port
 from node.pipeline.jobs import JobQueue
@@ -81,7 +81,7 @@ def test_one_file_that_pydicom_cannot_read_costs_only_that_file(
             raise NotImplementedError("ZZSECRET decoder for this value is missing")
         return real(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(volumes.pydicom, "dcmread", dcmread)
+    monkeypatch.setattr(pydicom, "dcmread", dcmread)
     loaded = volumes.scan_study(paths)
     assert len(loaded.volumes) == 1 and loaded.volumes[0].n_instances == 2
     (problem,) = loaded.problems
@@ -145,12 +145,19 @@ def test_start_up_sweep_indexes_or_quarantines_unknown_spool_files(tmp_path: Pat
 
 
 def test_max_wait_ends_a_trickling_study() -> None:
-    kw = {"quiet_period_s": 20.0, "series": (), "use_expected_counts": False}
-    trickling = decide_ready(last_instance_at=995.0, now=1000.0, first_instance_at=0.0, **kw)
-    assert not trickling.ready  # without a maximum: waits for ever
-    done = decide_ready(
-        last_instance_at=995.0, now=1000.0, first_instance_at=0.0, max_wait_s=600.0, **kw
-    )
+    def decide(max_wait_s: float | None) -> ReadyDecision:
+        return decide_ready(
+            last_instance_at=995.0,
+            now=1000.0,
+            first_instance_at=0.0,
+            max_wait_s=max_wait_s,
+            quiet_period_s=20.0,
+            series=(),
+            use_expected_counts=False,
+        )
+
+    assert not decide(None).ready  # without a maximum: waits for ever
+    done = decide(600.0)
     assert done.ready and done.kind is ReadyKind.MAX_WAIT
 
 

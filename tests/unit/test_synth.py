@@ -24,7 +24,8 @@ from node.lab.synth import (
 from node.lab.synth.anatomy import load_template
 from node.lab.synth.study import SynthStudy
 
-SMALL = {"size": 64, "slices": 12}
+SMALL_SIZE, SMALL_SLICES = 64, 12
+SMALL: dict[str, int] = {"size": SMALL_SIZE, "slices": SMALL_SLICES}
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -42,10 +43,17 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _typical(phenotype: str, vendor: str = "siemens", start: int = 100, **kw: int) -> SynthStudy:
+def _typical(
+    phenotype: str, vendor: str = "siemens", start: int = 100, size: int = SMALL_SIZE
+) -> SynthStudy:
     for seed in range(start, start + 30):
         st = generate_study(
-            seed, phenotype=phenotype, vendor=vendor, distractors=False, **{**SMALL, **kw}
+            seed,
+            phenotype=phenotype,
+            vendor=vendor,
+            distractors=False,
+            size=size,
+            slices=SMALL_SLICES,
         )
         if not st.atypical and st.lesions:
             return st
@@ -58,7 +66,8 @@ def _sphere(st: SynthStudy, lesion: dict[str, object], frac: float) -> np.ndarra
     pts = g.points()
     c = np.array(lesion["center_mm"], dtype=np.float32)
     r = float(lesion["radius_mm"])  # type: ignore[arg-type]
-    return np.linalg.norm(pts - c, axis=-1) <= frac * r
+    inside: np.ndarray = np.linalg.norm(pts - c, axis=-1) <= frac * r
+    return inside
 
 
 def _pixels(st: SynthStudy, kind: str) -> np.ndarray:
@@ -240,7 +249,9 @@ def test_lgg_does_not_enhance() -> None:
 def test_pcnsl_adc_below_white_matter() -> None:
     st = _typical("pcnsl", vendor="ge", size=96)
     adc = _pixels(st, "adc")
-    k, r, c = st.lesions[0]["center_voxel"]  # type: ignore[misc]
+    centre = st.lesions[0]["center_voxel"]
+    assert isinstance(centre, (list, tuple))
+    k, r, c = (int(v) for v in centre)
     assert st.volumes["lesion_fraction"][k, r, c] > 0.5  # the lesion is where the manifest says
     inside = (st.volumes["lesion_fraction"] > 0.8) & _sphere(st, st.lesions[0], 1.0)
     wm = (st.volumes["wm_fraction"] > 0.9) & (adc > 0)
@@ -266,7 +277,14 @@ def test_tubers_bright_on_flair() -> None:
 
 
 def test_flair_csf_dark_t2_csf_bright_t1_wm_over_gm() -> None:
-    st = generate_study(21, phenotype="normal", vendor="siemens", distractors=False, **SMALL)
+    st = generate_study(
+        21,
+        phenotype="normal",
+        vendor="siemens",
+        distractors=False,
+        size=SMALL_SIZE,
+        slices=SMALL_SLICES,
+    )
     from node.lab.synth.anatomy import centred_grid, sample_anatomy  # noqa: F401  (shape check only)
 
     wm = st.volumes["wm_fraction"] > 0.9
@@ -501,7 +519,7 @@ def test_geometry_per_plane_puts_the_head_right_side_up(plane: str, style: str) 
             continue
         # ... and the head a reader finds at each pixel's patient position is the one shown.
         f = sample_points(st.subject, pts)
-        head = sum(f[t] for t in ("scalp", "csf", "gm", "wm")) > 0.5
+        head: np.ndarray = np.asarray(sum(f[t] for t in ("scalp", "csf", "gm", "wm")) > 0.5)
         img = np.stack([d.pixel_array for d in dss]).astype(float)
         shown = img > 0.1 * np.percentile(img, 99)
 
@@ -546,9 +564,9 @@ def test_randomised_geometry_varies_and_is_written_consistently() -> None:
             seen.add((s.kind, s.plane, s.acquisition))
             assert ds.MRAcquisitionType == s.acquisition
             g = s.geometry
+            directions = [float(v) for v in (*g["row_dir"], *g["col_dir"])]  # type: ignore[misc]
             assert [float(x) for x in ds.ImageOrientationPatient] == pytest.approx(
-                [*g["row_dir"], *g["col_dir"]],
-                abs=1e-4,  # type: ignore[list-item]
+                directions, abs=1e-4
             )
             assert float(ds.SliceThickness) == pytest.approx(g["slice_thickness_mm"], abs=1e-3)
             if s.acquisition == "3D":
