@@ -105,7 +105,7 @@ def explain_series(
     else:
         box = series_box(pixels, meta)
     rows, cols = int(pixels.shape[1]), int(pixels.shape[2])
-    if canon.identity:
+    if canon.slice_aligned:
         order = np.argsort(-probs if positive else probs, kind="stable")[:top_k]
         chosen = tuple(prediction.slice_indices[int(i)] for i in order)
         cams = _cams(bundle, pixels, chosen, box, class_index)
@@ -114,7 +114,8 @@ def explain_series(
                 series_uid=volume.series_uid,
                 slice_index=idx,
                 source=volume.slices[idx],
-                cam=to_source_grid(cams[j], rows, cols, box),
+                # on the canonical (square) slice, then without its padding
+                cam=to_source(to_source_grid(cams[j], rows, cols, box)[None], canon)[0],
                 image=np.asarray(volume.pixels[idx], dtype=np.float32),
             )
             for j, idx in enumerate(chosen)

@@ -4,8 +4,10 @@ Models were trained on axial slices; scanners also send sagittal and coronal ser
 3D. Before a model reads a series, its volume is turned into axial slices from its DICOM
 geometry (ImageOrientationPatient, the slice order along the normal, PixelSpacing and the slice
 spacing): slices run feet to head, rows anterior to posterior, columns patient right to left
-(the standard axial display), with square pixels. Only axis permutations, flips and an in-plane
-linear resampling are used, so an axial series comes out unchanged and every canonical voxel
+(the standard axial display), with square pixels, padded to a square field of view so a model's
+resize never stretches anatomy (a sagittal slab becomes a band across the axial slice). Only
+axis permutations, flips, an in-plane linear resampling and padding are used, so an axial
+series keeps its slices and every canonical voxel
 maps back to the source grid exactly (`to_source`), which is how Grad-CAM maps computed on
 canonical slices return to the source slices for the Secondary Captures.
 
@@ -40,14 +42,24 @@ class CanonicalVolume:
     zoom: tuple[float, float]  # in-plane factors applied to canonical rows and columns
     permuted_shape: tuple[int, int, int]  # canonical shape before the in-plane zoom
     spacing_mm: tuple[float, float, float]  # canonical voxel size (slice, row, column)
+    pad: tuple[int, int] = (0, 0)  # rows, columns added before the data (half the padding)
+    unpadded_shape: tuple[int, int] | None = None  # in-plane shape before padding
     # Patient (LPS) position of canonical voxel (0, 0, 0); voxel (z, y, x) sits at
     # origin + (x * spacing[2], y * spacing[1], z * spacing[0]). None when unknown.
     origin_mm: tuple[float, float, float] | None = None
 
     @property
+    def slice_aligned(self) -> bool:
+        """True when canonical slice k is source slice k (at most padded to a square)."""
+        return self.axes == (0, 1, 2) and not any(self.flips) and self.zoom == (1.0, 1.0)
+
+    @property
     def identity(self) -> bool:
         """True when the canonical pixels are the source pixels themselves."""
-        return self.axes == (0, 1, 2) and not any(self.flips) and self.zoom == (1.0, 1.0)
+        unpadded = self.unpadded_shape is None or self.unpadded_shape == self.pixels.shape[1:]
+        return (
+            self.axes == (0, 1, 2) and not any(self.flips) and self.zoom == (1.0, 1.0) and unpadded
+        )
 
 
 def _source_axes(volume: SeriesVolume) -> tuple[npt.NDArray[np.float64], ...] | None:
@@ -136,9 +148,15 @@ def canonical_axial(volume: SeriesVolume) -> CanonicalVolume:
     zoom = (mm[1] / target, mm[2] / target)
     if zoom != (1.0, 1.0):
         out = ndimage.zoom(out, (1.0, zoom[0], zoom[1]), order=1, mode="nearest", grid_mode=True)
+    unpadded = (int(out.shape[1]), int(out.shape[2]))
+    out, pad = _square(out)
+    origin = _origin(volume, axes, flips, permuted_shape, source_mm, target)
+    origin = (origin[0] - pad[1] * target, origin[1] - pad[0] * target, origin[2])
     return CanonicalVolume(
         pixels=np.ascontiguousarray(out, dtype=np.float32),
-        origin_mm=_origin(volume, axes, flips, permuted_shape, source_mm, target),
+        pad=pad,
+        unpadded_shape=unpadded,
+        origin_mm=origin,
         plane=plane,
         axes=axes,
         flips=flips,
@@ -146,6 +164,18 @@ def canonical_axial(volume: SeriesVolume) -> CanonicalVolume:
         permuted_shape=permuted_shape,
         spacing_mm=(mm[0], target, target),
     )
+
+
+def _square(pixels: FloatArray) -> tuple[FloatArray, tuple[int, int]]:
+    """Pad rows or columns (with the volume's background, its minimum) to a square slice."""
+    rows, cols = int(pixels.shape[1]), int(pixels.shape[2])
+    if rows == cols:
+        return pixels, (0, 0)
+    side = max(rows, cols)
+    before = ((side - rows) // 2, (side - cols) // 2)
+    widths = ((0, 0), (before[0], side - rows - before[0]), (before[1], side - cols - before[1]))
+    background = float(pixels.min()) if pixels.size else 0.0
+    return np.pad(pixels, widths, mode="constant", constant_values=background), before
 
 
 def _origin(
@@ -183,19 +213,21 @@ def resample_onto(
     not share geometry (an unknown origin) or overlap on less than `min_overlap` of the fixed
     grid. Canonical grids are axis-aligned, so this is a scaling and a shift per axis.
     """
-    if moving.origin_mm is None or fixed.origin_mm is None:
+    fixed_view, moving_view = _data(fixed), _data(moving)
+    if fixed_view is None or moving_view is None:
         return None
+    (fixed_pixels, fixed_origin), (moving_pixels, moving_origin) = fixed_view, moving_view
     scale = []
     offset = []
     for k, patient_axis in ((0, 2), (1, 1), (2, 0)):
         scale.append(fixed.spacing_mm[k] / moving.spacing_mm[k])
-        shift = fixed.origin_mm[patient_axis] - moving.origin_mm[patient_axis]
+        shift = fixed_origin[patient_axis] - moving_origin[patient_axis]
         offset.append(shift / moving.spacing_mm[k])
     resampled = ndimage.affine_transform(
-        moving.pixels,
+        moving_pixels,
         np.asarray(scale),
         offset=np.asarray(offset),
-        output_shape=fixed.pixels.shape,
+        output_shape=fixed_pixels.shape,
         order=1,
         mode="constant",
         cval=np.nan,
@@ -206,7 +238,23 @@ def resample_onto(
     zs, ys, xs = (np.flatnonzero(inside.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
     box = np.s_[zs[0] : zs[-1] + 1, ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
     moved = np.where(inside[box], resampled[box], 0.0).astype(np.float32)
-    return np.ascontiguousarray(fixed.pixels[box], dtype=np.float32), moved
+    return np.ascontiguousarray(fixed_pixels[box], dtype=np.float32), moved
+
+
+def _data(
+    canonical: CanonicalVolume,
+) -> tuple[FloatArray, tuple[float, float, float]] | None:
+    """The canonical pixels without padding, and the patient position of their first voxel."""
+    if canonical.origin_mm is None:
+        return None
+    pixels = canonical.pixels
+    x0, y0, z0 = canonical.origin_mm
+    if canonical.unpadded_shape is not None:
+        (r0, c0), (rows, cols) = canonical.pad, canonical.unpadded_shape
+        pixels = pixels[:, r0 : r0 + rows, c0 : c0 + cols]
+        x0 += c0 * canonical.spacing_mm[2]
+        y0 += r0 * canonical.spacing_mm[1]
+    return pixels, (x0, y0, z0)
 
 
 def canonical_index(
@@ -218,7 +266,7 @@ def canonical_index(
         if flip:
             point[k] = canonical.permuted_shape[k] - 1 - point[k]
     for k, factor in ((1, canonical.zoom[0]), (2, canonical.zoom[1])):
-        point[k] = (point[k] + 0.5) * factor - 0.5
+        point[k] = (point[k] + 0.5) * factor - 0.5 + canonical.pad[k - 1]
     return (point[0], point[1], point[2])
 
 
@@ -227,6 +275,10 @@ def to_source(values: npt.NDArray[np.floating], canonical: CanonicalVolume) -> F
     arr = np.asarray(values, dtype=np.float32)
     if canonical.identity:
         return arr
+    if canonical.unpadded_shape is not None:
+        r0, c0 = canonical.pad
+        rows, cols = canonical.unpadded_shape
+        arr = arr[:, r0 : r0 + rows, c0 : c0 + cols]
     if canonical.zoom != (1.0, 1.0):
         shape = canonical.permuted_shape
         factors = (1.0, shape[1] / arr.shape[1], shape[2] / arr.shape[2])

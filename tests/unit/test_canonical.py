@@ -8,7 +8,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from node.dicom.canonical import canonical_axial, canonical_index, resample_onto, to_source
+from node.dicom.canonical import (
+    CanonicalVolume,
+    canonical_axial,
+    canonical_index,
+    resample_onto,
+    to_source,
+)
 from node.records import SeriesVolume, SliceGeometry, SliceRef
 
 X, Y, Z = 20, 24, 16  # patient voxels (L, P, H), 1 mm
@@ -56,6 +62,14 @@ def _volume(
     )
 
 
+def _unpadded(canon: CanonicalVolume) -> npt.NDArray[np.float32]:
+    """The canonical pixels without the padding that made the slices square."""
+    if canon.unpadded_shape is None:
+        return canon.pixels
+    (r0, c0), (rows, cols) = canon.pad, canon.unpadded_shape
+    return canon.pixels[:, r0 : r0 + rows, c0 : c0 + cols]
+
+
 def _axial(v: npt.NDArray[np.float32]) -> SeriesVolume:
     # pixels[k, r, c] = v[c, r, k]: rows along +y (posterior), columns along +x (left)
     return _volume(v.transpose(2, 1, 0).copy(), (1, 0, 0), (0, 1, 0), [(0, 0, k) for k in range(Z)])
@@ -81,9 +95,10 @@ def test_every_plane_gives_the_same_axial_volume(make: object, plane: str) -> No
     series = make(v)  # type: ignore[operator]
     canon = canonical_axial(series)
     assert canon.plane == plane
-    assert np.array_equal(canon.pixels, v.transpose(2, 1, 0))
+    assert canon.pixels.shape == (Z, Y, Y)  # square slices: the 20 columns padded to 24
+    assert np.array_equal(_unpadded(canon), v.transpose(2, 1, 0))
     assert np.array_equal(to_source(canon.pixels, canon), series.pixels)
-    assert canon.identity is (plane == "axial")
+    assert canon.slice_aligned is (plane == "axial")
 
 
 def test_slices_stored_head_first_are_turned_feet_first() -> None:
@@ -91,7 +106,7 @@ def test_slices_stored_head_first_are_turned_feet_first() -> None:
     pixels = v.transpose(2, 1, 0)[::-1].copy()
     series = _volume(pixels, (1, 0, 0), (0, 1, 0), [(0, 0, Z - 1 - k) for k in range(Z)])
     canon = canonical_axial(series)
-    assert np.array_equal(canon.pixels, v.transpose(2, 1, 0))
+    assert np.array_equal(_unpadded(canon), v.transpose(2, 1, 0))
     assert np.array_equal(to_source(canon.pixels, canon), pixels)
 
 
@@ -107,7 +122,8 @@ def test_thick_sagittal_slices_are_resampled_to_square_pixels_and_back() -> None
     )
     canon = canonical_axial(series)
     assert canon.plane == "sagittal"
-    assert canon.pixels.shape == (Z, Y, 4 * v.shape[0])  # columns (x) at 1 mm now
+    assert canon.unpadded_shape == (Y, 4 * v.shape[0])  # columns (x) at 1 mm now
+    assert canon.pixels.shape == (Z, Y, Y)  # and padded to a square slice, not stretched
     assert canon.spacing_mm == (1.0, 1.0, 1.0)
     back = to_source(canon.pixels, canon)
     assert back.shape == pixels.shape
@@ -135,7 +151,8 @@ def test_a_source_voxel_lands_on_its_canonical_voxel() -> None:
     canon = canonical_axial(series)
     k, r, c = 3, 4, 7  # sagittal slice x=3, row z=Z-1-4, column y=7
     z, y, x = canonical_index((k, r, c), canon)
-    assert (z, y, x) == (Z - 1 - r, c, k)
+    assert canon.pad == (0, 2)
+    assert (z, y, x) == (Z - 1 - r, c, k + 2)  # two padding columns on the right
     assert canon.pixels[int(z), int(y), int(x)] == series.pixels[k, r, c]
 
 
@@ -143,8 +160,8 @@ def test_a_sagittal_and_an_axial_series_of_one_head_meet_on_one_grid() -> None:
     v = _patient_volume()
     axial = canonical_axial(_axial(v))
     sagittal = canonical_axial(_sagittal(v))
-    assert axial.origin_mm == pytest.approx((0.0, 0.0, 0.0))
-    assert sagittal.origin_mm == pytest.approx((0.0, 0.0, 0.0))
+    assert axial.origin_mm == pytest.approx((-2.0, 0.0, 0.0))  # two padding columns
+    assert sagittal.origin_mm == pytest.approx((-2.0, 0.0, 0.0))
     pair = resample_onto(sagittal, axial)
     assert pair is not None
     fixed, moved = pair
