@@ -223,13 +223,15 @@ def _by_images(
                 ),
             )
         elif c.decision.label is L.T1C:
-            out[c.index] = _relabel(
-                c,
-                L.T1,
-                max(0.7, c.decision.confidence - 0.1),
-                EvidenceKind.ORDER_IMAGE,
-                f"study context: images show no enhancement relative to the earliest run of the "
-                f"protocol ({ev.reason}): the contrast words are not believed",
+            # Absence of enhancement is weak evidence (a normal brain enhances little beyond its
+            # vessels, and phantoms not at all): it never overrules the header's contrast words.
+            out[c.index] = replace(
+                out[c.index],
+                reasons=(
+                    *out[c.index].reasons,
+                    f"study context: images show no enhancement relative to the earliest run "
+                    f"({ev.reason}); the header's contrast evidence is kept",
+                ),
             )
     if enhanced and earliest.decision.label is L.T1C:
         out[earliest.index] = _relabel(

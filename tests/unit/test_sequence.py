@@ -743,15 +743,20 @@ def test_study_context_image_evidence_splits_pre_and_post() -> None:
     assert [d.label for d in undecided] == [L.T1, L.T1]
 
 
-def test_study_context_images_overrule_misleading_words_not_the_agent_tag() -> None:
+def test_study_context_no_enhancement_never_overrules_the_headers_contrast_evidence() -> None:
+    # A normal brain enhances little beyond its vessels (a phantom not at all): the absence of
+    # enhancement is weak evidence and keeps the header's word; enhancement found is strong.
     pre = t1_series("1.1", 3, 36000.0)
     named_post = t1_series("1.2", 9, 36900.0, series_description="AX T1 POST")
     pairs = contrast_questions(classify_headers([pre, named_post]), [pre, named_post])
     assert [d.label for d in classify_headers([pre, named_post])] == [L.T1, L.T1C]
     flat = classify_headers([pre, named_post], image_evidence={pairs[0]: image(False)})
-    assert [d.label for d in flat] == [L.T1, L.T1]
-    assert flat[1].evidence is EvidenceKind.ORDER_IMAGE
-    assert "not believed" in flat[1].reasons[-1]
+    assert [d.label for d in flat] == [L.T1, L.T1C]
+    assert "header's contrast evidence is kept" in flat[1].reasons[-1]
+    unnamed = t1_series("1.2", 9, 36900.0)
+    seen = classify_headers([pre, unnamed], image_evidence={pairs[0]: image(True)})
+    assert [d.label for d in seen] == [L.T1, L.T1C]  # silent headers: the images decide
+    assert seen[1].evidence is EvidenceKind.ORDER_IMAGE
     tagged = t1_series("1.2", 9, 36900.0, contrast_agent="Gadovist")
     kept = classify_headers([pre, tagged], image_evidence={pairs[0]: image(False)})
     assert [d.label for d in kept] == [L.T1, L.T1C]
