@@ -74,6 +74,17 @@ def _check_host(value: str | None) -> str | None:
     return value
 
 
+def _check_bind_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise _rule_error(
+            f"'{value}' is not an IP address to listen on",
+            "127.0.0.1 (this machine only), 0.0.0.0 (every interface) or the host's address",
+        ) from None
+    return value
+
+
 class AllowedCaller(_Frozen):
     """A peer that may open associations: its AE title and, optionally, the host it comes from."""
 
@@ -108,18 +119,17 @@ class NodeSettings(_Frozen):
     tls: NodeTls | None = None  # None: the listener speaks plain DICOM
 
     _ae = field_validator("ae_title")(_check_ae_title)
+    _bind = field_validator("bind_address")(_check_bind_address)
 
-    @field_validator("bind_address")
-    @classmethod
-    def _bind(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise _rule_error(
-                f"'{value}' is not an IP address to listen on",
-                "127.0.0.1 (this machine only), 0.0.0.0 (every interface) or the host's address",
-            ) from None
-        return value
+
+class HttpSettings(_Frozen):
+    """The node's HTTP server: /healthz and /metrics (Prometheus)."""
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"  # loopback: only this machine (a Prometheus beside it)
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (tests)
+
+    _bind = field_validator("bind_address")(_check_bind_address)
 
 
 class StorageSettings(_Frozen):
@@ -349,6 +359,7 @@ class Rules(_Frozen):
 
     version: Literal[1] = 1
     node: NodeSettings = NodeSettings()
+    http: HttpSettings = HttpSettings()
     storage: StorageSettings = StorageSettings()
     completion: CompletionSettings = CompletionSettings()
     processing: ProcessingSettings = ProcessingSettings()

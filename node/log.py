@@ -71,6 +71,7 @@ ALLOWED_KEYS = frozenset(
         "free_bytes",
         "path",
         "port",
+        "bind_address",
         "ae_title",
         "workers",
         "state",

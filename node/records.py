@@ -178,6 +178,8 @@ class StudyOutcome:
     n_series: int
     n_instances: int
     n_decode_errors: int
+    # (stage, milliseconds) for each stage that ran, in order (the stage latency metrics)
+    stage_ms: tuple[tuple[str, float], ...] = ()
 
 
 # --- specialists, explanation, ensemble (issue 5) ------------------------------------------------

@@ -30,6 +30,7 @@ from node.ingest.spool import Spool
 from node.log import get_logger, uid_key
 from node.pipeline.jobs import JobQueue
 from node.records import StudyJob, StudyOutcome, StudyStatus
+from node.web.metrics import NodeMetrics
 from node.web.server import HTTP_PORT_ENV, WebServer
 
 if TYPE_CHECKING:
@@ -107,21 +108,50 @@ class Node:
         if delay:
             log.warning("test_delay_active", duration_ms=round(float(delay) * 1000))
             self.processor = _with_test_delay(self.processor, float(delay))
-        self.receiver = Receiver(rules.node, self.spool)
+        self.metrics = NodeMetrics()
+        self.receiver = Receiver(rules.node, self.spool, on_store=self._count_store)
         self.web: WebServer | None = None
-        http_port = os.environ.get(HTTP_PORT_ENV)
-        if http_port:
-            self.web = WebServer(
-                self.spool,
-                port=int(http_port),
-                active_associations=self.receiver.active_associations,
-            )
+        if rules.http.enabled:
+            try:
+                self.web = self._make_web()
+            except ConfigError:
+                self.spool.close()
+                self._lock_file.close()
+                raise
         self._stop = threading.Event()
         self._work = threading.Event()
         self._threads: list[threading.Thread] = []
         self._inflight: dict[int, StudyJob] = {}
         self._inflight_lock = threading.Lock()
         self._started_at = time.time()
+
+    def _make_web(self) -> WebServer:
+        """The HTTP server on http.bind_address:http.port (NEURONODE_HTTP_PORT overrides the
+        port); a bind failure is a ConfigError naming the key."""
+        http = self.rules.http
+        port = int(os.environ.get(HTTP_PORT_ENV) or http.port)
+        try:
+            return WebServer(
+                self.spool,
+                port=port,
+                host=http.bind_address,
+                metrics=self.metrics,
+                active_associations=self.receiver.active_associations,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"http.port: cannot listen on {http.bind_address}:{port}: {_os_reason(exc)}"
+                " (another program uses it? set http.port, or http.enabled: false)"
+            ) from None
+
+    def _count_store(self, outcome: str, reason: str) -> None:
+        m = self.metrics
+        if outcome == "received":
+            m.instances_received.inc()
+        elif outcome == "quarantined":
+            m.instances_quarantined.inc()
+        else:
+            m.instances_rejected.labels(reason=reason or "error").inc()
 
     def start(self) -> None:
         """Take back orphaned jobs, then start the SCP, the scheduler and the workers."""
@@ -235,15 +265,18 @@ class Node:
             n_instances=len(job.instance_paths),
             reopened=job.reopened,
         )
+        round_started = self._round_started(job)
         outcome: StudyOutcome | None = None
         state = StudyStatus.DONE
         error_type = None
+        failed_stage = "unknown"
         try:
             outcome = self.processor(job)
         except NodeError as exc:
             # Our own error about this study (bad input) is deterministic: do not retry. A
             # NodeError wrapping a third-party error (I/O, memory) may pass: retry it.
             error_type = type(exc).__name__
+            failed_stage = str(getattr(exc, "stage", None) or "unknown")
             cause = exc.__cause__
             transient = cause is not None and not isinstance(cause, NodeError)
             state = StudyStatus.READY if transient else StudyStatus.FAILED
@@ -266,6 +299,7 @@ class Node:
             # The result could not be recorded: the lease runs out and the job is redone.
             log.error("job_record_failed", job_id=job.job_id, error_type=type(exc).__name__)
             return
+        self._count_job(outcome, state, failed_stage, round_started)
         log.info(
             "job_finished",
             job_id=job.job_id,
@@ -279,6 +313,37 @@ class Node:
             n_errors=outcome.n_decode_errors if outcome else None,
             duration_ms=round((time.monotonic() - started) * 1000),
         )
+
+    def _round_started(self, job: StudyJob) -> float | None:
+        """When the first instance of this round of the study came (for time-to-result)."""
+        try:
+            rows = self.spool.index.query(
+                "SELECT COALESCE(receiving_since, first_received_at) AS t FROM studies "
+                "WHERE study_uid = ?",
+                (job.study_uid,),
+            )
+        except sqlite3.Error:
+            return None
+        return float(rows[0]["t"]) if rows and rows[0]["t"] is not None else None
+
+    def _count_job(
+        self,
+        outcome: StudyOutcome | None,
+        state: StudyStatus,
+        failed_stage: str,
+        round_started: float | None,
+    ) -> None:
+        m = self.metrics
+        if outcome is None:
+            m.studies_failed.labels(stage=failed_stage, state=state.value).inc()
+            return
+        m.studies_processed.inc()
+        now = time.time()
+        m.last_study_processed.set(now)
+        for stage, ms in outcome.stage_ms:
+            m.stage_seconds.labels(stage=stage).observe(ms / 1000.0)
+        if round_started is not None:
+            m.time_to_result.observe(max(0.0, now - round_started))
 
     def _park_unknown_deliveries(self) -> None:
         """Park the deliveries of destinations removed from the rules (logged once, shown by
@@ -319,6 +384,12 @@ class Node:
                     wait_s = errors.wait_s(SENDER_INTERVAL_S)
                 else:
                     errors.clear()
+                    m = self.metrics
+                    m.deliveries_sent.labels(destination=destination).inc(counts.delivered)
+                    m.deliveries_failed.labels(destination=destination).inc(
+                        counts.retrying + counts.dead
+                    )
+                    m.deliveries_dead.labels(destination=destination).inc(counts.dead)
                     if counts.delivered or counts.dead or counts.retrying:
                         log.info(
                             "sender_pass",

@@ -12,6 +12,7 @@ import itertools
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,12 +125,24 @@ class _AssocStats:
     studies: set[str] = field(default_factory=set)
 
 
+# What became of one C-STORE, for the node's metrics: ("received" | "quarantined" |
+# "rejected", reason). Reasons are constant words, never header values.
+StoreCounter = Callable[[str, str], None]
+
+
+def _count_nothing(outcome: str, reason: str) -> None:
+    return None
+
+
 class Receiver:
     """The SCP: builds the AE from the rules, stores into the spool, logs per association."""
 
-    def __init__(self, settings: NodeSettings, spool: Spool) -> None:
+    def __init__(
+        self, settings: NodeSettings, spool: Spool, *, on_store: StoreCounter | None = None
+    ) -> None:
         self.settings = settings
         self.spool = spool
+        self._count = on_store if on_store is not None else _count_nothing
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -294,6 +307,12 @@ class Receiver:
                 sop_class_uid=str(event.request.AffectedSOPClassUID),
             )
             status = int(result.status)
+            if result.instance is not None:
+                self._count("received", "")
+            elif result.quarantine_path is not None:
+                self._count("quarantined", "")
+            else:
+                self._count("rejected", "low_disk")
             if stats is not None:
                 if result.instance is not None:
                     stats.studies.add(result.instance.ref.study_uid)
@@ -315,12 +334,14 @@ class Receiver:
         except SpoolError as exc:
             log.error("store_failed", error_type=type(exc).__name__, error=str(exc))
             status = int(StoreStatus.OUT_OF_RESOURCES)
+            self._count("rejected", "write_error")
             if stats is not None:
                 stats.n_failed += 1
         except Exception as exc:  # the C-STORE guard: any error is a failure status, not a crash
             # Only the type: the message of a third-party error may quote header values.
             log.error("store_failed", error_type=type(exc).__name__)
             status = int(StoreStatus.PROCESSING_FAILURE)
+            self._count("rejected", "error")
             if stats is not None:
                 stats.n_failed += 1
         return status

@@ -73,6 +73,7 @@ def process_study(
         n_series=len(series_ids(loaded)),
         n_instances=len(loaded.headers),
         n_decode_errors=len(loaded.problems),
+        stage_ms=ctx.stage_ms,
     )
     log.info(
         "study_processed",

@@ -1,6 +1,7 @@
-"""Loopback HTTP: /healthz for the supervisor and /metrics (Prometheus text) for monitoring.
+"""The node's HTTP server: /healthz for the supervisor and /metrics (Prometheus text).
 
-Counts and states only, from the spool index; no UIDs and no patient data are ever served.
+It listens on the rule file's `http.bind_address` (loopback by default). Counts and states
+only; no UIDs and no patient data are ever served.
 """
 
 from __future__ import annotations
@@ -12,62 +13,21 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from node.ingest.spool import Spool, disk_free_bytes
+from node.ingest.spool import Spool
 from node.log import get_logger
-from node.records import StudyStatus
+from node.web.metrics import CONTENT_TYPE, NodeMetrics
 
 log = get_logger(__name__)
 
+# Overrides http.port of the rule file when set (the container image sets it).
 HTTP_PORT_ENV = "NEURONODE_HTTP_PORT"
 
 
-def render_metrics(spool: Spool, *, active_associations: int) -> str:
-    """The node's gauges and counters in the Prometheus text exposition format."""
-    studies = {
-        str(r["state"]): int(r["n"])
-        for r in spool.index.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")
-    }
-    jobs = {
-        str(r["state"]): int(r["n"])
-        for r in spool.index.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-    }
-    n_instances = int(spool.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
-    n_quarantined = int(spool.index.query("SELECT COUNT(*) AS n FROM quarantine")[0]["n"])
-    lines = [
-        "# HELP neuronode_up 1 while the node serves.",
-        "# TYPE neuronode_up gauge",
-        "neuronode_up 1",
-        "# HELP neuronode_studies Studies in the spool index by state.",
-        "# TYPE neuronode_studies gauge",
-        *(f'neuronode_studies{{state="{s.value}"}} {studies.get(s.value, 0)}' for s in StudyStatus),
-        "# HELP neuronode_jobs Study jobs by state.",
-        "# TYPE neuronode_jobs gauge",
-        *(
-            f'neuronode_jobs{{state="{s.value}"}} {jobs.get(s.value, 0)}'
-            for s in StudyStatus
-            if s is not StudyStatus.RECEIVING
-        ),
-        "# HELP neuronode_instances_stored_total Instances durably stored (not duplicates).",
-        "# TYPE neuronode_instances_stored_total counter",
-        f"neuronode_instances_stored_total {n_instances}",
-        "# HELP neuronode_instances_quarantined_total Distinct instances put in quarantine.",
-        "# TYPE neuronode_instances_quarantined_total counter",
-        f"neuronode_instances_quarantined_total {n_quarantined}",
-        "# HELP neuronode_active_associations DICOM associations open now.",
-        "# TYPE neuronode_active_associations gauge",
-        f"neuronode_active_associations {active_associations}",
-        "# HELP neuronode_spool_free_bytes Free bytes on the spool's file system.",
-        "# TYPE neuronode_spool_free_bytes gauge",
-        f"neuronode_spool_free_bytes {disk_free_bytes(spool.root)}",
-        "# HELP neuronode_spool_min_free_bytes Free-space floor below which C-STORE gets 0xA700.",
-        "# TYPE neuronode_spool_min_free_bytes gauge",
-        f"neuronode_spool_min_free_bytes {spool.min_free_bytes}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 class WebServer:
-    """A small threaded HTTP server bound to loopback, serving /healthz and /metrics."""
+    """A small threaded HTTP server serving /healthz and /metrics.
+
+    Without `metrics` it makes its own, with only the gauges read from the spool.
+    """
 
     def __init__(
         self,
@@ -76,6 +36,7 @@ class WebServer:
         port: int,
         active_associations: Callable[[], int],
         host: str = "127.0.0.1",
+        metrics: NodeMetrics | None = None,
     ) -> None:
         server_self = self
 
@@ -87,7 +48,10 @@ class WebServer:
                 return  # request lines are not logged (paths are ours, but keep logs clean)
 
         self.spool = spool
-        self._active = active_associations
+        if metrics is None:
+            metrics = NodeMetrics()
+        metrics.watch(spool, active_associations=active_associations)
+        self.metrics = metrics
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="web", daemon=True)
@@ -100,7 +64,7 @@ class WebServer:
     def start(self) -> None:
         """Serve in a background thread."""
         self._thread.start()
-        log.info("http_started", port=self.port)
+        log.info("http_started", bind_address=str(self._httpd.server_address[0]), port=self.port)
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
@@ -118,11 +82,11 @@ class WebServer:
             self._send(req, code, "application/json", json.dumps(body).encode())
         elif path == "/metrics":
             try:
-                text = render_metrics(self.spool, active_associations=self._active())
+                text = self.metrics.render()
             except sqlite3.Error as exc:
                 self._send(req, 503, "text/plain", f"index error: {type(exc).__name__}\n".encode())
                 return
-            self._send(req, 200, "text/plain; version=0.0.4; charset=utf-8", text.encode())
+            self._send(req, 200, CONTENT_TYPE, text)
         else:
             self._send(req, 404, "text/plain", b"not found\n")
 

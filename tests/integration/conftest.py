@@ -54,6 +54,7 @@ class NodeProc:
                 "port": self.port,
                 "allowed_callers": [{"ae_title": a, "host": "127.0.0.1"} for a in CALLERS],
             },
+            "http": {"port": 0},  # several nodes may run at once: no fixed HTTP port
             "storage": {"spool_dir": str(self.spool), "min_free_disk_mb": 1},
             "completion": {"quiet_period_s": 0.5, "poll_interval_s": 0.1},
             "processing": {"workers": 1, "lease_s": 30, "max_attempts": 3},

@@ -117,6 +117,7 @@ class E2ENode(NodeProc):
                     {"ae_title": "STORESCU", "host": "127.0.0.1"},
                 ],
             },
+            "http": {"port": 0},  # several nodes may run at once: no fixed HTTP port
             "storage": {"spool_dir": str(self.spool), "min_free_disk_mb": 1},
             "completion": {"quiet_period_s": 1.0, "poll_interval_s": 0.1},
             "processing": {"workers": 1, "lease_s": 120, "max_attempts": 2},

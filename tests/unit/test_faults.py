@@ -164,6 +164,7 @@ def test_max_wait_ends_a_trickling_study() -> None:
 def _rules(tmp_path: Path, **extra: object) -> Rules:
     doc: dict[str, object] = {
         "node": {"port": free_port(), "accept_unknown_callers": True},
+        "http": {"port": 0},
         "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_disk_mb": 0},
         "completion": {"quiet_period_s": 1.0, "poll_interval_s": 0.05, "max_wait_s": 2.0},
         "processing": {"workers": 1, "lease_s": 30},

@@ -251,6 +251,7 @@ def _node_rules(tmp_path: Path, **processing: float) -> Rules:
     return Rules.model_validate(
         {
             "node": {"port": free_port(), "accept_unknown_callers": True},
+            "http": {"port": 0},
             "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_disk_mb": 0},
             "completion": {"quiet_period_s": 0.5, "poll_interval_s": 0.05},
             "processing": {"workers": 2, "lease_s": 30, **processing},

@@ -354,6 +354,7 @@ def test_sender_thread_delivers_the_outbox_and_stops_cleanly(
     rules = _rules(
         world,
         node={"port": free_port()},
+        http={"port": 0},
         storage={"spool_dir": str(spool), "min_free_disk_mb": 1},
         destinations=[
             {

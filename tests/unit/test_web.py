@@ -45,8 +45,9 @@ def test_healthz_and_metrics(tmp_path: Path) -> None:
             for line in text.splitlines()
             if line and not line.startswith("#")
         }
-        assert metrics["neuronode_instances_stored_total"] == 3
-        assert metrics["neuronode_instances_quarantined_total"] == 1
+        assert metrics["neuronode_spool_instances"] == 3
+        assert metrics["neuronode_quarantine_files"] == 1
+        assert metrics["neuronode_queue_depth"] == 1
         assert metrics['neuronode_studies{state="ready"}'] == 1
         assert metrics['neuronode_jobs{state="ready"}'] == 1
         assert metrics["neuronode_active_associations"] == 2
