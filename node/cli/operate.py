@@ -14,10 +14,10 @@ from typing import Any
 
 from node.cli.command import Command, rules_option
 from node.config import load_rules
-from node.deliver.outbox import OUTBOX_DB, Outbox, delivery_counts
+from node.deliver.outbox import OUTBOX_DB, Outbox, outbox_study_uids, outbox_summary
 from node.errors import ConfigError, NodeError
-from node.ingest.spool import Index
-from node.log import configure, get_logger, load_or_create_key, set_correlation_key
+from node.ingest.spool import Index, is_valid_uid
+from node.log import configure, get_logger, load_or_create_key, set_correlation_key, uid_key
 from node.pipeline.jobs import JobQueue
 from node.pipeline.models import check_bundles
 from node.records import StudyStatus
@@ -41,6 +41,8 @@ class StatusArgs:
 class RequeueArgs:
     rules: Path
     destination: str | None
+    study: str | None
+    only: str | None  # "jobs", "deliveries" or None (both)
 
 
 def cmd_serve(args: ServeArgs) -> int:
@@ -84,7 +86,8 @@ def cmd_serve(args: ServeArgs) -> int:
 
 
 def cmd_status(args: StatusArgs) -> int:
-    """`neuronode status`: studies by state, queue depth and recent failures, from the index."""
+    """`neuronode status`: studies by state, queue depth, the outbox per destination (pending,
+    failed, dead, parked), dead and failed jobs, and recent failures."""
     rules = load_rules(args.rules)
     configure(rules.logging.format, "warning")  # stderr: stdout is the report (maybe JSON)
     spool_dir = rules.storage.spool_dir
@@ -97,6 +100,7 @@ def cmd_status(args: StatusArgs) -> int:
     try:
         queue = JobQueue(index, owner="status", lease_s=rules.processing.lease_s)
         summary = queue.summary()
+        given_up = queue.given_up()
         by_state = {
             str(r["state"]): int(r["n"])
             for r in index.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")
@@ -104,7 +108,7 @@ def cmd_status(args: StatusArgs) -> int:
         n_quarantined = int(index.query("SELECT COUNT(*) AS n FROM quarantine")[0]["n"])
     finally:
         index.close()
-    deliveries = delivery_counts(spool_dir)
+    deliveries = outbox_summary(spool_dir)
     known = {d.name for d in rules.destinations}
     doc: dict[str, Any] = {
         "spool": str(spool_dir),
@@ -112,7 +116,18 @@ def cmd_status(args: StatusArgs) -> int:
         "queue_depth": summary.queue_depth,
         "processing": summary.processing,
         "quarantined": n_quarantined,
-        "deliveries": deliveries,
+        "outbox": deliveries,
+        "given_up_jobs": [
+            {
+                "study_key": f.study_key,
+                "job_id": f.job_id,
+                "state": f.state,
+                "attempts": f.attempts,
+                "error": f.error,
+                "at": f.at,
+            }
+            for f in given_up
+        ],
         "recent_failures": [
             {
                 "study_key": f.study_key,
@@ -132,12 +147,29 @@ def cmd_status(args: StatusArgs) -> int:
     print("studies: " + ", ".join(f"{k}={v}" for k, v in doc["studies"].items()))
     print(f"queue depth: {summary.queue_depth} ready, {summary.processing} processing")
     print(f"quarantined instances: {n_quarantined}")
-    for name, states in sorted(deliveries.items()):
-        note = "" if name in known else " (not in the rules: parked)"
-        print(
-            f"deliveries to {name}{note}: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(states.items()))
-        )
+    if deliveries:
+        print("outbox:")
+        print(f"  {'destination':<20} pending  failed    dead  parked  delivered")
+        for name, n in sorted(deliveries.items()):
+            note = "" if name in known else "  (not in the rules: parked)"
+            print(
+                f"  {name:<20} {n['pending']:>7} {n['failed']:>7} {n['dead']:>7}"
+                f" {n['parked']:>7} {n['delivered']:>10}{note}"
+            )
+        if any(n["dead"] for n in deliveries.values()):
+            print("  dead deliveries: neuronode requeue [--destination NAME] [--study KEY]")
+    else:
+        print("outbox: empty")
+    if given_up:
+        print("dead and failed jobs (neuronode requeue --study KEY):")
+        for f in given_up:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(f.at))
+            print(
+                f"  study {f.study_key} job {f.job_id} {f.state} attempts={f.attempts}"
+                f" {f.error} ({when}Z)"
+            )
+    else:
+        print("dead and failed jobs: none")
     if summary.recent_failures:
         print("recent failures:")
         for f in summary.recent_failures:
@@ -152,8 +184,10 @@ def cmd_status(args: StatusArgs) -> int:
 
 
 def cmd_requeue(args: RequeueArgs) -> int:
-    """`neuronode requeue`: send dead-lettered deliveries again."""
+    """`neuronode requeue`: take up dead study jobs and send dead-lettered deliveries again;
+    all of them, or one study's (by study key or UID), or one destination's deliveries."""
     rules = load_rules(args.rules)
+    configure(rules.logging.format, "warning")
     spool: Path = rules.storage.spool_dir
     destination = args.destination
     names = [d.name for d in rules.destinations]
@@ -162,14 +196,59 @@ def cmd_requeue(args: RequeueArgs) -> int:
             f"no destination '{destination}' in {args.rules}"
             f" (destinations: {', '.join(names) or 'none'})"
         )
-    if not (spool / OUTBOX_DB).exists():
-        print("0 deliveries requeued (no outbox yet)")
-        return 0
-    with Outbox(spool) as outbox:
-        n = outbox.requeue(now=time.time(), destination=destination)
-    where = f" for {destination}" if destination else ""
-    print(f"{n} deliveries requeued{where}")
+    set_correlation_key(load_or_create_key(spool / "log.key"))
+    index_path = spool / "index.sqlite"
+    study_uid = None
+    if args.study is not None:
+        study_uid = find_study(spool, args.study)
+    do_jobs = args.only != "deliveries" and destination is None
+    do_deliveries = args.only != "jobs"
+    n_jobs = 0
+    if do_jobs and index_path.exists():
+        index = Index(index_path)
+        try:
+            queue = JobQueue(index, owner="requeue", lease_s=rules.processing.lease_s)
+            # A study named on purpose may also be a failed one (its input was fixed).
+            n_jobs = len(queue.requeue(study_uid=study_uid, include_failed=study_uid is not None))
+        finally:
+            index.close()
+    n_deliveries = 0
+    if do_deliveries and (spool / OUTBOX_DB).exists():
+        with Outbox(spool) as outbox:
+            n_deliveries = outbox.requeue(
+                now=time.time(), destination=destination, study_uid=study_uid
+            )
+    where = "".join(
+        (
+            f" for {destination}" if destination else "",
+            f" of study {uid_key(study_uid)}" if study_uid else "",
+        )
+    )
+    if do_jobs:
+        print(f"{n_jobs} study jobs requeued{where}")
+    if do_deliveries:
+        print(f"{n_deliveries} deliveries requeued{where}")
     return 0
+
+
+def find_study(spool_dir: Path, key_or_uid: str) -> str:
+    """The Study Instance UID a study key (as logs and `status` show it) or a UID names, from
+    the spool index or the outbox; ConfigError when no study matches."""
+    uids: set[str] = set()
+    index_path = spool_dir / "index.sqlite"
+    if index_path.exists():
+        index = Index(index_path)
+        try:
+            uids.update(str(r["study_uid"]) for r in index.query("SELECT study_uid FROM studies"))
+        finally:
+            index.close()
+    uids.update(outbox_study_uids(spool_dir))
+    if is_valid_uid(key_or_uid) and key_or_uid in uids:
+        return key_or_uid
+    matches = sorted(u for u in uids if uid_key(u) == key_or_uid.lower())
+    if not matches:
+        raise ConfigError(f"no study '{key_or_uid}' in {spool_dir} (a study key or a UID)")
+    return matches[0]
 
 
 def _status_arguments(p: argparse.ArgumentParser) -> None:
@@ -179,7 +258,15 @@ def _status_arguments(p: argparse.ArgumentParser) -> None:
 
 def _requeue_arguments(p: argparse.ArgumentParser) -> None:
     rules_option(p)
-    p.add_argument("--destination", default=None, help="only this destination (default: all)")
+    p.add_argument(
+        "--destination", default=None, help="only deliveries to this destination (no jobs)"
+    )
+    p.add_argument(
+        "--study", default=None, help="only this study: its key (as status shows it) or its UID"
+    )
+    p.add_argument(
+        "--only", choices=("jobs", "deliveries"), default=None, help="only one kind (default: both)"
+    )
 
 
 COMMANDS = (
@@ -192,14 +279,14 @@ COMMANDS = (
     ),
     Command(
         name="status",
-        help="studies by state, queue depth, recent failures",
+        help="studies by state, queue depth, the outbox per destination, dead jobs",
         arguments=_status_arguments,
         args=StatusArgs,
         run=cmd_status,
     ),
     Command(
         name="requeue",
-        help="send dead-lettered deliveries again",
+        help="take up dead study jobs and send dead-lettered deliveries again",
         arguments=_requeue_arguments,
         args=RequeueArgs,
         run=cmd_requeue,

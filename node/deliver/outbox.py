@@ -293,10 +293,19 @@ class Outbox:
             )
         return state
 
-    def requeue(self, *, now: float, destination: str | None = None) -> int:
-        """Give dead-lettered rows a fresh set of attempts, due now."""
-        where = "state=?" + (" AND destination=?" if destination else "")
-        params: tuple[object, ...] = (DeliveryState.DEAD,) + ((destination,) if destination else ())
+    def requeue(
+        self, *, now: float, destination: str | None = None, study_uid: str | None = None
+    ) -> int:
+        """Give dead-lettered rows (of one destination, of one study) a fresh set of attempts,
+        due now."""
+        where = "state=?"
+        params: tuple[object, ...] = (DeliveryState.DEAD,)
+        if destination is not None:
+            where += " AND destination=?"
+            params += (destination,)
+        if study_uid is not None:
+            where += " AND study_uid=?"
+            params += (study_uid,)
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?, updated_at=?"
@@ -337,6 +346,44 @@ def delivery_counts(spool_dir: Path) -> dict[str, dict[str, int]]:
             "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
         ):
             out.setdefault(str(r[0]), {})[str(r[1])] = int(r[2])
+        return out
+    finally:
+        db.close()
+
+
+def outbox_study_uids(spool_dir: Path) -> frozenset[str]:
+    """The studies that have rows in the outbox, read-only."""
+    path = spool_dir / OUTBOX_DB
+    if not path.exists():
+        return frozenset()
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return frozenset(str(r[0]) for r in db.execute("SELECT DISTINCT study_uid FROM deliveries"))
+    finally:
+        db.close()
+
+
+def outbox_summary(spool_dir: Path) -> dict[str, dict[str, int]]:
+    """Per destination: pending (first try to come), failed (retrying after a failed attempt),
+    dead, parked and delivered rows; read-only (safe while a node is sending)."""
+    path = spool_dir / OUTBOX_DB
+    if not path.exists():
+        return {}
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        out: dict[str, dict[str, int]] = {}
+        for name, state, attempts, n in db.execute(
+            "SELECT destination, state, attempts > 0, COUNT(*) FROM deliveries"
+            " GROUP BY destination, state, attempts > 0"
+        ):
+            if state in (DeliveryState.PENDING, DeliveryState.SENDING):
+                key = "failed" if attempts else "pending"
+            else:
+                key = str(state)
+            row = out.setdefault(
+                str(name), {k: 0 for k in ("pending", "failed", "dead", "parked", "delivered")}
+            )
+            row[key] = row.get(key, 0) + int(n)
         return out
     finally:
         db.close()

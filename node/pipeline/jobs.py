@@ -409,6 +409,68 @@ class JobQueue:
             ),
         )
 
+    def requeue(
+        self, *, study_uid: str | None = None, include_failed: bool = False
+    ) -> tuple[str, ...]:
+        """Give given-up jobs a fresh set of attempts, ready now; return their study UIDs.
+
+        Dead jobs always; failed ones (our own error about the input) only with
+        `include_failed`, for a study that was fixed. Only a study's latest job, and only while
+        the study still stands where its job left it (new instances re-opened it otherwise).
+        """
+        states = [StudyStatus.DEAD.value]
+        if include_failed:
+            states.append(StudyStatus.FAILED.value)
+        marks = ",".join("?" * len(states))
+        where = f"j.state IN ({marks}) AND s.state = j.state"
+        params: tuple[object, ...] = tuple(states)
+        if study_uid is not None:
+            where += " AND j.study_uid = ?"
+            params += (study_uid,)
+        now = self._clock()
+        with self.index.transaction() as db:
+            rows = db.execute(
+                "SELECT j.job_id, j.study_uid FROM jobs j JOIN studies s ON s.study_uid = "
+                f"j.study_uid WHERE {where} AND j.job_id = (SELECT MAX(job_id) FROM jobs "
+                "WHERE study_uid = j.study_uid) ORDER BY j.job_id",
+                params,
+            ).fetchall()
+            for r in rows:
+                db.execute(
+                    "UPDATE jobs SET state = ?, attempts = 0, owner = NULL, lease_expires = NULL, "
+                    "available_at = ?, updated_at = ? WHERE job_id = ?",
+                    (StudyStatus.READY.value, now, now, r["job_id"]),
+                )
+                db.execute(
+                    "UPDATE studies SET state = ? WHERE study_uid = ?",
+                    (StudyStatus.READY.value, r["study_uid"]),
+                )
+        for r in rows:
+            log.info(
+                "job_requeued", job_id=int(r["job_id"]), study_key=uid_key(str(r["study_uid"]))
+            )
+        return tuple(str(r["study_uid"]) for r in rows)
+
+    def given_up(self) -> tuple[Failure, ...]:
+        """Every dead or failed job that is its study's latest, newest first (for status)."""
+        rows = self.index.query(
+            "SELECT job_id, study_uid, state, attempts, last_error, updated_at FROM jobs j "
+            "WHERE state IN (?, ?) AND job_id = (SELECT MAX(job_id) FROM jobs "
+            "WHERE study_uid = j.study_uid) ORDER BY updated_at DESC",
+            (StudyStatus.DEAD.value, StudyStatus.FAILED.value),
+        )
+        return tuple(
+            Failure(
+                job_id=int(r["job_id"]),
+                study_key=uid_key(str(r["study_uid"])),
+                state=str(r["state"]),
+                attempts=int(r["attempts"]),
+                error=str(r["last_error"] or ""),
+                at=float(r["updated_at"]),
+            )
+            for r in rows
+        )
+
     def job_state(self, job_id: int) -> StudyStatus:
         """The current state of one job."""
         rows = self.index.query("SELECT state FROM jobs WHERE job_id = ?", (job_id,))

@@ -219,7 +219,7 @@ def test_cmd_requeue(
         f"storage:\n  spool_dir: {spool}\nmodels_dir: {tmp_path}\ndestinations:\n"
         "  - {kind: dicom, name: pacs, ae_title: PACS, host: 127.0.0.1, port: 104}\n"
     )
-    args = RequeueArgs(rules=rules_file, destination=None)
+    args = RequeueArgs(rules=rules_file, destination=None, study=None, only=None)
     assert cmd_requeue(args) == 0
     assert "0 deliveries requeued" in capsys.readouterr().out
     with Outbox(spool) as outbox:
