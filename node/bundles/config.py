@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,7 +72,9 @@ TENSOR_KEYS = (
     "channel_def",
 )
 SEQUENCE_TASK = "sequence"
-TASKS = ("sequence", "gbm_pcnsl", "glioma_grade", "tubers")
+# A task is named by the rule file (a site may bring a bundle for a task of its own): the
+# bundle only has to name it as an identifier; "sequence" marks the sequence classifier.
+_TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 SLICE_MODES = ("brain_range", "central_window")
 AGGREGATIONS = ("mean_logit",)
 # Networks a bundle may name: MONAI classes only, built without any download.
@@ -389,8 +392,10 @@ def parse_bundle_config(
     raw = metadata
     name = _need(raw, "name", str, where)
     task = _need(raw, "task", str, where)
-    if task not in TASKS:
-        raise ModelUnavailable(f"{where}: unknown task '{task}' (expected one of {TASKS})")
+    if not _TASK_NAME.match(task):
+        raise ModelUnavailable(
+            f"{where}: task '{task}' is not a task name (lower-case letters, digits, '_')"
+        )
     labels = _labels(raw, task, where)
     image = raw["network_data_format"]["inputs"]["image"]
     size = image["spatial_shape"]

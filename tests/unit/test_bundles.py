@@ -101,7 +101,7 @@ def test_refuses_invalid_metadata(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable, match="not valid JSON"):
         bundles.load_bundle(path)
     cases = {
-        "task": ("nonsense", "unknown task"),
+        "task": ("Not A Task!", "not a task name"),
         "not_for_clinical_use": (False, "not_for_clinical_use"),
         "labels": (["only"], "labels"),
         "copyright": (None, "copyright"),
