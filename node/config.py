@@ -139,6 +139,16 @@ class StorageSettings(_Frozen):
     min_free_disk_mb: float = Field(default=1024.0, ge=0)
 
 
+class RetentionSettings(_Frozen):
+    """How long the running node keeps studies whose results were delivered everywhere."""
+
+    # Purge a study this long after its last result was delivered (null: no age limit).
+    delivered_max_age_h: float | None = Field(default=720.0, gt=0)
+    # Keep instances + result objects under this; delivered studies go oldest first (null: none).
+    max_spool_mb: float | None = Field(default=None, gt=0)
+    interval_s: float = Field(default=300.0, ge=1)  # how often the running node applies it
+
+
 class CompletionSettings(_Frozen):
     """When a study counts as complete."""
 
@@ -361,6 +371,7 @@ class Rules(_Frozen):
     node: NodeSettings = NodeSettings()
     http: HttpSettings = HttpSettings()
     storage: StorageSettings = StorageSettings()
+    retention: RetentionSettings = RetentionSettings()
     completion: CompletionSettings = CompletionSettings()
     processing: ProcessingSettings = ProcessingSettings()
     logging: LoggingSettings = LoggingSettings()

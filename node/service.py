@@ -87,7 +87,7 @@ class Node:
         self.rules = rules
         spool_dir = rules.storage.spool_dir
         prepare_spool_dir(spool_dir)
-        self._lock_file = _lock_spool(spool_dir)
+        self._lock_file = lock_spool(spool_dir)
         try:
             self.spool = Spool(spool_dir, min_free_disk_mb=rules.storage.min_free_disk_mb)
         except (OSError, sqlite3.Error) as exc:
@@ -163,6 +163,7 @@ class Node:
         if self.web is not None:
             self.web.start()
         self._spawn("scheduler", self._schedule_loop)
+        self._spawn("retention", self._retention_loop)
         for i in range(self.rules.processing.workers):
             self._spawn(f"worker-{i}", self._work_loop)
         self._park_unknown_deliveries()
@@ -230,6 +231,29 @@ class Node:
             else:
                 errors.clear()
             self._stop.wait(errors.wait_s(c.poll_interval_s))
+
+    def _retention_loop(self) -> None:
+        """Apply the rule file's retention now and then: purge what owes nothing more."""
+        errors = RepeatedError("retention_error")
+        while not self._stop.wait(errors.wait_s(self.rules.retention.interval_s)):
+            try:
+                self.apply_retention()
+            except (NodeError, OSError, sqlite3.Error) as exc:
+                errors.record(exc)
+            else:
+                errors.clear()
+
+    def apply_retention(self, now: float | None = None) -> int:
+        """Purge the studies retention allows now (between jobs: only done, delivered studies,
+        each checked again in its own transaction); return how many went."""
+        from node.store.retention import plan, purge
+
+        at = time.time() if now is None else now
+        purged = purge(self.spool, plan(self.spool, self.rules.retention, now=at), now=at)
+        if purged:
+            self.metrics.studies_purged.inc(len(purged))
+            log.info("retention_applied", count=len(purged))
+        return len(purged)
 
     def _work_loop(self) -> None:
         while not self._stop.is_set():
@@ -463,7 +487,7 @@ def prepare_spool_dir(spool_dir: Path) -> None:
         ) from None
 
 
-def _lock_spool(spool_dir: Path) -> IO[str]:
+def lock_spool(spool_dir: Path) -> IO[str]:
     """Hold an exclusive lock on the spool: one node per spool (released even on kill -9)."""
     fh = open(spool_dir / "node.lock", "a+", encoding="utf-8")  # noqa: SIM115
     try:

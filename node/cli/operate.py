@@ -1,4 +1,4 @@
-"""Running and operating the node: `serve`, `status`, `requeue`."""
+"""Running and operating the node: `serve`, `status`, `requeue`, `purge`."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from typing import Any
 from node.cli.command import Command, rules_option
 from node.config import load_rules
 from node.deliver.outbox import OUTBOX_DB, Outbox, outbox_study_uids, outbox_summary
-from node.errors import ConfigError, NodeError
-from node.ingest.spool import Index, is_valid_uid
+from node.errors import ConfigError, NodeError, SpoolError
+from node.ingest.spool import Index, Spool, is_valid_uid
 from node.log import configure, get_logger, load_or_create_key, set_correlation_key, uid_key
 from node.pipeline.jobs import JobQueue
 from node.pipeline.models import check_bundles
 from node.records import StudyStatus
-from node.service import Node, prepare_spool_dir
+from node.service import Node, lock_spool, prepare_spool_dir
 
 log = get_logger(__name__)
 
@@ -251,6 +251,71 @@ def find_study(spool_dir: Path, key_or_uid: str) -> str:
     return matches[0]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PurgeArgs:
+    rules: Path
+    dry_run: bool
+
+
+def cmd_purge(args: PurgeArgs) -> int:
+    """`neuronode purge`: apply the rule file's retention once (a running node does it
+    itself); with --dry-run, print what would go and why, and change nothing."""
+    from node.store.retention import plan, purge
+
+    rules = load_rules(args.rules)
+    configure(rules.logging.format, "warning")
+    spool_dir = rules.storage.spool_dir
+    if not (spool_dir / "index.sqlite").exists():
+        print(f"no spool index at {spool_dir / 'index.sqlite'} (has the node run yet?)")
+        return 1
+    set_correlation_key(load_or_create_key(spool_dir / "log.key"))
+    lock = None
+    if not args.dry_run:
+        try:
+            lock = lock_spool(spool_dir)
+        except SpoolError:
+            raise ConfigError(
+                f"a node is running on {spool_dir}: it applies retention itself every"
+                f" {rules.retention.interval_s:g} s (--dry-run shows what it would purge)"
+            ) from None
+    spool = Spool(spool_dir, min_free_disk_mb=rules.storage.min_free_disk_mb)
+    try:
+        now = time.time()
+        decisions = plan(spool, rules.retention, now=now)
+        done = decisions if args.dry_run else purge(spool, decisions, now=now)
+    finally:
+        spool.close()
+        if lock is not None:
+            lock.close()
+    r = rules.retention
+    limits = ", ".join(
+        (
+            f"delivered_max_age_h={r.delivered_max_age_h:g}"
+            if r.delivered_max_age_h is not None
+            else "no age limit",
+            f"max_spool_mb={r.max_spool_mb:g}" if r.max_spool_mb is not None else "no ceiling",
+        )
+    )
+    verb = "would purge" if args.dry_run else "purged"
+    print(f"retention ({limits}): {verb} {len(done)} studies")
+    for d in done:
+        why = (
+            f"delivered {d.age_h:.1f} h ago"
+            if d.reason == "age"
+            else f"spool over {r.max_spool_mb:g} MB"
+        )
+        print(
+            f"  study {d.study_key}  {d.reason.value:<4}  {why};"
+            f" {d.n_instances} instances, {d.bytes / 1e6:.1f} MB"
+        )
+    return 0
+
+
+def _purge_arguments(p: argparse.ArgumentParser) -> None:
+    rules_option(p)
+    p.add_argument("--dry-run", action="store_true", help="print what would go and why")
+
+
 def _status_arguments(p: argparse.ArgumentParser) -> None:
     rules_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -290,5 +355,12 @@ COMMANDS = (
         arguments=_requeue_arguments,
         args=RequeueArgs,
         run=cmd_requeue,
+    ),
+    Command(
+        name="purge",
+        help="apply retention once; --dry-run prints what would go and why",
+        arguments=_purge_arguments,
+        args=PurgeArgs,
+        run=cmd_purge,
     ),
 )

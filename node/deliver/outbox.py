@@ -314,6 +314,31 @@ class Outbox:
             )
         return cur.rowcount
 
+    def forget_delivered(self, study_uid: str) -> int:
+        """Drop a purged study's delivered rows, and their object files once no other row
+        needs them (retention). Returns the rows dropped."""
+        with self._tx() as db:
+            paths = {
+                str(r[0])
+                for r in db.execute(
+                    "SELECT path FROM deliveries WHERE study_uid=? AND state=?",
+                    (study_uid, DeliveryState.DELIVERED),
+                )
+            }
+            cur = db.execute(
+                "DELETE FROM deliveries WHERE study_uid=? AND state=?",
+                (study_uid, DeliveryState.DELIVERED),
+            )
+            still = {
+                str(r[0])
+                for r in db.execute(
+                    "SELECT DISTINCT path FROM deliveries WHERE study_uid=?", (study_uid,)
+                )
+            }
+        for path in paths - still:
+            Path(path).unlink(missing_ok=True)
+        return cur.rowcount
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Rows per destination and state."""
         out: dict[str, dict[str, int]] = {}

@@ -96,6 +96,11 @@ class NodeMetrics:
             "Unix time of the last study job that finished with results (0: none yet).",
             registry=r,
         )
+        self.studies_purged = Counter(
+            "neuronode_studies_purged",
+            "Studies retention removed from the spool (delivered everywhere, or not qualifying).",
+            registry=r,
+        )
         self.rules_reload_refused = Counter(
             "neuronode_rules_reload_refused",
             "Changed rule files that were refused (invalid: the old rules stay in force).",
