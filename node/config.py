@@ -799,6 +799,17 @@ def check_files_exist(rules: Rules, text: str | None = None) -> tuple[RuleProble
     return tuple(problems)
 
 
+def check_rule_text(text: str, path: Path) -> tuple[Rules | None, tuple[RuleProblem, ...]]:
+    """Everything `neuronode check` checks on a rule file's text: the schema, the files it names
+    and the bundle folders (relative to the file's folder). The rules come back only when there
+    is no problem at all; their models_dir is made absolute against the file's folder."""
+    rules, problems = validate_rules_text(text, base_dir=path.parent)
+    if rules is None:
+        return None, problems
+    problems = (*check_files_exist(rules, text), *check_bundles_exist(rules, path.parent, text))
+    return (None, problems) if problems else (rules, ())
+
+
 def load_rules(path: Path) -> Rules:
     """Load and validate a rule file; raise ConfigError naming file, key path and line.
 

@@ -80,6 +80,8 @@ ALLOWED_KEYS = frozenset(
         "reopened",
         "version",
         "rules",
+        "problems",
+        "restart_keys",
         "mode",
         "exc_info",
         "exception",

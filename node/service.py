@@ -5,6 +5,10 @@ SIGTERM/SIGINT stop it cleanly: no new associations, open ones get a grace perio
 jobs finish within the grace period or give their lease back, the sender finishes its current
 pass (the outbox keeps whatever it did not send), and the index is closed. `serve` refuses to
 start when a bundle an enabled task needs cannot be loaded: the node never runs half its models.
+
+Why this module is long: it is the one place that owns the node's threads (scheduler, workers,
+senders, retention, rule-file reload) and what they share (the running rules, the metrics);
+each loop is short, and what it calls lives with its stage.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from node.ingest.spool import Spool
 from node.log import get_logger, uid_key
 from node.pipeline.jobs import JobQueue
 from node.records import StudyJob, StudyOutcome, StudyStatus
+from node.reload import RuleFileWatcher
 from node.web.metrics import NodeMetrics
 from node.web.server import HTTP_PORT_ENV, WebServer
 
@@ -41,6 +46,7 @@ log = get_logger(__name__)
 Processor = Callable[[StudyJob], StudyOutcome]
 
 SHUTDOWN_GRACE_S = 10.0
+RULES_POLL_S = 1.0  # how often the rule file is looked at for a change
 SENDER_INTERVAL_S = 1.0  # how often each destination's sender looks for due deliveries
 # A loop that keeps failing the same way (disk full) logs once, then once per this period with
 # the number of failures in between; it also slows down, up to ERROR_BACKOFF_MAX_S.
@@ -51,12 +57,14 @@ ERROR_BACKOFF_MAX_S = 5.0
 TEST_DELAY_ENV = "NEURONODE_TEST_PROCESS_DELAY_S"
 
 
-def pipeline_processor(rules: Rules) -> Processor:
-    """The real processor: node.pipeline.runner.process_study, imported when first used."""
+def pipeline_processor(current: Callable[[], Rules]) -> Processor:
+    """The real processor: node.pipeline.runner.process_study, imported when first used. Each
+    job runs under the rules in force when it starts (a reload swaps them between jobs)."""
 
     def run(job: StudyJob) -> StudyOutcome:
         from node.pipeline.runner import process_study
 
+        rules = current()
         outcome = process_study(
             job, rules, out_dir=rules.storage.spool_dir / "results", deliver=True
         )
@@ -83,8 +91,12 @@ class Node:
         *,
         processor: Processor | None = None,
         send: SendFn | None = None,
+        rules_path: Path | None = None,
     ) -> None:
-        self.rules = rules
+        self.rules = rules  # replaced whole by a reload, never changed in place
+        self._watcher = RuleFileWatcher(rules_path) if rules_path is not None else None
+        self._senders: set[str] = set()
+        self._senders_lock = threading.Lock()
         spool_dir = rules.storage.spool_dir
         prepare_spool_dir(spool_dir)
         self._lock_file = lock_spool(spool_dir)
@@ -102,7 +114,9 @@ class Node:
             lease_s=rules.processing.lease_s,
             max_attempts=rules.processing.max_attempts,
         )
-        self.processor = processor if processor is not None else pipeline_processor(rules)
+        self.processor = (
+            processor if processor is not None else pipeline_processor(lambda: self.rules)
+        )
         self._send = send  # None: C-STORE / STOW-RS (tests inject a fake)
         delay = os.environ.get(TEST_DELAY_ENV)
         if delay:
@@ -167,8 +181,9 @@ class Node:
         for i in range(self.rules.processing.workers):
             self._spawn(f"worker-{i}", self._work_loop)
         self._park_unknown_deliveries()
-        for dest in self.rules.destinations:
-            self._spawn(f"sender-{dest.name}", partial(self._send_loop, dest.name))
+        self._start_senders()
+        if self._watcher is not None:
+            self._spawn("rules", self._reload_loop)
         self._work.set()
         log.info(
             "node_started",
@@ -205,9 +220,9 @@ class Node:
 
     def _schedule_loop(self) -> None:
         """Poll receiving studies; enqueue the complete ones; take back expired leases."""
-        c = self.rules.completion
         errors = RepeatedError("scheduler_error")
         while not self._stop.is_set():
+            c = self.rules.completion  # a reload takes effect at the next turn
             try:
                 if self.queue.expire_leases():
                     self._work.set()
@@ -231,6 +246,59 @@ class Node:
             else:
                 errors.clear()
             self._stop.wait(errors.wait_s(c.poll_interval_s))
+
+    def _start_senders(self) -> None:
+        """One sender thread per destination in the rules that has none yet."""
+        with self._senders_lock:
+            for dest in self.rules.destinations:
+                if dest.name not in self._senders:
+                    self._senders.add(dest.name)
+                    self._spawn(f"sender-{dest.name}", partial(self._send_loop, dest.name))
+
+    def _reload_loop(self) -> None:
+        assert self._watcher is not None
+        while not self._stop.wait(RULES_POLL_S):
+            self.reload_rules()
+
+    def reload_rules(self) -> bool:
+        """Look at the rule file once: swap in a changed valid one (True), refuse an invalid
+        one with the problems `neuronode check` prints and keep the running rules."""
+        if self._watcher is None:
+            return False
+        outcome = self._watcher.poll(self.rules)
+        if outcome is None:
+            return False
+        if outcome.rules is None:
+            self.metrics.rules_reload_refused.inc()
+            log.error(
+                "rules_refused",
+                path=str(self._watcher.path),
+                problems=list(outcome.problems),
+                count=len(outcome.problems),
+                reason="the running rules stay in force",
+            )
+            return False
+        self.apply_rules(outcome.rules)
+        self.metrics.rules_reloaded.inc()
+        log.info(
+            "rules_reloaded",
+            path=str(self._watcher.path),
+            restart_keys=list(outcome.restart_keys) or None,
+            reason="changed keys that wait for a restart keep their running values"
+            if outcome.restart_keys
+            else None,
+        )
+        return True
+
+    def apply_rules(self, rules: Rules) -> None:
+        """Swap in new rules: jobs already running keep the rules they started with."""
+        self.rules = rules
+        self.queue.lease_s = rules.processing.lease_s
+        self.queue.max_attempts = rules.processing.max_attempts
+        self.spool.min_free_bytes = int(rules.storage.min_free_disk_mb * 1024 * 1024)
+        self._park_unknown_deliveries()
+        self._start_senders()
+        self._work.set()
 
     def _retention_loop(self) -> None:
         """Apply the rule file's retention now and then: purge what owes nothing more."""
@@ -397,6 +465,10 @@ class Node:
         errors = RepeatedError("sender_error")
         try:
             while not self._stop.is_set():
+                with self._senders_lock:  # removed by a reload: its rows are parked
+                    if destination not in {d.name for d in self.rules.destinations}:
+                        self._senders.discard(destination)
+                        return
                 wait_s = SENDER_INTERVAL_S
                 try:
                     counts = deliver_due(

@@ -65,7 +65,7 @@ def cmd_serve(args: ServeArgs) -> int:
         )
     prepare_spool_dir(rules.storage.spool_dir)
     set_correlation_key(load_or_create_key(rules.storage.spool_dir / "log.key"))
-    node = Node(rules)
+    node = Node(rules, rules_path=args.rules)  # a changed rule file is reloaded
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -8,12 +8,7 @@ from pathlib import Path
 
 from node.classify.study import classify_folder, load_sequence_bundle
 from node.cli.command import Command
-from node.config import (
-    check_bundles_exist,
-    check_files_exist,
-    summarise_rules,
-    validate_rules_text,
-)
+from node.config import check_rule_text, summarise_rules, validate_rules_text
 from node.dicom.headers import read_series_headers
 from node.routing import explain_routes, study_qualifies
 
@@ -38,12 +33,11 @@ def cmd_check(args: CheckArgs) -> int:
     except OSError as exc:
         print(f"{path}: cannot read rule file: {exc.strerror}")
         return 1
-    rules, problems = validate_rules_text(text)
-    if rules is not None and not args.skip_bundle_check:
-        problems = (
-            *check_files_exist(rules, text),
-            *check_bundles_exist(rules, path.parent, text),
-        )
+    # The running node refuses a changed rule file with these same problems (check_rule_text).
+    if args.skip_bundle_check:
+        rules, problems = validate_rules_text(text)
+    else:
+        rules, problems = check_rule_text(text, path)
     for p in problems:
         print(p.render(path))
     if rules is None or problems:
