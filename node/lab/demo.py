@@ -151,6 +151,7 @@ def write_rules(
             ],
         },
         "storage": {"spool_dir": str(run / "spool"), "min_free_disk_mb": 64},
+        "http": {"port": 0},  # any free loopback port: the demo never fights a running node
         "completion": {"quiet_period_s": 1.0, "poll_interval_s": 0.2},
         "processing": {"workers": 1, "lease_s": 300, "max_attempts": 2},
         "logging": {"format": "json", "level": "info"},
