@@ -386,8 +386,11 @@ def test_sender_thread_delivers_the_outbox_and_stops_cleanly(
         with Outbox(spool) as outbox:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                down = [r for r in outbox.all() if r.destination == "down"]
-                if all(r.attempts >= 1 for r in down):
+                # The PACS has the objects a moment before the sender marks its rows delivered.
+                rows = outbox.all()
+                down = [r for r in rows if r.destination == "down"]
+                up_done = all(r.state.value == "delivered" for r in rows if r.destination == "up")
+                if up_done and all(r.attempts >= 1 for r in down):
                     break
                 time.sleep(0.1)
             rows = outbox.all()
