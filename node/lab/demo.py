@@ -1,6 +1,6 @@
 """`neuronode demo`: a synthetic study through a running node and back into a PACS, end to end.
 
-It writes a synthetic brain-MR study (node/synth), starts Orthanc as the PACS when it is
+It writes a synthetic brain-MR study (node/lab/synth), starts Orthanc as the PACS when it is
 installed (else a small storage SCP of our own stands in for it), starts the node in this
 process with a generated rule file (DIR/run/rules.yaml) whose destination is that PACS, sends
 the study the way a hospital would (dcmtk storescu to Orthanc, then Orthanc forwards it to the

@@ -298,8 +298,16 @@ def _describe(data: Path) -> str:
             parts = [f"{k}={m[k]}" for k in keys if k in m]
             studies = m.get("studies", [])
             n = len(studies)
+            styles = sorted({str(s.get("style", "a")) for s in studies if isinstance(s, dict)})
+            randomised = any(isinstance(s, dict) and s.get("randomised") for s in studies)
+            parts.append(f"style {'+'.join(styles) or 'a'}")
+            if randomised:
+                parts.append("domain-randomised")
             return (
-                f"node/synth studies (n={n}, " + ", ".join(parts) + _geometry(data, studies) + ")"
+                f"node/lab/synth studies (n={n}, "
+                + ", ".join(parts)
+                + _geometry(data, studies)
+                + ")"
             )
     return f"DICOM folder {data.name}"
 
