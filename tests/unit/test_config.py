@@ -128,12 +128,14 @@ def test_load_rules_resolves_models_dir_against_the_file(tmp_path: Path) -> None
 
 def test_default_schema_tasks_and_routes() -> None:
     rules = Rules()
-    assert list(rules.tasks) == ["gbm_pcnsl", "glioma_grade", "tubers"]
+    assert list(rules.tasks) == ["tumour", "gbm_pcnsl", "glioma_grade", "tubers"]
+    assert rules.tasks["tumour"].requires_lesion is None
+    assert rules.tasks["glioma_grade"].requires_lesion == "tumour"
     gbm = rules.tasks["gbm_pcnsl"]
-    assert gbm.positive_label == "glioblastoma"
+    assert gbm.positive_label == "glioblastoma" and gbm.requires_lesion == "tumour"
     assert [(m.bundle, m.sequences, m.weight) for m in gbm.models] == [
-        ("gbm_pcnsl_t1c", (SequenceLabel.T1C,), 1.0),
-        ("gbm_pcnsl_adc", (SequenceLabel.ADC,), 0.996),
+        ("gbm_pcnsl_t1c", (SequenceLabel.T1C,), 0.81),
+        ("gbm_pcnsl_adc", (SequenceLabel.ADC,), 1.0),
     ]
     assert gbm.indeterminate_band == (0.35, 0.65)
     assert rules.sequence.disagreement == "other"

@@ -189,10 +189,10 @@ def test_fuse_study_covers_enabled_tasks_in_order() -> None:
     }
     rules = Rules().model_copy(update={"tasks": tasks})
     findings = fuse_study(rules, [pred("tubers_t2", 0.95, task="tubers")])
-    assert [f.task for f in findings] == ["gbm_pcnsl", "tubers"]
-    assert findings[0].status is FindingStatus.NOT_ASSESSABLE
-    assert findings[1].status is FindingStatus.PRESENT
-    assert findings[1].positive_label == "cortical tubers"
+    assert [f.task for f in findings] == ["tumour", "gbm_pcnsl", "tubers"]
+    assert findings[1].status is FindingStatus.NOT_ASSESSABLE
+    assert findings[2].status is FindingStatus.PRESENT
+    assert findings[2].positive_label == "cortical tubers"
 
 
 def test_model_route_weight_must_be_positive() -> None:

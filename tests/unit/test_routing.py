@@ -55,9 +55,10 @@ def test_tubers_is_off_by_default_and_not_routed() -> None:
 def test_full_study_default_routes() -> None:
     routes = route_study(full_study(), all_tasks())
     assert [(r.task, r.bundle, r.series_uid, r.sequence, r.weight) for r in routes] == [
-        ("gbm_pcnsl", "gbm_pcnsl_t1c", "2", L.T1C, 1.0),
-        ("gbm_pcnsl", "gbm_pcnsl_adc", "6", L.ADC, 0.996),
-        ("glioma_grade", "glioma_grade_t1c", "2", L.T1C, 0.69),
+        ("tumour", "tumour_flair", "4", L.FLAIR, 1.0),
+        ("gbm_pcnsl", "gbm_pcnsl_t1c", "2", L.T1C, 0.81),
+        ("gbm_pcnsl", "gbm_pcnsl_adc", "6", L.ADC, 1.0),
+        ("glioma_grade", "glioma_grade_t1c", "2", L.T1C, 0.67),
         ("glioma_grade", "glioma_grade_flair", "4", L.FLAIR, 1.0),
         ("tubers", "tubers_flair", "4", L.FLAIR, 1.0),
         ("tubers", "tubers_t2", "3", L.T2, 0.017),
@@ -89,7 +90,11 @@ def test_disabled_task_gets_no_routes() -> None:
     tasks = dict(all_tasks().tasks)
     tasks["tubers"] = tasks["tubers"].model_copy(update={"enabled": False})
     rules = all_tasks().model_copy(update={"tasks": tasks})
-    assert {r.task for r in route_study(full_study(), rules)} == {"gbm_pcnsl", "glioma_grade"}
+    assert {r.task for r in route_study(full_study(), rules)} == {
+        "tumour",
+        "gbm_pcnsl",
+        "glioma_grade",
+    }
 
 
 def test_route_with_several_labels() -> None:
@@ -151,11 +156,11 @@ def test_explain_names_series_labels_routes_and_tasks() -> None:
     lines = text.splitlines()
     assert lines[0] == "series #2 't1_mprage_gd': T1C (confidence 0.90, by fused)"
     assert "    because: rule for T1C" in lines
-    assert "    -> gbm_pcnsl_t1c (task gbm_pcnsl, route T1C, weight 1)" in lines
+    assert "    -> gbm_pcnsl_t1c (task gbm_pcnsl, route T1C, weight 0.81)" in lines
     assert "    -> not routed: OTHER series never go to a model" in lines
     assert "    -> not routed: no enabled task has a route for T1" in lines
     assert (
-        "task gbm_pcnsl: weighted_mean_logit: gbm_pcnsl_t1c on 1 series (weight 1);"
+        "task gbm_pcnsl: weighted_mean_logit: gbm_pcnsl_t1c on 1 series (weight 0.81);"
         " gbm_pcnsl_adc skipped (no ADC series; weights renormalised)"
     ) in lines
     assert (
@@ -186,11 +191,11 @@ def test_cmd_explain_on_real_scanner_series(
     assert cmd_explain(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("study: qualifies: 4 series, modalities MR")
-    assert out.count("-> gbm_pcnsl_adc (task gbm_pcnsl, route ADC, weight 0.996)") == 2
+    assert out.count("-> gbm_pcnsl_adc (task gbm_pcnsl, route ADC, weight 1)") == 2
     assert "series #13 'DWI_dir80_PA_FA': OTHER" in out
     assert "series #5 'anat-T1w_acq-tfl': T1" in out
     assert "task gbm_pcnsl: weighted_mean_logit: gbm_pcnsl_t1c skipped (no T1C series;" in out
-    assert "gbm_pcnsl_adc on 2 series, averaged (weight 0.996)" in out
+    assert "gbm_pcnsl_adc on 2 series, averaged (weight 1)" in out
     assert "task tubers: disabled" in out
 
 
