@@ -102,7 +102,7 @@ def loadable_tasks(
     models_dir: Path,
 ) -> tuple[dict[str, TaskSettings], tuple[LeftOutRoute, ...]]:
     """The built-in tasks cut down to the routes whose bundle loads (demo, bench); a task with
-    no loadable route is left out."""
+    no loadable route is left out, and a task whose lesion gate is left out runs ungated."""
     from node.bundles.bundle import load_bundle
 
     tasks: dict[str, TaskSettings] = {}
@@ -118,4 +118,8 @@ def loadable_tasks(
             routes.append(route)
         if routes:
             tasks[name] = task.model_copy(update={"models": tuple(routes)})
+    # A task whose lesion gate was left out answers ungated (said in the left-out list).
+    for name, task in list(tasks.items()):
+        if task.requires_lesion is not None and task.requires_lesion not in tasks:
+            tasks[name] = task.model_copy(update={"requires_lesion": None})
     return tasks, tuple(left_out)
