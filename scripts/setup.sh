@@ -26,7 +26,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch first, pinned to the CPU build: never let pip resolve a plain 'torch' (CUDA, gigabytes).
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[lab,test]' 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, monai, pydicom, pynetdicom, highdicom, node" \
   || { echo "setup: the install is incomplete" >&2; exit 1; }
 echo "setup: ready (.venv)" >&2

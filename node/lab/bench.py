@@ -32,6 +32,7 @@ import numpy as np
 
 from node.config import NodeSettings, Rules, TaskSettings
 from node.errors import ConfigError, ModelUnavailable
+from node.lab.orthanc import free_port
 from node.log import configure
 from node.pipeline.audit import AuditRecord, read_audit
 from node.records import SequenceLabel, StudyJob
@@ -545,14 +546,6 @@ def bench_specialists(
 # --- receive -------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _small_mr(n: int) -> tuple[Any, ...]:
     """n small MR instances (pydicom's MR_small, 64x64) with their own UIDs, one study."""
     import pydicom
@@ -669,7 +662,7 @@ def _rate_into_node(work: Path, n: int, *, nodelay: bool, tag: str) -> tuple[flo
     spool = Spool(root, min_free_disk_mb=0)
     node_settings = NodeSettings(
         ae_title="NEURONODE",
-        port=_free_port(),
+        port=free_port(),
         allowed_callers=(AllowedCaller(ae_title="STORESCU", host="127.0.0.1"),),
     )
     rx = Receiver(node_settings, spool)
@@ -688,7 +681,7 @@ def _rate_into_node(work: Path, n: int, *, nodelay: bool, tag: str) -> tuple[flo
 def _rate_into_plain(work: Path, n: int, *, nodelay: bool, tag: str) -> float:
     """Instances/s of one association into the plain storage SCP."""
     datasets = _small_mr(n)
-    port = _free_port()
+    port = free_port()
     server = _plain_scp(work / f"plain_{tag}", port)
     try:
         t0 = time.perf_counter()
