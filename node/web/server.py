@@ -67,8 +67,10 @@ class WebServer:
         log.info("http_started", bind_address=str(self._httpd.server_address[0]), port=self.port)
 
     def stop(self) -> None:
-        """Stop serving and close the socket."""
-        self._httpd.shutdown()
+        """Stop serving and close the socket (also when serving never started: a node whose
+        listener failed to open stops without waiting for a serve loop that never ran)."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
         self._httpd.server_close()
 
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
