@@ -175,6 +175,7 @@ def configure(fmt: LogFormat = "auto", level: str = "info", stream: Any = None) 
     # Python warnings are log lines too: pydicom's quote header values ("Invalid value for VR
     # DA: '...'"), so they go through the guard above (level and logger kept, text dropped)
     # instead of raw to stderr.
+    logging.captureWarnings(False)  # re-arm: True is a no-op while an earlier capture is recorded
     logging.captureWarnings(True)
     # pynetdicom logs dataset dumps (patient attributes) at DEBUG/INFO: keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -323,6 +323,16 @@ def test_python_warnings_go_through_the_log_guard(monkeypatch: pytest.MonkeyPatc
 
     stream = io.StringIO()
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    # Earlier tests may have left the warnings logger disabled or detached: start clean.
+    py_warnings = logging.getLogger("py.warnings")
+    monkeypatch.setattr(py_warnings, "handlers", [])
+    monkeypatch.setattr(py_warnings, "propagate", True)
+    monkeypatch.setattr(py_warnings, "disabled", False)
+    monkeypatch.setattr(py_warnings, "level", logging.NOTSET)
+    logging.disable(logging.NOTSET)
+    # captureWarnings(True) does nothing when an earlier capture was never switched off, even
+    # if showwarning was restored since (pytest does): switch it off first.
+    logging.captureWarnings(False)
     try:
         configure("json", "info", stream=stream)
         with warnings.catch_warnings():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -81,6 +81,7 @@ def test_without_a_gate_nothing_changes() -> None:
     assert gbm.status is FindingStatus.PRESENT
 
 
+@settings(deadline=None)  # the fusion builds pydantic rules per example: no timing in a test
 @given(st.floats(0.0, 1.0), st.floats(0.0, 1.0))
 def test_gated_task_is_never_present_when_the_gate_says_absent(p_t: float, p_g: float) -> None:
     found = _findings(p_tumour=p_t, p_gbm=p_g)
