@@ -11,7 +11,9 @@ command -v /usr/sbin/Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 [ -x /usr/bin/dciodvfy ] || need_apt+=(dicom3tools)
 [ -x /usr/bin/systemd-analyze ] || need_apt+=(systemd)
 [ -x /usr/bin/shellcheck ] || need_apt+=(shellcheck)
-[ -x /usr/bin/docker-compose ] || need_apt+=(docker-compose)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+[ -d /usr/lib/postgresql ] || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: apt-get install ${need_apt[*]}" >&2
@@ -20,6 +22,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   else
     echo "setup: missing system packages (${need_apt[*]}); tests needing them will be skipped" >&2
   fi
+fi
+
+# docker-compose only validates deploy/compose.yaml here: without its recommends (docker.io,
+# a daemon this machine does not need).
+if [ ! -x /usr/bin/docker-compose ] && [ "$(id -u)" = 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }
 fi
 
 PY=${PYTHON:-python3}
