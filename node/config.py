@@ -161,9 +161,12 @@ class CompletionSettings(_Frozen):
 
 
 class ProcessingSettings(_Frozen):
-    """Workers and job leases."""
+    """Worker processes, the per-job timeout, job leases and the attempt policy."""
 
-    workers: int = Field(default=1, ge=1, le=16)
+    workers: int = Field(default=1, ge=1, le=16)  # worker processes, each with its own models
+    # A job still running after this is stopped (its worker process killed), recorded with the
+    # stage it hung in, and retried or dead-lettered like any failed attempt.
+    timeout_s: float = Field(default=900.0, ge=1, le=86400)
     lease_s: float = Field(default=600.0, ge=1)
     max_attempts: int = Field(default=3, ge=1, le=100)
 

@@ -111,6 +111,21 @@ class NodeMetrics:
             "Changed rule files that were validated and applied.",
             registry=r,
         )
+        self.job_timeouts = Counter(
+            "neuronode_job_timeouts",
+            "Study jobs stopped at processing.timeout_s (their worker process killed).",
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "neuronode_worker_restarts",
+            "Worker processes replaced after a job timeout or a crash (segfault, OOM kill).",
+            registry=r,
+        )
+        self.workers_ready = Gauge(
+            "neuronode_workers_ready",
+            "Worker processes with their models loaded, waiting for or running a job.",
+            registry=r,
+        )
 
     def watch(self, spool: Spool, *, active_associations: Callable[[], int]) -> None:
         """Add the gauges read at each scrape from this spool (index, outbox, disk)."""
