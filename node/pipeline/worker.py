@@ -11,7 +11,7 @@ Importing this module loads no torch: the node (the parent) imports it for the m
 for ``job_result``; only ``main`` (the child) loads the models.
 
 Test hooks, each logged loudly when set (never set them on a real node):
-``NEURONODE_TEST_PROCESS_DELAY_S`` sleeps before each job's pipeline;
+``NEURONODE_TEST_PROCESS_DELAY_S`` sleeps when each job's first stage (load) starts;
 ``NEURONODE_TEST_LOAD_DELAY_S`` sleeps before the models load;
 ``NEURONODE_TEST_WORKER_FAULT=hang:STAGE[:STUDY_UID]`` sleeps forever when STAGE starts, and
 ``crash:STAGE[:STUDY_UID]`` kills the worker (SIGKILL) there, for every study or only that one.
@@ -188,10 +188,11 @@ def _run(conn: Connection, msg: RunJob, fault: TestFault | None, delay_s: float)
     def on_stage(stage: object) -> None:
         name = str(getattr(stage, "value", stage))
         conn.send(StageStarted(job_id=job.job_id, stage=name))
+        if delay_s and name == "load":  # the slow-job hook: the job is in its first stage
+            log.warning("test_delay_sleeping", job_id=job.job_id, duration_ms=delay_s * 1000)
+            time.sleep(delay_s)
         _apply_fault(fault, job, name)
 
-    if delay_s:
-        time.sleep(delay_s)
     try:
         outcome = process_study(
             job, rules, out_dir=rules.storage.spool_dir / "results", deliver=True, on_stage=on_stage
