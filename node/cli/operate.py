@@ -1,4 +1,9 @@
-"""Running and operating the node: `serve`, `status`, `requeue`, `purge`."""
+"""Running and operating the node: `serve`, `status`, `requeue`, `purge`.
+
+`serve` must open its listener within a second of launch, so this module imports only what
+the listener needs; the outbox (and the DICOM writing libraries behind it) load inside the
+commands that use them, and in the node's sender threads once it listens.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ from typing import Any
 
 from node.cli.command import Command, rules_option
 from node.config import Rules, load_rules
-from node.deliver.outbox import OUTBOX_DB, Outbox, outbox_study_uids, outbox_summary
 from node.errors import ConfigError, NodeError, SpoolError
 from node.ingest.spool import Index, Spool, is_valid_uid
 from node.log import configure, get_logger, load_or_create_key, set_correlation_key, uid_key
@@ -135,6 +139,8 @@ def cmd_status(args: StatusArgs) -> int:
         n_quarantined = int(index.query("SELECT COUNT(*) AS n FROM quarantine")[0]["n"])
     finally:
         index.close()
+    from node.deliver.outbox import outbox_summary
+
     deliveries = outbox_summary(spool_dir)
     known = {d.name for d in rules.destinations}
     doc: dict[str, Any] = {
@@ -239,6 +245,8 @@ def cmd_requeue(args: RequeueArgs) -> int:
             n_jobs = len(queue.requeue(study_uid=study_uid, include_failed=study_uid is not None))
         finally:
             index.close()
+    from node.deliver.outbox import OUTBOX_DB, Outbox
+
     n_deliveries = 0
     if do_deliveries and (spool / OUTBOX_DB).exists():
         with Outbox(spool) as outbox:
@@ -269,6 +277,8 @@ def find_study(spool_dir: Path, key_or_uid: str) -> str:
             uids.update(str(r["study_uid"]) for r in index.query("SELECT study_uid FROM studies"))
         finally:
             index.close()
+    from node.deliver.outbox import outbox_study_uids
+
     uids.update(outbox_study_uids(spool_dir))
     if is_valid_uid(key_or_uid) and key_or_uid in uids:
         return key_or_uid

@@ -233,8 +233,9 @@ class Node:
             for i in range(self.rules.processing.workers):
                 self._spawn(f"worker-{i}", partial(self._slot_loop, i))
         if Role.SENDER in self.roles:
-            self._park_unknown_deliveries()
-            self._start_senders()
+            # Off the starting thread: the outbox loads the DICOM writing libraries, which
+            # the listener, already open, must not wait for.
+            self._spawn("senders", self._open_outbox)
         if self._watcher is not None:
             self._spawn("rules", self._reload_loop)
         log.info(
@@ -397,6 +398,8 @@ class Node:
         try:
             problems = worker.wait_ready(self._stop.is_set)
         except WorkerDied as exc:
+            if self._stop.is_set():  # stopped with the node (one signal to the process group)
+                return None
             log.error("worker_start_failed", worker=index, reason=str(exc))
             errors.record(exc)
             self._stop.wait(errors.wait_s(WORKER_RESTART_S))
@@ -457,7 +460,9 @@ class Node:
             )
         finally:
             done.set()
-        if result is None:  # the node is stopping: the job goes back, this attempt uncounted
+        if result is None or (result.error_type == "WorkerDied" and self._stop.is_set()):
+            # The node is stopping (and its worker may have had the same signal, as systemd
+            # sends it to the whole group): the job goes back, this attempt not counted.
             self._release(job)
             return
         try:
@@ -606,6 +611,10 @@ class Node:
         return len(purged)
 
     # --- senders ------------------------------------------------------------------------------
+
+    def _open_outbox(self) -> None:
+        self._park_unknown_deliveries()
+        self._start_senders()
 
     def _start_senders(self) -> None:
         """One sender thread per destination in the rules that has none yet."""

@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from node.deliver.outbox import delivery_counts
 from node.ingest.spool import Spool, disk_free_bytes
 from node.records import DeliveryState, StudyStatus
 
@@ -206,6 +205,10 @@ def _by_state(rows: list[sqlite3.Row]) -> dict[str, int]:
 
 
 def _outbox_gauges(spool_dir: Path) -> Iterator[Metric]:
+    # Imported at the first scrape, not at start: the listener opens before the sender's
+    # DICOM libraries load (launch to first C-ECHO).
+    from node.deliver.outbox import delivery_counts
+
     counts = delivery_counts(spool_dir)
     rows = GaugeMetricFamily(
         "neuronode_outbox",

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -153,6 +154,12 @@ def test_c_echo_is_answered_while_the_models_load(node_factory: Callable[..., No
     node.wait_for(lambda: _state(node, STUDY_A) == "done", timeout_s=90)
     order = [e["event"] for e in _events(node)]
     assert order.index("worker_ready") < order.index("job_started")
+    # The node process itself never loaded torch: only its worker processes do.
+    assert node.proc is not None
+    maps = Path(f"/proc/{node.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "libc10" not in maps
+    [worker] = [e["pid"] for e in _events(node) if e["event"] == "worker_started"]
+    assert "libtorch" in Path(f"/proc/{worker}/maps").read_text()  # the check can fail
     assert node.stop() == 0
 
 
