@@ -224,18 +224,19 @@ class Node:
             if n:
                 log.warning("orphaned_jobs_released", count=n)
         if Role.RECEIVER in self.roles:
-            self.receiver.start()
-            if self.web is not None:
-                self.web.start()
+            self.receiver.start()  # C-ECHO and C-STORE are answered from here on
+        if Role.SENDER in self.roles:
+            # The outbox (and the DICOM writers it loads) is ready before the first scrape.
+            self._park_unknown_deliveries()
+        if self.web is not None:
+            self.web.start()
         if Role.WORKER in self.roles:
             self._spawn("scheduler", self._schedule_loop)
             self._spawn("retention", self._retention_loop)
             for i in range(self.rules.processing.workers):
                 self._spawn(f"worker-{i}", partial(self._slot_loop, i))
         if Role.SENDER in self.roles:
-            # Off the starting thread: the outbox loads the DICOM writing libraries, which
-            # the listener, already open, must not wait for.
-            self._spawn("senders", self._open_outbox)
+            self._start_senders()
         if self._watcher is not None:
             self._spawn("rules", self._reload_loop)
         log.info(
@@ -611,10 +612,6 @@ class Node:
         return len(purged)
 
     # --- senders ------------------------------------------------------------------------------
-
-    def _open_outbox(self) -> None:
-        self._park_unknown_deliveries()
-        self._start_senders()
 
     def _start_senders(self) -> None:
         """One sender thread per destination in the rules that has none yet."""
