@@ -52,6 +52,7 @@ from node.store.retention import purged_studies
 from node.web.metrics import CONTENT_TYPE, NodeMetrics
 from node.web.views import (
     StatusHooks,
+    delivery_states,
     find_study,
     heatmap_file,
     list_studies,
@@ -186,7 +187,8 @@ class StatusApp:
         env.filters["ts"] = _ts
         env.filters["dur"] = _dur
         env.filters["prob"] = _prob
-        env.globals["notice_text"] = NOT_FOR_CLINICAL_USE
+        # The notice without its own "NOT FOR CLINICAL USE:" (the banner says it in bold).
+        env.globals["notice_text"] = NOT_FOR_CLINICAL_USE.split(": ", 1)[-1]
         env.globals["version"] = __version__
         self.app = Starlette(
             routes=[
@@ -296,8 +298,9 @@ class StatusApp:
 
     def _index_data(self, page: int) -> tuple[Any, ...]:
         studies, total = list_studies(self.spool, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+        sent = delivery_states(self.spool.root, [s.study_uid for s in studies])
         return (
-            studies,
+            [(s, sent.get(s.study_uid, {})) for s in studies],
             total,
             study_counts(self.spool),
             outbox_summary(self.spool.root),

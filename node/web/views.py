@@ -144,6 +144,26 @@ def list_studies(spool: Spool, *, limit: int, offset: int = 0) -> tuple[tuple[St
     return tuple(_study_row(r) for r in rows), total
 
 
+def delivery_states(spool_dir: Path, study_uids: list[str]) -> dict[str, dict[str, int]]:
+    """Outbox rows per study and state for the listed studies, read-only."""
+    path = spool_dir / OUTBOX_DB
+    if not path.exists() or not study_uids:
+        return {}
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        marks = ",".join("?" * len(study_uids))
+        out: dict[str, dict[str, int]] = {}
+        for uid, state, n in db.execute(
+            f"SELECT study_uid, state, COUNT(*) FROM deliveries WHERE study_uid IN ({marks})"
+            " GROUP BY study_uid, state",
+            study_uids,
+        ):
+            out.setdefault(str(uid), {})[str(state)] = int(n)
+        return out
+    finally:
+        db.close()
+
+
 def find_study(spool: Spool, study_key: str) -> StudyRow | None:
     """The study a key names (the keyed hash logs and `neuronode status` show)."""
     for r in spool.index.query("SELECT study_uid FROM studies"):

@@ -349,6 +349,7 @@ def test_study_list_newest_first_with_state_timings_and_notice(env: Env) -> None
     row_a = html[html.index(f'data-study-key="{key_a}"') :].split("</tr>", 1)[0]
     assert "state-done" in row_a and '<td class="num">2</td>' in row_a
     assert " s</td>" in row_a  # a time to result
+    assert "1 dead" in row_a  # its delivery is in the dead letter
     row_b = html[html.index(f'data-study-key="{key_b}"') :].split("</tr>", 1)[0]
     assert "state-receiving" in row_b
     assert STUDY_A not in html and PATIENT not in html  # the list shows keys, not identifiers
