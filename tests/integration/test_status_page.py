@@ -176,9 +176,16 @@ def test_status_page_in_chromium_requeue_a_dead_delivery(
         for uid in sr_uids:
             assert stored[uid]["StudyInstanceUID"] == study_uid
             assert stored[uid]["Modality"] == "SR"
-        driver.refresh()
-        card = driver.find_element(By.CSS_SELECTOR, 'section.delivery[data-destination="orthanc"]')
-        assert f"sent {len(all_uids)}" in card.text and "dead 0" in card.text
+
+        def page_says_sent() -> bool:
+            # Orthanc may hold the last object a moment before the node records it as sent.
+            driver.refresh()
+            card = driver.find_element(
+                By.CSS_SELECTOR, 'section.delivery[data-destination="orthanc"]'
+            )
+            return f"sent {len(all_uids)}" in card.text and "dead 0" in card.text
+
+        _wait("the page showing every object sent", page_says_sent, node, timeout_s=30)
         _screenshot(driver, shots / "status-page-study-sent.png")
     finally:
         driver.quit()
