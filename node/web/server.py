@@ -463,6 +463,10 @@ class WebServer:
         hooks: StatusHooks | None = None,
         token: str | None = None,
     ) -> None:
+        if token is None and not _is_loopback(host):
+            # The config refuses this too (http.bind_address); a caller in code must not get
+            # around it: the page shows patient identifiers.
+            raise ValueError(f"host: serving {host} beyond loopback needs a token")
         self.spool = spool
         if metrics is None:
             metrics = NodeMetrics()

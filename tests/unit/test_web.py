@@ -508,6 +508,8 @@ def test_token_required_off_loopback(tmp_path: Path) -> None:
 def test_webserver_off_loopback_serves_any_host_name_with_the_token(tmp_path: Path) -> None:
     """A real server bound beyond loopback (all interfaces) answers only with the token."""
     spool = Spool(tmp_path / "sp", min_free_disk_mb=0)
+    with pytest.raises(ValueError, match="beyond loopback needs a token"):
+        WebServer(spool, port=0, host="0.0.0.0", active_associations=lambda: 0)
     web = WebServer(spool, port=0, host="0.0.0.0", token=TOKEN, active_associations=lambda: 0)
     web.start()
     try:
@@ -543,6 +545,35 @@ def test_check_refuses_a_non_loopback_bind_without_a_token(tmp_path: Path) -> No
     # Loopback needs no token.
     rules, problems = validate_rules_text("http:\n  bind_address: 127.0.0.1\n")
     assert rules is not None and rules.http.read_token() is None
+
+
+def test_neuronode_check_refuses_the_default_rules_bound_to_every_interface(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`neuronode check` on routing_rules/default.yaml with bind_address 0.0.0.0: refused with
+    the line, OK again once token_file names a readable file."""
+    from node.cli import main
+
+    text = (REPO / "routing_rules" / "default.yaml").read_text()
+    text = text.replace("models_dir: ../models", f"models_dir: {REPO / 'models'}")
+    old = "  bind_address: 127.0.0.1      # loopback: only this machine"
+    assert old in text
+    line = text[: text.index(old)].count("\n") + 1
+    path = tmp_path / "rules.yaml"
+    path.write_text(text.replace(old, old.replace("127.0.0.1", "0.0.0.0  ")))
+    assert main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:{line}: http.bind_address: the status page shows patient identifiers" in out
+    secret = tmp_path / "http.token"
+    path.write_text(
+        text.replace(old, f"  token_file: {secret}\n" + old.replace("127.0.0.1", "0.0.0.0  "))
+    )
+    assert main(["check", str(path)]) == 1  # the file is missing
+    assert (
+        f"{path}:{line}: http.token_file: file {secret} does not exist" in capsys.readouterr().out
+    )
+    secret.write_text(TOKEN)
+    assert main(["check", str(path)]) == 0, capsys.readouterr().out
 
 
 def test_token_file(tmp_path: Path) -> None:
