@@ -60,9 +60,11 @@ TOKEN = "s3cret-token-0123456789"
 STUDY_A, STUDY_B = "1.2.3", "1.2.4"
 
 
-def _mr(sop: str, study: str = STUDY_A) -> bytes:
+def _mr(sop: str, study: str = STUDY_A, patient: str | None = None) -> bytes:
     ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, f"{study}.1", sop
+    if patient is not None:
+        ds.PatientName = patient
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -447,6 +449,13 @@ def test_reload_refusal_banner_on_every_page(env: Env) -> None:
     for path in ("/", f"/studies/{uid_key(STUDY_A)}"):
         html = env.client.get(path).text
         assert 'id="reload-refused"' in html and "rules.yaml:12: completion.quiet_period_s" in html
+
+
+def test_header_values_are_escaped(env: Env) -> None:
+    """Patient attributes come from outside: they are shown as text, never as markup."""
+    env.spool.store(_mr("1.2.5.1.1", study="1.2.5", patient="<script>x()</script>"), calling_ae="A")
+    html = env.client.get(f"/studies/{uid_key('1.2.5')}").text
+    assert "&lt;script&gt;x()&lt;/script&gt;" in html and "<script>" not in html
 
 
 def test_loopback_server_refuses_a_foreign_host_name(env: Env) -> None:
