@@ -184,6 +184,8 @@ class Node:
     def _make_web(self) -> WebServer:
         """The HTTP server on http.bind_address:http.port (NEURONODE_HTTP_PORT overrides the
         port); a bind failure is a ConfigError naming the key."""
+        from node.web.views import StatusHooks
+
         http = self.rules.http
         port = int(os.environ.get(HTTP_PORT_ENV) or http.port)
         try:
@@ -193,6 +195,13 @@ class Node:
                 host=http.bind_address,
                 metrics=self.metrics,
                 active_associations=self.receiver.active_associations,
+                token=http.read_token(),
+                hooks=StatusHooks.for_spool(
+                    self.spool,
+                    queue=self.queue,
+                    wake=self._wake_all,
+                    last_refusal=lambda: self._watcher.refused if self._watcher else (),
+                ),
             )
         except OSError as exc:
             raise ConfigError(
