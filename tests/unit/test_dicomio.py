@@ -433,7 +433,7 @@ def test_objects_without_pixels_are_headers_only(tmp_path: Path) -> None:
     assert sr_header.series_number == 99
 
 
-def test_six_series_study_loads_fast(tmp_path: Path) -> None:
+def test_six_series_study_loads_whole(tmp_path: Path) -> None:
     """6 series x 24 slices of 256x256 (random pixels): the load budget of a routine study."""
     from pydicom import dcmread
 
