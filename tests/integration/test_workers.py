@@ -21,6 +21,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
@@ -223,3 +224,32 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_a_bundle_that_fails_to_load_in_the_workers_stops_serve(
+    node_factory: Callable[..., NodeProc], tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(REPO / "models" / "tumour_flair", models / "tumour_flair")
+    (models / "tumour_flair" / "models" / "model.pt").write_bytes(b"not a checkpoint")
+    task = {
+        "enabled": True,
+        "positive_label": "brain tumour",
+        "negative_label": "no brain tumour",
+        "models": [{"bundle": "tumour_flair", "sequences": ["FLAIR"], "weight": 1.0}],
+    }
+    node = node_factory(tasks={"tumour": task})
+    node.write_rules()
+    doc = yaml.safe_load(node.rules_path.read_text())
+    doc["models_dir"] = str(models)
+    node.rules_path.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [*SERVE, str(node.rules_path)], cwd=REPO, env=env, capture_output=True, timeout=180
+    )
+    assert done.returncode == 1
+    err = done.stderr.decode(errors="replace")
+    assert "neuronode serve: refusing to start: a bundle an enabled task needs" in err
+    assert "task tumour:" in err and "weights" in err
+    logs = done.stdout.decode(errors="replace") + err
+    assert '"bundle_unavailable"' in logs and '"node_started"' in logs  # it had listened
