@@ -377,9 +377,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         "--role",
         choices=("all", *(r.value for r in Role)),
         default="all",
-        help="run one role of the node (receiver: SCP + HTTP; worker: completion, study"
-        " workers, retention; sender: outbox senders) beside the others on the same spool"
-        " (default: %(default)s)",
+        help="run one role of the node (receiver: the SCP; worker: completion, study"
+        " workers, retention; sender: outbox senders; each serves its own HTTP) beside the"
+        " others on the same spool (default: %(default)s)",
     )
 
 

@@ -65,14 +65,17 @@ SENDER_INTERVAL_S = 1.0  # a sender with no local worker (role sender) polls its
 SENDER_IDLE_S = 5.0  # a sender beside local workers: each finished job wakes it
 WORK_IDLE_S = 1.0  # an idle worker slot looks for due retries and other processes' jobs
 SCHEDULER_IDLE_S = 1.0  # the scheduler beside a local receiver: each instance wakes it
-SCAN_GAP_S = 0.05  # at most one scan of the receiving studies per this, however many arrive
+# While instances arrive, the receiving studies are scanned at most this often: a new study's
+# deadline is at least min(quiet period, 1 s settle) away, and each scan reads the index that
+# the receiver writes to.
+SCAN_GAP_S = 0.25
 WORKER_RESTART_S = 1.0  # a worker that cannot start is tried again after this (backed off)
 
 
 class Role(StrEnum):
     """What a node process runs: `serve --role`; every role by default."""
 
-    RECEIVER = "receiver"  # the SCP and the HTTP server
+    RECEIVER = "receiver"  # the SCP (every role serves its own HTTP: health, metrics)
     WORKER = "worker"  # the completion scheduler, the study workers, retention
     SENDER = "sender"  # the outbox senders
 
@@ -160,7 +163,7 @@ class Node:
         self.metrics = NodeMetrics()
         self.receiver = Receiver(rules.node, self.spool, on_store=self._count_store)
         self.web: WebServer | None = None
-        if rules.http.enabled and Role.RECEIVER in self.roles:
+        if rules.http.enabled:  # every role: its own /healthz and /metrics (probes, scrapes)
             try:
                 self.web = self._make_web()
             except ConfigError:
