@@ -52,10 +52,10 @@ from node.service.lock import lock_spool, os_reason, prepare_spool_dir
 from node.service.senders import SENDER_IDLE_S, SENDER_INTERVAL_S, Senders
 from node.service.workers import KILL_GRACE_S, InProcessWorker, Processor, ProcessWorker, WorkerDied
 from node.web.metrics import NodeMetrics
-from node.web.server import HTTP_PORT_ENV, WebServer
 
 if TYPE_CHECKING:
     from node.deliver.outbox import SendFn
+    from node.web.server import WebServer
 
 log = get_logger(__name__)
 
@@ -125,6 +125,7 @@ class Node:
         rules_path: Path | None = None,
         roles: Iterable[Role] = ALL_ROLES,
         in_process: bool = False,
+        web_after_dicom: bool = False,
     ) -> None:
         self.roles = frozenset(Role(r) for r in roles)
         if not self.roles:
@@ -159,7 +160,11 @@ class Node:
         self.metrics = NodeMetrics()
         self.receiver = Receiver(rules.node, self.spool, on_store=self._count_store)
         self.web: WebServer | None = None
-        if rules.http.enabled:  # every role: its own /healthz and /metrics (probes, scrapes)
+        # Every role serves its own /healthz and /metrics (probes, scrapes). `serve` builds
+        # the HTTP server after the DICOM listener opens (`web_after_dicom`): its web stack
+        # takes a moment to import, and C-ECHO should not wait for it.
+        self._web_later = rules.http.enabled and web_after_dicom
+        if rules.http.enabled and not web_after_dicom:
             try:
                 self.web = self._make_web()
             except ConfigError:
@@ -192,6 +197,8 @@ class Node:
     def _make_web(self) -> WebServer:
         """The HTTP server on http.bind_address:http.port (NEURONODE_HTTP_PORT overrides the
         port); a bind failure is a ConfigError naming the key."""
+        from node.web.server import HTTP_PORT_ENV, WebServer
+
         http = self.rules.http
         port = int(os.environ.get(HTTP_PORT_ENV) or http.port)
         try:
@@ -236,6 +243,8 @@ class Node:
         if Role.SENDER in self.roles:
             # The outbox (and the DICOM writers it loads) is ready before the first scrape.
             self.senders.park_unknown()
+        if self._web_later and self.web is None:
+            self.web = self._make_web()  # a bind failure: ConfigError, serve stops
         if self.web is not None:
             self.web.start()
         if Role.WORKER in self.roles:
