@@ -165,10 +165,32 @@ def test_c_echo_is_answered_while_the_models_load(node_factory: Callable[..., No
 
 
 def test_roles_share_a_spool_that_a_whole_node_cannot(
-    node_factory: Callable[..., NodeProc],
+    node_factory: Callable[..., NodeProc], tmp_path: Path
 ) -> None:
+    from node.deliver.outbox import Outbox
+    from node.lab.demo import LocalPacs
+
+    pacs = LocalPacs(tmp_path / "pacs")
+    destination = {
+        "kind": "dicom",
+        "name": "pacs",
+        "ae_title": pacs.aet,
+        "host": "127.0.0.1",
+        "port": pacs.port,
+    }
     node = node_factory()
     node.write_rules()
+    doc = yaml.safe_load(node.rules_path.read_text())
+    doc["destinations"] = [destination]
+    node.rules_path.write_text(yaml.safe_dump(doc))
+    # A result waiting in the outbox, for the sender role to deliver.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    result.SOPInstanceUID = f"{STUDY_B}.9.1"
+    node.spool.mkdir(parents=True)
+    with Outbox(node.spool) as outbox:
+        assert outbox.enqueue([result], ("pacs",), now=0.0) == 1
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("NEURONODE_LOG_KEY", None)
 
@@ -181,7 +203,7 @@ def test_roles_share_a_spool_that_a_whole_node_cannot(
             stderr=open(node.workdir / f"stderr.{log}.log", "wb"),
         )
 
-    procs = [serve("receiver", "r"), serve("worker", "w")]
+    procs = [serve("receiver", "r"), serve("worker", "w"), serve("sender", "s")]
     try:
         node.proc = procs[0]
         node.wait_for(lambda: _listening(node.port))
@@ -202,11 +224,15 @@ def test_roles_share_a_spool_that_a_whole_node_cannot(
         assert '"job_finished"' not in _log(node, "r")
         assert '"association_summary"' in _log(node, "r")
         assert '"association_summary"' not in _log(node, "w")
+        node.wait_for(lambda: f"{STUDY_B}.9.1" in pacs.received)  # the sender delivered it
+        assert '"sender_pass"' in _log(node, "s")
+        assert '"sender_pass"' not in _log(node, "r") + _log(node, "w")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=30) for p in procs]
-    assert codes == [0, 0]
+        pacs.stop()
+    assert codes == [0, 0, 0]
 
 
 def _log(node: NodeProc, name: str) -> str:
