@@ -98,3 +98,15 @@ def test_roles_share_the_spool_lock_and_a_whole_node_excludes_them(tmp_path: Pat
     with pytest.raises(SpoolError, match="in use by a node running every role"):
         lock_spool(tmp_path, shared=True)
     whole.close()
+
+
+def test_processing_timeout_is_validated_and_defaults_to_fifteen_minutes() -> None:
+    from pydantic import ValidationError
+
+    from node.config import Rules
+
+    assert Rules().processing.timeout_s == 900.0
+    assert Rules.model_validate({"processing": {"timeout_s": 30}}).processing.timeout_s == 30
+    for bad in (0, -5, 10**6):
+        with pytest.raises(ValidationError, match="timeout_s"):
+            Rules.model_validate({"processing": {"timeout_s": bad}})
