@@ -365,6 +365,14 @@ class Node:
         errors = RepeatedError("worker_error")
         try:
             while not self._stop.is_set():
+                if isinstance(worker, ProcessWorker) and worker.proc.poll() is not None:
+                    # It died while idle (OOM kill, kill -9): replace it before it is given a
+                    # job, so no study is charged an attempt for it.
+                    log.error("worker_died", worker=index, reason="while idle")
+                    worker.kill()
+                    self._set_ready(-1)
+                    self.metrics.worker_restarts.inc()
+                    worker = None
                 if worker is None:
                     worker = self._start_worker(index, errors)
                     if worker is None:

@@ -279,3 +279,23 @@ def test_a_bundle_that_fails_to_load_in_the_workers_stops_serve(
     assert "task tumour:" in err and "weights" in err
     logs = done.stdout.decode(errors="replace") + err
     assert '"bundle_unavailable"' in logs and '"node_started"' in logs  # it had listened
+
+
+def test_a_worker_that_dies_idle_is_replaced_before_it_gets_a_job(
+    node_factory: Callable[..., NodeProc],
+) -> None:
+    node = node_factory()
+    node.start()
+    node.wait_for(lambda: any(e["event"] == "worker_ready" for e in _events(node)))
+    [pid] = [e["pid"] for e in _events(node) if e["event"] == "worker_started"]
+    os.kill(pid, signal.SIGKILL)
+    node.wait_for(
+        lambda: len([e for e in _events(node) if e["event"] == "worker_ready"]) == 2,
+        timeout_s=60,
+    )
+    _send(node, STUDY_A)
+    node.wait_for(lambda: _state(node, STUDY_A) == "done", timeout_s=60)
+    assert [(h[0], h[1]) for h in _history(node, STUDY_A)] == [(1, "done")]
+    died = [e for e in _events(node) if e["event"] == "worker_died"]
+    assert [e["reason"] for e in died] == ["while idle"]
+    assert node.stop() == 0
