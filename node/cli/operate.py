@@ -94,7 +94,8 @@ def cmd_serve(args: ServeArgs) -> int:
             raise _refusal(problems, args.rules)
     prepare_spool_dir(rules.storage.spool_dir)
     set_correlation_key(load_or_create_key(rules.storage.spool_dir / "log.key"))
-    node = Node(rules, rules_path=args.rules, roles=roles)  # a changed rule file is reloaded
+    # A changed rule file is reloaded; HTTP opens right after the DICOM listener.
+    node = Node(rules, rules_path=args.rules, roles=roles, web_after_dicom=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -377,9 +378,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         "--role",
         choices=("all", *(r.value for r in Role)),
         default="all",
-        help="run one role of the node (receiver: SCP + HTTP; worker: completion, study"
-        " workers, retention; sender: outbox senders) beside the others on the same spool"
-        " (default: %(default)s)",
+        help="run one role of the node (receiver: the SCP; worker: completion, study"
+        " workers, retention; sender: outbox senders; each serves its own HTTP) beside the"
+        " others on the same spool (default: %(default)s)",
     )
 
 

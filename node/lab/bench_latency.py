@@ -124,18 +124,23 @@ def write_node_rules(
     return path
 
 
-def _serve(rules: Path, log: Path) -> subprocess.Popen[bytes]:
+def _serve(rules: Path, log: Path, node_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """`neuronode serve` of this checkout, or of the `node` package under `node_path` (an
+    older checkout, to compare against)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if node_path is not None:
+        env["PYTHONPATH"] = str(node_path)
     with open(log, "ab") as out:  # the process keeps its own handle
         return subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--rules", str(rules)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=node_path,  # `python -m` puts the working folder first on the path
         )
 
 
-def bench_launch(work: Path, settings: BenchSettings) -> BenchRecord:
+def bench_launch(work: Path, settings: BenchSettings, node_path: Path | None = None) -> BenchRecord:
     """Launch to first C-ECHO answered: the node against Orthanc, medians of `repeat` runs."""
     repeat = max(3, settings.repeat)
     node_s: list[float] = []
@@ -145,7 +150,7 @@ def bench_launch(work: Path, settings: BenchSettings) -> BenchRecord:
         port = free_port()
         rules = write_node_rules(run, port=port, models_dir=settings.models_dir)
         started = time.monotonic()
-        proc = _serve(rules, run / "node.log")
+        proc = _serve(rules, run / "node.log", node_path)
         try:
             node_s.append(_until_echo(proc, port, NODE_AET, started))
         finally:
@@ -189,13 +194,13 @@ def _events(log: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _wait_log(log: Path, event: str, timeout_s: float) -> None:
+def _wait_log(log: Path, events: tuple[str, ...], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if any(e.get("event") == event for e in _events(log)):
+        if any(e.get("event") in events for e in _events(log)):
             return
         time.sleep(0.05)
-    raise BenchError(f"no {event} in the node's log within {timeout_s:g} s ({log})")
+    raise BenchError(f"no {' or '.join(events)} in the node's log within {timeout_s:g} s")
 
 
 def _index_row(spool: Path, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -209,7 +214,9 @@ def _index_row(spool: Path, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...
         conn.close()
 
 
-def bench_quiet_to_pacs(work: Path, settings: BenchSettings, n_slices: int = 33) -> BenchRecord:
+def bench_quiet_to_pacs(
+    work: Path, settings: BenchSettings, n_slices: int = 33, node_path: Path | None = None
+) -> BenchRecord:
     """A ~200-instance study's SR in Orthanc, counted from the end of its quiet period."""
     study_settings = BenchSettings(
         size=settings.size, slices=n_slices, models_dir=settings.models_dir, seed=settings.seed
@@ -237,8 +244,9 @@ def bench_quiet_to_pacs(work: Path, settings: BenchSettings, n_slices: int = 33)
                 run, port=port, models_dir=settings.models_dir, destination=destination
             )
             log = run / "node.log"
-            proc = _serve(rules, log)
-            _wait_log(log, "worker_ready", 300)
+            proc = _serve(rules, log, node_path)
+            # Models loaded: a worker says so (an older node loaded them before it started).
+            _wait_log(log, ("worker_ready",) if node_path is None else ("node_started",), 300)
             sent = subprocess.run(
                 [*_storescu(), "127.0.0.1", str(port), str(study.root)],
                 capture_output=True,
@@ -314,6 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=("launch", "sr"), default=None, help="one figure (default: both)"
     )
+    parser.add_argument(
+        "--node-path",
+        type=Path,
+        default=None,
+        help="measure the node package under this folder instead (an older checkout)",
+    )
     args = parser.parse_args(argv)
     settings = BenchSettings(repeat=args.repeat)
     with tempfile.TemporaryDirectory(prefix="neuronode-latency-") as tmp:
@@ -321,9 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         try:
             if args.only != "sr":
-                print(format_line(bench_launch(work, settings)), flush=True)
+                print(format_line(bench_launch(work, settings, args.node_path)), flush=True)
             if args.only != "launch":
-                print(format_line(bench_quiet_to_pacs(work, settings)), flush=True)
+                record = bench_quiet_to_pacs(work, settings, node_path=args.node_path)
+                print(format_line(record), flush=True)
         except NodeError as exc:
             print(f"bench_latency: {exc}", file=sys.stderr)
             return 1

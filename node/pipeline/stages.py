@@ -327,7 +327,9 @@ def stage_outbox(ctx: StudyContext) -> StudyContext:
         return replace(ctx, destinations=names if ctx.deliver else ())
     from node.deliver.outbox import Outbox
 
-    datasets = [pydicom.dcmread(o.path) for o in ctx.objects]
+    # The SR first: it is what the reader waits for, and the heatmaps follow it in row order.
+    ordered = sorted(ctx.objects, key=lambda o: o.kind != "sr")
+    datasets = [pydicom.dcmread(o.path) for o in ordered]
     with Outbox(ctx.rules.storage.spool_dir) as outbox:
         n = outbox.enqueue(datasets, names, now=time.time())
     return replace(ctx, destinations=names, n_enqueued=n)

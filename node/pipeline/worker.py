@@ -121,7 +121,7 @@ def job_result(job: StudyJob, exc: Exception) -> JobResult:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TestFault:
+class InjectedFault:
     """A fault a test asks a worker to show: hang or crash when a stage starts."""
 
     action: str  # "hang" or "crash"
@@ -129,7 +129,7 @@ class TestFault:
     study_uid: str | None
 
 
-def test_fault() -> TestFault | None:
+def fault_from_env() -> InjectedFault | None:
     """The fault NEURONODE_TEST_WORKER_FAULT asks for (ValueError if it is malformed)."""
     raw = os.environ.get(TEST_FAULT_ENV, "")
     if not raw:
@@ -137,12 +137,12 @@ def test_fault() -> TestFault | None:
     parts = raw.split(":")
     if len(parts) not in (2, 3) or parts[0] not in ("hang", "crash"):
         raise ValueError(f"{TEST_FAULT_ENV}: want hang|crash:STAGE[:STUDY_UID], got {raw!r}")
-    return TestFault(
+    return InjectedFault(
         action=parts[0], stage=parts[1], study_uid=parts[2] if len(parts) == 3 else None
     )
 
 
-def _apply_fault(fault: TestFault | None, job: StudyJob, stage: str) -> None:
+def _apply_fault(fault: InjectedFault | None, job: StudyJob, stage: str) -> None:
     if fault is None or fault.stage != stage:
         return
     if fault.study_uid is not None and fault.study_uid != job.study_uid:
@@ -180,7 +180,7 @@ def _load_models(rules: Rules) -> tuple[str, ...]:
     return check_bundles(rules, load=worker_bundle)
 
 
-def _run(conn: Connection, msg: RunJob, fault: TestFault | None, delay_s: float) -> JobResult:
+def _run(conn: Connection, msg: RunJob, fault: InjectedFault | None, delay_s: float) -> JobResult:
     from node.pipeline.runner import process_study
 
     job, rules = msg.job, msg.rules
@@ -210,7 +210,7 @@ def serve(conn: Connection) -> int:
         return 2
     configure(init.rules.logging.format, init.rules.logging.level)
     set_correlation_key(init.log_key)
-    fault = test_fault()
+    fault = fault_from_env()
     delay_s = float(os.environ.get(TEST_DELAY_ENV) or 0)
     load_delay_s = float(os.environ.get(TEST_LOAD_DELAY_ENV) or 0)
     if fault is not None:

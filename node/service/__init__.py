@@ -1,6 +1,6 @@
-"""`neuronode serve`: the node (node.py), its study worker processes (workers.py), the spool
-lock that decides which node processes may share a spool (lock.py), and the backoff of its
-loops (backoff.py)."""
+"""`neuronode serve`: the node (node.py), its study worker processes (workers.py), its outbox
+senders (senders.py), the spool lock that decides which node processes may share a spool
+(lock.py), and the backoff of its loops (backoff.py)."""
 
 from node.pipeline.worker import TEST_DELAY_ENV
 from node.service.backoff import RepeatedError

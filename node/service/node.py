@@ -17,8 +17,9 @@ senders finish their current pass (the outbox keeps whatever they did not send),
 is closed.
 
 Why this module is long: it is the one place that owns the node's threads (scheduler, worker
-slots, senders, retention, rule-file reload) and what they share (the running rules, the
-metrics, the wake-ups); each loop is short, and what it calls lives with its stage.
+slots, retention, rule-file reload; the senders are in senders.py) and what they share (the
+running rules, the metrics, the wake-ups); each loop is short, and what it calls lives with its
+stage.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from node.records import StudyJob, StudyOutcome, StudyStatus
 from node.reload import RuleFileWatcher
 from node.service.backoff import RepeatedError
 from node.service.lock import lock_spool, os_reason, prepare_spool_dir
+from node.service.senders import SENDER_IDLE_S, SENDER_INTERVAL_S, Senders
 from node.service.workers import KILL_GRACE_S, InProcessWorker, Processor, ProcessWorker, WorkerDied
 from node.web.metrics import NodeMetrics
-from node.web.server import HTTP_PORT_ENV, WebServer
 
 if TYPE_CHECKING:
     from node.deliver.outbox import SendFn
+    from node.web.server import WebServer
 
 log = get_logger(__name__)
 
@@ -61,18 +63,19 @@ SHUTDOWN_GRACE_S = 10.0
 RULES_POLL_S = 1.0  # how often the rule file is looked at for a change
 # Fallbacks for what another process does (a `serve --role` beside this one, `requeue`): the
 # local events wake each loop at once, these bound how long a loop sleeps without one.
-SENDER_INTERVAL_S = 1.0  # a sender with no local worker (role sender) polls its outbox
-SENDER_IDLE_S = 5.0  # a sender beside local workers: each finished job wakes it
 WORK_IDLE_S = 1.0  # an idle worker slot looks for due retries and other processes' jobs
 SCHEDULER_IDLE_S = 1.0  # the scheduler beside a local receiver: each instance wakes it
-SCAN_GAP_S = 0.05  # at most one scan of the receiving studies per this, however many arrive
+# While instances arrive, the receiving studies are scanned at most this often: a new study's
+# deadline is at least min(quiet period, 1 s settle) away, and each scan reads the index that
+# the receiver writes to.
+SCAN_GAP_S = 0.25
 WORKER_RESTART_S = 1.0  # a worker that cannot start is tried again after this (backed off)
 
 
 class Role(StrEnum):
     """What a node process runs: `serve --role`; every role by default."""
 
-    RECEIVER = "receiver"  # the SCP and the HTTP server
+    RECEIVER = "receiver"  # the SCP (every role serves its own HTTP: health, metrics)
     WORKER = "worker"  # the completion scheduler, the study workers, retention
     SENDER = "sender"  # the outbox senders
 
@@ -122,15 +125,13 @@ class Node:
         rules_path: Path | None = None,
         roles: Iterable[Role] = ALL_ROLES,
         in_process: bool = False,
+        web_after_dicom: bool = False,
     ) -> None:
         self.roles = frozenset(Role(r) for r in roles)
         if not self.roles:
             raise ValueError("roles: at least one role")
         self.rules = rules  # replaced whole by a reload, never changed in place
         self._watcher = RuleFileWatcher(rules_path) if rules_path is not None else None
-        self._senders: set[str] = set()
-        self._senders_lock = threading.Lock()
-        self._sender_wake: dict[str, threading.Event] = {}
         spool_dir = rules.storage.spool_dir
         prepare_spool_dir(spool_dir)
         # A whole node excludes every other process on its spool; one role shares it.
@@ -152,7 +153,6 @@ class Node:
         if processor is None and in_process:
             processor = pipeline_processor(lambda: self.rules)
         self.processor = processor  # None: every job runs in a worker process
-        self._send = send  # None: C-STORE / STOW-RS (tests inject a fake)
         delay = os.environ.get(TEST_DELAY_ENV)
         if delay and self.processor is not None:
             log.warning("test_delay_active", duration_ms=round(float(delay) * 1000))
@@ -160,7 +160,11 @@ class Node:
         self.metrics = NodeMetrics()
         self.receiver = Receiver(rules.node, self.spool, on_store=self._count_store)
         self.web: WebServer | None = None
-        if rules.http.enabled and Role.RECEIVER in self.roles:
+        # Every role serves its own /healthz and /metrics (probes, scrapes). `serve` builds
+        # the HTTP server after the DICOM listener opens (`web_after_dicom`): its web stack
+        # takes a moment to import, and C-ECHO should not wait for it.
+        self._web_later = rules.http.enabled and web_after_dicom
+        if rules.http.enabled and not web_after_dicom:
             try:
                 self.web = self._make_web()
             except ConfigError:
@@ -168,6 +172,15 @@ class Node:
                 self._lock_file.close()
                 raise
         self._stop = threading.Event()
+        self.senders = Senders(
+            lambda: self.rules,
+            metrics=self.metrics,
+            stop=self._stop,
+            spawn=self._spawn,
+            send=send,  # None: C-STORE / STOW-RS (tests inject a fake)
+            # Beside local workers every finished job wakes a sender; alone it polls.
+            idle_s=SENDER_IDLE_S if Role.WORKER in self.roles else SENDER_INTERVAL_S,
+        )
         self._stop_deadline = float("inf")  # monotonic: in-flight jobs are stopped after it
         self._stored = threading.Event()  # an instance was stored: the scheduler looks
         self._work = threading.Condition()  # a job was enqueued: idle worker slots look
@@ -184,6 +197,7 @@ class Node:
     def _make_web(self) -> WebServer:
         """The HTTP server on http.bind_address:http.port (NEURONODE_HTTP_PORT overrides the
         port); a bind failure is a ConfigError naming the key."""
+        from node.web.server import HTTP_PORT_ENV, WebServer
         from node.web.views import StatusHooks
 
         http = self.rules.http
@@ -236,7 +250,9 @@ class Node:
             self.receiver.start()  # C-ECHO and C-STORE are answered from here on
         if Role.SENDER in self.roles:
             # The outbox (and the DICOM writers it loads) is ready before the first scrape.
-            self._park_unknown_deliveries()
+            self.senders.park_unknown()
+        if self._web_later and self.web is None:
+            self.web = self._make_web()  # a bind failure: ConfigError, serve stops
         if self.web is not None:
             self.web.start()
         if Role.WORKER in self.roles:
@@ -245,7 +261,7 @@ class Node:
             for i in range(self.rules.processing.workers):
                 self._spawn(f"worker-{i}", partial(self._slot_loop, i))
         if Role.SENDER in self.roles:
-            self._start_senders()
+            self.senders.start()
         if self._watcher is not None:
             self._spawn("rules", self._reload_loop)
         log.info(
@@ -297,10 +313,7 @@ class Node:
 
     def wake_senders(self) -> None:
         """Tell every sender to look at the outbox now (results were queued, or requeued)."""
-        with self._senders_lock:
-            events = tuple(self._sender_wake.values())
-        for ev in events:
-            ev.set()
+        self.senders.wake()
 
     def _wake_all(self) -> None:
         self._stored.set()
@@ -360,6 +373,14 @@ class Node:
         errors = RepeatedError("worker_error")
         try:
             while not self._stop.is_set():
+                if isinstance(worker, ProcessWorker) and worker.proc.poll() is not None:
+                    # It died while idle (OOM kill, kill -9): replace it before it is given a
+                    # job, so no study is charged an attempt for it.
+                    log.error("worker_died", worker=index, reason="while idle")
+                    worker.kill()
+                    self._set_ready(-1)
+                    self.metrics.worker_restarts.inc()
+                    worker = None
                 if worker is None:
                     worker = self._start_worker(index, errors)
                     if worker is None:
@@ -593,8 +614,8 @@ class Node:
         self.queue.max_attempts = rules.processing.max_attempts
         self.spool.min_free_bytes = int(rules.storage.min_free_disk_mb * 1024 * 1024)
         if Role.SENDER in self.roles:
-            self._park_unknown_deliveries()
-            self._start_senders()
+            self.senders.park_unknown()
+            self.senders.start()
         self._wake_all()
 
     def _retention_loop(self) -> None:
@@ -619,85 +640,6 @@ class Node:
             self.metrics.studies_purged.inc(len(purged))
             log.info("retention_applied", count=len(purged))
         return len(purged)
-
-    # --- senders ------------------------------------------------------------------------------
-
-    def _start_senders(self) -> None:
-        """One sender thread per destination in the rules that has none yet."""
-        with self._senders_lock:
-            for dest in self.rules.destinations:
-                if dest.name not in self._senders:
-                    self._senders.add(dest.name)
-                    self._sender_wake[dest.name] = threading.Event()
-                    self._spawn(f"sender-{dest.name}", partial(self._send_loop, dest.name))
-
-    def _park_unknown_deliveries(self) -> None:
-        """Park the deliveries of destinations removed from the rules (logged once, shown by
-        `status`), and take back the parked rows of destinations that are in the rules again."""
-        from node.deliver.outbox import Outbox
-
-        try:
-            with Outbox(self.rules.storage.spool_dir) as outbox:
-                outbox.park_unknown([d.name for d in self.rules.destinations], now=time.time())
-        except (sqlite3.Error, OSError) as exc:
-            log.error("sender_failed", error_type=type(exc).__name__)
-
-    def _send_loop(self, destination: str) -> None:
-        """Deliver one destination's due outbox rows until stopped.
-
-        Each destination has its own thread and its own outbox connection, so one that never
-        answers holds up only itself, and each honours its own backoff: it sleeps until its
-        earliest row is due or a finished job wakes it.
-        """
-        from node.deliver.outbox import Outbox, deliver_due
-
-        with self._senders_lock:
-            wake = self._sender_wake[destination]
-        # Beside local workers every finished job wakes the sender; alone it polls.
-        idle_s = SENDER_IDLE_S if Role.WORKER in self.roles else SENDER_INTERVAL_S
-        try:
-            outbox = Outbox(self.rules.storage.spool_dir)
-        except (sqlite3.Error, OSError) as exc:
-            log.error("sender_failed", destination=destination, error_type=type(exc).__name__)
-            return
-        errors = RepeatedError("sender_error")
-        try:
-            while not self._stop.is_set():
-                wake.clear()
-                with self._senders_lock:  # removed by a reload: its rows are parked
-                    if destination not in {d.name for d in self.rules.destinations}:
-                        self._senders.discard(destination)
-                        self._sender_wake.pop(destination, None)
-                        return
-                wait_s = idle_s
-                try:
-                    counts = deliver_due(
-                        outbox, self.rules, time.time(), send=self._send, destination=destination
-                    )
-                    next_due = outbox.next_due(destination)
-                except (NodeError, OSError, sqlite3.Error) as exc:
-                    errors.record(exc)
-                    wait_s = errors.wait_s(SENDER_INTERVAL_S)
-                else:
-                    errors.clear()
-                    m = self.metrics
-                    m.deliveries_sent.labels(destination=destination).inc(counts.delivered)
-                    m.deliveries_failed.labels(destination=destination).inc(
-                        counts.retrying + counts.dead
-                    )
-                    m.deliveries_dead.labels(destination=destination).inc(counts.dead)
-                    if counts.delivered or counts.dead or counts.retrying:
-                        log.info(
-                            "sender_pass",
-                            destination=destination,
-                            count=counts.delivered,
-                            n_failed=counts.retrying + counts.dead,
-                        )
-                    if next_due is not None:
-                        wait_s = min(wait_s, max(0.0, next_due - time.time()))
-                wake.wait(wait_s)
-        finally:
-            outbox.close()
 
 
 def _next_check_s(

@@ -21,6 +21,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
@@ -164,10 +165,32 @@ def test_c_echo_is_answered_while_the_models_load(node_factory: Callable[..., No
 
 
 def test_roles_share_a_spool_that_a_whole_node_cannot(
-    node_factory: Callable[..., NodeProc],
+    node_factory: Callable[..., NodeProc], tmp_path: Path
 ) -> None:
+    from node.deliver.outbox import Outbox
+    from node.lab.demo import LocalPacs
+
+    pacs = LocalPacs(tmp_path / "pacs")
+    destination = {
+        "kind": "dicom",
+        "name": "pacs",
+        "ae_title": pacs.aet,
+        "host": "127.0.0.1",
+        "port": pacs.port,
+    }
     node = node_factory()
     node.write_rules()
+    doc = yaml.safe_load(node.rules_path.read_text())
+    doc["destinations"] = [destination]
+    node.rules_path.write_text(yaml.safe_dump(doc))
+    # A result waiting in the outbox, for the sender role to deliver.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    result.SOPInstanceUID = f"{STUDY_B}.9.1"
+    node.spool.mkdir(parents=True)
+    with Outbox(node.spool) as outbox:
+        assert outbox.enqueue([result], ("pacs",), now=0.0) == 1
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("NEURONODE_LOG_KEY", None)
 
@@ -180,7 +203,7 @@ def test_roles_share_a_spool_that_a_whole_node_cannot(
             stderr=open(node.workdir / f"stderr.{log}.log", "wb"),
         )
 
-    procs = [serve("receiver", "r"), serve("worker", "w")]
+    procs = [serve("receiver", "r"), serve("worker", "w"), serve("sender", "s")]
     try:
         node.proc = procs[0]
         node.wait_for(lambda: _listening(node.port))
@@ -201,11 +224,15 @@ def test_roles_share_a_spool_that_a_whole_node_cannot(
         assert '"job_finished"' not in _log(node, "r")
         assert '"association_summary"' in _log(node, "r")
         assert '"association_summary"' not in _log(node, "w")
+        node.wait_for(lambda: f"{STUDY_B}.9.1" in pacs.received)  # the sender delivered it
+        assert '"sender_pass"' in _log(node, "s")
+        assert '"sender_pass"' not in _log(node, "r") + _log(node, "w")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=30) for p in procs]
-    assert codes == [0, 0]
+        pacs.stop()
+    assert codes == [0, 0, 0]
 
 
 def _log(node: NodeProc, name: str) -> str:
@@ -223,3 +250,52 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_a_bundle_that_fails_to_load_in_the_workers_stops_serve(
+    node_factory: Callable[..., NodeProc], tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(REPO / "models" / "tumour_flair", models / "tumour_flair")
+    (models / "tumour_flair" / "models" / "model.pt").write_bytes(b"not a checkpoint")
+    task = {
+        "enabled": True,
+        "positive_label": "brain tumour",
+        "negative_label": "no brain tumour",
+        "models": [{"bundle": "tumour_flair", "sequences": ["FLAIR"], "weight": 1.0}],
+    }
+    node = node_factory(tasks={"tumour": task})
+    node.write_rules()
+    doc = yaml.safe_load(node.rules_path.read_text())
+    doc["models_dir"] = str(models)
+    node.rules_path.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [*SERVE, str(node.rules_path)], cwd=REPO, env=env, capture_output=True, timeout=180
+    )
+    assert done.returncode == 1
+    err = done.stderr.decode(errors="replace")
+    assert "neuronode serve: refusing to start: a bundle an enabled task needs" in err
+    assert "task tumour:" in err and "weights" in err
+    logs = done.stdout.decode(errors="replace") + err
+    assert '"bundle_unavailable"' in logs and '"node_started"' in logs  # it had listened
+
+
+def test_a_worker_that_dies_idle_is_replaced_before_it_gets_a_job(
+    node_factory: Callable[..., NodeProc],
+) -> None:
+    node = node_factory()
+    node.start()
+    node.wait_for(lambda: any(e["event"] == "worker_ready" for e in _events(node)))
+    [pid] = [e["pid"] for e in _events(node) if e["event"] == "worker_started"]
+    os.kill(pid, signal.SIGKILL)
+    node.wait_for(
+        lambda: len([e for e in _events(node) if e["event"] == "worker_ready"]) == 2,
+        timeout_s=60,
+    )
+    _send(node, STUDY_A)
+    node.wait_for(lambda: _state(node, STUDY_A) == "done", timeout_s=60)
+    assert [(h[0], h[1]) for h in _history(node, STUDY_A)] == [(1, "done")]
+    died = [e for e in _events(node) if e["event"] == "worker_died"]
+    assert [e["reason"] for e in died] == ["while idle"]
+    assert node.stop() == 0
