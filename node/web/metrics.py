@@ -7,7 +7,6 @@ names, destination names and states: never a UID, never patient data.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from prometheus_client.registry import Collector
 from node.deliver.outbox import delivery_counts
 from node.ingest.spool import Spool, disk_free_bytes
 from node.records import DeliveryState, StudyStatus
+from node.store.db import Row
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -186,7 +186,7 @@ class _SpoolCollector(Collector):
         )
 
 
-def _by_state(rows: list[sqlite3.Row]) -> dict[str, int]:
+def _by_state(rows: list[Row]) -> dict[str, int]:
     return {str(r["state"]): int(r["n"]) for r in rows}
 
 

@@ -4,6 +4,7 @@ a record of each purge without UIDs; the running node applies it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import random
@@ -294,7 +295,8 @@ def test_purge_dry_run_prints_what_would_go_and_why_and_changes_nothing(
         [record] = purged_studies(spool)
         assert record.study_key == uid_key(studies[0]) and record.reason == "age"
         assert not spool.index.query("SELECT * FROM studies WHERE study_uid = ?", (studies[0],))
-        dump = "\n".join(spool.index._conn.iterdump())
+        with contextlib.closing(sqlite3.connect(spool.index.path)) as raw:
+            dump = "\n".join(raw.iterdump())
         purged_rows = [line for line in dump.splitlines() if "purged" in line and "INSERT" in line]
         assert purged_rows and not any(studies[0] in line for line in purged_rows)
     finally:
