@@ -35,6 +35,7 @@ from node.log import get_logger, uid_key
 from node.pipeline.jobs import JobQueue
 from node.records import StudyJob, StudyOutcome, StudyStatus
 from node.reload import RuleFileWatcher
+from node.store.db import DatabaseError, SchemaError
 from node.web.metrics import NodeMetrics
 from node.web.server import HTTP_PORT_ENV, WebServer
 
@@ -99,9 +100,25 @@ class Node:
         self._senders_lock = threading.Lock()
         spool_dir = rules.storage.spool_dir
         prepare_spool_dir(spool_dir)
-        self._lock_file = lock_spool(spool_dir)
+        # On PostgreSQL many nodes share the spool; the database's row locks coordinate them.
+        shared = rules.database.shared
+        if shared:
+            self._lock_file: IO[str] = open(os.devnull, encoding="utf-8")  # noqa: SIM115
+        else:
+            self._lock_file = lock_spool(spool_dir)
         try:
-            self.spool = Spool(spool_dir, min_free_disk_mb=rules.storage.min_free_disk_mb)
+            self.spool = Spool(
+                spool_dir,
+                min_free_disk_mb=rules.storage.min_free_disk_mb,
+                database_url=rules.database.resolve_url(),
+            )
+        except (ConfigError, DatabaseError) as exc:  # url_file, schema, PostgreSQL unreachable
+            self._lock_file.close()
+            if shared or isinstance(exc, (ConfigError, SchemaError)):
+                raise ConfigError(str(exc)) from None
+            raise ConfigError(
+                f"storage.spool_dir: cannot use {spool_dir}: {_os_reason(exc)}"
+            ) from None
         except (OSError, sqlite3.Error) as exc:
             self._lock_file.close()
             raise ConfigError(
@@ -443,7 +460,9 @@ class Node:
         from node.deliver.outbox import Outbox
 
         try:
-            with Outbox(self.rules.storage.spool_dir) as outbox:
+            with Outbox(
+                self.rules.storage.spool_dir, database_url=self.spool.index.url_if_shared
+            ) as outbox:
                 outbox.park_unknown([d.name for d in self.rules.destinations], now=time.time())
         except (sqlite3.Error, OSError) as exc:
             log.error("sender_failed", error_type=type(exc).__name__)
@@ -458,7 +477,9 @@ class Node:
         from node.deliver.outbox import Outbox, deliver_due
 
         try:
-            outbox = Outbox(self.rules.storage.spool_dir)
+            outbox = Outbox(
+                self.rules.storage.spool_dir, database_url=self.spool.index.url_if_shared
+            )
         except (sqlite3.Error, OSError) as exc:
             log.error("sender_failed", destination=destination, error_type=type(exc).__name__)
             return

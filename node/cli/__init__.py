@@ -15,12 +15,13 @@ import sys
 from collections.abc import Sequence
 
 from node import NOT_FOR_CLINICAL_USE, __version__
-from node.cli import lab, operate, rules, study
+from node.cli import db, lab, operate, rules, study
 from node.cli.command import Command
 from node.errors import NodeError
 
 COMMANDS: tuple[Command, ...] = (
     *operate.COMMANDS,
+    *db.COMMANDS,
     *study.COMMANDS,
     *rules.COMMANDS,
     *lab.COMMANDS,

@@ -328,7 +328,8 @@ def stage_outbox(ctx: StudyContext) -> StudyContext:
     from node.deliver.outbox import Outbox
 
     datasets = [pydicom.dcmread(o.path) for o in ctx.objects]
-    with Outbox(ctx.rules.storage.spool_dir) as outbox:
+    url = ctx.rules.database.resolve_url()
+    with Outbox(ctx.rules.storage.spool_dir, database_url=url) as outbox:
         n = outbox.enqueue(datasets, names, now=time.time())
     return replace(ctx, destinations=names, n_enqueued=n)
 
