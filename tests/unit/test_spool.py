@@ -39,8 +39,13 @@ def _mr(study: str, series: str, sop: str, **extra: object) -> bytes:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool", min_free_disk_mb=1, free_bytes=lambda _p: 10**12)
+def spool(tmp_path: Path, database_url: str | None) -> Iterator[Spool]:
+    s = Spool(
+        tmp_path / "spool",
+        min_free_disk_mb=1,
+        free_bytes=lambda _p: 10**12,
+        database_url=database_url,
+    )
     yield s
     s.close()
 
