@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import threading
 import time
@@ -13,7 +14,9 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 
+from node.cli import main
 from node.config import Rules
 from node.errors import JobError
 from node.ingest.spool import Spool
@@ -258,9 +261,10 @@ def test_state_survives_reopen_of_index(tmp_path: Path, clock: Clock) -> None:
 # --- the workers of node.service.Node, with an injected processor ------------------------------
 
 
-def _node_rules(tmp_path: Path, **processing: float) -> Rules:
+def _node_rules(tmp_path: Path, database_url: str | None = None, **processing: float) -> Rules:
     return Rules.model_validate(
         {
+            "database": {"url": database_url},
             "node": {"port": free_port(), "accept_unknown_callers": True},
             "http": {"port": 0},
             "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_disk_mb": 0},
@@ -279,7 +283,9 @@ def _wait(pred: Callable[[], bool], timeout_s: float = 15.0) -> None:
     raise AssertionError("condition not met")
 
 
-def test_node_processes_each_ready_study_once(tmp_path: Path) -> None:
+def test_node_processes_each_ready_study_once(
+    tmp_path: Path, database_url: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
     from node.service import Node
 
     calls: list[StudyJob] = []
@@ -290,7 +296,7 @@ def test_node_processes_each_ready_study_once(tmp_path: Path) -> None:
             calls.append(job)
         return _outcome(job)
 
-    node = Node(_node_rules(tmp_path), processor=counting)
+    node = Node(_node_rules(tmp_path, database_url), processor=counting)
     node.start()
     try:
         for study in ("1.2.3", "1.2.4"):
@@ -306,6 +312,21 @@ def test_node_processes_each_ready_study_once(tmp_path: Path) -> None:
         assert len(calls[2].instance_paths) == 4
     finally:
         node.stop(grace_s=2)
+    # `neuronode status` reads the same database (PostgreSQL: nothing embedded was made).
+    assert (tmp_path / "spool" / "index.sqlite").exists() == (database_url is None)
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"url": database_url},
+                "storage": {"spool_dir": str(tmp_path / "spool")},
+            }
+        )
+    )
+    capsys.readouterr()
+    assert main(["status", "--rules", str(rules_file), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["studies"]["done"] == 2 and doc["queue_depth"] == 0
 
 
 def test_node_failures_retry_then_dead_and_node_errors_fail_once(tmp_path: Path) -> None:
