@@ -1,0 +1,23 @@
+"""The scale benchmark runs end to end on a few instances and reports both rates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.lab.bench_scale import bench_ingest, format_ingest
+from tests.pg import skip_reason
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_ingest_measures_both_backends(tmp_path: Path) -> None:
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    result = bench_ingest(tmp_path, n_instances=6, rounds=1)
+    assert len(result.sqlite_per_s) == len(result.postgres_per_s) == 1
+    assert min(result.sqlite_per_s + result.postgres_per_s) > 0
+    text = format_ingest(result)
+    assert "PostgreSQL / SQLite ingest ratio (medians):" in text and "6 instances" in text
