@@ -129,14 +129,81 @@ class NodeSettings(_Frozen):
     _bind = field_validator("bind_address")(_check_bind_address)
 
 
+HTTP_TOKEN_MIN_CHARS = 16
+
+
+def _check_token(value: str | None) -> str | None:
+    if value is not None and (len(value) < HTTP_TOKEN_MIN_CHARS or value != value.strip()):
+        raise _rule_error(
+            f"the token must be at least {HTTP_TOKEN_MIN_CHARS} characters, without leading or"
+            " trailing spaces",
+            "a random secret, e.g. the output of `python -c 'import secrets;"
+            " print(secrets.token_urlsafe(32))'`, or better token_file: a file holding it",
+        )
+    return value
+
+
 class HttpSettings(_Frozen):
-    """The node's HTTP server: /healthz and /metrics (Prometheus)."""
+    """The node's HTTP server: the status page, /healthz and /metrics (Prometheus).
+
+    The status page shows patient identifiers: bound to anything but loopback, a token is
+    required (token_file, a file holding the secret, or token in the rule file itself).
+    """
 
     enabled: bool = True
     bind_address: str = "127.0.0.1"  # loopback: only this machine (a Prometheus beside it)
     port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (tests)
+    token_file: Path | None = None  # a file whose content (stripped) is the access token
+    token: str | None = None  # the token itself (token_file keeps it out of the rule file)
 
     _bind = field_validator("bind_address")(_check_bind_address)
+    _token = field_validator("token")(_check_token)
+
+    @property
+    def loopback(self) -> bool:
+        """True when only this machine can connect."""
+        return ipaddress.ip_address(self.bind_address).is_loopback
+
+    def read_token(self) -> str | None:
+        """The access token (None: none set); ConfigError naming the key if the file fails."""
+        if self.token is not None:
+            return self.token
+        if self.token_file is None:
+            return None
+        try:
+            value = self.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ConfigError(f"http.token_file: cannot read {self.token_file}: {reason}") from None
+        try:
+            _check_token(value)
+        except PydanticCustomError as exc:
+            raise ConfigError(f"http.token_file: {self.token_file}: {exc}") from None
+        return value
+
+
+def _http_problems(http: HttpSettings) -> list[tuple[Loc, str, str]]:
+    """A status page with patient identifiers is never open to the network without a token."""
+    found: list[tuple[Loc, str, str]] = []
+    if http.token is not None and http.token_file is not None:
+        found.append(
+            (
+                ("http", "token"),
+                "both http.token and http.token_file are set",
+                "one of them (token_file keeps the secret out of the rule file)",
+            )
+        )
+    if http.enabled and not http.loopback and http.token is None and http.token_file is None:
+        found.append(
+            (
+                ("http", "bind_address"),
+                f"the status page shows patient identifiers: listening on {http.bind_address}"
+                " needs an access token",
+                "bind_address: 127.0.0.1, or add token_file: /etc/neuronode/http.token"
+                " (a file holding a random secret of 16 characters or more)",
+            )
+        )
+    return found
 
 
 class StorageSettings(_Frozen):
@@ -226,9 +293,12 @@ class CompletionSettings(_Frozen):
 
 
 class ProcessingSettings(_Frozen):
-    """Workers and job leases."""
+    """Worker processes, the per-job timeout, job leases and the attempt policy."""
 
-    workers: int = Field(default=1, ge=1, le=16)
+    workers: int = Field(default=1, ge=1, le=16)  # worker processes, each with its own models
+    # A job still running after this is stopped (its worker process killed), recorded with the
+    # stage it hung in, and retried or dead-lettered like any failed attempt.
+    timeout_s: float = Field(default=900.0, ge=1, le=86400)
     lease_s: float = Field(default=600.0, ge=1)
     max_attempts: int = Field(default=3, ge=1, le=100)
 
@@ -718,6 +788,7 @@ def _semantic_problems(rules: Rules) -> list[tuple[Loc, str, str]]:
                     "the AE title the scanner or PACS sends as calling AE",
                 )
             )
+    found.extend(_http_problems(rules.http))
     return found
 
 
@@ -846,8 +917,15 @@ def check_bundles_exist(
     return tuple(problems)
 
 
+_FILE_FIX = {
+    "http": "the path of a token file readable by the node",
+    "database": "the path of a file readable by the node holding the database URL",
+}
+
+
 def check_files_exist(rules: Rules, text: str | None = None) -> tuple[RuleProblem, ...]:
-    """Every TLS file the rules name exists (relative paths: from the working directory)."""
+    """Every TLS file and the HTTP token file the rules name exist (relative paths: from the
+    working directory)."""
     lines = _line_index(text) if text is not None else {}
     wanted: list[tuple[Loc, Path]] = []
     tls = rules.node.tls
@@ -856,6 +934,8 @@ def check_files_exist(rules: Rules, text: str | None = None) -> tuple[RuleProble
         wanted.append((("node", "tls", "key_file"), tls.key_file))
         if tls.ca_file is not None:
             wanted.append((("node", "tls", "ca_file"), tls.ca_file))
+    if rules.http.token_file is not None:
+        wanted.append((("http", "token_file"), rules.http.token_file))
     if rules.database.url_file is not None:
         wanted.append((("database", "url_file"), rules.database.url_file))
     for i, dest in enumerate(rules.destinations):
@@ -874,11 +954,7 @@ def check_files_exist(rules: Rules, text: str | None = None) -> tuple[RuleProble
                 path=".".join(str(p) for p in loc),
                 line=line,
                 message=f"file {path} does not exist",
-                fix=(
-                    "the path of a file readable by the node holding the database URL"
-                    if loc[0] == "database"
-                    else "the path of a PEM file readable by the node"
-                )
+                fix=_FILE_FIX.get(str(loc[0]), "the path of a PEM file readable by the node")
                 + " (absolute, or relative to the folder the node runs in)",
             )
         )

@@ -74,6 +74,8 @@ ALLOWED_KEYS = frozenset(
         "bind_address",
         "ae_title",
         "workers",
+        "worker",
+        "pid",
         "state",
         "error",
         "error_type",

@@ -63,6 +63,8 @@ class RuleFileWatcher:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._seen = self._digest()
+        # The problems of the last refused file, until a valid one is applied (status page).
+        self.refused: tuple[str, ...] = ()
 
     def _digest(self) -> str | None:
         try:
@@ -79,16 +81,13 @@ class RuleFileWatcher:
         try:
             text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            return ReloadOutcome(
-                rules=None,
-                problems=(f"{self.path}: cannot read rule file: {exc}",),
-                restart_keys=(),
-            )
+            self.refused = (f"{self.path}: cannot read rule file: {exc}",)
+            return ReloadOutcome(rules=None, problems=self.refused, restart_keys=())
         rules, problems = check_rule_text(text, self.path)
         if rules is None:
-            return ReloadOutcome(
-                rules=None, problems=tuple(p.render(self.path) for p in problems), restart_keys=()
-            )
+            self.refused = tuple(p.render(self.path) for p in problems)
+            return ReloadOutcome(rules=None, problems=self.refused, restart_keys=())
+        self.refused = ()
         return ReloadOutcome(
             rules=keep_restart_keys(running, rules),
             problems=(),

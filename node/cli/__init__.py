@@ -15,28 +15,43 @@ import sys
 from collections.abc import Sequence
 
 from node import NOT_FOR_CLINICAL_USE, __version__
-from node.cli import db, lab, operate, rules, study
 from node.cli.command import Command
 from node.errors import NodeError
 
-COMMANDS: tuple[Command, ...] = (
-    *operate.COMMANDS,
-    *db.COMMANDS,
-    *study.COMMANDS,
-    *rules.COMMANDS,
-    *lab.COMMANDS,
-)
+
+def all_commands() -> tuple[Command, ...]:
+    """Every subcommand, in the order `neuronode --help` lists them."""
+    from node.cli import db, lab, operate, rules, study
+
+    return (
+        *operate.COMMANDS,
+        *db.COMMANDS,
+        *study.COMMANDS,
+        *rules.COMMANDS,
+        *lab.COMMANDS,
+    )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """All subcommands and their options."""
+def _commands_for(argv: Sequence[str]) -> tuple[Command, ...]:
+    """The commands to parse `argv` with: `serve` alone loads only its own module, so the
+    node's listener opens without waiting for the other commands' libraries (the sequence
+    classifier's, the report writers')."""
+    if argv[:1] == ["serve"]:
+        from node.cli import operate
+
+        return operate.COMMANDS
+    return all_commands()
+
+
+def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
+    """All subcommands (or the given ones) and their options."""
     parser = argparse.ArgumentParser(
         prog="neuronode",
         description=f"DICOM AI node for brain MRI. {NOT_FOR_CLINICAL_USE}",
     )
     parser.add_argument("--version", action="version", version=f"neuronode {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in all_commands() if commands is None else commands:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         command.arguments(p)
         p.set_defaults(_command=command)
@@ -45,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
-    namespace = build_parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    namespace = build_parser(_commands_for(args_list)).parse_args(args_list)
     command: Command = namespace._command
     fields = dataclasses.fields(command.args)
     args = command.args(**{f.name: getattr(namespace, f.name) for f in fields})

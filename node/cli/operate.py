@@ -1,4 +1,9 @@
-"""Running and operating the node: `serve`, `status`, `requeue`, `purge`."""
+"""Running and operating the node: `serve`, `status`, `requeue`, `purge`.
+
+`serve` must open its listener within a second of launch, so this module imports only what
+the listener needs; the outbox (and the DICOM writing libraries behind it) load inside the
+commands that use them, and in the node's sender threads once it listens.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +18,14 @@ from types import FrameType
 from typing import Any
 
 from node.cli.command import Command, rules_option
-from node.config import load_rules
-from node.deliver.outbox import OUTBOX_DB, Outbox, outbox_study_uids, outbox_summary
+from node.config import Rules, load_rules
 from node.errors import ConfigError, NodeError, SpoolError
 from node.ingest.spool import Index, Spool, is_valid_uid
 from node.log import configure, get_logger, load_or_create_key, set_correlation_key, uid_key
 from node.pipeline.jobs import JobQueue
-from node.pipeline.models import check_bundles
+from node.pipeline.models import required_bundles
 from node.records import StudyStatus
-from node.service import Node, lock_spool, prepare_spool_dir
+from node.service import ALL_ROLES, Node, Role, lock_spool, prepare_spool_dir
 
 log = get_logger(__name__)
 
@@ -29,6 +33,7 @@ log = get_logger(__name__)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServeArgs:
     rules: Path
+    role: str = "all"  # or one Role
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,27 +50,51 @@ class RequeueArgs:
     only: str | None  # "jobs", "deliveries" or None (both)
 
 
+def _refusal(problems: tuple[str, ...], rules_path: Path) -> ConfigError:
+    """The one error `serve` stops with when a bundle an enabled task needs cannot be served."""
+    return ConfigError(
+        "refusing to start: a bundle an enabled task needs cannot be served\n  "
+        + "\n  ".join(problems)
+        + f"\n(fix models_dir or the bundle, or set enabled: false on the task; "
+        f"`neuronode check {rules_path}` lists what is missing)"
+    )
+
+
+def missing_bundles(rules: Rules) -> tuple[str, ...]:
+    """The cheap check before the listener opens: every bundle an enabled task needs has its
+    folder and metadata (loading and verifying them is the worker processes' job)."""
+    problems: list[str] = []
+    seen: set[Path] = set()
+    for task, path in required_bundles(rules):
+        if path in seen:
+            continue
+        seen.add(path)
+        if not (path / "configs" / "metadata.json").is_file():
+            problems.append(f"task {task}: no bundle at {path} (configs/metadata.json missing)")
+    return tuple(problems)
+
+
 def cmd_serve(args: ServeArgs) -> int:
-    """`neuronode serve --rules R`: run until SIGTERM/SIGINT, then stop cleanly and exit 0."""
+    """`neuronode serve --rules R [--role R]`: run until SIGTERM/SIGINT, then stop cleanly and
+    exit 0.
+
+    The listener opens before any model loads (this process never imports torch); the worker
+    processes load and verify the bundles in the background. If one cannot be served, `serve`
+    stops with one error naming it, as it did when it checked before opening: studies stored
+    meanwhile stay in the spool and are processed once the bundle is fixed.
+    """
     rules = load_rules(args.rules)
     configure(rules.logging.format, rules.logging.level)
-    from node.bundles.bundle import set_torch_threads  # torch: only once serving is certain
-
-    set_torch_threads()
-
-    problems = check_bundles(rules)
-    if problems:
-        for problem in problems:
-            log.error("bundle_unavailable", reason=problem)
-        raise ConfigError(
-            "refusing to start: a bundle an enabled task needs cannot be served\n  "
-            + "\n  ".join(problems)
-            + f"\n(fix models_dir or the bundle, or set enabled: false on the task; "
-            f"`neuronode check {args.rules}` lists what is missing)"
-        )
+    roles = ALL_ROLES if args.role == "all" else frozenset({Role(args.role)})
+    if Role.WORKER in roles:
+        problems = missing_bundles(rules)
+        if problems:
+            for problem in problems:
+                log.error("bundle_unavailable", reason=problem)
+            raise _refusal(problems, args.rules)
     prepare_spool_dir(rules.storage.spool_dir)
     set_correlation_key(load_or_create_key(rules.storage.spool_dir / "log.key"))
-    node = Node(rules, rules_path=args.rules)  # a changed rule file is reloaded
+    node = Node(rules, rules_path=args.rules, roles=roles)  # a changed rule file is reloaded
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -79,8 +108,10 @@ def cmd_serve(args: ServeArgs) -> int:
     except NodeError:
         node.stop(grace_s=0)
         raise
-    while not stop.wait(0.5):
-        pass
+    while not stop.wait(0.2):
+        if node.failed.is_set():
+            node.stop(grace_s=0)
+            raise _refusal(node.failure, args.rules)
     node.stop()
     return 0
 
@@ -109,6 +140,8 @@ def cmd_status(args: StatusArgs) -> int:
         n_quarantined = int(index.query("SELECT COUNT(*) AS n FROM quarantine")[0]["n"])
     finally:
         index.close()
+    from node.deliver.outbox import outbox_summary
+
     deliveries = outbox_summary(spool_dir, database_url=url)
     known = {d.name for d in rules.destinations}
     doc: dict[str, Any] = {
@@ -214,6 +247,8 @@ def cmd_requeue(args: RequeueArgs) -> int:
             n_jobs = len(queue.requeue(study_uid=study_uid, include_failed=study_uid is not None))
         finally:
             index.close()
+    from node.deliver.outbox import OUTBOX_DB, Outbox
+
     n_deliveries = 0
     if do_deliveries and (url is not None or (spool / OUTBOX_DB).exists()):
         with Outbox(spool, database_url=url) as outbox:
@@ -244,6 +279,8 @@ def find_study(spool_dir: Path, key_or_uid: str, *, database_url: str | None = N
             uids.update(str(r["study_uid"]) for r in index.query("SELECT study_uid FROM studies"))
         finally:
             index.close()
+    from node.deliver.outbox import outbox_study_uids
+
     uids.update(outbox_study_uids(spool_dir, database_url=database_url))
     if is_valid_uid(key_or_uid) and key_or_uid in uids:
         return key_or_uid
@@ -336,11 +373,23 @@ def _requeue_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    rules_option(p)
+    p.add_argument(
+        "--role",
+        choices=("all", *(r.value for r in Role)),
+        default="all",
+        help="run one role of the node (receiver: SCP + HTTP; worker: completion, study"
+        " workers, retention; sender: outbox senders) beside the others on the same spool"
+        " (default: %(default)s)",
+    )
+
+
 COMMANDS = (
     Command(
         name="serve",
         help="run the DICOM node (SCP, workers, sender)",
-        arguments=rules_option,
+        arguments=_serve_arguments,
         args=ServeArgs,
         run=cmd_serve,
     ),

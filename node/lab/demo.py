@@ -374,7 +374,7 @@ def cmd_demo(args: DemoArgs) -> int:
         rules.storage.spool_dir.mkdir(parents=True, exist_ok=True)
         set_correlation_key(load_or_create_key(rules.storage.spool_dir / "log.key"))
         _say(f"3. starting the node ({NODE_AET} on port {node_port}; rules {rules_path}) ...")
-        node = Node(rules)
+        node = Node(rules, in_process=True)  # the demo logs to its own file, models loaded
         node.start()
 
         if orthanc is not None:

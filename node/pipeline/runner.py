@@ -10,6 +10,7 @@ stage). The queue decides retry or dead letter from its attempt count.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,17 +26,26 @@ log = get_logger(__name__)
 
 
 def process_study(
-    job: StudyJob, rules: Rules, *, out_dir: Path, deliver: bool = False
+    job: StudyJob,
+    rules: Rules,
+    *,
+    out_dir: Path,
+    deliver: bool = False,
+    on_stage: Callable[[Stage], None] | None = None,
 ) -> StudyOutcome:
     """Run every stage on one study and write its audit record; raise NodeError on failure.
 
     With ``deliver`` (the running node) the result objects are queued in the outbox for every
     destination in the rules; by hand (`neuronode process`) they are only written to out_dir.
+    ``on_stage`` is told each stage as it starts (a worker process reports it to the node, so
+    a job stopped at its timeout is recorded with the stage it hung in).
     """
     started = time.time()
     ctx = StudyContext(job=job, rules=rules, out_dir=out_dir, started_at=started, deliver=deliver)
     study_key = uid_key(job.study_uid)
     for stage, fn in STAGES:
+        if on_stage is not None:
+            on_stage(stage)
         t0 = time.perf_counter()
         try:
             ctx = fn(ctx)

@@ -14,7 +14,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from node.deliver.outbox import delivery_counts
 from node.ingest.spool import Spool, disk_free_bytes
 from node.records import DeliveryState, StudyStatus
 from node.store.db import Row
@@ -111,6 +110,21 @@ class NodeMetrics:
             "Changed rule files that were validated and applied.",
             registry=r,
         )
+        self.job_timeouts = Counter(
+            "neuronode_job_timeouts",
+            "Study jobs stopped at processing.timeout_s (their worker process killed).",
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "neuronode_worker_restarts",
+            "Worker processes replaced after a job timeout or a crash (segfault, OOM kill).",
+            registry=r,
+        )
+        self.workers_ready = Gauge(
+            "neuronode_workers_ready",
+            "Worker processes with their models loaded, waiting for or running a job.",
+            registry=r,
+        )
 
     def watch(self, spool: Spool, *, active_associations: Callable[[], int]) -> None:
         """Add the gauges read at each scrape from this spool (index, outbox, disk)."""
@@ -191,6 +205,10 @@ def _by_state(rows: list[Row]) -> dict[str, int]:
 
 
 def _outbox_gauges(spool_dir: Path) -> Iterator[Metric]:
+    # Imported at the first scrape, not at start: the listener opens before the sender's
+    # DICOM libraries load (launch to first C-ECHO).
+    from node.deliver.outbox import delivery_counts
+
     counts = delivery_counts(spool_dir)
     rows = GaugeMetricFamily(
         "neuronode_outbox",

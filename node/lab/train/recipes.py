@@ -9,6 +9,7 @@ never download anything.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,15 +102,185 @@ class Recipe:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _tiny_resnet(num_classes: int, channels: int = 1) -> dict[str, Any]:
+def _resnet(
+    block: str,
+    layers: tuple[int, int, int, int],
+    inplanes: tuple[int, int, int, int],
+    channels: int,
+    num_classes: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """MONAI ResNet arguments for 2-D slices (key order as written into inference.json)."""
     return {
-        "block": "basic",
-        "layers": [1, 1, 1, 1],
-        "block_inplanes": [8, 16, 32, 64],
+        "block": block,
+        "layers": list(layers),
+        "block_inplanes": list(inplanes),
         "spatial_dims": 2,
         "n_input_channels": channels,
         "num_classes": num_classes,
+        **extra,
     }
+
+
+def _efficientnet(model_name: str, num_classes: int) -> dict[str, Any]:
+    """MONAI EfficientNetBN arguments: 3 channels (ImageNet weights come from a file, never
+    downloaded: pretrained stays False and the trainer loads the file)."""
+    return {
+        "model_name": model_name,
+        "spatial_dims": 2,
+        "in_channels": 3,
+        "num_classes": num_classes,
+        "pretrained": False,
+    }
+
+
+def _tiny_resnet(num_classes: int, channels: int = 1) -> dict[str, Any]:
+    return _resnet("basic", (1, 1, 1, 1), (8, 16, 32, 64), channels, num_classes)
+
+
+# Rotation, shift, zoom and intensity jitter: the small sequence and glioma recipes and the
+# published sequence and glioma-grade recipes all use this one.
+_AFFINE_INTENSITY = Augment(
+    hflip=True, rotate_deg=10, shift=0.05, zoom=0.1, intensity_scale=0.1, intensity_shift=0.05
+)
+_N_SEQUENCES = len(SEQUENCE_LABELS)
+
+# What the small recipes share: a tiny ResNet at 128 px, trained from scratch with Adam 1e-3.
+_SMALL: dict[str, Any] = {
+    "size": (128, 128),
+    "channels": 1,
+    "network_name": "ResNet",
+    "cam_layer": "layer4",
+    "batch_size": 32,
+    "lr": 1e-3,
+    "lr_decay_gamma": 0.8,
+    "weight_decay": 1e-4,
+    "augment": _AFFINE_INTENSITY,
+    "val_fraction": 0.25,
+    "needs_pretrained": False,
+    "epochs": 20,
+    "lr_decay_after_epoch": 10,
+    "patience": 10,
+    "notes": (
+        "CPU-sized: MONAI ResNet (basic blocks, one per stage, 8-64 channels) at 128 px,"
+        " trained from scratch with Adam 1e-3; sized so training finishes in minutes on"
+        " a 2-core CPU.",
+    ),
+}
+# Where a task's small recipe differs from _SMALL.
+_SMALL_BY_TASK: dict[str, dict[str, Any]] = {
+    "sequence": {"epochs": 12, "lr_decay_after_epoch": 6, "patience": 4},
+    "gbm_pcnsl": {"augment": Augment(hflip=True, intensity_scale=0.1, intensity_shift=0.05)},
+    "glioma_grade": {},
+    # the published tubers augmentation at half strength: at 128 px a tuber is a few pixels
+    # across and the full-strength affine blurred it out of a tiny network's reach
+    "tubers": {
+        "epochs": 30,
+        "augment": Augment(hflip=True, rotate_deg=15, shift=0.05, shear=0.1, zoom=0.12),
+    },
+    "tumour": {
+        "augment": Augment(
+            hflip=True,
+            rotate_deg=10,
+            shift=0.05,
+            zoom=0.1,
+            intensity_scale=0.2,
+            intensity_shift=0.1,
+        )
+    },
+}
+# The published full-size configurations: transfer learning from a weights file, 20% validation.
+_PUBLISHED: dict[str, dict[str, Any]] = {
+    "gbm_pcnsl": {
+        "size": (380, 380),
+        "channels": 3,
+        "network_name": "EfficientNetBN",
+        "network_args": _efficientnet("efficientnet-b4", 2),
+        "cam_layer": "_conv_head",
+        "epochs": 100,
+        "batch_size": 16,
+        "lr": 1e-4,
+        "lr_decay_after_epoch": 50,
+        "lr_decay_gamma": 0.95,
+        "weight_decay": 0.0,
+        "patience": 20,
+        "augment": Augment(hflip=True, vflip=True, intensity_scale=0.1, intensity_shift=0.1),
+        "notes": (
+            "Published recipe: transfer-learned EfficientNet (B4 at its native 380 px),"
+            " flip and intensity augmentation, Adam 1e-4 with exponential decay after"
+            " epoch 50. The grey slice is repeated over 3 channels to match ImageNet"
+            " weights supplied as a file.",
+        ),
+    },
+    "sequence": {
+        "size": (224, 224),
+        "channels": 1,
+        "network_name": "ResNet",
+        "network_args": _resnet(
+            "basic", (2, 2, 2, 2), (64, 128, 256, 512), 1, _N_SEQUENCES, conv1_t_stride=2
+        ),
+        "cam_layer": "layer4",
+        "epochs": 50,
+        "batch_size": 64,
+        "lr": 1e-4,
+        "lr_decay_after_epoch": 25,
+        "lr_decay_gamma": 0.95,
+        "weight_decay": 1e-4,
+        "patience": 10,
+        "augment": _AFFINE_INTENSITY,
+        "notes": (
+            "Published recipe: ResNet-18 slice classifier, series label by majority"
+            " vote over sampled slices.",
+        ),
+    },
+    "tubers": {
+        "size": (224, 224),
+        "channels": 3,
+        "network_name": "ResNet",
+        "network_args": _resnet(
+            "bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), 3, 2, conv1_t_stride=2
+        ),
+        "cam_layer": "layer4",
+        "epochs": 100,
+        "batch_size": 32,
+        "lr": 2.5e-4,
+        "lr_decay_after_epoch": None,
+        "lr_decay_gamma": 1.0,
+        "weight_decay": 0.0,
+        "patience": 100,
+        "augment": Augment(hflip=True, rotate_deg=30, shift=0.1, shear=0.2, zoom=0.25),
+        "notes": (
+            "Published recipe: transfer learning with rotation 30 deg, shift 0.1,"
+            " shear 0.2, zoom 0.25, horizontal flip, Adam 2.5e-4, model of lowest"
+            " validation loss, threshold 0.5 (ResNet-50 weights supplied as a file).",
+        ),
+    },
+    "glioma_grade": {
+        "size": (224, 224),
+        "channels": 3,
+        "network_name": "EfficientNetBN",
+        "network_args": _efficientnet("efficientnet-b0", 2),
+        "cam_layer": "_conv_head",
+        "epochs": 60,
+        "batch_size": 32,
+        "lr": 1e-4,
+        "lr_decay_after_epoch": 30,
+        "lr_decay_gamma": 0.95,
+        "weight_decay": 1e-4,
+        "patience": 15,
+        "augment": _AFFINE_INTENSITY,
+        "notes": (
+            "Published recipe: transfer learning on a tumour-centred region with"
+            " patient-level 5-fold cross-validation. Here the rectangle is found from the"
+            " series itself (node.bundles.roi), the same way at inference;"
+            " `neuronode train --folds 5`"
+            " runs the cross-validation.",
+        ),
+    },
+}
+# The lesion gate has no published recipe of its own: it takes glioma grading's (without the
+# region, which _task_roi gives glioma grading only).
+_PUBLISHED["tumour"] = _PUBLISHED["glioma_grade"]
 
 
 def _task_roi(task: str, sequences: tuple[str, ...]) -> RoiSpec | None:
@@ -146,196 +317,12 @@ def get_recipe(name: str, variant: str = "small") -> Recipe:
         labels = TASK_LABELS[task]
         descriptions = TASK_DESCRIPTIONS[task]
         sequences = (seq or DEFAULT_SEQUENCE[task],)
-    n_cls = len(labels)
     slice_mode, slice_n = ("central_window", 9) if task == "sequence" else ("brain_range", 16)
     if variant == "small":
-        augment = {
-            "sequence": Augment(
-                hflip=True,
-                rotate_deg=10,
-                shift=0.05,
-                zoom=0.1,
-                intensity_scale=0.1,
-                intensity_shift=0.05,
-            ),
-            "gbm_pcnsl": Augment(
-                hflip=True, vflip=False, intensity_scale=0.1, intensity_shift=0.05
-            ),
-            "glioma_grade": Augment(
-                hflip=True,
-                rotate_deg=10,
-                shift=0.05,
-                zoom=0.1,
-                intensity_scale=0.1,
-                intensity_shift=0.05,
-            ),
-            # the published tubers augmentation at half strength: at 128 px a tuber is a few
-            # pixels across and the full-strength affine blurred it out of a tiny network's reach
-            "tubers": Augment(hflip=True, rotate_deg=15, shift=0.05, shear=0.1, zoom=0.12),
-            "tumour": Augment(
-                hflip=True,
-                rotate_deg=10,
-                shift=0.05,
-                zoom=0.1,
-                intensity_scale=0.2,
-                intensity_shift=0.1,
-            ),
-        }[task]
-        return Recipe(
-            bundle_name=bundle,
-            variant=variant,
-            task=task,
-            labels=labels,
-            label_descriptions=descriptions,
-            sequences=sequences,
-            size=(128, 128),
-            channels=1,
-            slice_mode=slice_mode,
-            slice_n=slice_n,
-            network_name="ResNet",
-            network_args=_tiny_resnet(n_cls),
-            cam_layer="layer4",
-            epochs={"sequence": 12, "tubers": 30}.get(task, 20),
-            batch_size=32,
-            lr=1e-3,
-            lr_decay_after_epoch=6 if task == "sequence" else 10,
-            lr_decay_gamma=0.8,
-            weight_decay=1e-4,
-            patience=4 if task == "sequence" else 10,
-            augment=augment,
-            val_fraction=0.25,
-            needs_pretrained=False,
-            roi=_task_roi(task, sequences),
-            notes=(
-                "CPU-sized: MONAI ResNet (basic blocks, one per stage, 8-64 channels) at 128 px,"
-                " trained from scratch with Adam 1e-3; sized so training finishes in minutes on"
-                " a 2-core CPU.",
-            ),
-        )
-    # published full-size configurations
-    if task == "gbm_pcnsl":
-        return Recipe(
-            bundle_name=bundle,
-            variant=variant,
-            task=task,
-            labels=labels,
-            label_descriptions=descriptions,
-            sequences=sequences,
-            size=(380, 380),
-            channels=3,
-            slice_mode=slice_mode,
-            slice_n=slice_n,
-            network_name="EfficientNetBN",
-            network_args={
-                "model_name": "efficientnet-b4",
-                "spatial_dims": 2,
-                "in_channels": 3,
-                "num_classes": 2,
-                "pretrained": False,
-            },
-            cam_layer="_conv_head",
-            epochs=100,
-            batch_size=16,
-            lr=1e-4,
-            lr_decay_after_epoch=50,
-            lr_decay_gamma=0.95,
-            weight_decay=0.0,
-            patience=20,
-            augment=Augment(hflip=True, vflip=True, intensity_scale=0.1, intensity_shift=0.1),
-            val_fraction=0.2,
-            needs_pretrained=True,
-            notes=(
-                "Published recipe: transfer-learned EfficientNet (B4 at its native 380 px),"
-                " flip and intensity augmentation, Adam 1e-4 with exponential decay after"
-                " epoch 50. The grey slice is repeated over 3 channels to match ImageNet"
-                " weights supplied as a file.",
-            ),
-        )
-    if task == "sequence":
-        return Recipe(
-            bundle_name=bundle,
-            variant=variant,
-            task=task,
-            labels=labels,
-            label_descriptions=descriptions,
-            sequences=sequences,
-            size=(224, 224),
-            channels=1,
-            slice_mode=slice_mode,
-            slice_n=slice_n,
-            network_name="ResNet",
-            network_args={
-                "block": "basic",
-                "layers": [2, 2, 2, 2],
-                "block_inplanes": [64, 128, 256, 512],
-                "spatial_dims": 2,
-                "n_input_channels": 1,
-                "num_classes": n_cls,
-                "conv1_t_stride": 2,
-            },
-            cam_layer="layer4",
-            epochs=50,
-            batch_size=64,
-            lr=1e-4,
-            lr_decay_after_epoch=25,
-            lr_decay_gamma=0.95,
-            weight_decay=1e-4,
-            patience=10,
-            augment=Augment(
-                hflip=True,
-                rotate_deg=10,
-                shift=0.05,
-                zoom=0.1,
-                intensity_scale=0.1,
-                intensity_shift=0.05,
-            ),
-            val_fraction=0.2,
-            needs_pretrained=True,
-            notes=(
-                "Published recipe: ResNet-18 slice classifier, series label by majority"
-                " vote over sampled slices.",
-            ),
-        )
-    if task == "tubers":
-        return Recipe(
-            bundle_name=bundle,
-            variant=variant,
-            task=task,
-            labels=labels,
-            label_descriptions=descriptions,
-            sequences=sequences,
-            size=(224, 224),
-            channels=3,
-            slice_mode=slice_mode,
-            slice_n=slice_n,
-            network_name="ResNet",
-            network_args={
-                "block": "bottleneck",
-                "layers": [3, 4, 6, 3],
-                "block_inplanes": [64, 128, 256, 512],
-                "spatial_dims": 2,
-                "n_input_channels": 3,
-                "num_classes": 2,
-                "conv1_t_stride": 2,
-            },
-            cam_layer="layer4",
-            epochs=100,
-            batch_size=32,
-            lr=2.5e-4,
-            lr_decay_after_epoch=None,
-            lr_decay_gamma=1.0,
-            weight_decay=0.0,
-            patience=100,
-            augment=Augment(hflip=True, rotate_deg=30, shift=0.1, shear=0.2, zoom=0.25),
-            val_fraction=0.2,
-            needs_pretrained=True,
-            notes=(
-                "Published recipe: transfer learning with rotation 30 deg, shift 0.1,"
-                " shear 0.2, zoom 0.25, horizontal flip, Adam 2.5e-4, model of lowest"
-                " validation loss, threshold 0.5 (ResNet-50 weights supplied as a file).",
-            ),
-        )
-    # glioma_grade
+        training = {**_SMALL, "network_args": _tiny_resnet(len(labels)), **_SMALL_BY_TASK[task]}
+    else:
+        # a copy: each recipe gets network arguments of its own, as the small ones do
+        training = {"val_fraction": 0.2, "needs_pretrained": True, **deepcopy(_PUBLISHED[task])}
     return Recipe(
         bundle_name=bundle,
         variant=variant,
@@ -343,44 +330,10 @@ def get_recipe(name: str, variant: str = "small") -> Recipe:
         labels=labels,
         label_descriptions=descriptions,
         sequences=sequences,
-        size=(224, 224),
-        channels=3,
         slice_mode=slice_mode,
         slice_n=slice_n,
-        network_name="EfficientNetBN",
-        network_args={
-            "model_name": "efficientnet-b0",
-            "spatial_dims": 2,
-            "in_channels": 3,
-            "num_classes": 2,
-            "pretrained": False,
-        },
-        cam_layer="_conv_head",
-        epochs=60,
-        batch_size=32,
-        lr=1e-4,
-        lr_decay_after_epoch=30,
-        lr_decay_gamma=0.95,
-        weight_decay=1e-4,
-        patience=15,
-        augment=Augment(
-            hflip=True,
-            rotate_deg=10,
-            shift=0.05,
-            zoom=0.1,
-            intensity_scale=0.1,
-            intensity_shift=0.05,
-        ),
-        val_fraction=0.2,
-        needs_pretrained=True,
         roi=_task_roi(task, sequences),
-        notes=(
-            "Published recipe: transfer learning on a tumour-centred region with"
-            " patient-level 5-fold cross-validation. Here the rectangle is found from the"
-            " series itself (node.bundles.roi), the same way at inference;"
-            " `neuronode train --folds 5`"
-            " runs the cross-validation.",
-        ),
+        **training,
     )
 
 

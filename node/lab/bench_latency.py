@@ -1,0 +1,334 @@
+"""Latency benchmarks of a running node (issue 15): launch to first C-ECHO answered, and a
+study's SR in the PACS after its quiet period ends.
+
+Both run the real thing: `neuronode serve` as a subprocess with the shipped bundles, dcmtk's
+echoscu and storescu, and a throwaway Orthanc (node/lab/orthanc.py) as the PACS and as the
+reference. Each figure is printed with its reference measured in the same run:
+
+- launch to first C-ECHO: `serve` spawned, echoscu looped until it answers; reference: Orthanc
+  launched and echoed the same way (target: the node <= 1 s).
+- quiet period to SR in the PACS: a synthetic study of about 200 instances sent with storescu;
+  from the end of its quiet period (last instance + quiet_period_s, by the node's own index)
+  to the SR being in Orthanc; reference: the job's processing time, so what is left is the
+  node's scheduling and delivery (target: <= 2 s).
+
+`python -m node.lab.bench_latency [--work DIR] [--repeat N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from node.errors import NodeError
+from node.lab.bench import BenchRecord, BenchSettings, format_line, make_study
+from node.lab.orthanc import OrthancServer, free_port, system_tool
+
+NODE_AET = "NEURONODE"
+SCU_AET = "BENCHSCU"
+QUIET_PERIOD_S = 2.0
+ECHO_TIMEOUT_S = 60.0
+RESULT_TIMEOUT_S = 600.0
+LAUNCH_TARGET_S = 1.0
+SR_TARGET_S = 2.0
+
+
+class BenchError(NodeError):
+    """A latency benchmark could not run (the message says why)."""
+
+
+def _tool(name: str) -> str:
+    found = system_tool(name)
+    if found is None:
+        raise BenchError(f"dcmtk's {name} is needed (apt-get install dcmtk)")
+    return found
+
+
+def _storescu() -> tuple[str, ...]:
+    """dcmtk storescu sending a folder, recursively, without its Nagle-on default mattering
+    here (one association; the figure is the node's latency after the last instance)."""
+    return (_tool("storescu"), "-aet", SCU_AET, "-aec", NODE_AET, "+sd", "+r", "-nh")
+
+
+def _echo(port: int, aet: str) -> bool:
+    done = subprocess.run(
+        [_tool("echoscu"), "-to", "1", "-aet", SCU_AET, "-aec", aet, "127.0.0.1", str(port)],
+        capture_output=True,
+        check=False,
+    )
+    return done.returncode == 0
+
+
+def _until_echo(proc: subprocess.Popen[bytes], port: int, aet: str, started: float) -> float:
+    """Seconds from `started` to the first C-ECHO answered."""
+    deadline = started + ECHO_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"the server exited with {proc.returncode} before answering")
+        if _echo(port, aet):
+            return time.monotonic() - started
+        time.sleep(0.01)
+    raise BenchError(f"no C-ECHO answer within {ECHO_TIMEOUT_S:g} s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def write_node_rules(
+    run: Path, *, port: int, models_dir: Path, destination: dict[str, Any] | None = None
+) -> Path:
+    """A rule file for a benchmark node: the shipped bundles that load, quiet period 2 s."""
+    from node.lab.demo import available_tasks
+
+    tasks, _ = available_tasks(models_dir)
+    doc: dict[str, Any] = {
+        "version": 1,
+        "node": {
+            "ae_title": NODE_AET,
+            "bind_address": "127.0.0.1",
+            "port": port,
+            "allowed_callers": [{"ae_title": SCU_AET, "host": "127.0.0.1"}],
+        },
+        "storage": {"spool_dir": str(run / "spool"), "min_free_disk_mb": 64},
+        "http": {"port": 0},
+        "completion": {"quiet_period_s": QUIET_PERIOD_S, "use_expected_counts": False},
+        "processing": {"workers": 1},
+        "logging": {"format": "json", "level": "info"},
+        "models_dir": str(models_dir),
+        "tasks": tasks,
+        "destinations": [destination] if destination else [],
+    }
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / "rules.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _serve(rules: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as out:  # the process keeps its own handle
+        return subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--rules", str(rules)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def bench_launch(work: Path, settings: BenchSettings) -> BenchRecord:
+    """Launch to first C-ECHO answered: the node against Orthanc, medians of `repeat` runs."""
+    repeat = max(3, settings.repeat)
+    node_s: list[float] = []
+    orthanc_s: list[float] = []
+    for i in range(repeat):
+        run = work / f"launch-{i}"
+        port = free_port()
+        rules = write_node_rules(run, port=port, models_dir=settings.models_dir)
+        started = time.monotonic()
+        proc = _serve(rules, run / "node.log")
+        try:
+            node_s.append(_until_echo(proc, port, NODE_AET, started))
+        finally:
+            _stop(proc)
+        orthanc = OrthancServer(run / "orthanc", node_port=port, dicomweb=False)
+        started = time.monotonic()
+        with open(orthanc.log_path, "ab") as log:
+            oproc = subprocess.Popen(
+                [str(orthanc.binary), str(orthanc.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=orthanc.workdir,
+            )
+        try:
+            orthanc_s.append(_until_echo(oproc, orthanc.dicom_port, orthanc.aet, started))
+        finally:
+            _stop(oproc)
+    figure = statistics.median(node_s)
+    reference = statistics.median(orthanc_s)
+    return BenchRecord(
+        name="launch to first C-ECHO",
+        figure=figure,
+        unit="s",
+        reference=reference,
+        reference_what="Orthanc launched and echoed the same way",
+        ratio=figure / reference if reference else None,
+        ratio_what="node / Orthanc",
+        target=f"<= {LAUNCH_TARGET_S:g} s (issue 15)",
+        met=figure <= LAUNCH_TARGET_S,
+    )
+
+
+def _events(log: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def _wait_log(log: Path, event: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(e.get("event") == event for e in _events(log)):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"no {event} in the node's log within {timeout_s:g} s ({log})")
+
+
+def _index_row(spool: Path, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    conn = sqlite3.connect(spool / "index.sqlite", timeout=10)
+    try:
+        row = conn.execute(sql, params).fetchone()
+        return tuple(row) if row is not None else None
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        conn.close()
+
+
+def bench_quiet_to_pacs(work: Path, settings: BenchSettings, n_slices: int = 33) -> BenchRecord:
+    """A ~200-instance study's SR in Orthanc, counted from the end of its quiet period."""
+    study_settings = BenchSettings(
+        size=settings.size, slices=n_slices, models_dir=settings.models_dir, seed=settings.seed
+    )
+    study = make_study(work / "latency-study", study_settings)
+    figures: list[float] = []
+    processing: list[float] = []
+    scheduling: list[float] = []  # quiet period end -> job started
+    delivery: list[float] = []  # job finished -> SR in Orthanc
+    for i in range(max(1, settings.repeat)):
+        run = work / f"latency-{i}"
+        port = free_port()
+        orthanc = OrthancServer(run / "orthanc", node_port=port, node_aet=NODE_AET)
+        orthanc.start()
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            destination = {
+                "kind": "dicom",
+                "name": "orthanc",
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+            }
+            rules = write_node_rules(
+                run, port=port, models_dir=settings.models_dir, destination=destination
+            )
+            log = run / "node.log"
+            proc = _serve(rules, log)
+            _wait_log(log, "worker_ready", 300)
+            sent = subprocess.run(
+                [*_storescu(), "127.0.0.1", str(port), str(study.root)],
+                capture_output=True,
+                check=False,
+            )
+            if sent.returncode != 0:
+                raise BenchError(f"storescu failed: {sent.stderr.decode(errors='replace')[-300:]}")
+            spool = run / "spool"
+            sr_at = _wait_for_sr(orthanc, study.study_uid)
+            row = _index_row(
+                spool,
+                "SELECT last_received_at FROM studies WHERE study_uid = ?",
+                (study.study_uid,),
+            )
+            job = _index_row(
+                spool,
+                "SELECT started_at, finished_at FROM job_history WHERE study_uid = ? "
+                "AND outcome = 'done' ORDER BY id DESC LIMIT 1",
+                (study.study_uid,),
+            )
+            if row is None or job is None:
+                raise BenchError("the node's index has no record of the study or its job")
+            quiet_end = float(row[0]) + QUIET_PERIOD_S
+            figures.append(sr_at - quiet_end)
+            processing.append(float(job[1]) - float(job[0]))
+            scheduling.append(float(job[0]) - quiet_end)
+            delivery.append(sr_at - float(job[1]))
+        finally:
+            if proc is not None:
+                _stop(proc)
+            orthanc.stop()
+    figure = statistics.median(figures)
+    reference = statistics.median(processing)
+    return BenchRecord(
+        name=f"quiet period to SR in PACS ({len(study.paths)} instances)",
+        figure=figure,
+        unit="s",
+        reference=reference,
+        reference_what="the job's own processing time (the rest is scheduling and delivery)",
+        ratio=figure / reference if reference else None,
+        ratio_what="latency / processing",
+        target=f"<= {SR_TARGET_S:g} s (issue 15)",
+        met=figure <= SR_TARGET_S,
+        details=(
+            ("quiet_end_to_job_start_s", round(statistics.median(scheduling), 3)),
+            ("processing_s", round(reference, 3)),
+            ("job_end_to_sr_in_pacs_s", round(statistics.median(delivery), 3)),
+            ("overhead_s", round(figure - reference, 3)),
+        ),
+    )
+
+
+def _wait_for_sr(orthanc: OrthancServer, study_uid: str) -> float:
+    """Wall-clock time at which Orthanc first lists an SR series of the study."""
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    query = {"Level": "Series", "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}}
+    while time.monotonic() < deadline:
+        if orthanc.post("/tools/find", query):
+            return time.time()
+        time.sleep(0.02)
+    raise BenchError(f"no SR in Orthanc within {RESULT_TIMEOUT_S:g} s")
+
+
+def bench_latency(work: Path, settings: BenchSettings) -> tuple[BenchRecord, ...]:
+    """Both latency figures, launch first (it needs no study)."""
+    return (bench_launch(work, settings), bench_quiet_to_pacs(work, settings))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m node.lab.bench_latency", description=__doc__)
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: temp)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument(
+        "--only", choices=("launch", "sr"), default=None, help="one figure (default: both)"
+    )
+    args = parser.parse_args(argv)
+    settings = BenchSettings(repeat=args.repeat)
+    with tempfile.TemporaryDirectory(prefix="neuronode-latency-") as tmp:
+        work = args.work if args.work is not None else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            if args.only != "sr":
+                print(format_line(bench_launch(work, settings)), flush=True)
+            if args.only != "launch":
+                print(format_line(bench_quiet_to_pacs(work, settings)), flush=True)
+        except NodeError as exc:
+            print(f"bench_latency: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The node's side of its study workers: a worker process it can kill, or (tests) a processor
+called in the node's own thread.
+
+A `ProcessWorker` is one long-lived ``python -m node.pipeline.worker`` child. The node sends
+it one job at a time and waits for its answer, renewing the job's lease meanwhile; at the
+job's timeout it kills the child (SIGTERM, then SIGKILL after KILL_GRACE_S) and records the
+failure with the stage the child last reported. A child that dies mid-job answers with its
+end of the pipe closing: the attempt is recorded as failed, never lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+
+from node.config import Rules
+from node.log import get_logger
+from node.pipeline.worker import (
+    UNKNOWN_STAGE,
+    JobResult,
+    RunJob,
+    StageStarted,
+    WorkerInit,
+    WorkerReady,
+    job_result,
+)
+from node.records import StudyJob, StudyOutcome
+
+log = get_logger(__name__)
+
+Processor = Callable[[StudyJob], StudyOutcome]
+
+KILL_GRACE_S = 3.0  # after SIGTERM, how long a worker has before SIGKILL
+TICK_S = 0.5  # how often a waiting node looks for a stop request
+
+
+class WorkerDied(Exception):
+    """The worker process ended (or its pipe broke) outside a job."""
+
+
+def _signal_name(returncode: int | None) -> str:
+    if returncode is None:
+        return "running"
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit {returncode}"
+
+
+class ProcessWorker:
+    """One worker process: started, loads its models, then runs one job at a time."""
+
+    def __init__(self, index: int, rules: Rules, log_key: bytes) -> None:
+        parent, child = socket.socketpair()
+        self.index = index
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node.pipeline.worker", "--fd", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                close_fds=True,
+            )
+        except OSError:
+            parent.close()
+            child.close()
+            raise
+        child.close()
+        self.conn = Connection(parent.detach())
+        self.conn.send(WorkerInit(rules=rules, log_key=log_key, worker=index))
+        log.info("worker_started", worker=index, pid=self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, abort: Callable[[], bool]) -> tuple[str, ...] | None:
+        """Wait for the models to load: the problems (empty when ready); None if aborted.
+
+        Raises WorkerDied if the worker ended before it said.
+        """
+        while not abort():
+            if not wait([self.conn], timeout=TICK_S):
+                continue
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                raise WorkerDied(_signal_name(self.proc.wait())) from None
+            if isinstance(msg, WorkerReady):
+                return msg.problems
+        return None
+
+    def run(
+        self,
+        job: StudyJob,
+        rules: Rules,
+        *,
+        timeout_s: float,
+        abort: Callable[[], bool],
+    ) -> JobResult | None:
+        """Run one job: its result, a failure (timeout, worker died), or None if `abort` said
+        stop first (the worker is then killed and the caller gives the job back)."""
+        deadline = time.monotonic() + timeout_s
+        stage = UNKNOWN_STAGE
+        try:
+            self.conn.send(RunJob(job=job, rules=rules))
+        except OSError:
+            return self._died(job, stage)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                log.error(
+                    "job_timeout",
+                    job_id=job.job_id,
+                    worker=self.index,
+                    stage=stage,
+                    duration_ms=round(timeout_s * 1000),
+                )
+                return JobResult(
+                    job_id=job.job_id,
+                    outcome=None,
+                    error=f"timeout after {timeout_s:g} s in stage {stage}",
+                    error_type="Timeout",
+                    stage=stage,
+                )
+            if abort():
+                self.kill()
+                return None
+            if not wait([self.conn], timeout=min(remaining, TICK_S)):
+                continue
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                return self._died(job, stage)
+            if isinstance(msg, StageStarted) and msg.job_id == job.job_id:
+                stage = msg.stage
+            elif isinstance(msg, JobResult) and msg.job_id == job.job_id:
+                return msg
+
+    def _died(self, job: StudyJob, stage: str) -> JobResult:
+        how = _signal_name(self.proc.wait())
+        log.error("worker_died", job_id=job.job_id, worker=self.index, stage=stage, reason=how)
+        return JobResult(
+            job_id=job.job_id,
+            outcome=None,
+            error=f"worker died ({how}) in stage {stage}",
+            error_type="WorkerDied",
+            stage=stage,
+        )
+
+    def kill(self, grace_s: float = KILL_GRACE_S) -> None:
+        """SIGTERM, then SIGKILL if it is still there after `grace_s`; reap it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.conn.close()
+
+    def close(self, grace_s: float = KILL_GRACE_S) -> None:
+        """Ask an idle worker to stop (its pipe closes), then make sure it did."""
+        with contextlib.suppress(OSError):
+            self.conn.close()  # end of file: the worker's loop returns
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.kill(0.5)
+
+
+class InProcessWorker:
+    """A processor injected by a test, called in the node's worker thread: no timeout (a
+    thread cannot be killed) and no isolation; the real `serve` path uses ProcessWorker."""
+
+    def __init__(self, processor: Processor, index: int) -> None:
+        self.processor = processor
+        self.index = index
+        self.pid = os.getpid()
+
+    def run(
+        self,
+        job: StudyJob,
+        rules: Rules,
+        *,
+        timeout_s: float,
+        abort: Callable[[], bool],
+    ) -> JobResult | None:
+        del rules, timeout_s, abort  # a thread can be neither timed out nor stopped
+        try:
+            outcome = self.processor(job)
+        except Exception as exc:  # the per-job guard: retried, then dead letter
+            return job_result(job, exc)
+        return JobResult(job_id=job.job_id, outcome=outcome)
