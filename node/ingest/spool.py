@@ -45,6 +45,9 @@ log = get_logger(__name__)
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _MB = 1024 * 1024
+# On a shared spool, a temp or instance file without an index row younger than this is another
+# receiver's write in progress, not a crash's leftover.
+SHARED_LEFTOVER_AGE_S = 600.0
 
 # Only these are read from a received instance; nothing else of the header is looked at here.
 _TAGS = (
@@ -280,13 +283,26 @@ class Spool:
         self._clock = clock
         for sub in ("instances", "quarantine", "tmp"):
             makedirs_durable(root / sub)
-        # Temp files left by a crash were never acknowledged: drop them.
-        for leftover in (root / "tmp").glob("*.part"):
-            leftover.unlink(missing_ok=True)
         self.index = Index(root / "index.sqlite", url=database_url)
+        # Temp files left by a crash were never acknowledged: drop them. On a shared spool
+        # (PostgreSQL) other receivers are writing theirs: only old ones are leftovers.
+        for leftover in (root / "tmp").glob("*.part"):
+            if self._abandoned(leftover):
+                leftover.unlink(missing_ok=True)
         self._inflight: set[str] = set()
         self._inflight_cv = threading.Condition()
         self.sweep_orphans()
+
+    def _abandoned(self, path: Path) -> bool:
+        """Whether a file no index row names was left by a crash, not written right now by
+        another process sharing the spool (on PostgreSQL: only files older than
+        SHARED_LEFTOVER_AGE_S; the embedded index has one writer, so every such file)."""
+        if not self.index.postgres:
+            return True
+        try:
+            return time.time() - path.stat().st_mtime > SHARED_LEFTOVER_AGE_S
+        except OSError:
+            return False
 
     def sweep_orphans(self) -> tuple[int, int]:
         """Reconcile files under instances/ that the index does not know (the index write
@@ -303,7 +319,7 @@ class Spool:
             }
             for path in sorted(study_dir.rglob("*.dcm")):
                 rel = path.relative_to(self.root)
-                if str(rel) in known:
+                if str(rel) in known or not self._abandoned(path):
                     continue
                 try:
                     adopted = self._adopt(path, rel)
