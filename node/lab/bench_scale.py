@@ -6,21 +6,30 @@ SQLite (WAL, synchronous=FULL) or a throwaway PostgreSQL started here (fsync on,
 durably), alternating the backends so drift in the machine's load falls on both. The figure is
 the ratio of the two rates measured in the same run, not an absolute number.
 
-Studies per minute with 1, 2 and 3 worker processes needs `neuronode serve --role worker`,
-which this branch does not have yet: it is reported as not measured. On this 2-core machine
-such a figure would show the coordination overhead of the shared queue, not linear speed-up.
+Then studies per minute with 1, 2 and 3 worker processes (`neuronode serve --role worker`, each
+one study at a time) on the same synthetic studies and one PostgreSQL database: the workers are
+started and have loaded their models, the studies are stored at once, and the rate is the
+studies over the time from the first job made ready to the last one done. On this 2-core
+machine the figure shows the coordination overhead of the shared queue, not linear speed-up:
+three workers share two cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from node.config import AllowedCaller, NodeSettings
 from node.errors import ConfigError
@@ -29,7 +38,9 @@ from node.ingest.spool import Spool
 from node.lab.bench import _small_mr
 from node.lab.orthanc import SYSTEM_BIN, free_port
 from node.lab.postgres import PostgresServer
-from node.store.db import upgrade_all
+from node.store.db import INDEX, Database, upgrade_all
+
+_REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,6 +122,135 @@ def bench_ingest(work: Path, *, n_instances: int = 300, rounds: int = 2) -> Inge
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerRate:
+    """Studies per minute with a number of worker processes."""
+
+    workers: int
+    n_studies: int
+    seconds: float
+
+    @property
+    def per_minute(self) -> float:
+        return 60.0 * self.n_studies / self.seconds
+
+
+def _tubers_task() -> dict[str, Any]:
+    """The tubers task on the shipped FLAIR bundle alone: one real model per study."""
+    from node.config import Rules
+
+    task = Rules().tasks["tubers"]
+    routes = [r.model_dump(mode="json") for r in task.models if r.bundle == "tubers_flair"]
+    if not routes:
+        raise ConfigError("benchmark: the default tubers task has no tubers_flair route")
+    return {
+        "tubers": {
+            **task.model_dump(mode="json"),
+            "models": routes,
+            "enabled": True,
+            "requires_lesion": None,
+        }
+    }
+
+
+def _worker_round(work: Path, url: str, studies: tuple[Path, ...], k: int) -> WorkerRate:
+    spool_dir = work / "spool"
+    rules = work / "rules.yaml"
+    doc = {
+        "database": {"url": url},
+        "storage": {"spool_dir": str(spool_dir), "min_free_disk_mb": 0},
+        "http": {"enabled": False},
+        "completion": {"quiet_period_s": 1.0, "poll_interval_s": 0.2},
+        "processing": {"workers": 1, "lease_s": 60},
+        "logging": {"format": "json", "level": "info"},
+        "models_dir": str(_REPO / "models"),
+        "tasks": _tubers_task(),
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    rules.write_text(yaml.safe_dump(doc))
+    upgrade_all(spool_dir, url)
+    logs = [work / f"worker{i}.log" for i in range(k)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--rules", str(rules), "--role", "worker"],
+            cwd=_REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=open(log, "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        for log in logs
+    ]
+    db = Database(url, component=INDEX, check=False)
+    try:
+        deadline = time.monotonic() + 300
+        while not all('"worker_ready"' in log.read_text(errors="replace") for log in logs):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise ConfigError(f"benchmark: {k} workers did not get ready; see {work}")
+            time.sleep(0.2)
+        spool = Spool(spool_dir, min_free_disk_mb=0, database_url=url)
+        try:
+            for path in studies:
+                spool.store(path.read_bytes(), calling_ae="BENCH")
+        finally:
+            spool.close()
+        n = len({path.parent.parent for path in studies})
+        while db.query("SELECT COUNT(*) FROM jobs WHERE state = 'done'")[0][0] < n:
+            if time.monotonic() > deadline + 600:
+                raise ConfigError(f"benchmark: {k} workers did not finish; see {work}")
+            time.sleep(0.2)
+        first, last = db.query("SELECT MIN(created_at), MAX(updated_at) FROM jobs")[0]
+    finally:
+        db.close()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return WorkerRate(workers=k, n_studies=n, seconds=float(last) - float(first))
+
+
+def bench_workers(
+    work: Path, *, n_studies: int = 12, counts: tuple[int, ...] = (1, 2, 3)
+) -> tuple[WorkerRate, ...]:
+    """Studies per minute with each number of worker processes, the same studies each time."""
+    from node.lab.synth import write_studies
+
+    write_studies(
+        work / "studies",
+        studies=n_studies,
+        seed=4242,
+        phenotypes=["tsc"],
+        vendors=["siemens"],
+        size=64,
+        slices=8,
+        distractors=False,
+    )
+    files = tuple(sorted((work / "studies").rglob("*.dcm")))
+    out = []
+    with PostgresServer(fsync=True) as pg:
+        for k in counts:
+            out.append(_worker_round(work / f"workers{k}", pg.new_database(), files, k))
+    return tuple(out)
+
+
+def format_workers(rates: tuple[WorkerRate, ...]) -> str:
+    """The worker figures as printed, with what they mean on this machine."""
+    one = rates[0].per_minute if rates else 0.0
+    lines = [
+        f"{r.workers} worker process(es): {r.per_minute:.1f} studies/min"
+        f" ({r.n_studies} studies in {r.seconds:.1f} s; x{r.per_minute / one:.2f} of one)"
+        for r in rates
+    ]
+    lines.append(
+        f"({os.cpu_count()} cores: more workers than cores shows the coordination overhead of"
+        " the shared queue, not linear speed-up)"
+    )
+    return "\n".join(lines)
+
+
 def format_ingest(r: IngestRatio) -> str:
     """The figures as printed."""
     rates = "; ".join(
@@ -119,10 +259,7 @@ def format_ingest(r: IngestRatio) -> str:
     )
     return (
         f"ingest, storescu, {r.n_instances} instances per round ({rates})\n"
-        f"PostgreSQL / SQLite ingest ratio (medians): {r.ratio:.2f}\n"
-        "studies per minute with 1, 2, 3 worker processes: not measured "
-        "(needs `neuronode serve --role worker`; on 2 cores it would show coordination "
-        "overhead, not linear speed-up)"
+        f"PostgreSQL / SQLite ingest ratio (medians): {r.ratio:.2f}"
     )
 
 
@@ -130,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node.lab.bench_scale")
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--studies", type=int, default=12, help="for the worker rounds")
+    parser.add_argument("--skip-workers", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="neuronode-bench-scale-") as tmp:
-        result = bench_ingest(Path(tmp), n_instances=args.instances, rounds=args.rounds)
-    print(format_ingest(result))
+        result = bench_ingest(Path(tmp) / "ingest", n_instances=args.instances, rounds=args.rounds)
+        print(format_ingest(result), flush=True)
+        if not args.skip_workers:
+            print(format_workers(bench_workers(Path(tmp) / "workers", n_studies=args.studies)))
     return 0
 
 

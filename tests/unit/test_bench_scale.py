@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from node.lab.bench_scale import bench_ingest, format_ingest
+from node.lab.bench_scale import bench_ingest, bench_workers, format_ingest, format_workers
 from tests.pg import skip_reason
 
 
@@ -21,3 +21,15 @@ def test_bench_ingest_measures_both_backends(tmp_path: Path) -> None:
     assert min(result.sqlite_per_s + result.postgres_per_s) > 0
     text = format_ingest(result)
     assert "PostgreSQL / SQLite ingest ratio (medians):" in text and "6 instances" in text
+
+
+@pytest.mark.integration
+@pytest.mark.heavy
+def test_bench_workers_measures_each_count_of_worker_processes(tmp_path: Path) -> None:
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    rates = bench_workers(tmp_path, n_studies=2, counts=(1, 2))
+    assert [(r.workers, r.n_studies) for r in rates] == [(1, 2), (2, 2)]
+    assert all(r.seconds > 0 and r.per_minute > 0 for r in rates)
+    assert "2 worker process(es)" in format_workers(rates)
