@@ -359,7 +359,8 @@ class Spool:
         # Its arrival time is unknown: the file's own time is the best there is.
         received = path.stat().st_mtime
         result = self._store_parsed(data, parsed, calling_ae="", now=received)
-        return result.instance is not None and not result.instance.duplicate
+        # A duplicate: another receiver sharing the spool indexed it meanwhile.
+        return result.instance is not None
 
     def store(
         self, data: bytes, *, calling_ae: str, sop_class_uid: str | None = None
