@@ -45,16 +45,28 @@ _REPO = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IngestRatio:
-    """Instances per second into each backend, each round's figures and their ratio."""
+    """Instances per second into each backend, each round's figures and their ratio; the
+    same without the network (Spool.store in a loop), where the index's cost shows most."""
 
     n_instances: int
     sqlite_per_s: tuple[float, ...]
     postgres_per_s: tuple[float, ...]
+    direct_sqlite_per_s: tuple[float, ...] = ()
+    direct_postgres_per_s: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float:
         """PostgreSQL's median rate over SQLite's (above 1: PostgreSQL ingests faster)."""
         return statistics.median(self.postgres_per_s) / statistics.median(self.sqlite_per_s)
+
+    @property
+    def direct_ratio(self) -> float | None:
+        """The same ratio for Spool.store without the network (None when not measured)."""
+        if not self.direct_sqlite_per_s or not self.direct_postgres_per_s:
+            return None
+        return statistics.median(self.direct_postgres_per_s) / statistics.median(
+            self.direct_sqlite_per_s
+        )
 
 
 def _storescu() -> str:
@@ -104,21 +116,39 @@ def _ingest_rate(root: Path, files: tuple[Path, ...], database_url: str | None) 
     return len(files) / seconds
 
 
+def _direct_rate(root: Path, files: tuple[Path, ...], database_url: str | None) -> float:
+    """Instances/s of Spool.store (fsync, rename, index) in a loop: no network."""
+    blobs = [f.read_bytes() for f in files]
+    spool = Spool(root, min_free_disk_mb=0, database_url=database_url)
+    try:
+        t0 = time.perf_counter()
+        for blob in blobs:
+            spool.store(blob, calling_ae="BENCH")
+        return len(blobs) / (time.perf_counter() - t0)
+    finally:
+        spool.close()
+
+
 def bench_ingest(work: Path, *, n_instances: int = 300, rounds: int = 2) -> IngestRatio:
     """The PostgreSQL-versus-SQLite ingest ratio over the same files, rounds alternating."""
     files = _write_files(work / "files", n_instances)
-    sqlite_rates: list[float] = []
-    postgres_rates: list[float] = []
+    rates: dict[str, list[float]] = {"sqlite": [], "pg": [], "dsqlite": [], "dpg": []}
     with PostgresServer(fsync=True) as pg:
         for k in range(rounds):
-            sqlite_rates.append(_ingest_rate(work / f"sqlite{k}", files, None))
+            rates["sqlite"].append(_ingest_rate(work / f"sqlite{k}", files, None))
             url = pg.new_database()
             upgrade_all(work / f"pg{k}", url)
-            postgres_rates.append(_ingest_rate(work / f"pg{k}", files, url))
+            rates["pg"].append(_ingest_rate(work / f"pg{k}", files, url))
+            rates["dsqlite"].append(_direct_rate(work / f"dsqlite{k}", files, None))
+            url = pg.new_database()
+            upgrade_all(work / f"dpg{k}", url)
+            rates["dpg"].append(_direct_rate(work / f"dpg{k}", files, url))
     return IngestRatio(
         n_instances=n_instances,
-        sqlite_per_s=tuple(sqlite_rates),
-        postgres_per_s=tuple(postgres_rates),
+        sqlite_per_s=tuple(rates["sqlite"]),
+        postgres_per_s=tuple(rates["pg"]),
+        direct_sqlite_per_s=tuple(rates["dsqlite"]),
+        direct_postgres_per_s=tuple(rates["dpg"]),
     )
 
 
@@ -260,6 +290,13 @@ def format_ingest(r: IngestRatio) -> str:
     return (
         f"ingest, storescu, {r.n_instances} instances per round ({rates})\n"
         f"PostgreSQL / SQLite ingest ratio (medians): {r.ratio:.2f}"
+        + (
+            f"\nwithout the network (Spool.store in a loop): SQLite"
+            f" {statistics.median(r.direct_sqlite_per_s):.0f}/s, PostgreSQL"
+            f" {statistics.median(r.direct_postgres_per_s):.0f}/s, ratio {r.direct_ratio:.2f}"
+            if r.direct_ratio is not None
+            else ""
+        )
     )
 
 

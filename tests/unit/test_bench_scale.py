@@ -19,8 +19,11 @@ def test_bench_ingest_measures_both_backends(tmp_path: Path) -> None:
     result = bench_ingest(tmp_path, n_instances=6, rounds=1)
     assert len(result.sqlite_per_s) == len(result.postgres_per_s) == 1
     assert min(result.sqlite_per_s + result.postgres_per_s) > 0
+    assert min(result.direct_sqlite_per_s + result.direct_postgres_per_s) > 0
+    assert result.direct_ratio is not None and result.direct_ratio > 0
     text = format_ingest(result)
     assert "PostgreSQL / SQLite ingest ratio (medians):" in text and "6 instances" in text
+    assert "without the network (Spool.store in a loop)" in text
 
 
 @pytest.mark.integration
