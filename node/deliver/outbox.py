@@ -351,7 +351,7 @@ class Outbox:
 
 
 @contextmanager
-def _reader(spool_dir: Path, database_url: str | None) -> Iterator[Database | None]:
+def outbox_reader(spool_dir: Path, database_url: str | None) -> Iterator[Database | None]:
     """The outbox database opened for reading (safe while a node is sending); None when the
     embedded outbox was never made."""
     if database_url is None and not (spool_dir / OUTBOX_DB).exists():
@@ -368,7 +368,7 @@ def delivery_counts(
     spool_dir: Path, *, database_url: str | None = None
 ) -> dict[str, dict[str, int]]:
     """Rows per destination and state, read-only (safe while a node is sending)."""
-    with _reader(spool_dir, database_url) as db:
+    with outbox_reader(spool_dir, database_url) as db:
         out: dict[str, dict[str, int]] = {}
         if db is None:
             return out
@@ -381,7 +381,7 @@ def delivery_counts(
 
 def outbox_study_uids(spool_dir: Path, *, database_url: str | None = None) -> frozenset[str]:
     """The studies that have rows in the outbox, read-only."""
-    with _reader(spool_dir, database_url) as db:
+    with outbox_reader(spool_dir, database_url) as db:
         if db is None:
             return frozenset()
         return frozenset(str(r[0]) for r in db.query("SELECT DISTINCT study_uid FROM deliveries"))
@@ -392,7 +392,7 @@ def outbox_summary(
 ) -> dict[str, dict[str, int]]:
     """Per destination: pending (first try to come), failed (retrying after a failed attempt),
     dead, parked and delivered rows; read-only (safe while a node is sending)."""
-    with _reader(spool_dir, database_url) as db:
+    with outbox_reader(spool_dir, database_url) as db:
         out: dict[str, dict[str, int]] = {}
         if db is None:
             return out
@@ -415,7 +415,7 @@ def outbox_rows(
     spool_dir: Path, *, database_url: str | None = None
 ) -> tuple[tuple[str, str, float | None, str], ...]:
     """Every row's (study UID, state, delivered_at, object path), read-only (retention)."""
-    with _reader(spool_dir, database_url) as db:
+    with outbox_reader(spool_dir, database_url) as db:
         if db is None:
             return ()
         return tuple(

@@ -19,6 +19,8 @@ from node.deliver.outbox import (
     Outbox,
     backoff_s,
     deliver_due,
+    outbox_study_uids,
+    outbox_summary,
 )
 from node.errors import SendError
 from node.records import DeliveryState, SendResult
@@ -313,3 +315,19 @@ def test_destinations_are_sent_in_parallel(tmp_path: Path, database_url: str | N
         counts = deliver_due(outbox, RULES, 0.0, send=send, rng=random.Random(0))
     assert seen_by_pacs == [True]  # web finished while pacs was still trying
     assert counts.delivered == 1 and counts.unreachable == ("pacs",)
+
+
+def test_read_only_views_read_the_same_outbox(tmp_path: Path, database_url: str | None) -> None:
+    from node.web.views import delivery_states, study_deliveries
+
+    assert delivery_states(tmp_path, ["1.2.3"], database_url=database_url) == {}
+    with Outbox(tmp_path, database_url=database_url) as outbox:
+        outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs"], now=0)
+        outbox.enqueue([obj("2.1", study="1.2.4")], ["pacs"], now=0)
+    assert delivery_states(tmp_path, ["1.2.3"], database_url=database_url) == {
+        "1.2.3": {"pending": 2}
+    }
+    [view] = study_deliveries(tmp_path, "1.2.3", database_url=database_url)
+    assert (view.name, view.pending, view.sent) == ("pacs", 2, 0)
+    assert outbox_summary(tmp_path, database_url=database_url)["pacs"]["pending"] == 3
+    assert outbox_study_uids(tmp_path, database_url=database_url) == {"1.2.3", "1.2.4"}
