@@ -85,8 +85,11 @@ def _tasks() -> dict[str, Any]:
 class Serve:
     """One `neuronode serve --role ROLE` process with its own log files."""
 
-    def __init__(self, workdir: Path, rules: Path, role: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, rules: Path, role: str, env: dict[str, str], port: int
+    ) -> None:
         self.workdir, self.rules, self.role, self.env = workdir, rules, role, env
+        self.port = port  # its DICOM listener (receivers)
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
 
@@ -218,8 +221,7 @@ def site(
         }
         rules = workdir / "rules.yaml"
         rules.write_text(yaml.safe_dump(doc))
-        proc = Serve(workdir, rules, role, env or {})
-        proc.port = port  # type: ignore[attr-defined]
+        proc = Serve(workdir, rules, role, env or {}, port)
         procs.append(proc)
         return proc
 
@@ -244,7 +246,7 @@ def test_two_receivers_three_workers_and_a_sender_on_postgres(
     assert main(["db", "upgrade", "--rules", str(rx_a.rules)]) == 0
     for p in procs:
         p.start()
-    _wait(lambda: _listening(rx_a.port) and _listening(rx_b.port), "receivers up", 60, procs)  # type: ignore[attr-defined]
+    _wait(lambda: _listening(rx_a.port) and _listening(rx_b.port), "receivers up", 60, procs)
     db = Database(site["url"], component=INDEX, check=False)
 
     def q(sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
@@ -256,8 +258,8 @@ def test_two_receivers_three_workers_and_a_sender_on_postgres(
     for study, paths in sorted(files.items()):
         # Every other file to each receiver: each series of the study arrives at both.
         to_a, to_b = paths[0::2], paths[1::2]
-        send_a = _storescu(storescu, rx_a.port, to_a)  # type: ignore[attr-defined]
-        send_b = _storescu(storescu, rx_b.port, to_b)  # type: ignore[attr-defined]
+        send_a = _storescu(storescu, rx_a.port, to_a)
+        send_b = _storescu(storescu, rx_b.port, to_b)
         if study == big:  # kill -9 receiver B once a few of its instances are in
             b_sops = tuple(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in to_b)
             marks = ",".join("?" * len(b_sops))
@@ -275,11 +277,11 @@ def test_two_receivers_three_workers_and_a_sender_on_postgres(
             missing = [f for f in to_b if f not in acked]
             assert 0 < len(missing) < len(to_b), "receiver B was not killed mid-study"
             # The scanner sends what was not acknowledged again, to the receiver that answers.
-            resend = _storescu(storescu, rx_a.port, missing)  # type: ignore[attr-defined]
+            resend = _storescu(storescu, rx_a.port, missing)
             out, _ = resend.communicate(timeout=300)
             acked |= _acked(out)
             rx_b.start()  # and the receiver comes back
-            _wait(lambda: _listening(rx_b.port), "receiver B back", 60, procs)  # type: ignore[attr-defined]
+            _wait(lambda: _listening(rx_b.port), "receiver B back", 60, procs)
     assert acked == {f for paths in files.values() for f in paths}  # all sent, all acked
 
     # Kill the slow worker while it holds a job (its worker process dies with it).

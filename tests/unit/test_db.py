@@ -161,7 +161,7 @@ def test_url_file_is_read_when_used_and_checked_by_neuronode_check(tmp_path: Pat
     rules, _ = validate_rules_text(yaml.safe_dump({"database": {"url_file": str(secret)}}))
     assert rules is not None and rules.database.shared
     [missing] = check_files_exist(rules)
-    assert missing.path == "database.url_file" and "database URL" in missing.fix
+    assert missing.path == "database.url_file" and "database URL" in (missing.fix or "")
     with pytest.raises(ConfigError, match=r"database\.url_file: cannot read"):
         rules.database.resolve_url()
     secret.write_text("not a url s3cret\n")
