@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from node.errors import ConfigError
@@ -204,6 +211,64 @@ class StorageSettings(_Frozen):
 
     spool_dir: Path = Path("var/spool")
     min_free_disk_mb: float = Field(default=1024.0, ge=0)
+
+
+_DB_URL_RE = re.compile(r"^postgresql(\+psycopg)?://[^/\s]+/[A-Za-z0-9_.-]+(\?\S*)?$")
+_DB_URL_FIX = "postgresql+psycopg://USER@HOST:PORT/DATABASE (the password in url_file)"
+
+
+_DB_PASSWORD_RE = re.compile(r"^[^:]+://[^/@]*:[^/@]*@")
+
+
+def _check_db_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if _DB_PASSWORD_RE.match(value.strip()):
+        # Rule files are read by many and shown in reviews: a password never lives in one.
+        raise _rule_error("a password in the rule file", "url_file: a file holding the URL")
+    if not _DB_URL_RE.match(value.strip()):
+        raise _rule_error("not a PostgreSQL URL", _DB_URL_FIX)
+    return value.strip()
+
+
+class DatabaseSettings(_Frozen):
+    """Where the index, job queue and outbox live: the embedded SQLite files in the spool
+    (nothing set), or one PostgreSQL database shared by every node of a scaled-out site."""
+
+    url: str | None = None  # postgresql+psycopg://user@host:port/db; no password here
+    url_file: Path | None = None  # a secret file holding the URL, password included
+
+    _url = field_validator("url")(_check_db_url)
+
+    @field_validator("url_file")
+    @classmethod
+    def _only_one(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("url") is not None:
+            raise _rule_error("url and url_file are both set", "one of them (url_file: secret)")
+        return value
+
+    @property
+    def shared(self) -> bool:
+        """True when the node keeps its tables in PostgreSQL."""
+        return self.url is not None or self.url_file is not None
+
+    def resolve_url(self) -> str | None:
+        """The URL to connect with (read from url_file when set); None: the embedded SQLite.
+        Raise ConfigError naming the key, never quoting the file's content."""
+        if self.url_file is None:
+            return self.url
+        try:
+            text = self.url_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"database.url_file: cannot read {self.url_file}: {exc.strerror}"
+            ) from None
+        if not _DB_URL_RE.match(text):
+            raise ConfigError(
+                f"database.url_file: {self.url_file} does not hold a PostgreSQL URL;"
+                f" write {_DB_URL_FIX}"
+            )
+        return text
 
 
 class RetentionSettings(_Frozen):
@@ -455,6 +520,7 @@ class Rules(_Frozen):
     node: NodeSettings = NodeSettings()
     http: HttpSettings = HttpSettings()
     storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
     retention: RetentionSettings = RetentionSettings()
     completion: CompletionSettings = CompletionSettings()
     processing: ProcessingSettings = ProcessingSettings()
@@ -851,6 +917,12 @@ def check_bundles_exist(
     return tuple(problems)
 
 
+_FILE_FIX = {
+    "http": "the path of a token file readable by the node",
+    "database": "the path of a file readable by the node holding the database URL",
+}
+
+
 def check_files_exist(rules: Rules, text: str | None = None) -> tuple[RuleProblem, ...]:
     """Every TLS file and the HTTP token file the rules name exist (relative paths: from the
     working directory)."""
@@ -864,6 +936,8 @@ def check_files_exist(rules: Rules, text: str | None = None) -> tuple[RuleProble
             wanted.append((("node", "tls", "ca_file"), tls.ca_file))
     if rules.http.token_file is not None:
         wanted.append((("http", "token_file"), rules.http.token_file))
+    if rules.database.url_file is not None:
+        wanted.append((("database", "url_file"), rules.database.url_file))
     for i, dest in enumerate(rules.destinations):
         if isinstance(dest, DicomDestination):
             for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
@@ -880,8 +954,8 @@ def check_files_exist(rules: Rules, text: str | None = None) -> tuple[RuleProble
                 path=".".join(str(p) for p in loc),
                 line=line,
                 message=f"file {path} does not exist",
-                fix=f"the path of a {'token' if loc[0] == 'http' else 'PEM'} file readable by"
-                " the node (absolute, or relative to the folder the node runs in)",
+                fix=_FILE_FIX.get(str(loc[0]), "the path of a PEM file readable by the node")
+                + " (absolute, or relative to the folder the node runs in)",
             )
         )
     return tuple(problems)

@@ -15,6 +15,9 @@ from pydicom.data import get_testdata_file
 # The one free-port helper is the lab's (it also starts the demo's Orthanc); re-exported here
 # for the tests that still import it from tests.conftest.
 from node.lab.orthanc import free_port as free_port
+from node.store.db import upgrade_all
+from tests.pg import PostgresServer
+from tests.pg import skip_reason as pg_skip_reason
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
@@ -78,3 +81,28 @@ def _isolated_logging() -> Iterator[None]:
     structlog.reset_defaults()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+# --- PostgreSQL (tests/pg.py): one throwaway cluster per test session, a database per test ----
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL on a free loopback port for the whole session; skipped if missing."""
+    reason = pg_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
+    """Each index/queue/outbox test runs on both backends: None is the embedded SQLite, else
+    the URL of a fresh, upgraded PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    url = server.new_database()
+    upgrade_all(tmp_path, url)
+    return url

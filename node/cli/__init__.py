@@ -21,9 +21,15 @@ from node.errors import NodeError
 
 def all_commands() -> tuple[Command, ...]:
     """Every subcommand, in the order `neuronode --help` lists them."""
-    from node.cli import lab, operate, rules, study
+    from node.cli import db, lab, operate, rules, study
 
-    return (*operate.COMMANDS, *study.COMMANDS, *rules.COMMANDS, *lab.COMMANDS)
+    return (
+        *operate.COMMANDS,
+        *db.COMMANDS,
+        *study.COMMANDS,
+        *rules.COMMANDS,
+        *lab.COMMANDS,
+    )
 
 
 def _commands_for(argv: Sequence[str]) -> tuple[Command, ...]:

@@ -124,11 +124,12 @@ def cmd_status(args: StatusArgs) -> int:
     configure(rules.logging.format, "warning")  # stderr: stdout is the report (maybe JSON)
     spool_dir = rules.storage.spool_dir
     index_path = spool_dir / "index.sqlite"
-    if not index_path.exists():
+    url = rules.database.resolve_url()
+    if url is None and not index_path.exists():
         print(f"no spool index at {index_path} (has the node run yet?)")
         return 1
     set_correlation_key(load_or_create_key(spool_dir / "log.key"))
-    index = Index(index_path)
+    index = Index(index_path, url=url)
     try:
         queue = JobQueue(index, owner="status", lease_s=rules.processing.lease_s)
         summary = queue.summary()
@@ -142,7 +143,7 @@ def cmd_status(args: StatusArgs) -> int:
         index.close()
     from node.deliver.outbox import outbox_summary
 
-    deliveries = outbox_summary(spool_dir)
+    deliveries = outbox_summary(spool_dir, database_url=url)
     known = {d.name for d in rules.destinations}
     doc: dict[str, Any] = {
         "spool": str(spool_dir),
@@ -232,14 +233,15 @@ def cmd_requeue(args: RequeueArgs) -> int:
         )
     set_correlation_key(load_or_create_key(spool / "log.key"))
     index_path = spool / "index.sqlite"
+    url = rules.database.resolve_url()
     study_uid = None
     if args.study is not None:
-        study_uid = find_study(spool, args.study)
+        study_uid = find_study(spool, args.study, database_url=url)
     do_jobs = args.only != "deliveries" and destination is None
     do_deliveries = args.only != "jobs"
     n_jobs = 0
-    if do_jobs and index_path.exists():
-        index = Index(index_path)
+    if do_jobs and (url is not None or index_path.exists()):
+        index = Index(index_path, url=url)
         try:
             queue = JobQueue(index, owner="requeue", lease_s=rules.processing.lease_s)
             # A study named on purpose may also be a failed one (its input was fixed).
@@ -249,8 +251,8 @@ def cmd_requeue(args: RequeueArgs) -> int:
     from node.deliver.outbox import OUTBOX_DB, Outbox
 
     n_deliveries = 0
-    if do_deliveries and (spool / OUTBOX_DB).exists():
-        with Outbox(spool) as outbox:
+    if do_deliveries and (url is not None or (spool / OUTBOX_DB).exists()):
+        with Outbox(spool, database_url=url) as outbox:
             n_deliveries = outbox.requeue(
                 now=time.time(), destination=destination, study_uid=study_uid
             )
@@ -267,20 +269,20 @@ def cmd_requeue(args: RequeueArgs) -> int:
     return 0
 
 
-def find_study(spool_dir: Path, key_or_uid: str) -> str:
+def find_study(spool_dir: Path, key_or_uid: str, *, database_url: str | None = None) -> str:
     """The Study Instance UID a study key (as logs and `status` show it) or a UID names, from
     the spool index or the outbox; ConfigError when no study matches."""
     uids: set[str] = set()
     index_path = spool_dir / "index.sqlite"
-    if index_path.exists():
-        index = Index(index_path)
+    if database_url is not None or index_path.exists():
+        index = Index(index_path, url=database_url)
         try:
             uids.update(str(r["study_uid"]) for r in index.query("SELECT study_uid FROM studies"))
         finally:
             index.close()
     from node.deliver.outbox import outbox_study_uids
 
-    uids.update(outbox_study_uids(spool_dir))
+    uids.update(outbox_study_uids(spool_dir, database_url=database_url))
     if is_valid_uid(key_or_uid) and key_or_uid in uids:
         return key_or_uid
     matches = sorted(u for u in uids if uid_key(u) == key_or_uid.lower())

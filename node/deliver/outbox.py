@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import random
-import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from node.deliver.send import object_kind, send_dicom, send_stow
 from node.errors import SendError, SpoolError
 from node.log import get_logger, uid_key
 from node.records import Delivery, DeliveryCounts, DeliveryState, SendResult
+from node.store.db import OUTBOX, Database, Row, Session, outbox_url
 from node.store.files import write_dicom_durable
 
 log = get_logger(__name__)
@@ -40,29 +40,9 @@ OUTBOX_DB: Final = "outbox.sqlite"
 OBJECTS_DIR: Final = Path("outbox") / "objects"
 ERROR_TEXT_MAX: Final = 500
 
-_SCHEMA: Final = (
-    """
-    CREATE TABLE IF NOT EXISTS deliveries (
-        row_id INTEGER PRIMARY KEY AUTOINCREMENT,
-        sop_uid TEXT NOT NULL,
-        destination TEXT NOT NULL,
-        study_uid TEXT NOT NULL,
-        sop_class_uid TEXT NOT NULL,
-        path TEXT NOT NULL,
-        state TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at REAL NOT NULL,
-        last_error TEXT,
-        last_status_code INTEGER,
-        sent_sop_uid TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        delivered_at REAL,
-        UNIQUE (sop_uid, destination)
-    )
-    """,
-    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(destination, state, next_attempt_at)",
-)
+# A row 'sending' this long belonged to a sender that died mid-attempt (on a shared database,
+# where no one sender may reset the others' rows at start): it is due again.
+SENDING_STALE_S: Final = 600.0
 
 
 def backoff_s(attempts: int, settings: DeliverySettings, rng: random.Random) -> float:
@@ -83,22 +63,20 @@ def _write_atomic(ds: Dataset, path: Path) -> None:
 class Outbox:
     """The outbox database and its object folder under one spool directory."""
 
-    def __init__(self, spool_dir: Path) -> None:
+    def __init__(self, spool_dir: Path, *, database_url: str | None = None) -> None:
         self.spool_dir = spool_dir
         self.objects_dir = spool_dir / OBJECTS_DIR
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = spool_dir / OUTBOX_DB
-        self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        for statement in _SCHEMA:
-            self._db.execute(statement)
-        # A row left 'sending' belonged to a sender that died mid-attempt: try it again.
-        self._db.execute(
-            "UPDATE deliveries SET state=? WHERE state=?",
-            (DeliveryState.PENDING, DeliveryState.SENDING),
-        )
+        self._db = Database(outbox_url(spool_dir, database_url), component=OUTBOX)
+        if not self._db.postgres:
+            # This process is the only sender: a row left 'sending' belonged to a sender that
+            # died mid-attempt: try it again. (Shared database: after SENDING_STALE_S.)
+            with self._db.transaction() as db:
+                db.execute(
+                    "UPDATE deliveries SET state=? WHERE state=?",
+                    (DeliveryState.PENDING, DeliveryState.SENDING),
+                )
 
     def close(self) -> None:
         self._db.close()
@@ -110,14 +88,9 @@ class Outbox:
         self.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _tx(self) -> Iterator[Session]:
+        with self._db.transaction() as db:
+            yield db
 
     def enqueue(
         self, datasets: Sequence[Dataset], destinations: Sequence[str], *, now: float
@@ -135,9 +108,10 @@ class Outbox:
             with self._tx() as db:
                 for dest in destinations:
                     cur = db.execute(
-                        "INSERT OR IGNORE INTO deliveries (sop_uid, destination, study_uid,"
+                        "INSERT INTO deliveries (sop_uid, destination, study_uid,"
                         " sop_class_uid, path, state, next_attempt_at, created_at, updated_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT (sop_uid, destination) DO NOTHING",
                         (
                             sop_uid,
                             dest,
@@ -155,11 +129,21 @@ class Outbox:
         return new
 
     def _rows(
-        self, where: str, params: tuple[object, ...], limit: int = -1
+        self,
+        where: str,
+        params: tuple[object, ...],
+        limit: int | None = None,
+        *,
+        db: Session | None = None,
     ) -> tuple[Delivery, ...]:
-        cur = self._db.execute(
-            f"SELECT * FROM deliveries WHERE {where} ORDER BY row_id LIMIT ?", (*params, limit)
-        )
+        sql = f"SELECT * FROM deliveries WHERE {where} ORDER BY row_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (*params, limit)
+        if db is not None:  # claiming: lock the rows, skipping those another sender holds
+            rows: list[Row] = db.execute(sql + " FOR UPDATE SKIP LOCKED", params).fetchall()
+        else:
+            rows = self._db.query(sql, params)
         return tuple(
             Delivery(
                 row_id=r["row_id"],
@@ -175,7 +159,7 @@ class Outbox:
                 last_status_code=r["last_status_code"],
                 sent_sop_uid=r["sent_sop_uid"],
             )
-            for r in cur.fetchall()
+            for r in rows
         )
 
     def all(self) -> tuple[Delivery, ...]:
@@ -186,9 +170,17 @@ class Outbox:
         """Mark up to `limit` due rows of one destination as sending and return them."""
         with self._tx() as db:
             rows = self._rows(
-                "destination=? AND state=? AND next_attempt_at<=?",
-                (destination, DeliveryState.PENDING, now),
+                "destination=? AND ((state=? AND next_attempt_at<=?)"
+                " OR (state=? AND updated_at<?))",
+                (
+                    destination,
+                    DeliveryState.PENDING,
+                    now,
+                    DeliveryState.SENDING,
+                    now - SENDING_STALE_S,
+                ),
                 limit,
+                db=db,
             )
             db.executemany(
                 "UPDATE deliveries SET state=?, updated_at=? WHERE row_id=?",
@@ -198,20 +190,20 @@ class Outbox:
 
     def destinations_due(self, now: float) -> tuple[str, ...]:
         """Destinations that have at least one row due now."""
-        cur = self._db.execute(
-            "SELECT DISTINCT destination FROM deliveries WHERE state=? AND next_attempt_at<=?"
-            " ORDER BY destination",
-            (DeliveryState.PENDING, now),
+        rows = self._db.query(
+            "SELECT DISTINCT destination FROM deliveries WHERE (state=? AND next_attempt_at<=?)"
+            " OR (state=? AND updated_at<?) ORDER BY destination",
+            (DeliveryState.PENDING, now, DeliveryState.SENDING, now - SENDING_STALE_S),
         )
-        return tuple(r[0] for r in cur.fetchall())
+        return tuple(str(r[0]) for r in rows)
 
     def next_due(self, destination: str) -> float | None:
         """When the earliest pending row of a destination is due (None: nothing pending)."""
-        row = self._db.execute(
+        rows = self._db.query(
             "SELECT MIN(next_attempt_at) FROM deliveries WHERE destination=? AND state=?",
             (destination, DeliveryState.PENDING),
-        ).fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+        )
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
 
     def park_unknown(self, known: Sequence[str], *, now: float) -> dict[str, int]:
         """Park the unsent rows of destinations no longer in the rules (logged once each, shown
@@ -342,62 +334,69 @@ class Outbox:
     def counts(self) -> dict[str, dict[str, int]]:
         """Rows per destination and state."""
         out: dict[str, dict[str, int]] = {}
-        for r in self._db.execute(
-            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
-        ):
-            out.setdefault(r[0], {})[r[1]] = r[2]
-        return out
-
-    def previous_sr(self, study_uid: str, *, exclude_sop_uid: str) -> Path | None:
-        """The newest SR queued earlier for a study (the predecessor of a re-opened study's SR)."""
-        cur = self._db.execute(
-            "SELECT path FROM deliveries WHERE study_uid=? AND sop_uid<>? AND sop_class_uid"
-            " LIKE '1.2.840.10008.5.1.4.1.1.88.%' ORDER BY created_at DESC, row_id DESC LIMIT 1",
-            (study_uid, exclude_sop_uid),
-        )
-        row = cur.fetchone()
-        return None if row is None else Path(row[0])
-
-
-def delivery_counts(spool_dir: Path) -> dict[str, dict[str, int]]:
-    """Rows per destination and state, read-only (safe while a node is sending)."""
-    path = spool_dir / OUTBOX_DB
-    if not path.exists():
-        return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        out: dict[str, dict[str, int]] = {}
-        for r in db.execute(
+        for r in self._db.query(
             "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
         ):
             out.setdefault(str(r[0]), {})[str(r[1])] = int(r[2])
         return out
-    finally:
-        db.close()
+
+    def previous_sr(self, study_uid: str, *, exclude_sop_uid: str) -> Path | None:
+        """The newest SR queued earlier for a study (the predecessor of a re-opened study's SR)."""
+        rows = self._db.query(
+            "SELECT path FROM deliveries WHERE study_uid=? AND sop_uid<>? AND sop_class_uid"
+            " LIKE '1.2.840.10008.5.1.4.1.1.88.%' ORDER BY created_at DESC, row_id DESC LIMIT 1",
+            (study_uid, exclude_sop_uid),
+        )
+        return None if not rows else Path(rows[0][0])
 
 
-def outbox_study_uids(spool_dir: Path) -> frozenset[str]:
-    """The studies that have rows in the outbox, read-only."""
-    path = spool_dir / OUTBOX_DB
-    if not path.exists():
-        return frozenset()
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+@contextmanager
+def outbox_reader(spool_dir: Path, database_url: str | None) -> Iterator[Database | None]:
+    """The outbox database opened for reading (safe while a node is sending); None when the
+    embedded outbox was never made."""
+    if database_url is None and not (spool_dir / OUTBOX_DB).exists():
+        yield None
+        return
+    db = Database(outbox_url(spool_dir, database_url, readonly=True), component=OUTBOX, check=False)
     try:
-        return frozenset(str(r[0]) for r in db.execute("SELECT DISTINCT study_uid FROM deliveries"))
+        yield db
     finally:
         db.close()
 
 
-def outbox_summary(spool_dir: Path) -> dict[str, dict[str, int]]:
+def delivery_counts(
+    spool_dir: Path, *, database_url: str | None = None
+) -> dict[str, dict[str, int]]:
+    """Rows per destination and state, read-only (safe while a node is sending)."""
+    with outbox_reader(spool_dir, database_url) as db:
+        out: dict[str, dict[str, int]] = {}
+        if db is None:
+            return out
+        for r in db.query(
+            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
+        ):
+            out.setdefault(str(r[0]), {})[str(r[1])] = int(r[2])
+        return out
+
+
+def outbox_study_uids(spool_dir: Path, *, database_url: str | None = None) -> frozenset[str]:
+    """The studies that have rows in the outbox, read-only."""
+    with outbox_reader(spool_dir, database_url) as db:
+        if db is None:
+            return frozenset()
+        return frozenset(str(r[0]) for r in db.query("SELECT DISTINCT study_uid FROM deliveries"))
+
+
+def outbox_summary(
+    spool_dir: Path, *, database_url: str | None = None
+) -> dict[str, dict[str, int]]:
     """Per destination: pending (first try to come), failed (retrying after a failed attempt),
     dead, parked and delivered rows; read-only (safe while a node is sending)."""
-    path = spool_dir / OUTBOX_DB
-    if not path.exists():
-        return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
+    with outbox_reader(spool_dir, database_url) as db:
         out: dict[str, dict[str, int]] = {}
-        for name, state, attempts, n in db.execute(
+        if db is None:
+            return out
+        for name, state, attempts, n in db.query(
             "SELECT destination, state, attempts > 0, COUNT(*) FROM deliveries"
             " GROUP BY destination, state, attempts > 0"
         ):
@@ -410,8 +409,19 @@ def outbox_summary(spool_dir: Path) -> dict[str, dict[str, int]]:
             )
             row[key] = row.get(key, 0) + int(n)
         return out
-    finally:
-        db.close()
+
+
+def outbox_rows(
+    spool_dir: Path, *, database_url: str | None = None
+) -> tuple[tuple[str, str, float | None, str], ...]:
+    """Every row's (study UID, state, delivered_at, object path), read-only (retention)."""
+    with outbox_reader(spool_dir, database_url) as db:
+        if db is None:
+            return ()
+        return tuple(
+            (str(r[0]), str(r[1]), None if r[2] is None else float(r[2]), str(r[3]))
+            for r in db.query("SELECT study_uid, state, delivered_at, path FROM deliveries")
+        )
 
 
 # --- the sender loop -------------------------------------------------------------------------

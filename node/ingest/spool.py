@@ -13,19 +13,17 @@ state it keeps, and the start-up sweep that reconciles the two after a crash or 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import re
 import shutil
-import sqlite3
 import struct
 import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +38,16 @@ from node.errors import InvalidInstance, SpoolError, StoreStatus
 from node.ingest.completion import SeriesCount
 from node.log import get_logger, uid_key
 from node.records import InstanceRef, StoredInstance, StudyStatus
+from node.store.db import INDEX, Database, DatabaseError, Session, sqlite_url
 from node.store.files import makedirs_durable, write_bytes_durable
 
 log = get_logger(__name__)
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _MB = 1024 * 1024
+# On a shared spool, a temp or instance file without an index row younger than this is another
+# receiver's write in progress, not a crash's leftover.
+SHARED_LEFTOVER_AGE_S = 600.0
 
 # Only these are read from a received instance; nothing else of the header is looked at here.
 _TAGS = (
@@ -250,87 +252,17 @@ def _verify_pixels(ds: Dataset) -> None:
         raise InvalidInstance("pixel data: empty")
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    sop_instance_uid TEXT NOT NULL UNIQUE,
-    study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    calling_ae TEXT NOT NULL,
-    images_in_acquisition INTEGER,
-    temporal_positions INTEGER
-);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    first_received_at REAL NOT NULL,
-    last_received_at REAL NOT NULL,
-    last_seq INTEGER NOT NULL,
-    n_instances INTEGER NOT NULL,
-    reopened INTEGER NOT NULL DEFAULT 0,
-    times_done INTEGER NOT NULL DEFAULT 0,
-    receiving_since REAL
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    sha256 TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    calling_ae TEXT NOT NULL,
-    received_at REAL NOT NULL
-);
-"""
+class Index(Database):
+    """The spool's index: SQLite beside the spool by default (WAL, synchronous=FULL, one
+    connection behind a lock), or the PostgreSQL database of `database.url`; tables and
+    migrations in node.store.db. `path` is where the SQLite file is (or would be): its folder
+    is the spool root either way."""
 
-
-class Index:
-    """The spool's SQLite index (WAL, synchronous=FULL), one connection behind a lock."""
-
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, url: str | None = None, migrate: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        with self.transaction() as db:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    db.execute(stmt)
-            columns = {str(r["name"]) for r in db.execute("PRAGMA table_info(studies)")}
-            if "receiving_since" not in columns:  # an index made before max_wait_s existed
-                db.execute("ALTER TABLE studies ADD COLUMN receiving_since REAL")
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error)."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        """Run a read-only query and return all rows."""
-        with self._lock:
-            return list(self._conn.execute(sql, params).fetchall())
-
-    def close(self) -> None:
-        """Checkpoint the WAL and close the connection."""
-        with self._lock:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._conn.close()
+        # The embedded SQLite is always migrated on open; PostgreSQL only when asked.
+        super().__init__(url or sqlite_url(path), component=INDEX, migrate=migrate)
 
 
 class Spool:
@@ -343,6 +275,7 @@ class Spool:
         min_free_disk_mb: float,
         free_bytes: Callable[[Path], int] = disk_free_bytes,
         clock: Callable[[], float] = time.time,
+        database_url: str | None = None,
     ) -> None:
         self.root = root
         self.min_free_bytes = int(min_free_disk_mb * _MB)
@@ -350,13 +283,26 @@ class Spool:
         self._clock = clock
         for sub in ("instances", "quarantine", "tmp"):
             makedirs_durable(root / sub)
-        # Temp files left by a crash were never acknowledged: drop them.
+        self.index = Index(root / "index.sqlite", url=database_url)
+        # Temp files left by a crash were never acknowledged: drop them. On a shared spool
+        # (PostgreSQL) other receivers are writing theirs: only old ones are leftovers.
         for leftover in (root / "tmp").glob("*.part"):
-            leftover.unlink(missing_ok=True)
-        self.index = Index(root / "index.sqlite")
+            if self._abandoned(leftover):
+                leftover.unlink(missing_ok=True)
         self._inflight: set[str] = set()
         self._inflight_cv = threading.Condition()
         self.sweep_orphans()
+
+    def _abandoned(self, path: Path) -> bool:
+        """Whether a file no index row names was left by a crash, not written right now by
+        another process sharing the spool (on PostgreSQL: only files older than
+        SHARED_LEFTOVER_AGE_S; the embedded index has one writer, so every such file)."""
+        if not self.index.postgres:
+            return True
+        try:
+            return time.time() - path.stat().st_mtime > SHARED_LEFTOVER_AGE_S
+        except OSError:
+            return False
 
     def sweep_orphans(self) -> tuple[int, int]:
         """Reconcile files under instances/ that the index does not know (the index write
@@ -373,7 +319,7 @@ class Spool:
             }
             for path in sorted(study_dir.rglob("*.dcm")):
                 rel = path.relative_to(self.root)
-                if str(rel) in known:
+                if str(rel) in known or not self._abandoned(path):
                     continue
                 try:
                     adopted = self._adopt(path, rel)
@@ -413,7 +359,8 @@ class Spool:
         # Its arrival time is unknown: the file's own time is the best there is.
         received = path.stat().st_mtime
         result = self._store_parsed(data, parsed, calling_ae="", now=received)
-        return result.instance is not None and not result.instance.duplicate
+        # A duplicate: another receiver sharing the spool indexed it meanwhile.
+        return result.instance is not None
 
     def store(
         self, data: bytes, *, calling_ae: str, sop_class_uid: str | None = None
@@ -498,11 +445,15 @@ class Spool:
             raise SpoolError(f"cannot write instance: {exc.strerror}") from exc
         try:
             with self.index.transaction() as db:
-                cur = db.execute(
+                # The study row is locked before the instance takes its seq, so on a shared
+                # database seqs commit in order per study (claim and re-open compare them).
+                self._lock_study(db, ref.study_uid, now=now)
+                row = db.execute(
                     "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, "
                     "sop_class_uid, transfer_syntax_uid, path, size_bytes, received_at, "
                     "calling_ae, images_in_acquisition, temporal_positions) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING seq",
                     (
                         ref.sop_instance_uid,
                         ref.study_uid,
@@ -516,11 +467,13 @@ class Spool:
                         parsed.images_in_acquisition,
                         parsed.temporal_positions,
                     ),
-                )
-                seq = int(cur.lastrowid or 0)
-                self._touch_study(db, ref.study_uid, now=now, seq=seq)
-        except sqlite3.Error as exc:
+                ).fetchone()
+                if row is not None:
+                    self._touch_study(db, ref.study_uid, now=now, seq=int(row["seq"]))
+        except DatabaseError as exc:
             raise SpoolError(f"cannot index instance: {type(exc).__name__}") from exc
+        if row is None:  # another receiver indexed the same instance meanwhile: same bytes
+            return self._store_parsed(data, parsed, calling_ae=calling_ae, now=now)
         return StoreResult(
             status=StoreStatus.SUCCESS,
             instance=StoredInstance(
@@ -535,16 +488,21 @@ class Spool:
         )
 
     @staticmethod
-    def _touch_study(db: sqlite3.Connection, study_uid: str, *, now: float, seq: int) -> None:
-        """Record a new instance on its study; a study already finished is re-opened."""
+    def _lock_study(db: Session, study_uid: str, *, now: float) -> None:
+        """Make the study's row if it is new (receiving, no instance yet) and lock it."""
+        db.execute(
+            "INSERT INTO studies (study_uid, state, first_received_at, last_received_at, "
+            "last_seq, n_instances, receiving_since) VALUES (?, ?, ?, ?, 0, 0, ?) "
+            "ON CONFLICT (study_uid) DO NOTHING",
+            (study_uid, StudyStatus.RECEIVING.value, now, now, now),
+        )
+        db.execute("SELECT state FROM studies WHERE study_uid = ? FOR UPDATE", (study_uid,))
+
+    @staticmethod
+    def _touch_study(db: Session, study_uid: str, *, now: float, seq: int) -> None:
+        """Record a new instance on its (locked) study; a study already finished is re-opened."""
         row = db.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
-        if row is None:
-            db.execute(
-                "INSERT INTO studies (study_uid, state, first_received_at, last_received_at, "
-                "last_seq, n_instances, receiving_since) VALUES (?, ?, ?, ?, ?, 1, ?)",
-                (study_uid, StudyStatus.RECEIVING.value, now, now, seq, now),
-            )
-            return
+        assert row is not None  # made by _lock_study in this transaction
         finished = row["state"] in (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.DEAD)
         db.execute(
             "UPDATE studies SET last_received_at = ?, last_seq = ?, n_instances = n_instances + 1, "
@@ -583,7 +541,7 @@ class Spool:
                         StudyStatus.DEAD.value,
                     ),
                 )
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             raise SpoolError(f"cannot re-open study: {type(exc).__name__}") from exc
         if cur.rowcount:
             log.info("study_reopened", study_key=uid_key(study_uid), reason="instance sent again")
@@ -612,11 +570,13 @@ class Spool:
             )
             with self.index.transaction() as db:
                 db.execute(
-                    "INSERT OR REPLACE INTO quarantine (sha256, reason, calling_ae, received_at) "
-                    "VALUES (?, ?, ?, ?)",
+                    "INSERT INTO quarantine (sha256, reason, calling_ae, received_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET "
+                    "reason = excluded.reason, calling_ae = excluded.calling_ae, "
+                    "received_at = excluded.received_at",
                     (digest, reason, calling_ae, now),
                 )
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, DatabaseError) as exc:
             raise SpoolError(f"cannot quarantine instance: {type(exc).__name__}") from exc
         log.warning(
             "instance_quarantined",

@@ -8,7 +8,6 @@ the earlier partial work and `done` is recorded once. Each attempt is kept in `j
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,44 +16,9 @@ from node.errors import JobError
 from node.ingest.spool import Index
 from node.log import get_logger, uid_key
 from node.records import StudyJob, StudyOutcome, StudyStatus
+from node.store.db import Session
 
 log = get_logger(__name__)
-
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS jobs (
-        job_id INTEGER PRIMARY KEY AUTOINCREMENT,
-        study_uid TEXT NOT NULL,
-        state TEXT NOT NULL,
-        reopened INTEGER NOT NULL DEFAULT 0,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        max_attempts INTEGER NOT NULL,
-        owner TEXT,
-        lease_expires REAL,
-        claimed_seq INTEGER,
-        available_at REAL NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        last_error TEXT
-    )
-    """,
-    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, available_at)",
-    """
-    CREATE TABLE IF NOT EXISTS job_history (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_id INTEGER NOT NULL,
-        study_uid TEXT NOT NULL,
-        attempt INTEGER NOT NULL,
-        owner TEXT NOT NULL,
-        reopened INTEGER NOT NULL,
-        started_at REAL NOT NULL,
-        finished_at REAL,
-        outcome TEXT,
-        audit_path TEXT,
-        error TEXT
-    )
-    """,
-)
 
 RETRY_BACKOFF_MAX_S = 60.0
 
@@ -109,23 +73,20 @@ class JobQueue:
         self.owner = owner
         self.lease_s = lease_s
         self.max_attempts = max_attempts
-        self._clock = clock
-        with index.transaction() as db:
-            for stmt in _SCHEMA:
-                db.execute(stmt)
+        self._clock = clock  # the tables are the index's (node.store.db)
 
     def enqueue(self, study_uid: str) -> int | None:
         """Make a receiving study ready: one new job. None if the study is not receiving."""
         now = self._clock()
         with self.index.transaction() as db:
             st = db.execute(
-                "SELECT state, reopened FROM studies WHERE study_uid = ?", (study_uid,)
+                "SELECT state, reopened FROM studies WHERE study_uid = ? FOR UPDATE", (study_uid,)
             ).fetchone()
             if st is None or st["state"] != StudyStatus.RECEIVING:
                 return None
             cur = db.execute(
                 "INSERT INTO jobs (study_uid, state, reopened, max_attempts, available_at, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING job_id",
                 (
                     study_uid,
                     StudyStatus.READY.value,
@@ -140,7 +101,7 @@ class JobQueue:
                 "UPDATE studies SET state = ? WHERE study_uid = ?",
                 (StudyStatus.READY.value, study_uid),
             )
-            job_id = int(cur.lastrowid or 0)
+            job_id = int(cur.fetchall()[0]["job_id"])
         log.info(
             "study_ready",
             study_key=uid_key(study_uid),
@@ -155,7 +116,8 @@ class JobQueue:
         with self.index.transaction() as db:
             row = db.execute(
                 "SELECT job_id, study_uid, attempts, reopened FROM jobs "
-                "WHERE state = ? AND available_at <= ? ORDER BY job_id LIMIT 1",
+                "WHERE state = ? AND available_at <= ? ORDER BY job_id LIMIT 1 "
+                "FOR UPDATE SKIP LOCKED",
                 (StudyStatus.READY.value, now),
             ).fetchone()
             if row is None:
@@ -163,7 +125,7 @@ class JobQueue:
             study_uid = str(row["study_uid"])
             attempt = int(row["attempts"]) + 1
             seq_row = db.execute(
-                "SELECT last_seq FROM studies WHERE study_uid = ?", (study_uid,)
+                "SELECT last_seq FROM studies WHERE study_uid = ? FOR UPDATE", (study_uid,)
             ).fetchone()
             claimed_seq = int(seq_row["last_seq"]) if seq_row is not None else 0
             db.execute(
@@ -203,9 +165,9 @@ class JobQueue:
             reopened=bool(row["reopened"]),
         )
 
-    def _check_lease(self, db: sqlite3.Connection, job: StudyJob) -> None:
+    def _check_lease(self, db: Session, job: StudyJob) -> None:
         row = db.execute(
-            "SELECT state, owner, attempts FROM jobs WHERE job_id = ?", (job.job_id,)
+            "SELECT state, owner, attempts FROM jobs WHERE job_id = ? FOR UPDATE", (job.job_id,)
         ).fetchone()
         if (
             row is None
@@ -217,7 +179,7 @@ class JobQueue:
 
     def _finish_history(
         self,
-        db: sqlite3.Connection,
+        db: Session,
         job: StudyJob,
         *,
         outcome: str,
@@ -231,9 +193,7 @@ class JobQueue:
             (now, outcome, audit, error, job.job_id, job.attempt),
         )
 
-    def _settle_study(
-        self, db: sqlite3.Connection, job: StudyJob, state: StudyStatus
-    ) -> StudyStatus:
+    def _settle_study(self, db: Session, job: StudyJob, state: StudyStatus) -> StudyStatus:
         """Set the study's state after a job ends; instances that came meanwhile re-open it."""
         st = db.execute(
             "SELECT s.last_seq AS last_seq, j.claimed_seq AS claimed_seq FROM studies s "
@@ -338,7 +298,7 @@ class JobQueue:
         with self.index.transaction() as db:
             rows = db.execute(
                 "SELECT job_id, study_uid, attempts, max_attempts FROM jobs "
-                f"WHERE state = ? AND {where}",
+                f"WHERE state = ? AND {where} FOR UPDATE SKIP LOCKED",
                 (StudyStatus.PROCESSING.value, *params),
             ).fetchall()
             for r in rows:
@@ -373,7 +333,11 @@ class JobQueue:
         """At startup: jobs left in processing by a previous (dead) process are taken back.
 
         A crash of the node is not the study's fault: the interrupted attempt is not counted.
+        On a shared PostgreSQL database other owners are other live processes: their jobs
+        come back only when their lease expires (`expire_leases`).
         """
+        if self.index.postgres:
+            return 0
         return self._abandon(
             "(owner IS NULL OR owner != ?)", (self.owner,), "interrupted", counted=False
         )

@@ -330,7 +330,8 @@ def stage_outbox(ctx: StudyContext) -> StudyContext:
     # The SR first: it is what the reader waits for, and the heatmaps follow it in row order.
     ordered = sorted(ctx.objects, key=lambda o: o.kind != "sr")
     datasets = [pydicom.dcmread(o.path) for o in ordered]
-    with Outbox(ctx.rules.storage.spool_dir) as outbox:
+    url = ctx.rules.database.resolve_url()
+    with Outbox(ctx.rules.storage.spool_dir, database_url=url) as outbox:
         n = outbox.enqueue(datasets, names, now=time.time())
     return replace(ctx, destinations=names, n_enqueued=n)
 

@@ -51,6 +51,7 @@ from node.service.backoff import RepeatedError
 from node.service.lock import lock_spool, os_reason, prepare_spool_dir
 from node.service.senders import SENDER_IDLE_S, SENDER_INTERVAL_S, Senders
 from node.service.workers import KILL_GRACE_S, InProcessWorker, Processor, ProcessWorker, WorkerDied
+from node.store.db import DatabaseError, SchemaError
 from node.web.metrics import NodeMetrics
 
 if TYPE_CHECKING:
@@ -134,10 +135,23 @@ class Node:
         self._watcher = RuleFileWatcher(rules_path) if rules_path is not None else None
         spool_dir = rules.storage.spool_dir
         prepare_spool_dir(spool_dir)
-        # A whole node excludes every other process on its spool; one role shares it.
-        self._lock_file = lock_spool(spool_dir, shared=self.roles != ALL_ROLES)
+        # A whole node excludes every other process on its spool; one role shares it, and so
+        # does every node on a PostgreSQL database (its row locks coordinate them).
+        shared = rules.database.shared
+        self._lock_file = lock_spool(spool_dir, shared=self.roles != ALL_ROLES or shared)
         try:
-            self.spool = Spool(spool_dir, min_free_disk_mb=rules.storage.min_free_disk_mb)
+            self.spool = Spool(
+                spool_dir,
+                min_free_disk_mb=rules.storage.min_free_disk_mb,
+                database_url=rules.database.resolve_url(),
+            )
+        except (ConfigError, DatabaseError) as exc:  # url_file, schema, PostgreSQL unreachable
+            self._lock_file.close()
+            if shared or isinstance(exc, (ConfigError, SchemaError)):
+                raise ConfigError(str(exc)) from None
+            raise ConfigError(
+                f"storage.spool_dir: cannot use {spool_dir}: {os_reason(exc)}"
+            ) from None
         except (OSError, sqlite3.Error) as exc:
             self._lock_file.close()
             raise ConfigError(

@@ -74,7 +74,9 @@ class Senders:
 
         rules = self._rules()
         try:
-            with Outbox(rules.storage.spool_dir) as outbox:
+            with Outbox(
+                rules.storage.spool_dir, database_url=rules.database.resolve_url()
+            ) as outbox:
                 outbox.park_unknown([d.name for d in rules.destinations], now=time.time())
         except (sqlite3.Error, OSError) as exc:
             log.error("sender_failed", error_type=type(exc).__name__)
@@ -86,7 +88,8 @@ class Senders:
         with self._lock:
             wake = self._wake[destination]
         try:
-            outbox = Outbox(self._rules().storage.spool_dir)
+            rules = self._rules()
+            outbox = Outbox(rules.storage.spool_dir, database_url=rules.database.resolve_url())
         except (sqlite3.Error, OSError) as exc:
             log.error("sender_failed", destination=destination, error_type=type(exc).__name__)
             return

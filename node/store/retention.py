@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sqlite3
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from node.config import RetentionSettings
-from node.deliver.outbox import OUTBOX_DB, Outbox
+from node.deliver.outbox import OUTBOX_DB, Outbox, outbox_rows
 from node.errors import NodeError
 from node.ingest.spool import Spool
 from node.log import get_logger, uid_key
@@ -33,18 +32,6 @@ from node.records import DeliveryState, StudyStatus
 log = get_logger(__name__)
 
 _MB = 1024 * 1024
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS purged (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_key TEXT NOT NULL,
-    purged_at REAL NOT NULL,
-    reason TEXT NOT NULL,
-    n_instances INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    delivered_at REAL NOT NULL
-)
-"""
 
 
 class PurgeReason(StrEnum):
@@ -91,23 +78,14 @@ def spool_bytes(spool: Spool) -> int:
     return total
 
 
-def _outbox_rows(spool_dir: Path) -> dict[str, list[tuple[str, float | None, str]]]:
+def _outbox_rows(spool: Spool) -> dict[str, list[tuple[str, float | None, str]]]:
     """Per study: (state, delivered_at, path) of each outbox row, read-only."""
-    path = spool_dir / OUTBOX_DB
-    if not path.exists():
-        return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        out: dict[str, list[tuple[str, float | None, str]]] = {}
-        for study, state, delivered_at, obj in db.execute(
-            "SELECT study_uid, state, delivered_at, path FROM deliveries"
-        ):
-            out.setdefault(str(study), []).append(
-                (str(state), None if delivered_at is None else float(delivered_at), str(obj))
-            )
-        return out
-    finally:
-        db.close()
+    out: dict[str, list[tuple[str, float | None, str]]] = {}
+    for study, state, delivered_at, obj in outbox_rows(
+        spool.root, database_url=spool.index.url_if_shared
+    ):
+        out.setdefault(study, []).append((state, delivered_at, obj))
+    return out
 
 
 def _did_not_qualify(spool_dir: Path, study_uid: str) -> bool:
@@ -124,7 +102,8 @@ def candidates(spool: Spool, *, only: str | None = None) -> tuple[Candidate, ...
         " (SELECT MAX(updated_at) FROM jobs j WHERE j.study_uid = s.study_uid) AS done_at"
         " FROM studies s LEFT JOIN instances i ON i.study_uid = s.study_uid"
         " WHERE s.state = ? AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid"
-        " AND j.state IN (?, ?)) AND (? IS NULL OR s.study_uid = ?) GROUP BY s.study_uid",
+        " AND j.state IN (?, ?)) AND (CAST(? AS TEXT) IS NULL OR s.study_uid = ?)"
+        " GROUP BY s.study_uid",
         (
             StudyStatus.DONE.value,
             StudyStatus.READY.value,
@@ -133,7 +112,7 @@ def candidates(spool: Spool, *, only: str | None = None) -> tuple[Candidate, ...
             only,
         ),
     )
-    deliveries = _outbox_rows(spool.root)
+    deliveries = _outbox_rows(spool)
     out = []
     for r in rows:
         study_uid = str(r["study_uid"])
@@ -212,8 +191,6 @@ def purge(
     Each study is checked again inside its own index transaction (a study re-opened by a new
     instance since the plan was made stays), so the running node can purge between jobs.
     """
-    with spool.index.transaction() as db:
-        db.execute(_SCHEMA)
     done = []
     for d in decisions:
         if _purge_one(spool, d, now=time.time() if now is None else now):
@@ -234,7 +211,9 @@ def _purge_one(spool: Spool, d: PurgeDecision, *, now: float) -> bool:
         return False  # re-opened, or a delivery came back to life, since the plan was made
     c = still[0]
     with spool.index.transaction() as db:
-        st = db.execute("SELECT state FROM studies WHERE study_uid = ?", (d.study_uid,)).fetchone()
+        st = db.execute(
+            "SELECT state FROM studies WHERE study_uid = ? FOR UPDATE", (d.study_uid,)
+        ).fetchone()
         if st is None or st["state"] != StudyStatus.DONE:
             return False
         paths = [
@@ -254,8 +233,9 @@ def _purge_one(spool: Spool, d: PurgeDecision, *, now: float) -> bool:
         )
     shutil.rmtree(audit_path(results_dir(spool.root), d.study_uid).parent, ignore_errors=True)
     _remove_empty_dirs(spool.root / "instances" / d.study_uid)
-    if (spool.root / OUTBOX_DB).exists():
-        with Outbox(spool.root) as outbox:
+    shared = spool.index.url_if_shared
+    if shared is not None or (spool.root / OUTBOX_DB).exists():
+        with Outbox(spool.root, database_url=shared) as outbox:
             outbox.forget_delivered(d.study_uid)
     return True
 
@@ -285,8 +265,6 @@ class PurgedStudy:
 
 def purged_studies(spool: Spool) -> tuple[PurgedStudy, ...]:
     """Every purged study, newest first."""
-    with spool.index.transaction() as db:
-        db.execute(_SCHEMA)
     return tuple(
         PurgedStudy(
             study_key=str(r["study_key"]),

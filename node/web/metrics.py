@@ -7,7 +7,6 @@ names, destination names and states: never a UID, never patient data.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from node.ingest.spool import Spool, disk_free_bytes
 from node.records import DeliveryState, StudyStatus
+from node.store.db import Row
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -182,7 +182,7 @@ class _SpoolCollector(Collector):
             "Distinct instances kept in quarantine.",
             value=n_quarantined,
         )
-        yield from _outbox_gauges(self.spool.root)
+        yield from _outbox_gauges(self.spool.root, self.spool.index.url_if_shared)
         yield GaugeMetricFamily(
             "neuronode_active_associations",
             "DICOM associations open now.",
@@ -200,16 +200,16 @@ class _SpoolCollector(Collector):
         )
 
 
-def _by_state(rows: list[sqlite3.Row]) -> dict[str, int]:
+def _by_state(rows: list[Row]) -> dict[str, int]:
     return {str(r["state"]): int(r["n"]) for r in rows}
 
 
-def _outbox_gauges(spool_dir: Path) -> Iterator[Metric]:
+def _outbox_gauges(spool_dir: Path, database_url: str | None = None) -> Iterator[Metric]:
     # Imported at the first scrape, not at start: the listener opens before the sender's
     # DICOM libraries load (launch to first C-ECHO).
     from node.deliver.outbox import delivery_counts
 
-    counts = delivery_counts(spool_dir)
+    counts = delivery_counts(spool_dir, database_url=database_url)
     rows = GaugeMetricFamily(
         "neuronode_outbox",
         "Outbox rows by destination and state.",

@@ -298,7 +298,11 @@ class StatusApp:
 
     def _index_data(self, page: int) -> tuple[Any, ...]:
         studies, total = list_studies(self.spool, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-        sent = delivery_states(self.spool.root, [s.study_uid for s in studies])
+        sent = delivery_states(
+            self.spool.root,
+            [s.study_uid for s in studies],
+            database_url=self.spool.index.url_if_shared,
+        )
         return (
             [(s, sent.get(s.study_uid, {})) for s in studies],
             total,

@@ -11,7 +11,6 @@ a page is rendered, and are never logged.
 from __future__ import annotations
 
 import io
-import sqlite3
 import time
 import warnings
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from node.deliver.outbox import OUTBOX_DB, Outbox
+from node.deliver.outbox import Outbox
 from node.deliver.send import object_kind
 from node.errors import NodeError
 from node.ingest.spool import PARSE_ERRORS, Spool
@@ -30,6 +29,7 @@ from node.log import get_logger, uid_key
 from node.pipeline.audit import AuditRecord, FindingEntry, audit_path, read_audit
 from node.pipeline.jobs import JobQueue
 from node.records import DeliveryState, StudyStatus
+from node.store.db import Row
 from node.store.retention import results_dir
 
 log = get_logger(__name__)
@@ -67,7 +67,7 @@ class StatusHooks:
             return n
 
         def requeue_deliveries(study_uid: str, destination: str) -> int:
-            with Outbox(spool.root) as outbox:
+            with Outbox(spool.root, database_url=spool.index.url_if_shared) as outbox:
                 return outbox.requeue(now=time.time(), destination=destination, study_uid=study_uid)
 
         def force_complete(study_uid: str) -> bool:
@@ -105,7 +105,7 @@ class StudyRow:
     reopened: bool
 
 
-def _study_row(r: sqlite3.Row) -> StudyRow:
+def _study_row(r: Row) -> StudyRow:
     uid = str(r["study_uid"])
     processed = float(r["job_updated"]) if r["job_state"] == StudyStatus.DONE else None
     since = r["receiving_since"] if r["receiving_since"] is not None else r["first_received_at"]
@@ -144,24 +144,26 @@ def list_studies(spool: Spool, *, limit: int, offset: int = 0) -> tuple[tuple[St
     return tuple(_study_row(r) for r in rows), total
 
 
-def delivery_states(spool_dir: Path, study_uids: list[str]) -> dict[str, dict[str, int]]:
+def delivery_states(
+    spool_dir: Path, study_uids: list[str], *, database_url: str | None = None
+) -> dict[str, dict[str, int]]:
     """Outbox rows per study and state for the listed studies, read-only."""
-    path = spool_dir / OUTBOX_DB
-    if not path.exists() or not study_uids:
+    from node.deliver.outbox import outbox_reader
+
+    if not study_uids:
         return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        marks = ",".join("?" * len(study_uids))
+    with outbox_reader(spool_dir, database_url) as db:
         out: dict[str, dict[str, int]] = {}
-        for uid, state, n in db.execute(
+        if db is None:
+            return out
+        marks = ",".join("?" * len(study_uids))
+        for uid, state, n in db.query(
             f"SELECT study_uid, state, COUNT(*) FROM deliveries WHERE study_uid IN ({marks})"
             " GROUP BY study_uid, state",
             study_uids,
         ):
             out.setdefault(str(uid), {})[str(state)] = int(n)
         return out
-    finally:
-        db.close()
 
 
 def find_study(spool: Spool, study_key: str) -> StudyRow | None:
@@ -316,7 +318,9 @@ def study_detail(spool: Spool, hooks: StatusHooks, study: StudyRow) -> StudyDeta
         findings=audit.findings if audit is not None else (),
         heatmaps=_heatmaps(audit) if audit is not None else (),
         attempts=_attempts(spool, study.study_uid),
-        deliveries=study_deliveries(spool.root, study.study_uid),
+        deliveries=study_deliveries(
+            spool.root, study.study_uid, database_url=spool.index.url_if_shared
+        ),
         can_requeue_job=study.state in (StudyStatus.DEAD, StudyStatus.FAILED)
         and study.job_state == study.state,
         can_force_complete=study.state == StudyStatus.RECEIVING,
@@ -448,22 +452,21 @@ def _attempts(spool: Spool, study_uid: str) -> tuple[AttemptView, ...]:
     )
 
 
-def study_deliveries(spool_dir: Path, study_uid: str) -> tuple[DestinationView, ...]:
+def study_deliveries(
+    spool_dir: Path, study_uid: str, *, database_url: str | None = None
+) -> tuple[DestinationView, ...]:
     """The study's outbox rows per destination, read-only (safe while the senders run)."""
-    path = spool_dir / OUTBOX_DB
-    if not path.exists():
-        return ()
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    db.row_factory = sqlite3.Row
-    try:
-        rows = db.execute(
+    from node.deliver.outbox import outbox_reader
+
+    with outbox_reader(spool_dir, database_url) as db:
+        if db is None:
+            return ()
+        rows = db.query(
             "SELECT destination, sop_class_uid, state, attempts, last_error, updated_at,"
             " delivered_at FROM deliveries WHERE study_uid=? ORDER BY destination, row_id",
             (study_uid,),
-        ).fetchall()
-    finally:
-        db.close()
-    by_dest: dict[str, list[sqlite3.Row]] = {}
+        )
+    by_dest: dict[str, list[Row]] = {}
     for r in rows:
         by_dest.setdefault(str(r["destination"]), []).append(r)
     out = []

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import io
+import json
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
+import yaml
 
+from node.cli import main
 from node.config import Rules
 from node.errors import JobError
 from node.ingest.spool import Spool
 from node.lab.orthanc import free_port
 from node.pipeline.jobs import JobQueue
 from node.records import StudyJob, StudyOutcome, StudyStatus
+from node.store.db import upgrade_all
 from tests.conftest import pydicom_file
 
 
@@ -42,8 +49,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def spool(tmp_path: Path, clock: Clock) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool", min_free_disk_mb=0, clock=clock)
+def spool(tmp_path: Path, clock: Clock, database_url: str | None) -> Iterator[Spool]:
+    s = Spool(tmp_path / "spool", min_free_disk_mb=0, clock=clock, database_url=database_url)
     yield s
     s.close()
 
@@ -170,6 +177,13 @@ def test_orphans_of_dead_owner_are_released_on_startup(spool: Spool, clock: Cloc
     old.enqueue("1.2.3")
     assert old.claim() is not None  # then the process is killed
     new = _queue(spool, clock, "new-pid")
+    if spool.index.postgres:  # shared: the other owner may be alive; its lease decides
+        assert new.release_orphans() == 0 and _study_state(spool) == "processing"
+        clock.t += 61.0
+        assert new.expire_leases() == 1 and _study_state(spool) == "ready"
+        job = new.claim()
+        assert job is not None and job.attempt == 2
+        return
     assert new.release_orphans() == 1
     assert _study_state(spool) == "ready"
     job = new.claim()
@@ -247,9 +261,10 @@ def test_state_survives_reopen_of_index(tmp_path: Path, clock: Clock) -> None:
 # --- the workers of node.service.Node, with an injected processor ------------------------------
 
 
-def _node_rules(tmp_path: Path, **processing: float) -> Rules:
+def _node_rules(tmp_path: Path, database_url: str | None = None, **processing: float) -> Rules:
     return Rules.model_validate(
         {
+            "database": {"url": database_url},
             "node": {"port": free_port(), "accept_unknown_callers": True},
             "http": {"port": 0},
             "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_disk_mb": 0},
@@ -268,7 +283,9 @@ def _wait(pred: Callable[[], bool], timeout_s: float = 15.0) -> None:
     raise AssertionError("condition not met")
 
 
-def test_node_processes_each_ready_study_once(tmp_path: Path) -> None:
+def test_node_processes_each_ready_study_once(
+    tmp_path: Path, database_url: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
     from node.service import Node
 
     calls: list[StudyJob] = []
@@ -279,7 +296,7 @@ def test_node_processes_each_ready_study_once(tmp_path: Path) -> None:
             calls.append(job)
         return _outcome(job)
 
-    node = Node(_node_rules(tmp_path), processor=counting)
+    node = Node(_node_rules(tmp_path, database_url), processor=counting)
     node.start()
     try:
         for study in ("1.2.3", "1.2.4"):
@@ -295,6 +312,21 @@ def test_node_processes_each_ready_study_once(tmp_path: Path) -> None:
         assert len(calls[2].instance_paths) == 4
     finally:
         node.stop(grace_s=2)
+    # `neuronode status` reads the same database (PostgreSQL: nothing embedded was made).
+    assert (tmp_path / "spool" / "index.sqlite").exists() == (database_url is None)
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"url": database_url},
+                "storage": {"spool_dir": str(tmp_path / "spool")},
+            }
+        )
+    )
+    capsys.readouterr()
+    assert main(["status", "--rules", str(rules_file), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["studies"]["done"] == 2 and doc["queue_depth"] == 0
 
 
 def test_node_failures_retry_then_dead_and_node_errors_fail_once(tmp_path: Path) -> None:
@@ -320,3 +352,89 @@ def test_node_failures_retry_then_dead_and_node_errors_fail_once(tmp_path: Path)
         assert calls == {"1.2.3": 2, "1.2.4": 1}
     finally:
         node.stop(grace_s=2)
+
+
+# --- several processes on one PostgreSQL database --------------------------------------------
+
+
+def _lease_until_empty(url: str, root: str, owner: str) -> list[int]:
+    """In a separate process: lease and complete jobs until none is left; the jobs leased."""
+    spool = Spool(Path(root), min_free_disk_mb=0, database_url=url)
+    queue = JobQueue(spool.index, owner=owner, lease_s=60.0)
+    leased: list[int] = []
+    idle = 0
+    try:
+        while idle < 3:
+            job = queue.claim()
+            if job is None:
+                idle += 1
+                time.sleep(0.05)
+                continue
+            idle = 0
+            leased.append(job.job_id)
+            time.sleep(0.002)  # hold the lease a moment, as a worker does
+            queue.complete(job, _outcome(job))
+    finally:
+        spool.close()
+    return leased
+
+
+def _store_many(url: str, root: str, sops: list[str]) -> None:
+    """In a separate process: store instances of study 1.2.9 as a receiver would."""
+    spool = Spool(Path(root), min_free_disk_mb=0, database_url=url)
+    try:
+        for sop in sops:
+            assert spool.store(_mr("1.2.9", "1.2.9.1", sop), calling_ae="A").instance
+    finally:
+        spool.close()
+
+
+@pytest.mark.integration
+def test_processes_leasing_at_once_never_lease_a_job_twice(tmp_path: Path, pg_server: Any) -> None:
+    url = pg_server.new_database()
+    upgrade_all(tmp_path, url)
+    spool = Spool(tmp_path / "spool", min_free_disk_mb=0, database_url=url)
+    queue = JobQueue(spool.index, owner="scheduler", lease_s=60.0)
+    n = 120
+    with spool.index.transaction() as db:
+        db.executemany(
+            "INSERT INTO studies (study_uid, state, first_received_at, last_received_at, "
+            "last_seq, n_instances) VALUES (?, 'receiving', 0, 0, 0, 0)",
+            [(f"1.2.8.{i}",) for i in range(n)],
+        )
+    for i in range(n):
+        assert queue.enqueue(f"1.2.8.{i}") is not None
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_lease_until_empty, url, str(tmp_path / "spool"), f"p{k}") for k in range(4)
+        ]
+        leased = [job for f in futures for job in f.result(timeout=300)]
+    assert len(leased) == n and len(set(leased)) == n  # every job once, none twice
+    assert sum(1 for f in futures if f.result()) >= 2  # the work really was shared
+    history = spool.index.query("SELECT outcome, COUNT(*) AS n FROM job_history GROUP BY outcome")
+    assert [(r["outcome"], r["n"]) for r in history] == [("done", n)]
+    done = spool.index.query("SELECT COUNT(*) AS n FROM studies WHERE times_done = 1")
+    assert done[0]["n"] == n
+    spool.close()
+
+
+@pytest.mark.integration
+def test_two_receiver_processes_storing_one_study_keep_its_count_and_order(
+    tmp_path: Path, pg_server: Any
+) -> None:
+    url = pg_server.new_database()
+    upgrade_all(tmp_path, url)
+    sops = [f"1.2.9.1.{i}" for i in range(1, 41)]
+    halves = [sops[:25], sops[15:]]  # ten instances are sent to both receivers
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for f in [pool.submit(_store_many, url, str(tmp_path / "spool"), h) for h in halves]:
+            f.result(timeout=300)
+    spool = Spool(tmp_path / "spool", min_free_disk_mb=0, database_url=url)
+    try:
+        [st] = spool.index.query("SELECT n_instances, last_seq, state FROM studies")
+        [inst] = spool.index.query("SELECT COUNT(*) AS n, MAX(seq) AS top FROM instances")
+        assert (st["n_instances"], inst["n"]) == (40, 40)  # the duplicates counted once
+        assert st["last_seq"] == inst["top"] and st["state"] == "receiving"
+        assert len(spool.receiving_studies()[0].series) == 1
+    finally:
+        spool.close()

@@ -15,9 +15,12 @@ from structlog.testing import capture_logs
 from node.cli.operate import RequeueArgs, cmd_requeue
 from node.config import DeliverySettings, DicomDestination, DicomWebDestination, Rules
 from node.deliver.outbox import (
+    SENDING_STALE_S,
     Outbox,
     backoff_s,
     deliver_due,
+    outbox_study_uids,
+    outbox_summary,
 )
 from node.errors import SendError
 from node.records import DeliveryState, SendResult
@@ -88,8 +91,8 @@ def test_backoff_doubles_jitters_and_caps() -> None:
     assert all(backoff_s(10, DELIVERY, rng) <= 100 for _ in range(100))
 
 
-def test_enqueue_is_idempotent_and_atomic(tmp_path: Path) -> None:
-    with Outbox(tmp_path) as outbox:
+def test_enqueue_is_idempotent_and_atomic(tmp_path: Path, database_url: str | None) -> None:
+    with Outbox(tmp_path, database_url=database_url) as outbox:
         assert outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs", "web"], now=0) == 4
         assert outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs", "web"], now=5) == 0
         assert len(outbox.all()) == 4
@@ -98,23 +101,31 @@ def test_enqueue_is_idempotent_and_atomic(tmp_path: Path) -> None:
         assert pydicom.dcmread(tmp_path / "outbox" / "objects" / "1.1.dcm").SOPInstanceUID == "1.1"
 
 
-def test_delivers_and_survives_restart(tmp_path: Path) -> None:
-    with Outbox(tmp_path) as outbox:
+def test_delivers_and_survives_restart(tmp_path: Path, database_url: str | None) -> None:
+    with Outbox(tmp_path, database_url=database_url) as outbox:
         outbox.enqueue([obj("1.1")], ["pacs"], now=0)
         rows = outbox.claim_due("pacs", 0, 10)
         assert [r.state for r in rows] == [DeliveryState.PENDING]  # as read before the claim
     # the sender died while 'sending': a new process takes the row up again
-    with Outbox(tmp_path) as outbox:
-        assert states(outbox)[("1.1", "pacs")] == DeliveryState.PENDING
+    with Outbox(tmp_path, database_url=database_url) as outbox:
         sender = FakeSender()
-        counts = deliver_due(outbox, RULES, 1.0, send=sender, rng=random.Random(0))
+        now = 1.0
+        if database_url is None:  # the only sender: its rows are taken back at once
+            assert states(outbox)[("1.1", "pacs")] == DeliveryState.PENDING
+        else:  # shared: another sender may still be at it, so the row waits until stale
+            assert states(outbox)[("1.1", "pacs")] == DeliveryState.SENDING
+            assert deliver_due(outbox, RULES, now, send=sender).delivered == 0
+            now = SENDING_STALE_S + 1.0
+        counts = deliver_due(outbox, RULES, now, send=sender, rng=random.Random(0))
         assert counts.delivered == 1 and sender.calls == [("pacs", ["1.1"])]
         assert states(outbox)[("1.1", "pacs")] == DeliveryState.DELIVERED
-        assert deliver_due(outbox, RULES, 2.0, send=sender).delivered == 0  # nothing twice
+        assert deliver_due(outbox, RULES, now + 1, send=sender).delivered == 0  # nothing twice
 
 
-def test_down_destination_does_not_block_the_other(tmp_path: Path) -> None:
-    with Outbox(tmp_path) as outbox:
+def test_down_destination_does_not_block_the_other(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    with Outbox(tmp_path, database_url=database_url) as outbox:
         outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs", "web"], now=0)
         sender = FakeSender(down=frozenset({"pacs"}))
         with capture_logs() as logs:
@@ -145,8 +156,10 @@ def test_down_destination_does_not_block_the_other(tmp_path: Path) -> None:
         assert set(states(outbox).values()) == {DeliveryState.DELIVERED}
 
 
-def test_dead_letter_after_max_attempts_and_requeue(tmp_path: Path) -> None:
-    with Outbox(tmp_path) as outbox:
+def test_dead_letter_after_max_attempts_and_requeue(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    with Outbox(tmp_path, database_url=database_url) as outbox:
         outbox.enqueue([obj("1.1")], ["pacs"], now=0)
         sender = FakeSender(down=frozenset({"pacs"}))
         now = 0.0
@@ -167,8 +180,10 @@ def test_dead_letter_after_max_attempts_and_requeue(tmp_path: Path) -> None:
         assert deliver_due(outbox, RULES, now, send=sender).delivered == 1
 
 
-def test_permanent_failure_goes_dead_at_once_retryable_backs_off(tmp_path: Path) -> None:
-    with Outbox(tmp_path) as outbox:
+def test_permanent_failure_goes_dead_at_once_retryable_backs_off(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    with Outbox(tmp_path, database_url=database_url) as outbox:
         outbox.enqueue([obj("1.1"), obj("1.2"), obj("1.3")], ["pacs"], now=0)
         sender = FakeSender(refuse={"1.1": False, "1.2": True})
         counts = deliver_due(outbox, RULES, 0.0, send=sender, rng=random.Random(0))
@@ -180,8 +195,10 @@ def test_permanent_failure_goes_dead_at_once_retryable_backs_off(tmp_path: Path)
         assert row.last_status_code == 0xA700
 
 
-def test_unknown_destination_rows_are_parked_and_logged_once(tmp_path: Path) -> None:
-    with Outbox(tmp_path) as outbox, capture_logs() as logs:
+def test_unknown_destination_rows_are_parked_and_logged_once(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    with Outbox(tmp_path, database_url=database_url) as outbox, capture_logs() as logs:
         outbox.enqueue([obj("1.1")], ["gone"], now=0)
         sender = FakeSender()
         for t in range(1, 50):
@@ -194,9 +211,9 @@ def test_unknown_destination_rows_are_parked_and_logged_once(tmp_path: Path) -> 
         assert states(outbox)[("1.1", "gone")] == DeliveryState.PENDING
 
 
-def test_previous_sr(tmp_path: Path) -> None:
+def test_previous_sr(tmp_path: Path, database_url: str | None) -> None:
     sr = SR_SOP_CLASS_UIDS["comprehensive3d"]
-    with Outbox(tmp_path) as outbox:
+    with Outbox(tmp_path, database_url=database_url) as outbox:
         outbox.enqueue([obj("1.1", sr), obj("1.2")], ["pacs"], now=0)
         outbox.enqueue([obj("1.3", sr)], ["pacs"], now=10)
         assert (
@@ -247,10 +264,10 @@ def test_cmd_requeue(
     assert "no destination 'nosuch'" in err and "pacs" in err
 
 
-def test_unreadable_object_dead_letters_alone(tmp_path: Path) -> None:
+def test_unreadable_object_dead_letters_alone(tmp_path: Path, database_url: str | None) -> None:
     from node.deliver.send import send_dicom
 
-    with Outbox(tmp_path) as outbox:
+    with Outbox(tmp_path, database_url=database_url) as outbox:
         outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs"], now=0)
         (tmp_path / "outbox" / "objects" / "1.1.dcm").write_bytes(b"garbage")
         stored: list[str] = []
@@ -277,7 +294,7 @@ def test_unreadable_object_dead_letters_alone(tmp_path: Path) -> None:
         assert s[("1.2", "pacs")] == DeliveryState.DELIVERED
 
 
-def test_destinations_are_sent_in_parallel(tmp_path: Path) -> None:
+def test_destinations_are_sent_in_parallel(tmp_path: Path, database_url: str | None) -> None:
     """A destination stuck in its connect timeout does not hold up the other one."""
     import threading
 
@@ -293,8 +310,24 @@ def test_destinations_are_sent_in_parallel(tmp_path: Path) -> None:
         web_done.set()
         return FakeSender()(dest, paths)
 
-    with Outbox(tmp_path) as outbox:
+    with Outbox(tmp_path, database_url=database_url) as outbox:
         outbox.enqueue([obj("1.1")], ["pacs", "web"], now=0)
         counts = deliver_due(outbox, RULES, 0.0, send=send, rng=random.Random(0))
     assert seen_by_pacs == [True]  # web finished while pacs was still trying
     assert counts.delivered == 1 and counts.unreachable == ("pacs",)
+
+
+def test_read_only_views_read_the_same_outbox(tmp_path: Path, database_url: str | None) -> None:
+    from node.web.views import delivery_states, study_deliveries
+
+    assert delivery_states(tmp_path, ["1.2.3"], database_url=database_url) == {}
+    with Outbox(tmp_path, database_url=database_url) as outbox:
+        outbox.enqueue([obj("1.1"), obj("1.2")], ["pacs"], now=0)
+        outbox.enqueue([obj("2.1", study="1.2.4")], ["pacs"], now=0)
+    assert delivery_states(tmp_path, ["1.2.3"], database_url=database_url) == {
+        "1.2.3": {"pending": 2}
+    }
+    [view] = study_deliveries(tmp_path, "1.2.3", database_url=database_url)
+    assert (view.name, view.pending, view.sent) == ("pacs", 2, 0)
+    assert outbox_summary(tmp_path, database_url=database_url)["pacs"]["pending"] == 3
+    assert outbox_study_uids(tmp_path, database_url=database_url) == {"1.2.3", "1.2.4"}

@@ -4,6 +4,7 @@ a record of each purge without UIDs; the running node applies it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import random
@@ -205,15 +206,17 @@ def _sent(sop: str) -> SendResult:
 # --- oldest first, age then ceiling; dry run; the record; the running node --------------------
 
 
-def _delivered_site(tmp_path: Path, ages_h: Sequence[float]) -> tuple[Path, list[str]]:
+def _delivered_site(
+    tmp_path: Path, ages_h: Sequence[float], database_url: str | None = None
+) -> tuple[Path, list[str]]:
     """A spool whose studies were delivered ages_h hours ago, plus one still pending."""
     root = tmp_path / "spool"
     set_correlation_key(load_or_create_key(root / "log.key"))
     now = time.time()
-    spool = Spool(root, min_free_disk_mb=0)
+    spool = Spool(root, min_free_disk_mb=0, database_url=database_url)
     queue = JobQueue(spool.index, owner="w", lease_s=60)
     studies = [f"1.3.{i}" for i in range(len(ages_h) + 1)]
-    with Outbox(root) as outbox:
+    with Outbox(root, database_url=database_url) as outbox:
         for k, study in enumerate(studies):
             spool.store(_mr(study, f"{study}.1.1"), calling_ae="A")
             queue.enqueue(study)
@@ -240,9 +243,11 @@ def _rules_file(tmp_path: Path, root: Path, retention_yaml: str) -> Path:
     return path
 
 
-def test_plan_takes_old_ones_for_age_then_oldest_first_for_the_ceiling(tmp_path: Path) -> None:
-    root, studies = _delivered_site(tmp_path, [50.0, 10.0, 30.0, 1.0])
-    spool = Spool(root, min_free_disk_mb=0)
+def test_plan_takes_old_ones_for_age_then_oldest_first_for_the_ceiling(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    root, studies = _delivered_site(tmp_path, [50.0, 10.0, 30.0, 1.0], database_url)
+    spool = Spool(root, min_free_disk_mb=0, database_url=database_url)
     try:
         one = retention.candidates(spool)[0].bytes
         assert [c.study_uid for c in retention.candidates(spool)] == [
@@ -267,6 +272,27 @@ def test_plan_takes_old_ones_for_age_then_oldest_first_for_the_ceiling(tmp_path:
         assert plan(spool, RetentionSettings(delivered_max_age_h=None), now=time.time()) == ()
     finally:
         spool.close()
+
+
+def test_purge_removes_the_decided_studies_and_keeps_a_record(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    root, studies = _delivered_site(tmp_path, [50.0, 1.0], database_url)
+    spool = Spool(root, min_free_disk_mb=0, database_url=database_url)
+    try:
+        decisions = plan(spool, RetentionSettings(delivered_max_age_h=24), now=time.time())
+        assert [d.study_uid for d in decisions] == [studies[0]]
+        assert purge(spool, decisions) == decisions
+        assert purge(spool, decisions) == ()  # gone already: nothing twice
+        left = {str(r["study_uid"]) for r in spool.index.query("SELECT study_uid FROM studies")}
+        assert left == {studies[1], studies[2]}
+        [record] = purged_studies(spool)
+        assert (record.study_key, record.reason) == (uid_key(studies[0]), "age")
+        assert not (root / "instances" / studies[0]).exists()
+    finally:
+        spool.close()
+    with Outbox(root, database_url=database_url) as outbox:
+        assert {r.study_uid for r in outbox.all()} == {studies[1], studies[2]}
 
 
 def test_purge_dry_run_prints_what_would_go_and_why_and_changes_nothing(
@@ -294,7 +320,8 @@ def test_purge_dry_run_prints_what_would_go_and_why_and_changes_nothing(
         [record] = purged_studies(spool)
         assert record.study_key == uid_key(studies[0]) and record.reason == "age"
         assert not spool.index.query("SELECT * FROM studies WHERE study_uid = ?", (studies[0],))
-        dump = "\n".join(spool.index._conn.iterdump())
+        with contextlib.closing(sqlite3.connect(spool.index.path)) as raw:
+            dump = "\n".join(raw.iterdump())
         purged_rows = [line for line in dump.splitlines() if "purged" in line and "INSERT" in line]
         assert purged_rows and not any(studies[0] in line for line in purged_rows)
     finally:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,13 @@ import pytest
 from pydicom.uid import PYDICOM_ROOT_UID, UID
 
 from node.errors import InvalidInstance, StoreStatus
-from node.ingest.spool import Spool, instance_relpath, is_valid_uid, parse_instance
+from node.ingest.spool import (
+    SHARED_LEFTOVER_AGE_S,
+    Spool,
+    instance_relpath,
+    is_valid_uid,
+    parse_instance,
+)
 from node.records import InstanceRef, StudyStatus
 from tests.conftest import pydicom_file
 
@@ -39,8 +47,13 @@ def _mr(study: str, series: str, sop: str, **extra: object) -> bytes:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool", min_free_disk_mb=1, free_bytes=lambda _p: 10**12)
+def spool(tmp_path: Path, database_url: str | None) -> Iterator[Spool]:
+    s = Spool(
+        tmp_path / "spool",
+        min_free_disk_mb=1,
+        free_bytes=lambda _p: 10**12,
+        database_url=database_url,
+    )
     yield s
     s.close()
 
@@ -291,3 +304,31 @@ def test_truncated_or_corrupted_bytes_never_raise(spool: Spool) -> None:
     assert StoreStatus.CANNOT_UNDERSTAND in outcomes or (
         StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS in outcomes
     )
+
+
+def test_a_process_opening_a_shared_spool_leaves_other_receivers_writes_alone(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    root = tmp_path / "spool"
+    first = Spool(root, min_free_disk_mb=0, database_url=database_url)
+    first.close()
+    fresh_part = root / "tmp" / "fresh.part"  # a receiver writing right now
+    old_part = root / "tmp" / "old.part"  # a crash's leftover
+    for part in (fresh_part, old_part):
+        part.write_bytes(b"partial")
+    orphan = root / "instances" / "1.2.3" / "1.2.3.1" / "1.2.3.1.1.dcm"  # renamed, not indexed
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    long_ago = time.time() - SHARED_LEFTOVER_AGE_S - 60
+    os.utime(old_part, (long_ago, long_ago))
+    second = Spool(root, min_free_disk_mb=0, database_url=database_url)
+    try:
+        indexed = second.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
+        if database_url is None:  # one writer: every such file is a crash's leftover
+            assert not fresh_part.exists() and not old_part.exists() and indexed == 1
+        else:  # shared: only old files are; the fresh ones are another receiver's work
+            assert fresh_part.exists() and not old_part.exists() and indexed == 0
+            os.utime(orphan, (long_ago, long_ago))
+            assert second.sweep_orphans() == (1, 0)
+    finally:
+        second.close()
