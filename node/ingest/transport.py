@@ -9,6 +9,11 @@ socket a reader that follows the PDU framing, so every PDU must be complete with
 timeout (a byte every few seconds does not keep it open) and a PDU whose declared length is over
 the limit is aborted from its header, before a byte of its body is read. TLS is negotiated in
 the connection's own thread under the same timeout, not in the accept loop.
+
+Before every read the reader re-arms TCP_QUICKACK (Linux): a sender with Nagle's algorithm on
+(a stock dcmtk storescu) holds the last short segment of each PDU until the previous one is
+acknowledged, and a delayed ACK (40 ms on Linux) then stalls every C-STORE. The kernel drops
+quick-ack mode on its own, so setting it once at accept is not enough.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ P_DATA_TF: Final = 0x04
 MAX_CONTROL_PDU_BYTES: Final = 1024 * 1024
 # A-ABORT, source: service provider (2), reason: invalid PDU parameter value (6). PS3.8 9.3.8.
 ABORT_INVALID_PARAMETER: Final = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06))
+# None where the platform has no quick-ack option (it is Linux's).
+TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
 
 
 class PduRefused(ConnectionAbortedError):
@@ -86,6 +93,9 @@ class _PduReader:
         if remaining <= 0:
             self._refuse("PDU not complete within the network timeout", send_abort=False)
         sock.settimeout(remaining)
+        if TCP_QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
         try:
             if self._left:
                 data: bytes = sock.recv(min(bufsize, self._left), flags)
