@@ -79,7 +79,8 @@ class _PduReader:
     peer_host: str
     _header: bytes
     _left: int  # bytes of the current PDU's body not yet taken from the socket
-    _ahead: bytes  # bytes of the current PDU's body taken from the socket, not yet returned
+    _ahead: memoryview  # a piece of the current PDU's body taken from the socket ...
+    _ahead_at: int  # ... and how much of it was returned
     _deadline: float | None
     _timeout: float  # the socket's timeout as last set
 
@@ -88,15 +89,14 @@ class _PduReader:
         self.peer_host = peer_host
         self._header = b""
         self._left = 0
-        self._ahead = b""
+        self._ahead = memoryview(b"")
+        self._ahead_at = 0
         self._deadline = None
         self._timeout = limits.network_timeout_s
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        if self._ahead:  # the rest of a body read ahead: no system call
-            data, self._ahead = self._ahead[:buflen], self._ahead[buflen:]
-            self._end_of_pdu()
-            return data
+        if self._ahead_at < len(self._ahead):  # the rest of a piece read ahead: no system call
+            return self._serve_ahead(buflen)
         sock: Any = super()
         now = time.monotonic()
         if self._deadline is None:
@@ -120,7 +120,10 @@ class _PduReader:
                 # (never past it, so select() still tells when the next PDU has come).
                 chunk: bytes = sock.recv(min(max(buflen, READ_AHEAD_BYTES), self._left), flags)
                 self._left -= len(chunk)
-                data, self._ahead = chunk[:buflen], chunk[buflen:]
+                if len(chunk) > buflen:
+                    self._ahead, self._ahead_at = memoryview(chunk), 0
+                    return self._serve_ahead(buflen)
+                data = chunk
             else:
                 data = sock.recv(min(buflen, PDU_HEADER_BYTES - len(self._header)), flags)
                 self._header += data
@@ -128,14 +131,24 @@ class _PduReader:
                     self._start_body()
         except TimeoutError:
             self._refuse("PDU not complete within the network timeout", send_abort=False)
-        if data and (self._left or self._header or self._ahead):
+        if data and (self._left or self._header):
             return data
         self._end_of_pdu()
         return data
 
+    def _serve_ahead(self, buflen: int) -> bytes:
+        """The next `buflen` bytes of the piece read ahead (a copy of those bytes only)."""
+        start = self._ahead_at
+        self._ahead_at = min(start + buflen, len(self._ahead))
+        data = bytes(self._ahead[start : self._ahead_at])
+        if self._ahead_at == len(self._ahead):
+            self._ahead, self._ahead_at = memoryview(b""), 0
+            self._end_of_pdu()
+        return data
+
     def _end_of_pdu(self) -> None:
         """After the PDU's last byte: the next PDU gets a deadline of its own."""
-        if self._left or self._header or self._ahead:
+        if self._left or self._header or self._ahead_at < len(self._ahead):
             return
         self._deadline = None
         if self._timeout != self.limits.network_timeout_s:
