@@ -805,6 +805,16 @@ def storescu_rate(
     return len(paths) / elapsed
 
 
+def _process_cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by this process or by process `pid` (Linux)."""
+    if pid is None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(slots=True)
 class _IngestNode:
     """A Receiver + Spool on a fresh spool folder per run (the same instances every run)."""
@@ -813,6 +823,7 @@ class _IngestNode:
     runs: int = 0
     # associations -> [group commits, instances they carried], over every run
     grouping: dict[int, list[int]] = field(default_factory=dict)
+    cpu_ms: dict[int, list[float]] = field(default_factory=dict)  # per instance, by associations
 
     def per_group(self, associations: int) -> float:
         groups, instances = self.grouping.get(associations, [0, 0])
@@ -832,12 +843,16 @@ class _IngestNode:
         )
         rx = Receiver(settings, spool)
         rx.start()
+        cpu0 = _process_cpu_s()
         try:
             rate = storescu_rate(
                 rx.port, "NEURONODE", paths, associations=associations, nodelay=nodelay
             )
         finally:
             rx.stop(2.0)
+        if nodelay:
+            cpu_ms = (_process_cpu_s() - cpu0) * 1000 / len(paths)
+            self.cpu_ms.setdefault(associations, []).append(cpu_ms)
         n = spool.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
         tally = self.grouping.setdefault(associations, [0, 0])
         tally[0] += spool.groups.groups
@@ -923,6 +938,12 @@ def bench_ingest(work: Path, settings: BenchSettings) -> tuple[BenchRecord, ...]
             os.environ.pop("TCP_NODELAY", None)
         else:
             os.environ["TCP_NODELAY"] = before
+    # Orthanc's CPU time per instance: a figure the machine's other load moves much less
+    # than the rates (the node's is this process's, where the receiver runs).
+    if orthanc._proc is None:
+        raise ConfigError("benchmark: Orthanc is not running")
+    orthanc_pid = orthanc._proc.pid
+    orthanc_cpu_ms: dict[int, list[float]] = {}
     scp_port = free_port()
     scp = _storescp(work / "storescp", scp_port)
     figures: dict[str, list[float]] = {
@@ -932,10 +953,14 @@ def bench_ingest(work: Path, settings: BenchSettings) -> tuple[BenchRecord, ...]
         for _ in range(max(3, settings.repeat)):
             for assoc in (1, 4):
                 figures[f"node{assoc}"].append(node.rate(paths, associations=assoc, nodelay=True))
+                cpu0 = _process_cpu_s(orthanc_pid)
                 figures[f"orthanc{assoc}"].append(
                     storescu_rate(
                         orthanc.dicom_port, orthanc.aet, paths, associations=assoc, nodelay=True
                     )
+                )
+                orthanc_cpu_ms.setdefault(assoc, []).append(
+                    (_process_cpu_s(orthanc_pid) - cpu0) * 1000 / len(paths)
                 )
                 _orthanc_empty(orthanc)
             figures["stock1"].append(node.rate(small, associations=1, nodelay=False))
@@ -979,6 +1004,11 @@ def bench_ingest(work: Path, settings: BenchSettings) -> tuple[BenchRecord, ...]
                     ("orthanc_spread", _spread(figures[f"orthanc{assoc}"])),
                     ("storescp_no_fsync_per_s", round(med["storescp1"], 1)),
                     ("instances_per_group_commit", node.per_group(assoc)),
+                    ("node_cpu_ms_per_instance", round(statistics.median(node.cpu_ms[assoc]), 2)),
+                    (
+                        "orthanc_cpu_ms_per_instance",
+                        round(statistics.median(orthanc_cpu_ms[assoc]), 2),
+                    ),
                 ),
             )
         )

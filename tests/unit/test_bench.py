@@ -188,6 +188,8 @@ def test_ingest_benchmark_compares_the_node_with_orthanc(tmp_path: Path) -> None
         assert details["rounds"] == 3 and details["instances"] == 8
         assert float(details["storescp_no_fsync_per_s"]) > 0
         assert float(details["instances_per_group_commit"]) >= 1
+        assert float(details["node_cpu_ms_per_instance"]) > 0
+        assert float(details["orthanc_cpu_ms_per_instance"]) > 0
     assert dict(records["ingest:1_assoc"].details)["associations"] == 1
     assert dict(records["ingest:4_assoc"].details)["associations"] == 4
     stock = records["ingest:stock_sender"]
