@@ -4,10 +4,13 @@ A C-STORE is answered with success only after `Spool.store` returns a stored (or
 result: by then the bytes are fsync'ed under a name built from validated UIDs and the index row
 is committed (WAL, synchronous=FULL). The index is one SQLite file shared by the receive threads,
 the scheduler and the workers; one connection guarded by a lock keeps it simple and correct.
+Instances that arrive together on several associations share a group commit: each thread parses
+its instance once and writes and fsyncs its own file, then one commit renames them all, fsyncs
+each folder once and indexes them in one transaction (`Spool._commit`).
 
 Why this module is long: everything that decides whether a received instance is on disk and
 known lives here together, so the one rule (success only once stored and indexed) is read in
-one place: the header read, the full parse that decides quarantine, the index and the study
+one place: the one parse that decides quarantine, the group commit, the index and the study
 state it keeps, and the start-up sweep that reconciles the two after a crash or ENOSPC.
 """
 
@@ -587,6 +590,9 @@ class Spool:
             try:
                 self._commit_group(batch)
             finally:
+                for queued in batch:  # only if interrupted (KeyboardInterrupt, SystemExit)
+                    if queued.outcome is None:
+                        queued.outcome = SpoolError("the group commit was interrupted")
                 with self._group_cv:
                     self._committing = False
                     self.groups.add(len(batch))
