@@ -228,6 +228,7 @@ class BenchArgs:
     only: list[str] | None
     out: Path | None
     repeat: int
+    ingest_instances: int
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -236,10 +237,17 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="NAME",
-        help="synth, sequence, specialists, receive, dicomio (repeatable; default: all)",
+        help="synth, sequence, specialists, receive, ingest, dicomio (repeatable; default: all)",
     )
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     p.add_argument("--repeat", type=int, default=1, help="median of N runs (default 1)")
+    p.add_argument(
+        "--ingest-instances",
+        type=int,
+        default=200,
+        metavar="N",
+        help="ingest: 512x512 MR instances per run (default 200; issue 15 measured 600)",
+    )
 
 
 COMMANDS = (

@@ -4,18 +4,23 @@ A C-STORE is answered with success only after `Spool.store` returns a stored (or
 result: by then the bytes are fsync'ed under a name built from validated UIDs and the index row
 is committed (WAL, synchronous=FULL). The index is one SQLite file shared by the receive threads,
 the scheduler and the workers; one connection guarded by a lock keeps it simple and correct.
+Instances that arrive together on several associations share a group commit: each thread parses
+its instance once and writes and fsyncs its own file, then one commit renames them all, fsyncs
+each folder once and indexes them in one transaction (`Spool._commit`).
 
 Why this module is long: everything that decides whether a received instance is on disk and
 known lives here together, so the one rule (success only once stored and indexed) is read in
-one place: the header read, the full parse that decides quarantine, the index and the study
+one place: the one parse that decides quarantine, the group commit, the index and the study
 state it keeps, and the start-up sweep that reconciles the two after a crash or ENOSPC.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -28,18 +33,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.pixels.decoders.base import DecodeRunner
 
 from node.errors import InvalidInstance, SpoolError, StoreStatus
 from node.ingest.completion import SeriesCount
 from node.log import get_logger, uid_key
 from node.records import InstanceRef, StoredInstance, StudyStatus
-from node.store.db import INDEX, Database, DatabaseError, Session, sqlite_url
-from node.store.files import makedirs_durable, write_bytes_durable
+from node.store.db import INDEX, Database, DatabaseError, Row, Session, sqlite_url
+from node.store.files import (
+    fsync_dir,
+    makedirs_durable,
+    write_bytes_durable,
+    write_temp_durable,
+)
 
 log = get_logger(__name__)
 
@@ -148,8 +158,18 @@ def parse_instance(data: bytes, *, transfer_syntax_uid: str | None = None) -> Pa
             ds = pydicom.dcmread(
                 io.BytesIO(data), force=True, stop_before_pixels=True, specific_tags=list(_TAGS)
             )
+    except PARSE_ERRORS as exc:
+        raise InvalidInstance(f"unparseable: {type(exc).__name__}") from exc
+    return _parsed_from(ds, transfer_syntax_uid)
+
+
+def _parsed_from(ds: Dataset, transfer_syntax_uid: str | None = None) -> ParsedInstance:
+    """The UIDs (validated) and count hints of a read data set; raise InvalidInstance."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             values = {name: ds.get(name) for name in _TAGS}
-        ts = transfer_syntax_uid or str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+            ts = transfer_syntax_uid or str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     except PARSE_ERRORS as exc:
         raise InvalidInstance(f"unparseable: {type(exc).__name__}") from exc
     uids: dict[str, str] = {}
@@ -174,6 +194,25 @@ def parse_instance(data: bytes, *, transfer_syntax_uid: str | None = None) -> Pa
     )
 
 
+def check_instance(data: bytes) -> ParsedInstance:
+    """Read a received instance once, to its end: its UIDs and hints, every element, the pixels.
+
+    The one parse on the store path (`verify_instance` without reading the header twice).
+    Raise InvalidInstance: "missing ..."/"invalid ..." for a UID the file cannot be named by,
+    any other reason for a data set that does not parse or whose pixel data is incomplete.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's warnings quote header values
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except PARSE_ERRORS as exc:
+        parse_instance(data)  # a header that names no file is the more useful reason
+        raise InvalidInstance(f"unparseable: {type(exc).__name__}") from exc
+    parsed = _parsed_from(ds)
+    _verify_dataset(ds)
+    return parsed
+
+
 def verify_instance(data: bytes) -> None:
     """Parse a received instance to its end, every element and the pixel data included.
 
@@ -185,6 +224,16 @@ def verify_instance(data: bytes) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # value warnings quote header values; not fatal
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except PARSE_ERRORS as exc:
+        raise InvalidInstance(f"unparseable: {type(exc).__name__}") from exc
+    _verify_dataset(ds)
+
+
+def _verify_dataset(ds: Dataset) -> None:
+    """Every element converts (text values may not) and the pixel data is complete."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             _convert_all(ds)
             _verify_pixels(ds)
     except InvalidInstance:
@@ -220,8 +269,14 @@ _TEXT_VRS = frozenset(
 
 
 def _convert_all(ds: Dataset) -> None:
-    """Convert every element, nested sequences too; only text values may fail to convert."""
+    """Convert every element, nested sequences too; only text values may fail to convert.
+
+    A text value read with its VR (explicit VR) is not converted at all: whether it converts
+    decides nothing, and converting every string is most of the cost of a full parse.
+    """
     for tag in list(ds.keys()):
+        if getattr(ds.get_item(tag), "VR", None) in _TEXT_VRS:
+            continue
         try:
             elem = ds[tag]
         except (ValueError, TypeError, OverflowError):
@@ -247,9 +302,11 @@ def _verify_pixels(ds: Dataset) -> None:
         if frames != n_frames:
             raise InvalidInstance("pixel data: fewer compressed frames than NumberOfFrames")
         return
-    arr = ds.pixel_array  # native: pydicom checks the length against the image attributes
-    if np.asarray(arr).size == 0:
-        raise InvalidInstance("pixel data: empty")
+    # Native: the checks pydicom makes before decoding (image attributes, frames >= 1, the
+    # length against Rows x Columns x frames x samples x bits), without decoding a copy.
+    runner = DecodeRunner(ts if ts.is_valid else pydicom.uid.ExplicitVRLittleEndian)
+    runner.set_source(ds)
+    runner.validate()
 
 
 class Index(Database):
@@ -263,6 +320,35 @@ class Index(Database):
         self.path = path
         # The embedded SQLite is always migrated on open; PostgreSQL only when asked.
         super().__init__(url or sqlite_url(path), component=INDEX, migrate=migrate)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Pending:
+    """One instance between its fsync'ed temp file and its group's commit (mutable: the
+    committing thread fills in the outcome the waiting thread returns or raises)."""
+
+    parsed: ParsedInstance
+    rel: Path
+    tmp: Path
+    size_bytes: int
+    calling_ae: str
+    now: float
+    duplicate_of: Row | None = None
+    outcome: StoreResult | SpoolError | None = None
+
+
+@dataclass(slots=True)
+class GroupStats:
+    """How many group commits ran and how many instances they carried (for the benchmark)."""
+
+    groups: int = 0
+    instances: int = 0
+    largest: int = 0
+
+    def add(self, size: int) -> None:
+        self.groups += 1
+        self.instances += size
+        self.largest = max(self.largest, size)
 
 
 class Spool:
@@ -291,6 +377,10 @@ class Spool:
                 leftover.unlink(missing_ok=True)
         self._inflight: set[str] = set()
         self._inflight_cv = threading.Condition()
+        self._group_cv = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._committing = False
+        self.groups = GroupStats()
         self.sweep_orphans()
 
     def _abandoned(self, path: Path) -> bool:
@@ -365,32 +455,28 @@ class Spool:
     def store(
         self, data: bytes, *, calling_ae: str, sop_class_uid: str | None = None
     ) -> StoreResult:
-        """Store one received instance durably, or quarantine it, or refuse it (low disk)."""
+        """Store one received instance durably, or quarantine it, or refuse it (low disk).
+
+        Called from every association's thread at once: the parse and the file's own write and
+        fsync run in the caller's thread; the rename, the folder fsync and the index row join
+        the next group commit (see `_commit`).
+        """
         now = self._clock()
         free = self._free_bytes(self.root)
         if free - len(data) < self.min_free_bytes:
             log.warning("spool_low_disk", free_bytes=free, bytes=len(data))
             return StoreResult(status=StoreStatus.OUT_OF_RESOURCES, reason="free disk below floor")
         try:
-            parsed = parse_instance(data)
+            parsed = check_instance(data)
         except InvalidInstance as exc:
+            reason = str(exc)
             status = (
-                StoreStatus.CANNOT_UNDERSTAND
-                if str(exc).startswith("unparseable")
-                else StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+                StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+                if reason.startswith(("missing ", "invalid "))
+                else StoreStatus.CANNOT_UNDERSTAND
             )
             return self._quarantine(
-                data, reason=str(exc), calling_ae=calling_ae, now=now, status=status
-            )
-        try:
-            verify_instance(data)
-        except InvalidInstance as exc:
-            return self._quarantine(
-                data,
-                reason=str(exc),
-                calling_ae=calling_ae,
-                now=now,
-                status=StoreStatus.CANNOT_UNDERSTAND,
+                data, reason=reason, calling_ae=calling_ae, now=now, status=status
             )
         if sop_class_uid is not None and parsed.ref.sop_class_uid != sop_class_uid:
             return self._quarantine(
@@ -415,17 +501,143 @@ class Spool:
     def _store_parsed(
         self, data: bytes, parsed: ParsedInstance, *, calling_ae: str, now: float
     ) -> StoreResult:
-        ref = parsed.ref
-        rel = instance_relpath(ref)
-        final = self.root / rel
-        existing = self.index.query(
-            "SELECT path, size_bytes, received_at, calling_ae FROM instances "
-            "WHERE sop_instance_uid = ?",
-            (ref.sop_instance_uid,),
+        """Write and fsync the temp file here, then wait for the group commit that indexes it."""
+        rel = instance_relpath(parsed.ref)
+        try:
+            tmp = write_temp_durable(self.root / "tmp", data)
+        except OSError as exc:
+            raise SpoolError(f"cannot write instance: {exc.strerror}") from exc
+        return self._commit(
+            _Pending(
+                parsed=parsed,
+                rel=rel,
+                tmp=tmp,
+                size_bytes=len(data),
+                calling_ae=calling_ae,
+                now=now,
+            )
         )
-        if existing:
-            row = existing[0]
-            self._reopen_given_up(ref.study_uid, now=now)
+
+    def _commit(self, entry: _Pending) -> StoreResult:
+        """Group commit: queue the entry; the first thread to find no commit running commits
+        every queued entry (its own included) and wakes the others.
+
+        No thread waits for company: one association commits alone, several share whatever
+        queued while the previous group was on its way to disk.
+        """
+        with self._group_cv:
+            self._queue.append(entry)
+            while entry.outcome is None and self._committing:
+                self._group_cv.wait()
+            if entry.outcome is None:
+                self._committing = True
+                batch, self._queue = self._queue, []
+            else:
+                batch = []
+        if batch:
+            try:
+                self._commit_group(batch)
+            finally:
+                for queued in batch:  # only if interrupted (KeyboardInterrupt, SystemExit)
+                    if queued.outcome is None:
+                        queued.outcome = SpoolError("the group commit was interrupted")
+                with self._group_cv:
+                    self._committing = False
+                    self.groups.add(len(batch))
+                    self._group_cv.notify_all()
+        outcome = entry.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+    def _commit_group(self, batch: list[_Pending]) -> None:
+        """Rename every entry into place, fsync each folder once, index all in one transaction.
+
+        Never raises: each entry gets its own outcome. A failure touches only the entries it
+        concerns (a rename: that entry; a folder fsync: that folder's; an index row: that row,
+        rolled back to its savepoint); only a failed COMMIT fails the whole group, since then
+        none of it is indexed (the renamed files are orphans the next start reconciles).
+        """
+        try:
+            self._place_and_index(batch)
+        except Exception as exc:  # part of the C-STORE guard: every waiting sender gets an answer
+            for entry in batch:
+                if entry.outcome is None:
+                    failure = SpoolError(f"cannot store instance: {type(exc).__name__}")
+                    failure.__cause__ = exc
+                    entry.outcome = failure
+                    with contextlib.suppress(OSError):
+                        entry.tmp.unlink(missing_ok=True)
+
+    def _place_and_index(self, batch: list[_Pending]) -> None:
+        sops = [e.parsed.ref.sop_instance_uid for e in batch]
+        known = {
+            str(r["sop_instance_uid"]): r
+            for r in self.index.query(
+                "SELECT sop_instance_uid, path, size_bytes, received_at, calling_ae "
+                f"FROM instances WHERE sop_instance_uid IN ({','.join('?' * len(sops))})",
+                tuple(sops),
+            )
+        }
+        placed: list[_Pending] = []
+        for entry in batch:
+            row = known.get(entry.parsed.ref.sop_instance_uid)
+            if row is not None:  # stored before: keep the first copy, drop this one
+                entry.tmp.unlink(missing_ok=True)
+                entry.duplicate_of = row
+                placed.append(entry)
+                continue
+            final = self.root / entry.rel
+            try:
+                makedirs_durable(final.parent)
+                os.replace(entry.tmp, final)
+            except OSError as exc:
+                entry.tmp.unlink(missing_ok=True)
+                entry.outcome = SpoolError(f"cannot write instance: {exc.strerror}")
+                continue
+            placed.append(entry)
+        folders = {(self.root / e.rel).parent for e in placed if e.duplicate_of is None}
+        failed_folders: dict[Path, OSError] = {}
+        for folder in folders:
+            try:
+                fsync_dir(folder)
+            except OSError as exc:
+                failed_folders[folder] = exc
+        to_index: list[_Pending] = []
+        for entry in placed:
+            problem = failed_folders.get((self.root / entry.rel).parent)
+            if problem is not None and entry.duplicate_of is None:
+                entry.outcome = SpoolError(f"cannot write instance: {problem.strerror}")
+            else:
+                to_index.append(entry)
+        if not to_index:
+            return
+        results: dict[int, StoreResult] = {}
+        try:
+            with self.index.transaction() as db:
+                for entry in to_index:
+                    db.execute("SAVEPOINT instance")
+                    try:
+                        results[id(entry)] = self._index_entry(db, entry)
+                    except DatabaseError as exc:
+                        db.execute("ROLLBACK TO instance")
+                        entry.outcome = SpoolError(f"cannot index instance: {type(exc).__name__}")
+                    db.execute("RELEASE instance")
+        except DatabaseError as exc:
+            for entry in to_index:
+                entry.outcome = SpoolError(f"cannot index instance: {type(exc).__name__}")
+            return
+        for entry in to_index:
+            if entry.outcome is None:
+                entry.outcome = results[id(entry)]
+
+    def _index_entry(self, db: Session, entry: _Pending) -> StoreResult:
+        """The entry's index row and its study's state (inside the group's transaction)."""
+        ref, parsed = entry.parsed.ref, entry.parsed
+        row = entry.duplicate_of
+        if row is not None:
+            self._reopen_given_up(db, ref.study_uid, now=entry.now)
             return StoreResult(
                 status=StoreStatus.SUCCESS,
                 instance=StoredInstance(
@@ -439,49 +651,46 @@ class Spool:
                     temporal_positions=parsed.temporal_positions,
                 ),
             )
-        try:
-            write_bytes_durable(final, data, tmp_dir=self.root / "tmp")
-        except OSError as exc:
-            raise SpoolError(f"cannot write instance: {exc.strerror}") from exc
-        try:
-            with self.index.transaction() as db:
-                # The study row is locked before the instance takes its seq, so on a shared
-                # database seqs commit in order per study (claim and re-open compare them).
-                self._lock_study(db, ref.study_uid, now=now)
-                row = db.execute(
-                    "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, "
-                    "sop_class_uid, transfer_syntax_uid, path, size_bytes, received_at, "
-                    "calling_ae, images_in_acquisition, temporal_positions) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING seq",
-                    (
-                        ref.sop_instance_uid,
-                        ref.study_uid,
-                        ref.series_uid,
-                        ref.sop_class_uid,
-                        ref.transfer_syntax_uid,
-                        str(rel),
-                        len(data),
-                        now,
-                        calling_ae,
-                        parsed.images_in_acquisition,
-                        parsed.temporal_positions,
-                    ),
-                ).fetchone()
-                if row is not None:
-                    self._touch_study(db, ref.study_uid, now=now, seq=int(row["seq"]))
-        except DatabaseError as exc:
-            raise SpoolError(f"cannot index instance: {type(exc).__name__}") from exc
-        if row is None:  # another receiver indexed the same instance meanwhile: same bytes
-            return self._store_parsed(data, parsed, calling_ae=calling_ae, now=now)
+        # The study row is locked before the instance takes its seq, so on a shared database
+        # seqs commit in order per study (claim and re-open compare them).
+        self._lock_study(db, ref.study_uid, now=entry.now)
+        inserted = db.execute(
+            "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, "
+            "sop_class_uid, transfer_syntax_uid, path, size_bytes, received_at, "
+            "calling_ae, images_in_acquisition, temporal_positions) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING seq",
+            (
+                ref.sop_instance_uid,
+                ref.study_uid,
+                ref.series_uid,
+                ref.sop_class_uid,
+                ref.transfer_syntax_uid,
+                str(entry.rel),
+                entry.size_bytes,
+                entry.now,
+                entry.calling_ae,
+                parsed.images_in_acquisition,
+                parsed.temporal_positions,
+            ),
+        ).fetchone()
+        if inserted is None:  # another receiver indexed the same instance meanwhile: same bytes
+            entry.duplicate_of = db.execute(
+                "SELECT path, size_bytes, received_at, calling_ae FROM instances "
+                "WHERE sop_instance_uid = ?",
+                (ref.sop_instance_uid,),
+            ).fetchone()
+            assert entry.duplicate_of is not None
+            return self._index_entry(db, entry)
+        self._touch_study(db, ref.study_uid, now=entry.now, seq=int(inserted["seq"]))
         return StoreResult(
             status=StoreStatus.SUCCESS,
             instance=StoredInstance(
                 ref=ref,
-                path=final,
-                size_bytes=len(data),
-                received_at=now,
-                calling_ae=calling_ae,
+                path=self.root / entry.rel,
+                size_bytes=entry.size_bytes,
+                received_at=entry.now,
+                calling_ae=entry.calling_ae,
                 images_in_acquisition=parsed.images_in_acquisition,
                 temporal_positions=parsed.temporal_positions,
             ),
@@ -524,25 +733,22 @@ class Spool:
         if finished:
             log.info("study_reopened", study_key=uid_key(study_uid), state=row["state"])
 
-    def _reopen_given_up(self, study_uid: str, *, now: float) -> None:
+    @staticmethod
+    def _reopen_given_up(db: Session, study_uid: str, *, now: float) -> None:
         """A re-sent instance of a failed or dead study is an explicit request to try again:
         the study receives anew and gets a fresh job (a done study stays done: no duplicates)."""
-        try:
-            with self.index.transaction() as db:
-                cur = db.execute(
-                    "UPDATE studies SET state = ?, reopened = 1, last_received_at = ?, "
-                    "receiving_since = ? WHERE study_uid = ? AND state IN (?, ?)",
-                    (
-                        StudyStatus.RECEIVING.value,
-                        now,
-                        now,
-                        study_uid,
-                        StudyStatus.FAILED.value,
-                        StudyStatus.DEAD.value,
-                    ),
-                )
-        except DatabaseError as exc:
-            raise SpoolError(f"cannot re-open study: {type(exc).__name__}") from exc
+        cur = db.execute(
+            "UPDATE studies SET state = ?, reopened = 1, last_received_at = ?, "
+            "receiving_since = ? WHERE study_uid = ? AND state IN (?, ?)",
+            (
+                StudyStatus.RECEIVING.value,
+                now,
+                now,
+                study_uid,
+                StudyStatus.FAILED.value,
+                StudyStatus.DEAD.value,
+            ),
+        )
         if cur.rowcount:
             log.info("study_reopened", study_key=uid_key(study_uid), reason="instance sent again")
 

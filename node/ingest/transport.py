@@ -9,6 +9,14 @@ socket a reader that follows the PDU framing, so every PDU must be complete with
 timeout (a byte every few seconds does not keep it open) and a PDU whose declared length is over
 the limit is aborted from its header, before a byte of its body is read. TLS is negotiated in
 the connection's own thread under the same timeout, not in the accept loop.
+
+Before every read the reader re-arms TCP_QUICKACK (Linux): a sender with Nagle's algorithm on
+(a stock dcmtk storescu) holds the last short segment of each PDU until the previous one is
+acknowledged, and a delayed ACK (40 ms on Linux) then stalls every C-STORE. The kernel drops
+quick-ack mode on its own, so setting it once at accept is not enough. A PDU body is taken
+from the socket in pieces of up to 256 KiB (pynetdicom asks for 4 KiB at a time: 128 system
+calls per half-megabyte image), never past the PDU's end, so ``select`` still says when the
+next PDU has come.
 """
 
 from __future__ import annotations
@@ -34,6 +42,12 @@ P_DATA_TF: Final = 0x04
 MAX_CONTROL_PDU_BYTES: Final = 1024 * 1024
 # A-ABORT, source: service provider (2), reason: invalid PDU parameter value (6). PS3.8 9.3.8.
 ABORT_INVALID_PARAMETER: Final = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06))
+# None where the platform has no quick-ack option (it is Linux's).
+TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
+# One system call for up to this much of a PDU body (pynetdicom reads 4 KiB at a time).
+READ_AHEAD_BYTES: Final = 256 * 1024
+# How far a PDU may overrun the network timeout before the socket's timeout is tightened.
+TIMEOUT_SLACK_S: Final = 0.5
 
 
 class PduRefused(ConnectionAbortedError):
@@ -64,44 +78,83 @@ class _PduReader:
     limits: PduLimits
     peer_host: str
     _header: bytes
-    _left: int
+    _left: int  # bytes of the current PDU's body not yet taken from the socket
+    _ahead: memoryview  # a piece of the current PDU's body taken from the socket ...
+    _ahead_at: int  # ... and how much of it was returned
     _deadline: float | None
+    _timeout: float  # the socket's timeout as last set
 
     def init_reader(self, limits: PduLimits, peer_host: str) -> None:
         self.limits = limits
         self.peer_host = peer_host
         self._header = b""
         self._left = 0
+        self._ahead = memoryview(b"")
+        self._ahead_at = 0
         self._deadline = None
+        self._timeout = limits.network_timeout_s
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        bufsize = buflen
+        if self._ahead_at < len(self._ahead):  # the rest of a piece read ahead: no system call
+            return self._serve_ahead(buflen)
         sock: Any = super()
         now = time.monotonic()
         if self._deadline is None:
             # The first byte of a PDU is here (pynetdicom reads only when select says so):
             # all of it must follow within the network timeout.
             self._deadline = now + self.limits.network_timeout_s
+            if TCP_QUICKACK is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
         remaining = self._deadline - now
         if remaining <= 0:
             self._refuse("PDU not complete within the network timeout", send_abort=False)
-        sock.settimeout(remaining)
+        if remaining < self._timeout - TIMEOUT_SLACK_S:
+            # Tighten the socket's timeout as the PDU's time runs out (not on every call:
+            # a PDU may overrun its deadline by at most the slack).
+            sock.settimeout(remaining)
+            self._timeout = remaining
         try:
             if self._left:
-                data: bytes = sock.recv(min(bufsize, self._left), flags)
-                self._left -= len(data)
+                # pynetdicom asks for 4 KiB at a time; take up to the rest of this PDU's body
+                # (never past it, so select() still tells when the next PDU has come).
+                chunk: bytes = sock.recv(min(max(buflen, READ_AHEAD_BYTES), self._left), flags)
+                self._left -= len(chunk)
+                if len(chunk) > buflen:
+                    self._ahead, self._ahead_at = memoryview(chunk), 0
+                    return self._serve_ahead(buflen)
+                data = chunk
             else:
-                data = sock.recv(min(bufsize, PDU_HEADER_BYTES - len(self._header)), flags)
+                data = sock.recv(min(buflen, PDU_HEADER_BYTES - len(self._header)), flags)
                 self._header += data
                 if len(self._header) == PDU_HEADER_BYTES:
                     self._start_body()
         except TimeoutError:
             self._refuse("PDU not complete within the network timeout", send_abort=False)
-        finally:
-            sock.settimeout(self.limits.network_timeout_s)
-        if not self._left and not self._header:
-            self._deadline = None
+        if data and (self._left or self._header):
+            return data
+        self._end_of_pdu()
         return data
+
+    def _serve_ahead(self, buflen: int) -> bytes:
+        """The next `buflen` bytes of the piece read ahead (a copy of those bytes only)."""
+        start = self._ahead_at
+        self._ahead_at = min(start + buflen, len(self._ahead))
+        data = bytes(self._ahead[start : self._ahead_at])
+        if self._ahead_at == len(self._ahead):
+            self._ahead, self._ahead_at = memoryview(b""), 0
+            self._end_of_pdu()
+        return data
+
+    def _end_of_pdu(self) -> None:
+        """After the PDU's last byte: the next PDU gets a deadline of its own."""
+        if self._left or self._header or self._ahead_at < len(self._ahead):
+            return
+        self._deadline = None
+        if self._timeout != self.limits.network_timeout_s:
+            sock: Any = super()
+            sock.settimeout(self.limits.network_timeout_s)
+            self._timeout = self.limits.network_timeout_s
 
     def _start_body(self) -> None:
         pdu_type, _, length = struct.unpack(">BBL", self._header)

@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,7 +38,7 @@ from node.log import configure
 from node.pipeline.audit import AuditRecord, read_audit
 from node.records import SequenceLabel, StudyJob
 
-BENCHMARKS = ("synth", "sequence", "specialists", "receive", "dicomio")
+BENCHMARKS = ("synth", "sequence", "specialists", "receive", "ingest", "dicomio")
 _REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 _KB = 1024
 _MB = 1024 * 1024
@@ -78,6 +79,11 @@ class BenchSettings:
     repeat: int = 1
     models_dir: Path = _REPO_MODELS
     seed: int = 20261123
+    ingest_instances: int = 200  # `ingest`: MR instances sent per run (issue 15 used 600)
+    ingest_size: int = 512  # their matrix (512x512, about 0.5 MB each)
+    # The stock-sender comparison's instances: 112 KB, the size at which Nagle's algorithm
+    # and delayed ACKs cost the most (issue 15).
+    nagle_size: int = 236
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -732,6 +738,305 @@ def bench_receive(work: Path, settings: BenchSettings) -> BenchRecord:
     )
 
 
+# --- ingest: the node beside Orthanc and dcmtk storescp, dcmtk storescu as the sender ---------
+
+
+def write_ingest_instances(folder: Path, n: int, size: int) -> tuple[Path, ...]:
+    """n MR instances of size x size 12-bit random pixels, one series, as Part 10 files."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    source = get_testdata_file("MR_small.dcm")
+    if source is None:
+        raise ConfigError("pydicom test file MR_small.dcm is not installed")
+    template = pydicom.dcmread(source)
+    template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
+    template.Rows = template.Columns = size
+    template.BitsAllocated, template.BitsStored, template.HighBit = 16, 12, 11
+    template.PixelRepresentation = 0
+    pixels = np.random.default_rng(0).integers(0, 4096, (size, size), dtype=np.uint16)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ds = template.copy()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        ds.PixelData = np.roll(pixels, i).tobytes()
+        path = folder / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return tuple(paths)
+
+
+def storescu_rate(
+    port: int, called: str, paths: Sequence[Path], *, associations: int, nodelay: bool
+) -> float:
+    """Instances/s of dcmtk storescu sending every file over `associations` at once.
+
+    `nodelay`: TCP_NODELAY=1 in storescu's environment (Debian's dcmtk leaves Nagle on
+    otherwise: a stock storescu).
+    """
+    import subprocess
+
+    from node.lab.orthanc import system_tool
+
+    tool = system_tool("storescu")
+    if tool is None:
+        raise ConfigError("dcmtk storescu is not installed (apt-get install dcmtk)")
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
+    chunks = [paths[i::associations] for i in range(associations)]
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [tool, "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, c)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for c in chunks
+    ]
+    failed = [p.communicate(timeout=600)[1] for p in procs if p.wait(timeout=600) != 0]
+    elapsed = time.perf_counter() - t0
+    if failed:
+        raise ConfigError(f"benchmark: storescu to {called} failed: {failed[0][-300:]!r}")
+    return len(paths) / elapsed
+
+
+def _process_cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by this process or by process `pid` (Linux)."""
+    if pid is None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(slots=True)
+class _IngestNode:
+    """A Receiver + Spool on a fresh spool folder per run (the same instances every run)."""
+
+    work: Path
+    runs: int = 0
+    # associations -> [group commits, instances they carried], over every run
+    grouping: dict[int, list[int]] = field(default_factory=dict)
+    cpu_ms: dict[int, list[float]] = field(default_factory=dict)  # per instance, by associations
+
+    def per_group(self, associations: int) -> float:
+        groups, instances = self.grouping.get(associations, [0, 0])
+        return round(instances / max(1, groups), 2)
+
+    def rate(self, paths: Sequence[Path], *, associations: int, nodelay: bool) -> float:
+        from node.config import AllowedCaller
+        from node.ingest.receive import Receiver
+        from node.ingest.spool import Spool
+
+        self.runs += 1
+        spool = Spool(self.work / f"spool_{self.runs}", min_free_disk_mb=0)
+        settings = NodeSettings(
+            ae_title="NEURONODE",
+            port=free_port(),
+            allowed_callers=(AllowedCaller(ae_title="STORESCU", host="127.0.0.1"),),
+        )
+        rx = Receiver(settings, spool)
+        rx.start()
+        cpu0 = _process_cpu_s()
+        try:
+            rate = storescu_rate(
+                rx.port, "NEURONODE", paths, associations=associations, nodelay=nodelay
+            )
+        finally:
+            rx.stop(2.0)
+        if nodelay:
+            cpu_ms = (_process_cpu_s() - cpu0) * 1000 / len(paths)
+            self.cpu_ms.setdefault(associations, []).append(cpu_ms)
+        n = spool.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
+        tally = self.grouping.setdefault(associations, [0, 0])
+        tally[0] += spool.groups.groups
+        tally[1] += spool.groups.instances
+        spool.close()
+        if n != len(paths):
+            raise ConfigError(f"benchmark: the node indexed {n} of {len(paths)} instances")
+        shutil.rmtree(self.work / f"spool_{self.runs}", ignore_errors=True)
+        return rate
+
+
+def _orthanc_empty(orthanc: Any) -> None:
+    import urllib.request
+
+    for study in orthanc.get("/studies"):
+        req = urllib.request.Request(f"{orthanc.url}/studies/{study}", method="DELETE")
+        with urllib.request.urlopen(req, timeout=60):
+            pass
+
+
+def _storescp(folder: Path, port: int) -> Any:
+    """dcmtk storescp writing files, no fsync, no index (one process per association)."""
+    import subprocess
+
+    from node.lab.orthanc import system_tool
+
+    tool = system_tool("storescp")
+    if tool is None:
+        raise ConfigError("dcmtk storescp is not installed (apt-get install dcmtk)")
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TCP_NODELAY="1")
+    proc = subprocess.Popen(
+        [tool, "--fork", "-od", str(folder), "-aet", "STORESCP", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    import socket
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise ConfigError("benchmark: dcmtk storescp did not listen")
+
+
+def _spread(values: Sequence[float]) -> str:
+    return f"{min(values):.0f}-{max(values):.0f}"
+
+
+def bench_ingest(work: Path, settings: BenchSettings) -> tuple[BenchRecord, ...]:
+    """Issue 15: durable ingest against Orthanc (SQLite, its fsync) with 1 and 4 storescu
+    associations, the stock (Nagle) sender against a TCP_NODELAY one, dcmtk storescp as the
+    no-fsync ceiling; receivers interleaved, medians over `repeat` (at least 3) rounds."""
+    import signal
+
+    from node.lab.orthanc import OrthancError, OrthancServer, system_tool
+
+    if system_tool("storescu") is None or system_tool("storescp") is None:
+        return (_skipped("ingest", "dcmtk (storescu, storescp) is not installed"),)
+    paths = write_ingest_instances(
+        work / "ingest_instances", settings.ingest_instances, settings.ingest_size
+    )
+    mb = sum(p.stat().st_size for p in paths) / _MB
+    small = write_ingest_instances(
+        work / "ingest_small", settings.ingest_instances, settings.nagle_size
+    )
+    node = _IngestNode(work / "ingest_node")
+    # Orthanc's dcmtk reads TCP_NODELAY too: without it Orthanc answers each C-STORE behind
+    # Nagle (about 20 instances/s); the reference is Orthanc at its best.
+    before = os.environ.get("TCP_NODELAY")
+    os.environ["TCP_NODELAY"] = "1"
+    try:
+        orthanc = OrthancServer(work / "orthanc", node_port=free_port(), dicomweb=False)
+        orthanc.start()
+    except OrthancError as exc:
+        return (_skipped("ingest", f"Orthanc: {exc}"),)
+    finally:
+        if before is None:
+            os.environ.pop("TCP_NODELAY", None)
+        else:
+            os.environ["TCP_NODELAY"] = before
+    # Orthanc's CPU time per instance: a figure the machine's other load moves much less
+    # than the rates (the node's is this process's, where the receiver runs).
+    if orthanc._proc is None:
+        raise ConfigError("benchmark: Orthanc is not running")
+    orthanc_pid = orthanc._proc.pid
+    orthanc_cpu_ms: dict[int, list[float]] = {}
+    scp_port = free_port()
+    scp = _storescp(work / "storescp", scp_port)
+    figures: dict[str, list[float]] = {
+        k: [] for k in ("node1", "orthanc1", "node4", "orthanc4", "stock1", "nodelay1", "storescp1")
+    }
+    try:
+        for _ in range(max(3, settings.repeat)):
+            for assoc in (1, 4):
+                figures[f"node{assoc}"].append(node.rate(paths, associations=assoc, nodelay=True))
+                cpu0 = _process_cpu_s(orthanc_pid)
+                figures[f"orthanc{assoc}"].append(
+                    storescu_rate(
+                        orthanc.dicom_port, orthanc.aet, paths, associations=assoc, nodelay=True
+                    )
+                )
+                orthanc_cpu_ms.setdefault(assoc, []).append(
+                    (_process_cpu_s(orthanc_pid) - cpu0) * 1000 / len(paths)
+                )
+                _orthanc_empty(orthanc)
+            figures["stock1"].append(node.rate(small, associations=1, nodelay=False))
+            figures["nodelay1"].append(node.rate(small, associations=1, nodelay=True))
+            figures["storescp1"].append(
+                storescu_rate(scp_port, "STORESCP", paths, associations=1, nodelay=True)
+            )
+            for received in (work / "storescp").iterdir():
+                received.unlink()
+    finally:
+        orthanc.stop()
+        with suppress(OSError):
+            os.killpg(scp.pid, signal.SIGTERM)
+        scp.wait(timeout=10)
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    common = (
+        ("instances", len(paths)),
+        ("matrix", f"{settings.ingest_size}x{settings.ingest_size}"),
+        ("mb", round(mb, 1)),
+        ("rounds", len(figures["node1"])),
+        ("sender", "dcmtk storescu, TCP_NODELAY=1"),
+    )
+    records = []
+    for assoc in (1, 4):
+        n, o = med[f"node{assoc}"], med[f"orthanc{assoc}"]
+        records.append(
+            BenchRecord(
+                name=f"ingest:{assoc}_assoc",
+                figure=round(n, 1),
+                unit="instances/s",
+                reference=round(o, 1),
+                reference_what=f"Orthanc {'.'.join(map(str, orthanc.version))} (SQLite, fsync)",
+                ratio=_ratio(n, o),
+                ratio_what="node / Orthanc, both durable",
+                target=">= 1.0x Orthanc (issue 15)",
+                met=n >= o,
+                details=(
+                    *common,
+                    ("associations", assoc),
+                    ("node_spread", _spread(figures[f"node{assoc}"])),
+                    ("orthanc_spread", _spread(figures[f"orthanc{assoc}"])),
+                    ("storescp_no_fsync_per_s", round(med["storescp1"], 1)),
+                    ("instances_per_group_commit", node.per_group(assoc)),
+                    ("node_cpu_ms_per_instance", round(statistics.median(node.cpu_ms[assoc]), 2)),
+                    (
+                        "orthanc_cpu_ms_per_instance",
+                        round(statistics.median(orthanc_cpu_ms[assoc]), 2),
+                    ),
+                ),
+            )
+        )
+    stock, fast = med["stock1"], med["nodelay1"]
+    records.append(
+        BenchRecord(
+            name="ingest:stock_sender",
+            figure=round(stock, 1),
+            unit="instances/s",
+            reference=round(fast, 1),
+            reference_what="the same node, storescu with TCP_NODELAY=1",
+            ratio=_ratio(stock, fast),
+            ratio_what="stock storescu (Nagle on) / TCP_NODELAY storescu",
+            target=">= 0.9 (issue 15)",
+            met=stock >= 0.9 * fast,
+            details=(
+                ("instances", len(small)),
+                ("matrix", f"{settings.nagle_size}x{settings.nagle_size}"),
+                ("kb_each", round(small[0].stat().st_size / _KB)),
+                ("rounds", len(figures["stock1"])),
+                ("stock_spread", _spread(figures["stock1"])),
+                ("nodelay_spread", _spread(figures["nodelay1"])),
+            ),
+        )
+    )
+    return tuple(records)
+
+
 # --- dicomio -------------------------------------------------------------------------------------
 
 
@@ -845,6 +1150,8 @@ def run_benchmarks(
         add(*bench_specialists(study, work, settings))
     if "receive" in names:
         add(bench_receive(work, settings))
+    if "ingest" in names:
+        add(*bench_ingest(work, settings))
     if "dicomio" in names and study is not None:
         add(bench_dicomio(study, settings))
     return tuple(records)
@@ -884,7 +1191,9 @@ def cmd_bench(args: BenchArgs) -> int:
     repeat = args.repeat
     if repeat < 1:
         raise ConfigError("--repeat must be at least 1")
-    settings = replace(BenchSettings(), repeat=repeat)
+    if args.ingest_instances < 1:
+        raise ConfigError("--ingest-instances must be at least 1")
+    settings = replace(BenchSettings(), repeat=repeat, ingest_instances=args.ingest_instances)
     torch.set_num_threads(2)
     host = machine()
     print(

@@ -41,10 +41,13 @@ def makedirs_durable(path: Path) -> None:
         fsync_dir(d.parent)
 
 
-def write_bytes_durable(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> None:
-    """Write bytes to `path` atomically and durably (temp file in `tmp_dir` or beside it)."""
-    folder = tmp_dir if tmp_dir is not None else path.parent
-    makedirs_durable(folder)
+def write_temp_durable(folder: Path, data: bytes) -> Path:
+    """Write bytes to a new temp file (``*.part``) in `folder` and fsync it; return its path.
+
+    The first half of a durable write, for a caller that renames many files and then fsyncs
+    their folders once (the spool's group commit); removing it after a later failure is the
+    caller's job.
+    """
     tmp = folder / f"{uuid.uuid4().hex}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
@@ -52,6 +55,19 @@ def write_bytes_durable(path: Path, data: bytes, *, tmp_dir: Path | None = None)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def write_bytes_durable(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> None:
+    """Write bytes to `path` atomically and durably (temp file in `tmp_dir` or beside it)."""
+    folder = tmp_dir if tmp_dir is not None else path.parent
+    makedirs_durable(folder)
+    tmp = write_temp_durable(folder, data)
+    try:
         makedirs_durable(path.parent)
         os.replace(tmp, path)
         fsync_dir(path.parent)

@@ -342,3 +342,47 @@ def test_two_senders_at_once_both_succeed(
         assert sum(acked.values()) == 15, aet
     counts = dict(node.query("SELECT study_uid, n_instances FROM studies"))
     assert counts == {"1.2.10": 15, "1.2.20": 15}
+
+
+@pytest.mark.slow
+def test_kill_9_under_four_senders_loses_no_acknowledged_instance(
+    node_factory: Callable[..., NodeProc], dcmtk: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Four storescu associations at once (the group commit shares fsyncs and index
+    transactions between them), kill -9 mid-transfer: every instance a sender was told is
+    stored is on disk, parses, and is indexed after the restart."""
+    tool = dcmtk("storescu")
+    node = node_factory(**RECEIVE_ONLY)
+    node.start()
+    batches = []
+    for k in range(4):
+        d = tmp_path / f"sender{k}"
+        d.mkdir()
+        study = f"1.2.{40 + k}"
+        batches.append([_mr_copy(d, study, f"{study}.1", f"{study}.1.{i}") for i in range(150)])
+    results: list[tuple[subprocess.CompletedProcess[str], dict[Path, bool]]] = []
+
+    def send(batch: list[Path]) -> None:
+        results.append(storescu(tool, node, batch, aet="STORESCU"))
+
+    threads = [threading.Thread(target=send, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    node.wait_for(lambda: node.query("SELECT COUNT(*) FROM instances")[0][0] >= 60)
+    node.kill()
+    for t in threads:
+        t.join()
+    acked = {
+        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        for _, per_file in results
+        for path, ok in per_file.items()
+        if ok
+    }
+    assert 0 < len(acked) < 600, len(acked)  # the kill came mid-transfer
+    node.start()
+    indexed = dict(node.query("SELECT sop_instance_uid, path FROM instances"))
+    for sop in acked:
+        assert sop in indexed, f"acknowledged {sop} lost"
+        assert pydicom.dcmread(node.spool / indexed[sop]).SOPInstanceUID == sop
+    assert list((node.spool / "tmp").iterdir()) == []
+    assert node.stop() == 0

@@ -166,3 +166,33 @@ def test_cli_bench_options() -> None:
     assert args._command.name == "bench" and args._command.args.__name__ == "BenchArgs"
     assert args.only == ["synth", "receive"] and args.repeat == 3 and args.out == Path("f.json")
     assert set(args.only) <= set(BENCHMARKS)
+    assert args.ingest_instances == 200  # `ingest`'s default; issue 15 measured 600
+    args = build_parser().parse_args(["bench", "--only", "ingest", "--ingest-instances", "600"])
+    assert args.only == ["ingest"] and args.ingest_instances == 600 and "ingest" in BENCHMARKS
+
+
+@pytest.mark.slow
+def test_ingest_benchmark_compares_the_node_with_orthanc(tmp_path: Path) -> None:
+    from node.lab.orthanc import orthanc_binary, system_tool
+
+    if orthanc_binary() is None or system_tool("storescu") is None:
+        pytest.skip("Orthanc or dcmtk is not installed")
+    settings = BenchSettings(ingest_instances=8, ingest_size=64, nagle_size=48, repeat=1)
+    records = {r.name: r for r in run_benchmarks(("ingest",), tmp_path, settings)}
+    assert set(records) == {"ingest:1_assoc", "ingest:4_assoc", "ingest:stock_sender"}
+    for name in ("ingest:1_assoc", "ingest:4_assoc"):
+        r = records[name]
+        _check_ratio(r)
+        assert r.met is (r.figure >= (r.reference or 0))
+        details = dict(r.details)
+        assert details["rounds"] == 3 and details["instances"] == 8
+        assert float(details["storescp_no_fsync_per_s"]) > 0
+        assert float(details["instances_per_group_commit"]) >= 1
+        assert float(details["node_cpu_ms_per_instance"]) > 0
+        assert float(details["orthanc_cpu_ms_per_instance"]) > 0
+    assert dict(records["ingest:1_assoc"].details)["associations"] == 1
+    assert dict(records["ingest:4_assoc"].details)["associations"] == 4
+    stock = records["ingest:stock_sender"]
+    _check_ratio(stock)
+    assert dict(stock.details)["matrix"] == "48x48"
+    assert "ingest" in format_table(tuple(records.values()))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import select
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from node.config import AllowedCaller, NodeSettings
 from node.errors import StoreStatus
 from node.ingest.receive import TRANSFER_SYNTAXES, Receiver, check_association, storage_sop_classes
 from node.ingest.spool import Spool, StoreResult
+from node.ingest.transport import TCP_QUICKACK, GuardedSocket, PduLimits
 from node.lab.orthanc import free_port
 from tests.conftest import pydicom_file
 
@@ -197,3 +201,61 @@ def test_max_associations_rejects_and_logs(tmp_path: Path) -> None:
     finally:
         rx.stop(1.0)
         spool.close()
+
+
+# --- the accepted connection: quick ACKs, reading a PDU body in large pieces -------------------
+
+
+def _accepted_pair(limits: PduLimits) -> tuple[socket.socket, GuardedSocket]:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        cli = socket.create_connection(srv.getsockname())
+        raw, _ = srv.accept()
+    guarded = GuardedSocket(fileno=raw.detach())
+    guarded.init_reader(limits, "127.0.0.1")
+    return cli, guarded
+
+
+@pytest.mark.skipif(TCP_QUICKACK is None, reason="the platform has no TCP_QUICKACK (Linux only)")
+def test_quickack_is_rearmed_before_each_pdu() -> None:
+    assert TCP_QUICKACK is not None
+    cli, guarded = _accepted_pair(PduLimits(network_timeout_s=5, max_pdu_bytes=0))
+    with cli, guarded:
+        for _ in range(2):
+            # Delayed-ACK mode, as the kernel enters it on its own on a busy connection.
+            guarded.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 0)
+            assert guarded.getsockopt(socket.IPPROTO_TCP, TCP_QUICKACK) == 0
+            cli.sendall(bytes((0x04, 0, 0, 0, 0, 2, 0xAB, 0xCD)))
+            assert guarded.recv(6) == bytes((0x04, 0, 0, 0, 0, 2))
+            assert guarded.getsockopt(socket.IPPROTO_TCP, TCP_QUICKACK) == 1
+            assert guarded.recv(4096) == bytes((0xAB, 0xCD))
+
+
+def test_pdu_body_is_read_ahead_but_never_past_its_pdu() -> None:
+    cli, guarded = _accepted_pair(PduLimits(network_timeout_s=5, max_pdu_bytes=0))
+    body = bytes(range(256)) * 1200  # 300 KiB: more than one read-ahead piece
+    first = struct.pack(">BBL", 0x04, 0, len(body)) + body
+    second = struct.pack(">BBL", 0x04, 0, 3) + b"xyz"
+    with cli, guarded:
+        cli.sendall(first + second)
+        assert guarded.recv(6) == first[:6]
+        got = bytearray()
+        while len(got) < len(body):  # pynetdicom's way: 4 KiB at a time
+            got += guarded.recv(min(4096, len(body) - len(got)))
+        assert bytes(got) == body
+        # The next PDU is still in the socket (select() sees it), not in the reader.
+        assert select.select([guarded], [], [], 5)[0] == [guarded]
+        assert guarded.recv(6) == second[:6]
+        assert guarded.recv(4096) == b"xyz"
+
+
+def test_receiver_connections_are_guarded(receiver: tuple[Receiver, Spool]) -> None:
+    rx, _ = receiver
+    assoc = _scu().associate("127.0.0.1", rx.port, ae_title="NEURONODE")
+    assert assoc.is_established
+    try:
+        sockets = [a.dul.socket.socket for a in rx.ae.active_associations]
+        assert sockets and all(isinstance(s, GuardedSocket) for s in sockets)
+    finally:
+        assoc.release()

@@ -1,19 +1,23 @@
-"""Delivery logic without a network: status judgement, SR fallback, error translation."""
+"""Delivery logic without a network (status judgement, SR fallback, error translation), and the
+real association's socket options on loopback."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
+from pynetdicom import AE
 from structlog.testing import capture_logs
 
 from node.config import DicomDestination, DicomWebDestination
 from node.deliver.send import (
     BASE_SOP_CLASSES,
     StowError,
+    pynetdicom_connect,
     send_dicom,
     send_stow,
     store_status_delivered,
@@ -234,3 +238,24 @@ def test_real_stow_connection_refused() -> None:
     web = DicomWebDestination(name="w", url=f"http://127.0.0.1:{free_port()}/dicom-web")
     with pytest.raises(SendError, match="cannot be reached"):
         send_stow(web, [obj(SC_SOP_CLASS_UID, "1.1")])
+
+
+def test_real_association_has_nagle_off() -> None:
+    """Results leave with TCP_NODELAY: with Nagle on each object waits for the peer's delayed
+    ACK (40 ms and more per object)."""
+    scp = AE(ae_title="PACS")
+    for uid in BASE_SOP_CLASSES:
+        scp.add_supported_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        dest = DicomDestination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        assoc = pynetdicom_connect(dest, "NEURONODE", BASE_SOP_CLASSES, timeout_s=5)
+        try:
+            sock = assoc._assoc.dul.socket.socket  # type: ignore[attr-defined]
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            assert SR3D in assoc.accepted_sop_classes
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()

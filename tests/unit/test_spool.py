@@ -14,15 +14,19 @@ import pydicom
 import pytest
 from pydicom.uid import PYDICOM_ROOT_UID, UID
 
-from node.errors import InvalidInstance, StoreStatus
+from node.errors import InvalidInstance, SpoolError, StoreStatus
 from node.ingest.spool import (
     SHARED_LEFTOVER_AGE_S,
     Spool,
+    StoreResult,
+    _Pending,
+    check_instance,
     instance_relpath,
     is_valid_uid,
     parse_instance,
 )
 from node.records import InstanceRef, StudyStatus
+from node.store.files import write_temp_durable
 from tests.conftest import pydicom_file
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -332,3 +336,137 @@ def test_a_process_opening_a_shared_spool_leaves_other_receivers_writes_alone(
             assert second.sweep_orphans() == (1, 0)
     finally:
         second.close()
+
+
+# --- group commit -----------------------------------------------------------------------------
+
+
+def _pending(spool: Spool, data: bytes) -> _Pending:
+    """An instance as a C-STORE thread hands it to the group: checked, its temp file fsync'ed."""
+    parsed = check_instance(data)
+    return _Pending(
+        parsed=parsed,
+        rel=instance_relpath(parsed.ref),
+        tmp=write_temp_durable(spool.root / "tmp", data),
+        size_bytes=len(data),
+        calling_ae="A",
+        now=1.0,
+    )
+
+
+def _indexed(spool: Spool) -> set[str]:
+    return {str(r[0]) for r in spool.index.query("SELECT sop_instance_uid FROM instances")}
+
+
+def test_group_commit_a_folder_error_fails_only_its_instance(spool: Spool) -> None:
+    good = [_pending(spool, _mr("1.2.3", "1.2.3.1", f"1.2.3.1.{i}")) for i in (1, 2)]
+    # A file where the series folder should be: the rename into it fails (ENOTDIR).
+    (spool.root / "instances" / "1.2.3").mkdir(parents=True)
+    (spool.root / "instances" / "1.2.3" / "1.2.3.9").write_bytes(b"in the way")
+    bad = _pending(spool, _mr("1.2.3", "1.2.3.9", "1.2.3.9.1"))
+    spool._commit_group([good[0], bad, good[1]])
+    assert isinstance(bad.outcome, SpoolError)
+    assert not bad.tmp.exists()
+    for entry in good:
+        assert isinstance(entry.outcome, StoreResult) and entry.outcome.status == 0
+        assert (spool.root / entry.rel).read_bytes()[128:132] == b"DICM"
+    assert _indexed(spool) == {"1.2.3.1.1", "1.2.3.1.2"}
+    assert spool.index.query("SELECT n_instances FROM studies")[0][0] == 2
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
+def test_group_commit_an_index_error_rolls_back_only_its_row(spool: Spool) -> None:
+    # A real database failure on one row only (a trigger refusing study 1.2.4).
+    with spool.index.transaction() as db:
+        if spool.index.postgres:
+            db.execute(
+                "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+                "IF NEW.study_uid = '1.2.4' THEN RAISE EXCEPTION 'refused'; END IF; "
+                "RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            db.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON instances FOR EACH ROW "
+                "EXECUTE FUNCTION refuse()"
+            )
+        else:
+            db.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON instances WHEN NEW.study_uid = '1.2.4' "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+    ok1 = _pending(spool, _mr("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    bad = _pending(spool, _mr("1.2.4", "1.2.4.1", "1.2.4.1.1"))
+    ok2 = _pending(spool, _mr("1.2.5", "1.2.5.1", "1.2.5.1.1"))
+    spool._commit_group([ok1, bad, ok2])
+    assert isinstance(bad.outcome, SpoolError) and "index" in str(bad.outcome)
+    assert isinstance(ok1.outcome, StoreResult) and isinstance(ok2.outcome, StoreResult)
+    assert _indexed(spool) == {"1.2.3.1.1", "1.2.5.1.1"}
+    studies = {str(r[0]) for r in spool.index.query("SELECT study_uid FROM studies")}
+    assert studies == {"1.2.3", "1.2.5"}  # the refused row's study update was rolled back too
+
+
+def test_group_commit_a_duplicate_keeps_the_first_copy(spool: Spool) -> None:
+    first = spool.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"), calling_ae="A")
+    assert first.instance is not None
+    again = _pending(spool, _mr("1.2.3", "1.2.3.1", "1.2.3.1.1", SeriesNumber=77))
+    new = _pending(spool, _mr("1.2.3", "1.2.3.1", "1.2.3.1.2"))
+    spool._commit_group([again, new])
+    assert isinstance(again.outcome, StoreResult) and again.outcome.instance is not None
+    assert again.outcome.instance.duplicate
+    assert pydicom.dcmread(first.instance.path).get("SeriesNumber") != 77
+    assert isinstance(new.outcome, StoreResult) and _indexed(spool) == {"1.2.3.1.1", "1.2.3.1.2"}
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
+def test_concurrent_stores_are_each_durable_and_indexed(spool: Spool) -> None:
+    """Eight senders at once (the group commit's case): every success is on disk and indexed,
+    a bad instance among them is quarantined alone, and re-sent instances are stored once."""
+    results: dict[str, StoreResult] = {}
+    lock = threading.Lock()
+
+    def sender(k: int) -> None:
+        for i in range(20):
+            sop = f"1.2.3.{k}.{i}"
+            res = spool.store(_mr("1.2.3", f"1.2.3.{k}", sop), calling_ae="A")
+            with lock:
+                results[sop] = res
+        bad = spool.store(b"\x00" * 128 + b"DICM" + b"\xff" * (40 + k), calling_ae="A")
+        with lock:
+            results[f"bad{k}"] = bad
+        again = spool.store(_mr("1.2.3", f"1.2.3.{k}", f"1.2.3.{k}.0"), calling_ae="A")
+        with lock:
+            results[f"again{k}"] = again
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(1, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    indexed = {
+        str(r[0]): str(r[1])
+        for r in spool.index.query("SELECT sop_instance_uid, path FROM instances")
+    }
+    assert len(indexed) == 160
+    for sop, res in results.items():
+        if sop.startswith("bad"):
+            assert res.status != 0 and res.quarantine_path is not None and res.instance is None
+        elif sop.startswith("again"):
+            assert res.status == 0 and res.instance is not None and res.instance.duplicate
+        else:
+            assert res.status == 0 and res.instance is not None and not res.instance.duplicate
+            assert pydicom.dcmread(spool.root / indexed[sop]).SOPInstanceUID == sop
+    assert spool.index.query("SELECT n_instances FROM studies")[0][0] == 160
+    assert spool.groups.instances == 160 + 8  # the duplicates pass through a group too
+    assert 1 <= spool.groups.groups <= spool.groups.instances
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
+def test_check_instance_refuses_short_pixel_data_without_decoding(spool: Spool) -> None:
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    ds.PixelData = ds.PixelData[:-200]
+    with pytest.raises(InvalidInstance, match="unparseable: ValueError"):
+        check_instance(_bytes(ds))
+    ds.NumberOfFrames = 0
+    with pytest.raises(InvalidInstance):
+        check_instance(_bytes(ds))
+    res = spool.store(_bytes(ds), calling_ae="A")
+    assert res.status == StoreStatus.CANNOT_UNDERSTAND and res.quarantine_path is not None
