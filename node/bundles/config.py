@@ -106,6 +106,51 @@ class Preprocessing:
         scaled: FloatArray = _as_tensor(out).numpy().astype(np.float32, copy=False)
         return scaled
 
+    def scale_slices(self, pixels: npt.NDArray[Any], indices: Sequence[int]) -> FloatArray:
+        """The chosen slices exactly as ``scale(pixels)[indices]``, without scaling the rest.
+
+        The series statistics (ScaleIntensityRangePercentiles' percentiles) still come from every
+        slice, with MONAI's own ``percentile``; only the arithmetic is limited to the chosen
+        slices, so a long series costs one copy of its values (the percentile's), not three.
+        Any other series transform: the whole series is scaled and the slices picked.
+        """
+        from monai.transforms.compose import Compose
+        from monai.transforms.intensity.array import (
+            ScaleIntensityRange,
+            ScaleIntensityRangePercentiles,
+        )
+        from monai.transforms.utils_pytorch_numpy_unification import percentile
+        from monai.utils.type_conversion import convert_to_tensor
+
+        steps = list(self.series.transforms) if isinstance(self.series, Compose) else []
+        step = steps[0] if len(steps) == 1 else None
+        if (
+            not isinstance(step, ScaleIntensityRangePercentiles)
+            or step.channel_wise
+            or step.relative
+        ):
+            return self.scale(pixels)[list(indices)]
+        vol = np.asarray(pixels, dtype=np.float32)
+        whole = convert_to_tensor(vol, track_meta=False)
+        # As ScaleIntensityRangePercentiles._normalize: MONAI's percentile of the whole series.
+        a_min: Any = percentile(whole, step.lower)
+        a_max: Any = percentile(whole, step.upper)
+        del whole
+        scalar = ScaleIntensityRange(
+            a_min=a_min,
+            a_max=a_max,
+            b_min=step.b_min,
+            b_max=step.b_max,
+            clip=step.clip,
+            dtype=step.dtype,
+        )
+        picked = convert_to_tensor(np.ascontiguousarray(vol[list(indices)]), track_meta=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Divide by zero", category=Warning)
+            out = scalar(picked)
+        scaled: FloatArray = _as_tensor(out).numpy().astype(np.float32, copy=False)
+        return scaled
+
     def slice_input(self, scaled: npt.NDArray[Any]) -> torch.Tensor:
         """Network input (n, channels, H, W) for already scaled (and cut) slices (n, rows, cols)."""
         arr = np.ascontiguousarray(scaled, dtype=np.float32)

@@ -566,10 +566,16 @@ def read_series_headers(paths: Iterable[Path]) -> tuple[SeriesHeader, ...]:
     Files are grouped by SeriesInstanceUID; a UID that carries several SeriesNumbers is split
     into one series per number (the same rule as node/dicomio.py).
     """
+    return series_headers_from(ds for ds in map(_read, _files(paths)) if ds is not None)
+
+
+def series_headers_from(datasets: Iterable[Dataset]) -> tuple[SeriesHeader, ...]:
+    """One header per series from already read instance headers (the pipeline reads each file
+    once, node.dicom.volumes.read_study); datasets without SeriesInstanceUID or SOPClassUID are
+    skipped, as ``read_series_headers`` skips such files."""
     by_uid: dict[str, list[Dataset]] = {}
-    for path in _files(paths):
-        ds = _read(path)
-        if ds is not None:
+    for ds in datasets:
+        if "SeriesInstanceUID" in ds and "SOPClassUID" in ds:
             by_uid.setdefault(_text(ds.SeriesInstanceUID), []).append(ds)
     headers: list[SeriesHeader] = []
     for uid, found in by_uid.items():
