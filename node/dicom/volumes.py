@@ -761,14 +761,13 @@ def read_study(
 class LazyVolumes:
     """Series volumes by (SeriesInstanceUID, SeriesNumber), decoded when asked for.
 
-    Only the volume asked for last is kept (asked again, it is not decoded again); asking for
-    another drops it first, so a study costs one series' pixels at a time. The files whose
-    pixels failed are collected in ``problems`` (each once).
+    Nothing is kept: each request decodes the series again, and a volume lives only as long as
+    its caller holds it, so a study costs one series' pixels at a time (two for a T1 pair).
+    The files whose pixels failed are collected in ``problems`` (each once).
     """
 
     def __init__(self, layouts: Iterable[SeriesLayout]) -> None:
         self._layouts = {volume_id(layout): layout for layout in layouts}
-        self._last: tuple[SeriesId, SeriesVolume | None] | None = None
         self._seen: set[Path] = set()
         self.problems: list[DecodeProblem] = []
         # Series whose files did not all decode: the layout of the volume they made instead
@@ -777,12 +776,9 @@ class LazyVolumes:
 
     def get(self, key: SeriesId, /) -> SeriesVolume | None:
         """The series' volume (None: no such series, or no file of it decodes)."""
-        if self._last is not None and self._last[0] == key:
-            return self._last[1]
         layout = self._layouts.get(key)
         if layout is None:
             return None
-        self._last = None  # drop the previous volume before decoding the next
         volume, problems, final = _decode_series(layout)
         if problems:
             self.relaid[key] = final
@@ -794,7 +790,6 @@ class LazyVolumes:
             if problem.path not in self._seen:
                 self._seen.add(problem.path)
                 self.problems.append(problem)
-        self._last = (key, volume)
         return volume
 
     def layouts(self, original: Iterable[SeriesLayout]) -> tuple[SeriesLayout, ...]:
@@ -807,10 +802,6 @@ class LazyVolumes:
             elif (again := self.relaid[key]) is not None:
                 out.append(again)
         return tuple(out)
-
-    def release(self) -> None:
-        """Drop the volume kept from the last request."""
-        self._last = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)

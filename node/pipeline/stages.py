@@ -41,6 +41,7 @@ from node.records import (
     FindingStatus,
     InstanceHeader,
     SeriesPrediction,
+    SeriesVolume,
     StudyResult,
 )
 from node.store.files import write_dicom_durable, write_json_durable
@@ -112,7 +113,6 @@ def _after_decoding(ctx: StudyContext, volumes: LazyVolumes) -> StudyContext:
     """The context with the files whose pixels failed added to the load's problems (each once)
     and the layouts of their series replaced by what did decode."""
     loaded = ctx.loaded
-    volumes.release()
     if loaded is None or not volumes.problems:
         return ctx
     known = {(p.path, p.reason) for p in loaded.problems}
@@ -196,10 +196,14 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
     k = ctx.rules.outputs.heatmaps_per_series
     order = sorted(range(len(ctx.routes)), key=lambda i: (ctx.routes[i].series_uid, i))
     predictions: dict[int, SeriesPrediction] = {}
+    current: tuple[SeriesId | None, SeriesVolume | None] = (None, None)
     for i in order:
         route = ctx.routes[i]
         sid = by_uid.get(route.series_uid)
-        volume = volumes.get(sid) if sid is not None else None
+        if current[0] != sid:
+            current = (None, None)  # the previous series' pixels go before the next decode
+            current = (sid, volumes.get(sid) if sid is not None else None)
+        volume = current[1]
         if volume is None:
             continue  # the series has headers but no decodable pixels: listed in the audit
         try:
@@ -225,6 +229,7 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
             duration_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
         predictions[i] = pred
+    del current, volume
     ctx = _after_decoding(ctx, volumes)
     return replace(ctx, predictions=tuple(predictions[i] for i in sorted(predictions)))
 

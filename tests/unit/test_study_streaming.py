@@ -42,9 +42,6 @@ class EagerVolumes:
     def get(self, key: SeriesId, /) -> SeriesVolume | None:
         return self._volumes.get(key)
 
-    def release(self) -> None:
-        pass
-
     def layouts(self, original: tuple[SeriesLayout, ...]) -> tuple[SeriesLayout, ...]:
         return original
 
@@ -123,9 +120,7 @@ def test_streamed_job_gives_the_eager_results(
     assert any(f["status"] != "not_assessable" for f in streamed_audit["findings"])
     assert {o.Modality for o in streamed_objects} == {"SR", "OT"}
     assert _comparable(streamed_audit) == _comparable(eager_audit)
-    assert [o.SOPInstanceUID for o in streamed_objects] == [
-        o.SOPInstanceUID for o in eager_objects
-    ]
+    assert [o.SOPInstanceUID for o in streamed_objects] == [o.SOPInstanceUID for o in eager_objects]
     for a, b in zip(streamed_objects, eager_objects, strict=True):
         if "PixelData" in a:
             np.testing.assert_array_equal(a.pixel_array, b.pixel_array)
@@ -174,3 +169,16 @@ def test_a_constant_series_scales_alike() -> None:
     pixels = np.full((4, 8, 8), 7.0, dtype=np.float32)
     pre = recipe_preprocessing(low=0.5, high=99.5)
     np.testing.assert_array_equal(pre.scale_slices(pixels, (1, 2)), pre.scale(pixels)[[1, 2]])
+
+
+def test_contrast_counted_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from node.classify import contrast
+
+    rng = np.random.default_rng(3)
+    pre = rng.gamma(2.0, 100.0, (7, 33, 31)).astype(np.float32)
+    post = (pre * rng.uniform(0.6, 2.2, pre.shape)).astype(np.float32)
+    pre.reshape(-1)[:40] = np.nan  # non-finite voxels count as background
+    one_pass = contrast.judge_contrast(pre, post)
+    monkeypatch.setattr(contrast, "_CHUNK_VOXELS", 997)  # chunks that split slices and rows
+    assert contrast.judge_contrast(pre, post) == one_pass
+    assert one_pass.n_voxels > contrast.MIN_HEAD_VOXELS and one_pass.enhanced_fraction > 0
