@@ -187,6 +187,7 @@ class FolderClassification:
     cnn_note: str
     n_studies: int
     n_skipped: int  # files that are not DICOM (or have no StudyInstanceUID)
+    n_shared_study_uids: int = 0  # study UIDs in several top-level folders (kept apart)
 
 
 def load_sequence_bundle(
@@ -259,4 +260,5 @@ def classify_folder(
         cnn_note=note,
         n_studies=len(scan.studies),
         n_skipped=scan.n_skipped,
+        n_shared_study_uids=len(scan.shared_uids),
     )
