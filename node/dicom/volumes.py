@@ -710,12 +710,14 @@ def read_study(
     """Read every file's header once: instance headers, series layouts (no pixels decoded),
     series header records and what failed; files for which ``ignore`` is true are left out
     (returned: how many)."""
-    from node.dicom.headers import series_headers_from
+    from node.dicom.headers import SeriesHeaderBuilder
 
     headers: list[InstanceHeader] = []
     problems: list[DecodeProblem] = []
     by_series: dict[SeriesId, list[_Meta]] = defaultdict(list)
-    datasets: list[tuple[InstanceHeader, Dataset]] = []
+    # The series header records come from the same reads, folded as they come (the datasets
+    # are not kept): image files, or every header of a study without any.
+    images, others = SeriesHeaderBuilder(), SeriesHeaderBuilder()
     n_ignored = 0
     for index, raw in enumerate(paths):
         path = Path(raw)
@@ -730,7 +732,8 @@ def read_study(
             continue
         headers.append(header)
         if ds is not None:
-            datasets.append((header, ds))
+            (images if header.has_pixels else others).add(ds)
+        del ds
         if isinstance(record, _Meta):
             by_series[series_id(header)].append(record)
     layouts = []
@@ -744,11 +747,8 @@ def read_study(
     layouts.sort(
         key=lambda v: (v.series_number if v.series_number is not None else -1, v.series_uid)
     )
-    # The series header records come from the same reads: image files first (as the SR lists
-    # its sources); a study without any keeps every header.
-    with_pixels = [ds for h, ds in datasets if h.has_pixels]
-    series_headers = series_headers_from(with_pixels or [ds for _, ds in datasets])
-    del datasets, with_pixels
+    series_headers = (images if len(images) else others).build()
+    del images, others
     load = StudyLoad(
         headers=tuple(headers),
         layouts=tuple(layouts),

@@ -22,6 +22,7 @@ from node.pipeline import runner, stages
 from node.pipeline.context import OBJECTS_DIR, Stage, StudyContext
 from node.pipeline.runner import process_study
 from node.records import DecodeProblem, SeriesLayout, SeriesVolume, StudyJob
+from tests.conftest import REALDATA
 
 REPO = Path(__file__).resolve().parents[2]
 _TIMING = {"started_at", "finished_at", "duration_ms", "stages"}
@@ -182,3 +183,18 @@ def test_contrast_counted_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(contrast, "_CHUNK_VOXELS", 997)  # chunks that split slices and rows
     assert contrast.judge_contrast(pre, post) == one_pass
     assert one_pass.n_voxels > contrast.MIN_HEAD_VOXELS and one_pass.enhanced_fraction > 0
+
+
+@pytest.mark.skipif(not REALDATA.is_dir(), reason="../shared/realdata is not on this machine")
+def test_header_records_folded_one_at_a_time_equal_those_of_all_datasets() -> None:
+    """Real scanner series (enhanced, mosaics, field maps, split UIDs, every vendor's private
+    tags): folding each header as it is read gives the records of the datasets all at once."""
+    from node.dicom.headers import SeriesHeaderBuilder, _files, _read, series_headers_from
+
+    datasets = [ds for ds in map(_read, _files([REALDATA])) if ds is not None]
+    builder = SeriesHeaderBuilder()
+    for ds in datasets:
+        builder.add(ds)
+    expected = series_headers_from(datasets)
+    assert len(expected) > 30
+    assert builder.build() == expected
