@@ -103,7 +103,7 @@ import json, os, resource, sys, time
 from pathlib import Path
 from node.bundles.bundle import set_torch_threads
 from node.config import Rules
-from node.dicom.folder import scan_folder
+import pydicom
 from node.pipeline.models import worker_bundle
 from node.pipeline.runner import process_study
 from node.records import StudyJob
@@ -118,7 +118,8 @@ for task in rules.tasks.values():  # bundles load before the study: common to bo
         except Exception:
             pass
 worker_bundle(models / rules.sequence.bundle)
-(study_uid, paths), = scan_folder(folder).studies
+paths = tuple(sorted(folder.rglob("*.dcm")))  # one study, whatever its folder layout
+study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
 job = StudyJob(job_id=0, study_uid=study_uid, instance_paths=paths, attempt=1)
 t0 = time.perf_counter()
 outcome = process_study(job, rules, out_dir=out)
