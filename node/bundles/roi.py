@@ -104,10 +104,15 @@ def lesion_box(scaled: npt.NDArray[np.float32], spec: RoiSpec) -> Box:
         filled = ndimage.binary_fill_holes(head[k])
         inner[k] = ndimage.binary_erosion(filled, iterations=erode)
     values = vol[inner]
-    if values.size < 50:
+    n_values = values.size
+    if n_values < 50:
         return head_box
     med = float(np.median(values))
-    mad = float(np.median(np.abs(values - med))) * 1.4826
+    # |values - med| in place, and its median on that array: no further copies of a long series.
+    values -= med
+    np.abs(values, out=values)
+    mad = float(np.median(values, overwrite_input=True)) * 1.4826
+    del values
     if mad <= 0:
         return head_box
     candidate = inner & (vol > med + spec.z * mad)
@@ -116,7 +121,7 @@ def lesion_box(scaled: npt.NDArray[np.float32], spec: RoiSpec) -> Box:
         return head_box
     sizes = np.bincount(labels.ravel())[1:]
     best = int(np.argmax(sizes))
-    if sizes[best] < spec.min_fraction * values.size:
+    if sizes[best] < spec.min_fraction * n_values:
         return head_box
     _k, r, c = np.nonzero(labels == best + 1)
     r0, r1, c0, c1 = int(r.min()), int(r.max()) + 1, int(c.min()), int(c.max()) + 1
