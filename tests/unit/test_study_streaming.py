@@ -203,3 +203,62 @@ def test_header_records_folded_one_at_a_time_equal_those_of_all_datasets() -> No
     expected = series_headers_from(datasets)
     assert len(expected) > 30
     assert builder.build() == expected
+
+
+def _reference_lesion_box(vol: Any, spec: Any) -> Any:
+    """The region as it was found before the memory work: whole-volume copies throughout."""
+    from scipy import ndimage
+
+    from node.bundles.roi import Box, _square
+
+    n, rows, cols = vol.shape
+    head = vol > 0.1
+    if not head.any():
+        return Box(0, rows, 0, cols, False)
+    hr = np.flatnonzero(head.any(axis=(0, 2)))
+    hc = np.flatnonzero(head.any(axis=(0, 1)))
+    head_box = Box(int(hr[0]), int(hr[-1]) + 1, int(hc[0]), int(hc[-1]) + 1, False)
+    erode = max(1, round(0.06 * min(rows, cols)))
+    inner = np.zeros_like(head)
+    for k in range(n):
+        inner[k] = ndimage.binary_erosion(ndimage.binary_fill_holes(head[k]), iterations=erode)
+    values = vol[inner]
+    if values.size < 50:
+        return head_box
+    med = float(np.median(values))
+    mad = float(np.median(np.abs(values - med))) * 1.4826
+    if mad <= 0:
+        return head_box
+    candidate = inner & (vol > med + spec.z * mad)
+    labels, count = ndimage.label(candidate, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return head_box
+    sizes = np.bincount(labels.ravel())[1:]
+    best = int(np.argmax(sizes))
+    if sizes[best] < spec.min_fraction * values.size:
+        return head_box
+    _k, r, c = np.nonzero(labels == best + 1)
+    r0, r1, c0, c1 = int(r.min()), int(r.max()) + 1, int(c.min()), int(c.max()) + 1
+    grow = spec.margin * max(r1 - r0, c1 - c0)
+    side = max(round(max(r1 - r0, c1 - c0) + 2 * grow), round(spec.min_side * min(rows, cols)))
+    return _square(r0, r1, c0, c1, side, rows, cols)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lesion_region_equals_the_whole_volume_computation(seed: int) -> None:
+    from node.bundles.roi import RoiSpec, lesion_box
+
+    rng = np.random.default_rng(seed)
+    vol = (rng.random((10, 72, 64)) * 0.5).astype(np.float32)
+    vol[:, 8:64, 6:58] += 0.4  # a head
+    z0, r0, c0 = rng.integers(1, 7), rng.integers(12, 40), rng.integers(10, 36)
+    vol[z0 : z0 + 3, r0 : r0 + 12, c0 : c0 + 9] += 0.5  # a bright lesion
+    vol[z0 + 1, 50:53, 12:40] += 0.6  # and a smaller bright streak
+    found = 0
+    for z in (0.5, 2.0, 3.0):
+        for fraction in (0.0005, 0.002, 0.05):
+            spec = RoiSpec(z=z, min_fraction=fraction)
+            box = lesion_box(vol.copy(), spec)
+            assert box == _reference_lesion_box(vol.copy(), spec)
+            found += box.found
+    assert found > 0
