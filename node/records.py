@@ -251,6 +251,9 @@ class StudyResult:
     sequences: tuple[SequenceDecision, ...]
     findings: tuple[TaskFinding, ...]
     reopened: bool = False
+    # (SeriesInstanceUID, SeriesNumber as written) from the headers already read; empty: the
+    # report reads the source headers for them
+    series_numbers: tuple[tuple[str, str], ...] = ()
 
 
 # --- sequence classification: headers, verdicts, policy (issue 4) ------------------------------
@@ -419,12 +422,33 @@ class InstanceHeader:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class SeriesLayout:
+    """A series' volume as its headers lay it out, before any pixel is decoded: the slices in
+    spatial order with their geometry and the volume's shape. ``plan`` is how node.dicom.volumes
+    decodes it (private to that module); ``node.dicom.volumes.decode_series`` gives the
+    ``SeriesVolume``."""
+
+    study_uid: str
+    series_uid: str
+    series_number: int | None
+    shape: tuple[int, int, int]  # (n_slices, rows, cols) of the decoded volume
+    slices: tuple[SliceRef, ...]
+    slice_spacing_mm: float | None
+    n_instances: int
+    n_frames: int
+    plan: object = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class StudyLoad:
-    """A study read from its files: every header, the assembled volumes, the files that failed."""
+    """A study read from its headers (one read per file): every instance header, each series'
+    layout and header record, and the files that failed. Pixels are decoded later, one series
+    at a time, only where a model reads them."""
 
     headers: tuple[InstanceHeader, ...]
-    volumes: tuple[SeriesVolume, ...]
+    layouts: tuple[SeriesLayout, ...]
     problems: tuple[DecodeProblem, ...]
+    series_headers: tuple[SeriesHeader, ...] = ()
 
 
 # --- routing (issues 5, 6) -----------------------------------------------------------------------

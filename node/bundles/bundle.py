@@ -333,10 +333,14 @@ def prepare_slices(
     """Network input (n, channels, H, W) for the chosen slices of one series, through the
     bundle's own preprocessing (box: the series' region, found here when the bundle reads one
     and it is not given)."""
-    scaled = meta.preprocessing.scale(pixels)
+    pre = meta.preprocessing
     if box is None and meta.roi is not None:
+        scaled = pre.scale(pixels)  # the region is found on the whole scaled series
         box = lesion_box(scaled, meta.roi)
-    return slices_input(meta.preprocessing, scaled, indices, box)
+        return slices_input(pre, scaled, indices, box)
+    # Only the chosen slices are scaled (with the whole series' statistics).
+    picked = pre.scale_slices(pixels, indices)
+    return slices_input(pre, picked, tuple(range(len(indices))), box)
 
 
 def forward_logits(bundle: Bundle, x: torch.Tensor) -> torch.Tensor:
@@ -365,8 +369,15 @@ def predict_series(
     # Canonical axial slices from the DICOM geometry: a sagittal 3D series reads as axial.
     pixels = canonical_axial(volume).pixels
     indices = select_slices(pixels, meta.slice_mode, meta.slice_n, max_slices=max_slices)
-    box = series_box(pixels, meta)
-    logits = forward_logits(bundle, prepare_slices(pixels, indices, meta, box))
+    if meta.roi is not None:
+        scaled = meta.preprocessing.scale(pixels)  # once: the region and the slices
+        box: Box | None = lesion_box(scaled, meta.roi)
+        x = slices_input(meta.preprocessing, scaled, indices, box)
+        del scaled
+    else:
+        box = None
+        x = prepare_slices(pixels, indices, meta)
+    logits = forward_logits(bundle, x)
     slice_logit = (logits[:, 1] - logits[:, 0]).double().numpy()
     series_logit = float(slice_logit.mean())
     t = meta.temperature

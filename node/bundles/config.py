@@ -89,6 +89,22 @@ _IMAGE = "@_meta_#network_data_format#inputs#image"
 _PRED = "@_meta_#network_data_format#outputs#pred"
 
 
+_SCALE_CHUNK_SLICES = 8  # slices scaled at a time once the series' percentiles are known
+
+
+def _apply(scalar: Callable[[Any], Any], part: npt.NDArray[Any]) -> FloatArray:
+    """A voxel-wise intensity transform on some slices, as float32 numpy."""
+    from monai.utils.type_conversion import convert_to_tensor
+
+    picked = convert_to_tensor(np.ascontiguousarray(part, dtype=np.float32), track_meta=False)
+    with warnings.catch_warnings():
+        # A constant series (a blank localiser) maps to 0, which MONAI announces.
+        warnings.filterwarnings("ignore", message="Divide by zero", category=Warning)
+        out = scalar(picked)
+    scaled: FloatArray = _as_tensor(out).numpy().astype(np.float32, copy=False)
+    return scaled
+
+
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Preprocessing:
     """The bundle's MONAI preprocessing, split where the node cuts out the series' region."""
@@ -97,14 +113,72 @@ class Preprocessing:
     slices: Callable[[Any], Any]  # transforms on each chosen slice, channel-first (1, rows, cols)
 
     def scale(self, pixels: npt.NDArray[Any]) -> FloatArray:
-        """The series' values as the network sees them (before any region or resize)."""
+        """The series' values as the network sees them (before any region or resize).
+
+        A series transform that is one ScaleIntensityRangePercentiles (every bundle's) is
+        applied a few slices at a time after its percentiles are taken over the whole series:
+        the same values as the whole-series transform (its arithmetic is voxel by voxel), with
+        one copy of a long series in memory instead of three."""
         vol = np.asarray(pixels, dtype=np.float32)
-        with warnings.catch_warnings():
-            # A constant series (a blank localiser) maps to 0, which MONAI announces.
-            warnings.filterwarnings("ignore", message="Divide by zero", category=Warning)
-            out = self.series(vol)
-        scaled: FloatArray = _as_tensor(out).numpy().astype(np.float32, copy=False)
+        scalar = self._range_scaler(vol)
+        if scalar is None:
+            with warnings.catch_warnings():
+                # A constant series (a blank localiser) maps to 0, which MONAI announces.
+                warnings.filterwarnings("ignore", message="Divide by zero", category=Warning)
+                out = self.series(vol)
+            whole: FloatArray = _as_tensor(out).numpy().astype(np.float32, copy=False)
+            return whole
+        scaled = np.empty(vol.shape, dtype=np.float32)
+        for start in range(0, vol.shape[0], _SCALE_CHUNK_SLICES):
+            part = slice(start, start + _SCALE_CHUNK_SLICES)
+            scaled[part] = _apply(scalar, vol[part])
         return scaled
+
+    def scale_slices(self, pixels: npt.NDArray[Any], indices: Sequence[int]) -> FloatArray:
+        """The chosen slices exactly as ``scale(pixels)[indices]``, without scaling the rest.
+
+        The series statistics (ScaleIntensityRangePercentiles' percentiles) still come from every
+        slice, with MONAI's own ``percentile``; only the arithmetic is limited to the chosen
+        slices. Any other series transform: the whole series is scaled and the slices picked.
+        """
+        vol = np.asarray(pixels, dtype=np.float32)
+        scalar = self._range_scaler(vol)
+        if scalar is None:
+            return self.scale(vol)[list(indices)]
+        return _apply(scalar, vol[list(indices)])
+
+    def _range_scaler(self, vol: FloatArray) -> Callable[[Any], Any] | None:
+        """The series transform as a voxel-wise ScaleIntensityRange with the whole series'
+        percentiles (as ScaleIntensityRangePercentiles._normalize takes them), or None when
+        the series transform is something else."""
+        from monai.transforms.compose import Compose
+        from monai.transforms.intensity.array import (
+            ScaleIntensityRange,
+            ScaleIntensityRangePercentiles,
+        )
+        from monai.transforms.utils_pytorch_numpy_unification import percentile
+        from monai.utils.type_conversion import convert_to_tensor
+
+        steps = list(self.series.transforms) if isinstance(self.series, Compose) else []
+        step = steps[0] if len(steps) == 1 else None
+        if (
+            not isinstance(step, ScaleIntensityRangePercentiles)
+            or step.channel_wise
+            or step.relative
+        ):
+            return None
+        whole = convert_to_tensor(vol, track_meta=False)
+        a_min: Any = percentile(whole, step.lower)
+        a_max: Any = percentile(whole, step.upper)
+        del whole
+        return ScaleIntensityRange(
+            a_min=a_min,
+            a_max=a_max,
+            b_min=step.b_min,
+            b_max=step.b_max,
+            clip=step.clip,
+            dtype=step.dtype,
+        )
 
     def slice_input(self, scaled: npt.NDArray[Any]) -> torch.Tensor:
         """Network input (n, channels, H, W) for already scaled (and cut) slices (n, rows, cols)."""

@@ -116,7 +116,7 @@ def explain_series(
                 source=volume.slices[idx],
                 # on the canonical (square) slice, then without its padding
                 cam=to_source(to_source_grid(cams[j], rows, cols, box)[None], canon)[0],
-                image=np.asarray(volume.pixels[idx], dtype=np.float32),
+                image=_slice_copy(volume, idx),
             )
             for j, idx in enumerate(chosen)
         )
@@ -135,10 +135,16 @@ def explain_series(
             slice_index=idx,
             source=volume.slices[idx],
             cam=_unit_range(torch.from_numpy(source_map[idx][None])).numpy()[0],
-            image=np.asarray(volume.pixels[idx], dtype=np.float32),
+            image=_slice_copy(volume, idx),
         )
         for idx in chosen
     )
+
+
+def _slice_copy(volume: SeriesVolume, idx: int) -> FloatArray:
+    """One source slice as its own array: a view would keep the whole series alive for as long
+    as the heatmap (until the report is written)."""
+    return np.array(volume.pixels[idx], dtype=np.float32)
 
 
 def _cams(

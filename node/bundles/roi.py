@@ -104,22 +104,36 @@ def lesion_box(scaled: npt.NDArray[np.float32], spec: RoiSpec) -> Box:
         filled = ndimage.binary_fill_holes(head[k])
         inner[k] = ndimage.binary_erosion(filled, iterations=erode)
     values = vol[inner]
-    if values.size < 50:
+    n_values = values.size
+    if n_values < 50:
         return head_box
-    med = float(np.median(values))
-    mad = float(np.median(np.abs(values - med))) * 1.4826
+    # Medians partition `values` in place and |values - med| is taken in place (the order of
+    # the values does not matter to either): no further copies of a long series.
+    med = float(np.median(values, overwrite_input=True))
+    values -= med
+    np.abs(values, out=values)
+    mad = float(np.median(values, overwrite_input=True)) * 1.4826
+    del values
     if mad <= 0:
         return head_box
     candidate = inner & (vol > med + spec.z * mad)
     labels, count = ndimage.label(candidate, structure=np.ones((3, 3, 3), dtype=bool))
     if count == 0:
         return head_box
-    sizes = np.bincount(labels.ravel())[1:]
+    # Component sizes slice by slice (a whole-volume bincount copies the labels as int64).
+    sizes = np.zeros(count + 1, dtype=np.intp)
+    for k in range(n):
+        sizes += np.bincount(labels[k].ravel(), minlength=count + 1)
+    sizes = sizes[1:]
     best = int(np.argmax(sizes))
-    if sizes[best] < spec.min_fraction * values.size:
+    if sizes[best] < spec.min_fraction * n_values:
         return head_box
-    _k, r, c = np.nonzero(labels == best + 1)
-    r0, r1, c0, c1 = int(r.min()), int(r.max()) + 1, int(c.min()), int(c.max()) + 1
+    lesion = labels == best + 1
+    del labels
+    # Its row and column extent from projections (not the coordinates of every voxel).
+    r = np.flatnonzero(lesion.any(axis=(0, 2)))
+    c = np.flatnonzero(lesion.any(axis=(0, 1)))
+    r0, r1, c0, c1 = int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1
     grow = spec.margin * max(r1 - r0, c1 - c0)
     side = max(round(max(r1 - r0, c1 - c0) + 2 * grow), round(spec.min_side * min(rows, cols)))
     return _square(r0, r1, c0, c1, side, rows, cols)

@@ -2,17 +2,18 @@
 `evaluate-sequences` all call, so they give the same label for the same series.
 
 Tag rules read every header; the sequence CNN (when its bundle loads) votes over canonical axial
-slices of every series with pixels; the two are fused physics first (node.classify.fusion);
-study context then decides contrast state, and where two runs of one T1 protocol leave it open,
-their images are compared on one grid (node.classify.contrast).
+slices of every series with pixels, each series decoded when its turn comes (a
+``VolumeSource``); the two are fused physics first (node.classify.fusion); study context then
+decides contrast state, and where two runs of one T1 protocol leave it open, their images are
+compared on one grid (node.classify.contrast).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from node.classify.contrast import judge_contrast
 from node.classify.sequence import classify_headers, contrast_questions
@@ -38,6 +39,19 @@ log = get_logger(__name__)
 _REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 SeriesKey = tuple[str, int | None]  # (SeriesInstanceUID, SeriesNumber)
+
+
+class VolumeSource(Protocol):
+    """Series volumes by key: a dict, or node.dicom.volumes.LazyVolumes (decoded when asked)."""
+
+    def get(self, key: SeriesKey, /) -> SeriesVolume | None:
+        """The series' volume, or None when it has none."""
+        ...
+
+
+# What a T1 pair's images said (None: no common grid), kept across the classify_study calls of
+# one study so the images are compared once.
+ContrastCache = MutableMapping[ContrastPair, ContrastEvidence | None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,7 +82,7 @@ def policy_from_settings(settings: SequenceSettings) -> FusionPolicy:
 def cnn_verdicts(
     bundle: Bundle,
     headers: Sequence[SeriesHeader],
-    volumes: Mapping[SeriesKey, SeriesVolume],
+    volumes: VolumeSource,
     slices_per_series: int,
 ) -> tuple[tuple[CnnVerdict | None, ...], str]:
     """The sequence CNN's vote on every series with a volume, and a line saying how it went."""
@@ -99,43 +113,62 @@ def cnn_verdicts(
     return tuple(verdicts), note
 
 
+def _judge_pair(pair: ContrastPair, volumes: VolumeSource) -> ContrastEvidence | None:
+    """The images' answer for one T1 pair on one grid, or None when they cannot be compared."""
+    earlier = volumes.get((pair.earlier_uid, pair.earlier_number))
+    if earlier is None:
+        return None
+    fixed = canonical_axial(earlier)
+    del earlier
+    later = volumes.get((pair.later_uid, pair.later_number))
+    if later is None:
+        return None
+    on_grid = resample_onto(canonical_axial(later), fixed)
+    del later, fixed
+    if on_grid is None:
+        return None  # no common geometry: the images cannot be compared voxel by voxel
+    pre, post = on_grid
+    return judge_contrast(pre, post)
+
+
 def image_evidence(
     decisions: Sequence[SequenceDecision],
     headers: Sequence[SeriesHeader],
-    volumes: Mapping[SeriesKey, SeriesVolume],
+    volumes: VolumeSource,
+    cache: ContrastCache | None = None,
 ) -> tuple[tuple[ContrastPair, ContrastEvidence], ...]:
-    """For each T1 pair whose contrast state is open, the images' answer on one grid."""
+    """For each T1 pair whose contrast state is open, the images' answer on one grid (pairs
+    already in ``cache`` are not compared again; new answers are added to it)."""
+    known: ContrastCache = cache if cache is not None else {}
     answers: list[tuple[ContrastPair, ContrastEvidence]] = []
     for pair in contrast_questions(decisions, headers):
-        earlier = volumes.get((pair.earlier_uid, pair.earlier_number))
-        later = volumes.get((pair.later_uid, pair.later_number))
-        if earlier is None or later is None:
-            continue
-        on_grid = resample_onto(canonical_axial(later), canonical_axial(earlier))
-        if on_grid is None:
-            continue  # no common geometry: the images cannot be compared voxel by voxel
-        pre, post = on_grid
-        answers.append((pair, judge_contrast(pre, post)))
+        if pair not in known:
+            known[pair] = _judge_pair(pair, volumes)
+        evidence = known[pair]
+        if evidence is not None:
+            answers.append((pair, evidence))
     return tuple(answers)
 
 
 def classify_study(
     headers: Sequence[SeriesHeader],
-    volumes: Mapping[SeriesKey, SeriesVolume],
+    volumes: VolumeSource,
     settings: SequenceSettings,
     bundle: Bundle | None,
     *,
     unavailable: str = "sequence CNN not run",
+    contrast_cache: ContrastCache | None = None,
 ) -> StudyClassification:
     """Label every series: tags, the CNN vote (when `bundle` is given), fusion, study context
-    and image evidence of contrast. `unavailable` says why there is no bundle."""
+    and image evidence of contrast. `unavailable` says why there is no bundle;
+    `contrast_cache` shares the image comparisons between calls on one study."""
     policy = policy_from_settings(settings)
     verdicts: tuple[CnnVerdict | None, ...] | None = None
     note = unavailable
     if bundle is not None:
         verdicts, note = cnn_verdicts(bundle, headers, volumes, settings.slices_per_series)
     decisions = classify_headers(headers, verdicts, policy)
-    contrast = image_evidence(decisions, headers, volumes)
+    contrast = image_evidence(decisions, headers, volumes, contrast_cache)
     if contrast:
         decisions = classify_headers(headers, verdicts, policy, image_evidence=dict(contrast))
     return StudyClassification(
@@ -154,6 +187,7 @@ class FolderClassification:
     cnn_note: str
     n_studies: int
     n_skipped: int  # files that are not DICOM (or have no StudyInstanceUID)
+    n_shared_study_uids: int = 0  # study UIDs in several top-level folders (kept apart)
 
 
 def load_sequence_bundle(
@@ -182,10 +216,9 @@ def classify_folder(
     unavailable: str = "sequence CNN not run",
     progress: Callable[[int, int], None] | None = None,
 ) -> FolderClassification:
-    """Classify a folder study by study (one study's volumes in memory at a time)."""
+    """Classify a folder study by study (one series' volume in memory at a time)."""
     from node.dicom.folder import scan_folder
-    from node.dicom.headers import read_series_headers
-    from node.dicom.volumes import scan_study
+    from node.dicom.volumes import LazyVolumes, read_study
 
     scan = scan_folder(directory)
     headers: list[SeriesHeader] = []
@@ -194,10 +227,20 @@ def classify_folder(
     verdicts: list[CnnVerdict | None] = []
     note = unavailable
     for i, (_, paths) in enumerate(scan.studies):
-        study_headers = read_series_headers(paths)
-        volumes = {(v.series_uid, v.series_number): v for v in scan_study(paths).volumes}
-        result = classify_study(study_headers, volumes, settings, bundle, unavailable=unavailable)
-        alone = classify_study(study_headers, volumes, settings, None)
+        # One header read per file; pixels decoded one series at a time, when a model reads them.
+        load, _ = read_study(paths)
+        study_headers = load.series_headers
+        volumes = LazyVolumes(load.layouts)
+        cache: ContrastCache = {}  # the image contrast evidence, computed once for both runs
+        result = classify_study(
+            study_headers,
+            volumes,
+            settings,
+            bundle,
+            unavailable=unavailable,
+            contrast_cache=cache,
+        )
+        alone = classify_study(study_headers, volumes, settings, None, contrast_cache=cache)
         headers.extend(study_headers)
         fused.extend(result.decisions)
         tags.extend(alone.decisions)
@@ -217,4 +260,5 @@ def classify_folder(
         cnn_note=note,
         n_studies=len(scan.studies),
         n_skipped=scan.n_skipped,
+        n_shared_study_uids=len(scan.shared_uids),
     )

@@ -6,10 +6,11 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.classify.study import classify_folder, load_sequence_bundle
+from node.classify.study import classify_study, load_sequence_bundle
 from node.cli.command import Command
 from node.config import check_rule_text, summarise_rules, validate_rules_text
-from node.dicom.headers import read_series_headers
+from node.dicom.folder import dicom_files
+from node.dicom.volumes import LazyVolumes, read_study
 from node.routing import explain_routes, study_qualifies
 
 
@@ -66,7 +67,9 @@ def cmd_explain(args: ExplainArgs) -> int:
     if not study_dir.is_dir():
         print(f"{study_dir}: not a folder")
         return 1
-    headers = read_series_headers([study_dir])
+    # One header read per file: the same records qualify the study and classify its series.
+    load, _ = read_study(dicom_files(study_dir))
+    headers = load.series_headers
     if not headers:
         print(f"{study_dir}: no readable DICOM series")
         return 1
@@ -78,8 +81,10 @@ def cmd_explain(args: ExplainArgs) -> int:
         print("not processed under qualify:; nothing is routed")
         return 0
     bundle, why = load_sequence_bundle(rules.sequence, rules.models_dir)
-    run = classify_folder(study_dir, rules.sequence, bundle=bundle, unavailable=why)
-    headers, decisions = run.headers, run.decisions
+    run = classify_study(
+        headers, LazyVolumes(load.layouts), rules.sequence, bundle, unavailable=why
+    )
+    decisions = run.decisions
     names = {
         h.series_uid: f"#{h.series_number if h.series_number is not None else '?'}"
         f" '{h.series_description}'"

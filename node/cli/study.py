@@ -78,6 +78,12 @@ def cmd_process(args: ProcessArgs) -> int:
         f"{sum(len(p) for _, p in scan.studies)} DICOM file(s), "
         f"{scan.n_skipped} other file(s) skipped"
     )
+    if scan.shared_uids:
+        print(
+            f"warning: {len(scan.shared_uids)} study UID(s) found in more than one top-level "
+            "folder: processed as separate studies, which share one results folder (the later "
+            "run supersedes the earlier)"
+        )
     print(NOT_FOR_CLINICAL_USE)
     for problem in check_bundles(rules, worker_bundle):
         print(f"warning: {problem} (studies routed to it will fail; see neuronode check)")
@@ -216,6 +222,11 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
         f"{labelled} of them labelled ({len(truth)} labelled UIDs in the file; "
         "unlabelled series skipped)"
     )
+    if run.n_shared_study_uids:
+        print(
+            f"warning: {run.n_shared_study_uids} study UID(s) found in more than one top-level "
+            "folder: classified as separate studies"
+        )
     sections: dict[str, Any] = {}
     sections["tags"] = score(
         truth,

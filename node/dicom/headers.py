@@ -219,7 +219,7 @@ def _seconds(value: Any) -> float | None:
 class _Accumulator:
     """Facts gathered over the instances of one series before the record is frozen."""
 
-    first: Dataset
+    first: Dataset | None  # the series' first instance (None in a one-instance part)
     first_number: int
     n_instances: int = 0
     n_frames: int = 0
@@ -268,6 +268,37 @@ class _Accumulator:
             names = {0: "MAGNITUDE", 1: "PHASE", 2: "REAL", 3: "IMAGINARY"}
             if ge_kind is not None and int(ge_kind) in names:
                 self.complex_parts.setdefault(names[int(ge_kind)], None)
+
+    def merge(self, part: _Accumulator) -> None:
+        """Fold in the facts of one instance folded alone (``add`` on a fresh accumulator), as
+        if ``add`` ran on that instance now: first-found values stay, ordered sets keep
+        their first-seen order."""
+        self.n_instances += part.n_instances
+        self.n_frames += part.n_frames
+        for ordered, more in (
+            (self.image_type, part.image_type),
+            (self.complex_parts, part.complex_parts),
+            (self.acquisition_contrast, part.acquisition_contrast),
+            (self.directionality, part.directionality),
+            (self.orientations, part.orientations),
+            (self.b_notes, part.b_notes),
+        ):
+            for key in more:
+                ordered.setdefault(key, None)
+        self.echo_times |= part.echo_times
+        self.b_values |= part.b_values
+        self.times.extend(part.times)
+        self.positions.update(part.positions)
+        self.temporal = max(self.temporal, part.temporal)
+        self.contrast = self.contrast or part.contrast
+        self.contrast_route = self.contrast_route or part.contrast_route
+        if part.inversion_recovery is not None:
+            self.inversion_recovery = (self.inversion_recovery or False) or part.inversion_recovery
+        self.tr = self.tr if self.tr is not None else part.tr
+        self.ti = self.ti if self.ti is not None else part.ti
+        self.flip = self.flip if self.flip is not None else part.flip
+        self.etl = self.etl if self.etl is not None else part.etl
+        self.mosaic = self.mosaic or part.mosaic
 
     def _timing(self, ds: Dataset) -> None:
         self.tr = self.tr if self.tr is not None else _first_float(ds.get("RepetitionTime"))
@@ -448,6 +479,7 @@ def _enhanced_options(ds: Dataset) -> tuple[str, ...]:
 
 def _finish(acc: _Accumulator, manufacturer: str) -> SeriesHeader:
     ds = acc.first
+    assert ds is not None  # set for a series (only one-instance parts have none)
     image_type = tuple(acc.image_type)
     echo_times = tuple(sorted(acc.echo_times))
     b_values = tuple(sorted(acc.b_values))
@@ -566,10 +598,117 @@ def read_series_headers(paths: Iterable[Path]) -> tuple[SeriesHeader, ...]:
     Files are grouped by SeriesInstanceUID; a UID that carries several SeriesNumbers is split
     into one series per number (the same rule as node/dicomio.py).
     """
+    return series_headers_from(ds for ds in map(_read, _files(paths)) if ds is not None)
+
+
+@dataclass(slots=True)
+class _Part:
+    """One instance folded alone, with what grouping and ordering need (its dataset is not
+    kept)."""
+
+    facts: _Accumulator | None  # None: its header values could not be folded
+    error: str
+    number: int | None
+    instance: int
+    index: int
+    image: bool
+
+
+class SeriesHeaderBuilder:
+    """Series header records built while the instances are read, one dataset at a time.
+
+    Each instance is folded alone when it is added and its dataset dropped (only the first
+    instance of each series is kept, for the series-level values), so a study's headers are
+    never all in memory; ``build`` gives the records ``series_headers_from`` gives for the same
+    datasets in the same order. One difference: an instance is folded under its own
+    manufacturer's vendor rules, not the first instance's (they differ only in a series that
+    mixes manufacturers).
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[_Part]] = {}
+        self._firsts: dict[tuple[str, int | None, bool], tuple[int, int, Dataset]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, ds: Dataset) -> None:
+        """Fold in one instance header (skipped without SeriesInstanceUID or SOPClassUID)."""
+        if "SeriesInstanceUID" not in ds or "SOPClassUID" not in ds:
+            return
+        uid = _text(ds.SeriesInstanceUID)
+        instance, index = _instance_number(ds), self._count
+        self._count += 1
+        part = _Part(
+            facts=None,
+            error="",
+            number=_series_number(ds),
+            instance=instance,
+            index=index,
+            image=is_image_object(ds),
+        )
+        try:
+            facts = _Accumulator(first=None, first_number=instance)
+            facts.add(ds, normalise_manufacturer(_text(ds.get("Manufacturer"))))
+            part.facts = facts
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:
+            part.error = type(exc).__name__
+        key = (uid, part.number, part.image)
+        best = self._firsts.get(key)
+        if best is None or (instance, index) < best[:2]:
+            self._firsts[key] = (instance, index, ds)
+        self._parts.setdefault(uid, []).append(part)
+
+    def build(self) -> tuple[SeriesHeader, ...]:
+        """One header per series, grouped and ordered as ``read_series_headers`` does."""
+        headers: list[SeriesHeader] = []
+        for uid, found in self._parts.items():
+            images = [p for p in found if p.image]
+            parts = images or found
+            n_set_aside = len(found) - len(parts)
+            if n_set_aside:
+                log.info("non_image_objects_set_aside", series_key=uid_key(uid), count=n_set_aside)
+            numbers = {p.number for p in parts}
+            groups: dict[str, list[_Part]] = {}
+            for p in parts:
+                groups.setdefault(group_key(uid, p.number, numbers), []).append(p)
+            for group in groups.values():
+                try:
+                    header = self._series(uid, group)
+                except (AttributeError, TypeError, ValueError, KeyError) as exc:
+                    log.warning(
+                        "series_header_failed",
+                        series_key=uid_key(uid),
+                        error_type=type(exc).__name__,
+                    )
+                    continue
+                headers.append(replace(header, n_set_aside=header.n_set_aside + n_set_aside))
+        headers.sort(key=lambda h: (h.study_uid, h.series_number or 0, h.series_uid))
+        return tuple(headers)
+
+    def _series(self, uid: str, group: list[_Part]) -> SeriesHeader:
+        ordered = sorted(group, key=lambda p: (p.instance, p.index))
+        first = ordered[0]
+        failed = next((p.error for p in ordered if p.facts is None), "")
+        if failed:
+            raise ValueError(f"an instance header could not be folded: {failed}")
+        _, _, ds = self._firsts[(uid, first.number, first.image)]
+        manufacturer = normalise_manufacturer(_text(ds.get("Manufacturer")))
+        acc = _Accumulator(first=ds, first_number=first.instance)
+        for p in ordered:
+            assert p.facts is not None  # checked above
+            acc.merge(p.facts)
+        return _finish(acc, manufacturer)
+
+
+def series_headers_from(datasets: Iterable[Dataset]) -> tuple[SeriesHeader, ...]:
+    """One header per series from already read instance headers (the pipeline reads each file
+    once, node.dicom.volumes.read_study); datasets without SeriesInstanceUID or SOPClassUID are
+    skipped, as ``read_series_headers`` skips such files."""
     by_uid: dict[str, list[Dataset]] = {}
-    for path in _files(paths):
-        ds = _read(path)
-        if ds is not None:
+    for ds in datasets:
+        if "SeriesInstanceUID" in ds and "SOPClassUID" in ds:
             by_uid.setdefault(_text(ds.SeriesInstanceUID), []).append(ds)
     headers: list[SeriesHeader] = []
     for uid, found in by_uid.items():

@@ -31,13 +31,17 @@ Decisions (read these before relying on the output):
   becomes a ``DecodeProblem`` naming the error type (never its text: it may quote a header
   value), and the study goes on.
 
-Why this module is long: the decisions above are one algorithm (split, group, order, scale,
-unpack mosaics) over one decoded file list; split across modules, each part would need the
-private frame records of the others.
+- Two steps, so a study's memory does not grow with its size (issue 15): ``read_study`` reads
+  each file's header once (pixel data deferred, not loaded) and lays every series out from the
+  headers alone (grouping, order, geometry: a ``SeriesLayout``), and builds the series header
+  records from the same reads; ``decode_series`` then decodes one series' pixels when a model
+  needs them, file by file into one float32 volume. A file whose pixels fail then costs that
+  file: the series is laid out again from the files that decoded. ``scan_study`` does both for
+  every series (tests and the lab).
 
-Why this module is long: series assembly is one algorithm over classic and enhanced objects
-(frames, geometry, spatial and temporal order, decoding with a per-file guard); its parts share
-the frame records and are read together.
+Why this module is long: the decisions above are one algorithm (split, group, order, scale,
+unpack mosaics) over one file list, in two steps that share the private frame records (laid
+out from the headers, decoded later); split across modules, each part would need them.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import math
 import statistics
 import struct
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,7 @@ from node.log import get_logger, uid_key
 from node.records import (
     DecodeProblem,
     InstanceHeader,
+    SeriesLayout,
     SeriesVolume,
     SliceGeometry,
     SliceRef,
@@ -75,6 +80,7 @@ _AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 _POSITION_TOLERANCE_MM = 0.01
 _ORIENTATION_TOLERANCE = 1e-3  # direction cosines; about 0.06 degrees
 _REASON_CHARS = 300
+_DEFER_BYTES = 4096  # values longer than this (pixel data) are not read with the header
 
 SeriesId = tuple[str, int | None]
 
@@ -95,12 +101,22 @@ class _Frame:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
-class _Decoded:
-    """One file after decoding: its header, its frames and its stored pixels (n, rows, cols)."""
+class _Meta:
+    """One file as its header describes it: its frames and the shape of each decoded frame."""
 
     header: InstanceHeader
     frames: tuple[_Frame, ...]
-    pixels: npt.NDArray[Any]
+    shape: tuple[int, int]  # rows, cols of each decoded frame (of each tile of a mosaic)
+    mosaic: tuple[int, int] | None = None  # (tiles, grid) of a Siemens mosaic
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class _Plan:
+    """How a layout is decoded: the series' files (file order) and, per slice, its frame."""
+
+    sid: SeriesId
+    metas: tuple[_Meta, ...]
+    ordered: tuple[tuple[_Meta, _Frame], ...]
 
 
 def series_id(header: InstanceHeader) -> SeriesId:
@@ -108,8 +124,8 @@ def series_id(header: InstanceHeader) -> SeriesId:
     return (header.series_uid, header.series_number)
 
 
-def volume_id(volume: SeriesVolume) -> SeriesId:
-    """The same key for an assembled volume."""
+def volume_id(volume: SeriesVolume | SeriesLayout) -> SeriesId:
+    """The same key for an assembled volume (or its layout)."""
     return (volume.series_uid, volume.series_number)
 
 
@@ -343,33 +359,30 @@ def _csa_slice_normal(raw: bytes) -> tuple[float, float, float] | None:
     return None
 
 
-def _mosaic_tiles(
-    ds: Dataset, arr: npt.NDArray[Any], header: InstanceHeader
-) -> tuple[npt.NDArray[Any], list[tuple[float, float, float]]] | None:
-    """Split a Siemens mosaic into its slices and their positions; None if it is not one."""
-    if "MOSAIC" not in header.image_type or arr.shape[0] != 1:
+def _mosaic_layout(
+    ds: Dataset, header: InstanceHeader
+) -> tuple[int, int, int, int, list[tuple[float, float, float]]] | None:
+    """A Siemens mosaic's (tiles, grid, tile rows, tile cols, tile positions); None if the file
+    is not one. Read from the header alone, so a series is laid out before it is decoded."""
+    if "MOSAIC" not in header.image_type or header.n_frames != 1:
         return None
     count = _int_or_none(private_value(ds, SIEMENS_MOSAIC_IMAGES))
     position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
     if not count or count < 1 or position is None or orientation is None:
         return None
-    grid = math.ceil(math.sqrt(count))
-    rows, cols = arr.shape[1] // grid, arr.shape[2] // grid
-    if rows * grid != arr.shape[1] or cols * grid != arr.shape[2]:
+    if header.rows is None or header.columns is None:
         return None
-    tiles = (
-        arr[0, : rows * grid, : cols * grid]
-        .reshape(grid, rows, grid, cols)
-        .transpose(0, 2, 1, 3)
-        .reshape(grid * grid, rows, cols)[:count]
-    )
+    grid = math.ceil(math.sqrt(count))
+    rows, cols = header.rows // grid, header.columns // grid
+    if rows * grid != header.rows or cols * grid != header.columns:
+        return None
     row_cos = np.asarray([float(v) for v in orientation[:3]])
     col_cos = np.asarray([float(v) for v in orientation[3:]])
     spacing = ds.get("PixelSpacing") or (1.0, 1.0)
     corner = (
         np.asarray([float(v) for v in position])
-        + row_cos * float(spacing[1]) * (arr.shape[2] - cols) / 2
-        + col_cos * float(spacing[0]) * (arr.shape[1] - rows) / 2
+        + row_cos * float(spacing[1]) * (header.columns - cols) / 2
+        + col_cos * float(spacing[0]) * (header.rows - rows) / 2
     )
     normal = np.cross(row_cos, col_cos)
     csa = private_value(ds, SIEMENS_CSA_IMAGE)
@@ -378,32 +391,21 @@ def _mosaic_tiles(
         normal = -normal
     step = _float_or(ds.get("SpacingBetweenSlices"), _float_or(ds.get("SliceThickness"), 1.0))
     positions = [tuple(float(v) for v in corner + k * step * normal) for k in range(count)]
-    return np.ascontiguousarray(tiles), [(p[0], p[1], p[2]) for p in positions]
+    return count, grid, rows, cols, [(p[0], p[1], p[2]) for p in positions]
 
 
-def _decode(path: Path, file_index: int) -> _Decoded | InstanceHeader:
-    """Read one file fully; return the decoded file, or only its header if it has no pixels."""
-    ds = pydicom.dcmread(path)
+def _meta(path: Path, file_index: int, ds: Dataset) -> _Meta | InstanceHeader:
+    """What one file's header says about its frames; only its header if it has no pixels."""
     has_pixels = _has_pixels(ds)
     header = _header(path, ds, has_pixels=has_pixels)
     if not has_pixels:
         return header
-    arr = np.asarray(ds.pixel_array)
-    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
-    n_frames = header.n_frames
-    if samples > 1:
-        # pydicom gives colour as RGB in the last axis; keep one grey channel (luminance).
-        if arr.ndim == 3 and n_frames == 1:
-            arr = arr[None]
-        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    elif arr.ndim == 2:
-        arr = arr[None]
-    if arr.shape[0] != n_frames:
-        raise LoadError(f"decoded {arr.shape[0]} frames, header says {n_frames}")
-    frames = _frames(ds, file_index, n_frames)
-    mosaic = _mosaic_tiles(ds, arr, header)
+    if header.rows is None or header.columns is None:
+        raise LoadError("pixel data without Rows and Columns")
+    frames = _frames(ds, file_index, header.n_frames)
+    mosaic = _mosaic_layout(ds, header)
     if mosaic is not None and frames[0].geometry is not None:
-        arr, positions = mosaic
+        count, grid, rows, cols, positions = mosaic
         template = frames[0]
         geom = template.geometry
         assert geom is not None
@@ -416,7 +418,41 @@ def _decode(path: Path, file_index: int) -> _Decoded | InstanceHeader:
             )
             for k, pos in enumerate(positions)
         )
-    return _Decoded(header=header, frames=frames, pixels=arr)
+        return _Meta(header=header, frames=frames, shape=(rows, cols), mosaic=(count, grid))
+    return _Meta(header=header, frames=frames, shape=(header.rows, header.columns))
+
+
+def _file_pixels(meta: _Meta) -> npt.NDArray[Any]:
+    """Decode one file's stored pixels as (frames or tiles, rows, cols); LoadError when they do
+    not match what its header promised."""
+    ds = pydicom.dcmread(meta.header.path)
+    if not _has_pixels(ds):
+        raise LoadError("no pixel data")
+    arr = np.asarray(ds.pixel_array)
+    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
+    n_frames = meta.header.n_frames
+    del ds
+    if samples > 1:
+        # pydicom gives colour as RGB in the last axis; keep one grey channel (luminance).
+        if arr.ndim == 3 and n_frames == 1:
+            arr = arr[None]
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    elif arr.ndim == 2:
+        arr = arr[None]
+    if arr.shape[0] != n_frames:
+        raise LoadError(f"decoded {arr.shape[0]} frames, header says {n_frames}")
+    if meta.mosaic is not None:
+        count, grid = meta.mosaic
+        rows, cols = meta.shape
+        arr = np.ascontiguousarray(
+            arr[0, : rows * grid, : cols * grid]
+            .reshape(grid, rows, grid, cols)
+            .transpose(0, 2, 1, 3)
+            .reshape(grid * grid, rows, cols)[:count]
+        )
+    if tuple(arr.shape[1:3]) != meta.shape:
+        raise LoadError(f"decoded {arr.shape[1]}x{arr.shape[2]} pixels, header says {meta.shape}")
+    return arr
 
 
 def _normal(orientation: tuple[float, ...]) -> npt.NDArray[np.float64]:
@@ -425,13 +461,13 @@ def _normal(orientation: tuple[float, ...]) -> npt.NDArray[np.float64]:
     return np.cross(row, col)
 
 
-def _group_key(dec: _Decoded, frame: _Frame, seen: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+def _group_key(dec: _Meta, frame: _Frame, seen: list[tuple[Any, ...]]) -> tuple[Any, ...]:
     """Frames of one volume share matrix, orientation (within tolerance) and having geometry.
 
     A frame joins the first group already ``seen`` whose orientation is within
     ``_ORIENTATION_TOLERANCE`` of its own (no rounding boundary can split a stack).
     """
-    shape = tuple(dec.pixels.shape[1:3])
+    shape = dec.shape
     if frame.geometry is None:
         key: tuple[Any, ...] = (shape, None)
     else:
@@ -451,8 +487,8 @@ def _group_key(dec: _Decoded, frame: _Frame, seen: list[tuple[Any, ...]]) -> tup
 
 
 def _order(
-    frames: Sequence[tuple[_Decoded, _Frame]],
-) -> tuple[list[tuple[_Decoded, _Frame]], float | None]:
+    frames: Sequence[tuple[_Meta, _Frame]],
+) -> tuple[list[tuple[_Meta, _Frame]], float | None]:
     """Frames in time-major, space-minor order, and the spacing between positions."""
     if any(f.geometry is None for _, f in frames):
         ordered = sorted(
@@ -486,13 +522,13 @@ def _order(
     return [frames[i] for i in ordered_idx], spacing
 
 
-def _assemble(
-    sid: SeriesId, decoded: Sequence[_Decoded]
-) -> tuple[SeriesVolume | None, list[DecodeProblem]]:
-    """One volume from the decoded files of one series; other geometries become problems."""
-    groups: dict[tuple[Any, ...], list[tuple[_Decoded, _Frame]]] = defaultdict(list)
+def _layout(
+    sid: SeriesId, metas: Sequence[_Meta]
+) -> tuple[SeriesLayout | None, list[DecodeProblem]]:
+    """One series laid out from its files' headers; frames of other geometries become problems."""
+    groups: dict[tuple[Any, ...], list[tuple[_Meta, _Frame]]] = defaultdict(list)
     seen: list[tuple[Any, ...]] = []
-    for dec in decoded:
+    for dec in metas:
         for frame in dec.frames:
             groups[_group_key(dec, frame, seen)].append((dec, frame))
     if not groups:
@@ -521,15 +557,8 @@ def _assemble(
             )
     ordered, spacing = _order(groups[main_key])
     rows, cols = main_key[0]
-    pixels = np.empty((len(ordered), rows, cols), dtype=np.float32)
     slices = []
     for i, (dec, frame) in enumerate(ordered):
-        plane = dec.pixels[frame.frame_index]
-        if frame.slope != 1.0 or frame.intercept != 0.0:
-            np.multiply(plane, frame.slope, out=pixels[i], casting="unsafe")
-            pixels[i] += frame.intercept
-        else:
-            pixels[i] = plane
         geom = frame.geometry
         if geom is None:
             geom = SliceGeometry(
@@ -548,73 +577,253 @@ def _assemble(
             )
         )
     used = {dec.header.path for dec, _ in ordered}
-    volume = SeriesVolume(
-        study_uid=decoded[0].header.study_uid,
+    layout = SeriesLayout(
+        study_uid=metas[0].header.study_uid,
         series_uid=sid[0],
         series_number=sid[1],
-        pixels=pixels,
+        shape=(len(ordered), rows, cols),
         slices=tuple(slices),
         slice_spacing_mm=spacing,
         n_instances=len(used),
         n_frames=len(ordered),
+        plan=_Plan(sid=sid, metas=tuple(metas), ordered=tuple(ordered)),
+    )
+    return layout, problems
+
+
+def _fill(layout: SeriesLayout, plan: _Plan) -> tuple[SeriesVolume | None, list[DecodeProblem]]:
+    """Decode the layout's files one at a time into its float32 volume (modality LUT applied)."""
+    by_file: dict[Path, list[int]] = {}
+    for i, (dec, _) in enumerate(plan.ordered):
+        by_file.setdefault(dec.header.path, []).append(i)
+    metas = {dec.header.path: dec for dec, _ in plan.ordered}
+    pixels = np.empty(layout.shape, dtype=np.float32)
+    problems: list[DecodeProblem] = []
+    for path, indices in by_file.items():
+        try:
+            stored = _file_pixels(metas[path])
+        except Exception as exc:  # per-file guard: decoders raise anything
+            problems.append(DecodeProblem(path=path, series_uid=plan.sid[0], reason=_reason(exc)))
+            log.warning(
+                "instance_not_decoded",
+                series_key=uid_key(plan.sid[0]),
+                error_type=type(exc).__name__,
+            )
+            continue
+        for i in indices:
+            frame = plan.ordered[i][1]
+            plane = stored[frame.frame_index]
+            if frame.slope != 1.0 or frame.intercept != 0.0:
+                np.multiply(plane, frame.slope, out=pixels[i], casting="unsafe")
+                pixels[i] += frame.intercept
+            else:
+                pixels[i] = plane
+        del stored
+    if problems:
+        return None, problems
+    volume = SeriesVolume(
+        study_uid=layout.study_uid,
+        series_uid=layout.series_uid,
+        series_number=layout.series_number,
+        pixels=pixels,
+        slices=layout.slices,
+        slice_spacing_mm=layout.slice_spacing_mm,
+        n_instances=layout.n_instances,
+        n_frames=layout.n_frames,
     )
     return volume, problems
 
 
-def scan_study(paths: Sequence[Path]) -> StudyLoad:
-    """Read every file of a study once: headers, assembled volumes, and what failed."""
+def decode_series(layout: SeriesLayout) -> tuple[SeriesVolume | None, tuple[DecodeProblem, ...]]:
+    """The series' volume, decoded now (one file at a time), and the files whose pixels failed.
+
+    A failed file costs that file only: the series is laid out again from the files that
+    decoded (the group, order and spacing they make) and decoded again. None when no file
+    of the series decodes.
+    """
+    volume, problems, _ = _decode_series(layout)
+    return volume, problems
+
+
+def _decode_series(
+    layout: SeriesLayout,
+) -> tuple[SeriesVolume | None, tuple[DecodeProblem, ...], SeriesLayout | None]:
+    """decode_series, and the layout the volume was decoded from (None: nothing decoded)."""
+    plan = layout.plan
+    if not isinstance(plan, _Plan):
+        raise TypeError("layout: a SeriesLayout made by node.dicom.volumes is needed")
+    volume, problems = _fill(layout, plan)
+    failed = {p.path for p in problems}
+    final: SeriesLayout | None = layout
+    while volume is None and failed:
+        kept = [m for m in plan.metas if m.header.path not in failed]
+        final, _ = _layout(plan.sid, kept) if kept else (None, [])
+        if final is None:
+            break
+        assert isinstance(final.plan, _Plan)
+        volume, more = _fill(final, final.plan)
+        problems.extend(more)
+        failed |= {p.path for p in more}
+        plan = final.plan
+    return volume, tuple(problems), final if volume is not None else None
+
+
+def _read_one(
+    path: Path, index: int
+) -> tuple[_Meta | InstanceHeader | None, Dataset | None, DecodeProblem | None]:
+    """One file's header read (pixel data deferred): its record, its dataset, or its problem."""
+    ds: Dataset | None = None
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        return _meta(path, index, ds), ds, None
+    except Exception as exc:  # per-file guard: pydicom and header values raise anything
+        # One bad file must not sink the study: record it and go on. Its header is still
+        # listed when it was readable, so the audit shows which series it belonged to.
+        header = _header_of_failed(path, ds)
+        log.warning(
+            "instance_not_decoded",
+            series_key=uid_key(header.series_uid) if header is not None else None,
+            error_type=type(exc).__name__,
+        )
+        problem = DecodeProblem(
+            path=path,
+            series_uid=header.series_uid if header is not None else None,
+            reason=_reason(exc),
+        )
+        return header, None, problem
+
+
+def _header_of_failed(path: Path, ds: Dataset | None) -> InstanceHeader | None:
+    """The header of a file that could not be laid out, or None if even that is unreadable."""
+    if ds is None:
+        headers, _ = read_headers((path,))
+        return headers[0] if headers else None
+    try:
+        return _header(path, ds, has_pixels="Rows" in ds and "Columns" in ds)
+    except _READ_ERRORS:
+        return None
+
+
+def read_study(
+    paths: Sequence[Path], *, ignore: Callable[[InstanceHeader], bool] | None = None
+) -> tuple[StudyLoad, int]:
+    """Read every file's header once: instance headers, series layouts (no pixels decoded),
+    series header records and what failed; files for which ``ignore`` is true are left out
+    (returned: how many)."""
+    from node.dicom.headers import SeriesHeaderBuilder
+
     headers: list[InstanceHeader] = []
     problems: list[DecodeProblem] = []
-    by_series: dict[SeriesId, list[_Decoded]] = defaultdict(list)
+    by_series: dict[SeriesId, list[_Meta]] = defaultdict(list)
+    # The series header records come from the same reads, folded as they come (the datasets
+    # are not kept): image files, or every header of a study without any.
+    images, others = SeriesHeaderBuilder(), SeriesHeaderBuilder()
+    n_ignored = 0
     for index, raw in enumerate(paths):
         path = Path(raw)
-        try:
-            result = _decode(path, index)
-        except Exception as exc:  # per-file guard: decoders raise anything
-            # One bad file must not sink the study: record it and go on. Its header is still
-            # listed when it was readable, so the audit shows which series it belonged to.
-            header = _header_only(path)
-            if header is not None:
-                headers.append(header)
-            problems.append(
-                DecodeProblem(
-                    path=path,
-                    series_uid=header.series_uid if header is not None else None,
-                    reason=_reason(exc),
-                )
-            )
-            log.warning(
-                "instance_not_decoded",
-                series_key=uid_key(header.series_uid) if header is not None else None,
-                error_type=type(exc).__name__,
-            )
+        record, ds, problem = _read_one(path, index)
+        header = record.header if isinstance(record, _Meta) else record
+        if header is not None and ignore is not None and ignore(header):
+            n_ignored += 1
             continue
-        if isinstance(result, InstanceHeader):
-            headers.append(result)
+        if problem is not None:
+            problems.append(problem)
+        if header is None:
             continue
-        headers.append(result.header)
-        by_series[series_id(result.header)].append(result)
-    volumes = []
-    for sid in list(by_series):
-        # Pop each series as it is assembled so its stored pixels are freed before the next.
-        decoded = by_series.pop(sid)
-        volume, extra = _assemble(sid, decoded)
-        del decoded
+        headers.append(header)
+        if ds is not None:
+            (images if header.has_pixels else others).add(ds)
+        del ds
+        if isinstance(record, _Meta):
+            by_series[series_id(header)].append(record)
+    layouts = []
+    for sid, metas in by_series.items():
+        layout, extra = _layout(sid, metas)
         if extra:
             log.info("series_frames_left_out", series_key=uid_key(sid[0]), count=len(extra))
         problems.extend(extra)
-        if volume is not None:
-            volumes.append(volume)
-    volumes.sort(
+        if layout is not None:
+            layouts.append(layout)
+    layouts.sort(
         key=lambda v: (v.series_number if v.series_number is not None else -1, v.series_uid)
     )
-    return StudyLoad(headers=tuple(headers), volumes=tuple(volumes), problems=tuple(problems))
+    series_headers = (images if len(images) else others).build()
+    del images, others
+    load = StudyLoad(
+        headers=tuple(headers),
+        layouts=tuple(layouts),
+        problems=tuple(problems),
+        series_headers=series_headers,
+    )
+    return load, n_ignored
 
 
-def _header_only(path: Path) -> InstanceHeader | None:
-    """The header of a file whose pixels failed, or None if even the header is unreadable."""
-    headers, _ = read_headers((path,))
-    return headers[0] if headers else None
+class LazyVolumes:
+    """Series volumes by (SeriesInstanceUID, SeriesNumber), decoded when asked for.
+
+    Nothing is kept: each request decodes the series again, and a volume lives only as long as
+    its caller holds it, so a study costs one series' pixels at a time (two for a T1 pair).
+    The files whose pixels failed are collected in ``problems`` (each once).
+    """
+
+    def __init__(self, layouts: Iterable[SeriesLayout]) -> None:
+        self._layouts = {volume_id(layout): layout for layout in layouts}
+        self._seen: set[Path] = set()
+        self.problems: list[DecodeProblem] = []
+        # Series whose files did not all decode: the layout of the volume they made instead
+        # (None: no file decoded), so the audit describes the volume the models read.
+        self.relaid: dict[SeriesId, SeriesLayout | None] = {}
+
+    def get(self, key: SeriesId, /) -> SeriesVolume | None:
+        """The series' volume (None: no such series, or no file of it decodes)."""
+        layout = self._layouts.get(key)
+        if layout is None:
+            return None
+        volume, problems, final = _decode_series(layout)
+        if problems:
+            self.relaid[key] = final
+            if final is not None:
+                self._layouts[key] = final
+            else:
+                del self._layouts[key]
+        for problem in problems:
+            if problem.path not in self._seen:
+                self._seen.add(problem.path)
+                self.problems.append(problem)
+        return volume
+
+    def layouts(self, original: Iterable[SeriesLayout]) -> tuple[SeriesLayout, ...]:
+        """``original`` with the layouts of series laid out again (or dropped) on decoding."""
+        out: list[SeriesLayout] = []
+        for layout in original:
+            key = volume_id(layout)
+            if key not in self.relaid:
+                out.append(layout)
+            elif (again := self.relaid[key]) is not None:
+                out.append(again)
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class DecodedStudy:
+    """A study with every series decoded (``scan_study``: tests, the lab)."""
+
+    headers: tuple[InstanceHeader, ...]
+    volumes: tuple[SeriesVolume, ...]
+    problems: tuple[DecodeProblem, ...]
+
+
+def scan_study(paths: Sequence[Path]) -> DecodedStudy:
+    """Read every file of a study and decode every series: headers, volumes, what failed."""
+    load, _ = read_study(paths)
+    problems = list(load.problems)
+    volumes = []
+    for layout in load.layouts:
+        volume, failed = decode_series(layout)
+        problems.extend(failed)
+        if volume is not None:
+            volumes.append(volume)
+    return DecodedStudy(headers=load.headers, volumes=tuple(volumes), problems=tuple(problems))
 
 
 def load_study(

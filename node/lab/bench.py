@@ -335,6 +335,7 @@ def bench_sequence(study: BenchStudy, work: Path, settings: BenchSettings) -> Be
     from node.bundles.bundle import classify_series
     from node.classify.sequence import classify_headers
     from node.dicom.headers import read_series_headers
+    from node.dicom.volumes import scan_study
     from node.pipeline.models import clear_worker_bundles, worker_bundle
     from node.pipeline.stages import stage_classify, stage_load
 
@@ -352,7 +353,7 @@ def bench_sequence(study: BenchStudy, work: Path, settings: BenchSettings) -> Be
     with peak_memory() as peak:
         total_s, done = timed(lambda: stage_classify(ctx), settings.repeat)
     n = rules.sequence.slices_per_series
-    volumes = ctx.loaded.volumes if ctx.loaded is not None else ()
+    volumes = scan_study(study.paths).volumes
 
     def cnn() -> int:
         return sum(classify_series(bundle, v, n).n_slices for v in volumes)

@@ -28,8 +28,8 @@ from node.pipeline.context import AUDIT_FILE, Stage, StudyContext
 from node.records import (
     FindingStatus,
     InstanceHeader,
+    SeriesLayout,
     SeriesPrediction,
-    SeriesVolume,
     StudyLoad,
 )
 from node.store.files import write_json_durable
@@ -360,7 +360,7 @@ def _uid_name(uid: str) -> str:
     return name or uid
 
 
-def _n_positions(volume: SeriesVolume) -> int:
+def _n_positions(volume: SeriesLayout) -> int:
     """Slice positions per time point: the first run of rising positions along the normal."""
     ori = volume.slices[0].geometry.orientation
     normal = np.cross(ori[:3], ori[3:])
@@ -376,7 +376,7 @@ def _series_entries(loaded: StudyLoad) -> tuple[SeriesEntry, ...]:
     headers: dict[SeriesId, list[InstanceHeader]] = defaultdict(list)
     for h in loaded.headers:
         headers[series_id(h)].append(h)
-    volumes = {volume_id(v): v for v in loaded.volumes}
+    volumes = {volume_id(v): v for v in loaded.layouts}
     header_paths = {h.path: series_id(h) for h in loaded.headers}
     errors: dict[SeriesId, list[FileProblem]] = defaultdict(list)
     for p in loaded.problems:
@@ -391,7 +391,7 @@ def _series_entries(loaded: StudyLoad) -> tuple[SeriesEntry, ...]:
     entries = []
     for sid in sorted(headers, key=lambda s: (s[1] if s[1] is not None else -1, s[0])):
         hs = headers[sid]
-        vol: SeriesVolume | None = volumes.get(sid)
+        vol: SeriesLayout | None = volumes.get(sid)
         first = hs[0]
         key_text = f"{sid[0]}#{sid[1]}" if sid[0] in split_uids else sid[0]
         geometry: dict[str, Any] = {}
@@ -399,7 +399,7 @@ def _series_entries(loaded: StudyLoad) -> tuple[SeriesEntry, ...]:
             geom = vol.slices[0].geometry
             n_positions = _n_positions(vol)
             geometry = {
-                "volume_shape": tuple(vol.pixels.shape),
+                "volume_shape": tuple(vol.shape),
                 "n_slice_positions": n_positions,
                 "n_time_points": vol.n_frames // n_positions if n_positions else 0,
                 "slice_spacing_mm": vol.slice_spacing_mm,

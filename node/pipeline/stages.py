@@ -1,13 +1,15 @@
 """The stages of one study job, each a function from the study context to a filled-in copy.
 
-Stages run in the order of ``STAGES``: LOAD (series volumes), CLASSIFY (tag rules + sequence CNN
-vote, fused, study context), QUALIFY (``qualify:`` in the rules; a study that does not qualify
-is audited as skipped and gets no results), ROUTE, INFER (specialist bundles + Grad-CAM),
-ENSEMBLE, REPORT (SC heatmaps + one SR, written under the study's results folder), OUTBOX (only
-when the running node delivers: every object x every destination) and AUDIT. Files that do not
-decode are not a failure: they are listed in the audit and the study goes on. A missing
-sequence CNN bundle is not a failure either (tag rules alone, said in the audit); a missing
-specialist bundle that a route needs fails INFER with the bundle's reason.
+Stages run in the order of ``STAGES``: LOAD (one header read per file: series layouts and
+header records; pixels are decoded later, one series at a time, where a model reads them),
+CLASSIFY (tag rules + sequence CNN vote, fused, study context), QUALIFY (``qualify:`` in the
+rules; a study that does not qualify is audited as skipped and gets no results), ROUTE, INFER
+(specialist bundles + Grad-CAM), ENSEMBLE, REPORT (SC heatmaps + one SR, written under the
+study's results folder), OUTBOX (only when the running node delivers: every object x every
+destination) and AUDIT. Files that do not decode are not a failure: they are listed in the
+audit and the study goes on. A missing sequence CNN bundle is not a failure either (tag rules
+alone, said in the audit); a missing specialist bundle that a route needs fails INFER with the
+bundle's reason.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING
 import pydicom
 from pydicom.dataset import Dataset
 
-from node.dicom.volumes import SeriesId, scan_study, series_id, volume_id
+from node.dicom.volumes import LazyVolumes, SeriesId, read_study, volume_id
 from node.errors import ModelUnavailable, ReportError
 from node.log import get_logger, uid_key
 from node.pipeline.audit import series_ids, write_audit
@@ -40,7 +42,6 @@ from node.records import (
     InstanceHeader,
     SeriesPrediction,
     SeriesVolume,
-    StudyLoad,
     StudyResult,
 )
 from node.store.files import write_dicom_durable, write_json_durable
@@ -77,28 +78,16 @@ def is_own_result(header: InstanceHeader) -> bool:
 
 
 def stage_load(ctx: StudyContext) -> StudyContext:
-    """Read every instance of the study into ordered series volumes (our own results left out)."""
-    loaded = scan_study(ctx.job.instance_paths)
-    own = {h.path for h in loaded.headers if is_own_result(h)}
-    if not own:
-        return replace(ctx, loaded=loaded)
-    own_series = {series_id(h) for h in loaded.headers if h.path in own}
-    loaded = StudyLoad(
-        headers=tuple(h for h in loaded.headers if h.path not in own),
-        volumes=tuple(v for v in loaded.volumes if volume_id(v) not in own_series),
-        problems=tuple(p for p in loaded.problems if p.path not in own),
-    )
-    log.info("own_results_ignored", study_key=uid_key(ctx.job.study_uid), count=len(own))
-    return replace(ctx, loaded=loaded, n_own_results=len(own))
-
-
-def _volumes(ctx: StudyContext) -> dict[SeriesId, SeriesVolume]:
-    loaded = ctx.loaded
-    return {volume_id(v): v for v in loaded.volumes} if loaded is not None else {}
+    """Read every instance's header once: series layouts and header records, no pixels yet (our
+    own results left out). Pixels are decoded series by series where a model reads them."""
+    loaded, n_own = read_study(ctx.job.instance_paths, ignore=is_own_result)
+    if n_own:
+        log.info("own_results_ignored", study_key=uid_key(ctx.job.study_uid), count=n_own)
+    return replace(ctx, loaded=loaded, n_own_results=n_own)
 
 
 def _image_paths(ctx: StudyContext) -> tuple[Path, ...]:
-    """Files of the study that carry pixels (what the header readers and the SR need)."""
+    """Files of the study that carry pixels (what the SR copies the study attributes from)."""
     loaded = ctx.loaded
     if loaded is None:
         return ctx.job.instance_paths
@@ -107,12 +96,44 @@ def _image_paths(ctx: StudyContext) -> tuple[Path, ...]:
     return with_pixels or tuple(h.path for h in loaded.headers)
 
 
-def stage_classify(ctx: StudyContext) -> StudyContext:
-    """Label each series: the one classification path (node.classify.study)."""
-    from node.classify.study import classify_study
-    from node.dicom.headers import read_series_headers
+def _series_numbers(ctx: StudyContext) -> tuple[tuple[str, str], ...]:
+    """SeriesNumber of each series as the SR writes it, from the headers LOAD read (the first
+    image file of each SeriesInstanceUID, in file order)."""
+    loaded = ctx.loaded
+    found: dict[str, str] = {}
+    bad = {p.path for p in loaded.problems if p.series_uid is None} if loaded else set()
+    for h in loaded.headers if loaded is not None else ():
+        if h.has_pixels and h.path not in bad:
+            number = str(h.series_number) if h.series_number is not None else "?"
+            found.setdefault(h.series_uid, number)
+    return tuple(found.items())
 
-    headers = read_series_headers(_image_paths(ctx))
+
+def _after_decoding(ctx: StudyContext, volumes: LazyVolumes) -> StudyContext:
+    """The context with the files whose pixels failed added to the load's problems (each once)
+    and the layouts of their series replaced by what did decode."""
+    loaded = ctx.loaded
+    if loaded is None or not volumes.problems:
+        return ctx
+    known = {(p.path, p.reason) for p in loaded.problems}
+    new = tuple(p for p in volumes.problems if (p.path, p.reason) not in known)
+    return replace(
+        ctx,
+        loaded=replace(
+            loaded,
+            problems=(*loaded.problems, *new),
+            layouts=volumes.layouts(loaded.layouts),
+        ),
+    )
+
+
+def stage_classify(ctx: StudyContext) -> StudyContext:
+    """Label each series: the one classification path (node.classify.study), the series
+    decoded one at a time for the sequence CNN and the T1 image comparison."""
+    from node.classify.study import classify_study
+
+    loaded = ctx.loaded
+    headers = loaded.series_headers if loaded is not None else ()
     settings = ctx.rules.sequence
     bundle: Bundle | None
     try:
@@ -122,7 +143,9 @@ def stage_classify(ctx: StudyContext) -> StudyContext:
         bundle = None
         unavailable = f"sequence CNN not available, tag rules alone: {exc}"
         log.warning("sequence_cnn_unavailable", study_key=uid_key(ctx.job.study_uid))
-    result = classify_study(headers, _volumes(ctx), settings, bundle, unavailable=unavailable)
+    volumes = LazyVolumes(loaded.layouts if loaded is not None else ())
+    result = classify_study(headers, volumes, settings, bundle, unavailable=unavailable)
+    ctx = _after_decoding(ctx, volumes)
     return replace(ctx, headers=headers, decisions=result.decisions, sequence_cnn=result.cnn_note)
 
 
@@ -157,19 +180,30 @@ def stage_route(ctx: StudyContext) -> StudyContext:
 
 
 def stage_infer(ctx: StudyContext) -> StudyContext:
-    """Run each routed bundle on its series (this worker's own copy) and explain it (Grad-CAM)."""
+    """Run each routed bundle on its series (this worker's own copy) and explain it (Grad-CAM).
+
+    Routed series are decoded one at a time, every route of a series on one decode; the
+    predictions keep the order of the routes."""
     if not ctx.qualifies or not ctx.routes:
         return ctx
     from node.bundles.bundle import predict_series
     from node.bundles.gradcam import with_heatmaps
 
-    by_uid: dict[str, SeriesVolume] = {}
-    for v in ctx.loaded.volumes if ctx.loaded is not None else ():
-        by_uid.setdefault(v.series_uid, v)
+    by_uid: dict[str, SeriesId] = {}
+    for layout in ctx.loaded.layouts if ctx.loaded is not None else ():
+        by_uid.setdefault(layout.series_uid, volume_id(layout))
+    volumes = LazyVolumes(ctx.loaded.layouts if ctx.loaded is not None else ())
     k = ctx.rules.outputs.heatmaps_per_series
-    predictions: list[SeriesPrediction] = []
-    for route in ctx.routes:
-        volume = by_uid.get(route.series_uid)
+    order = sorted(range(len(ctx.routes)), key=lambda i: (ctx.routes[i].series_uid, i))
+    predictions: dict[int, SeriesPrediction] = {}
+    current: tuple[SeriesId | None, SeriesVolume | None] = (None, None)
+    for i in order:
+        route = ctx.routes[i]
+        sid = by_uid.get(route.series_uid)
+        if current[0] != sid:
+            current = (None, None)  # the previous series' pixels go before the next decode
+            current = (sid, volumes.get(sid) if sid is not None else None)
+        volume = current[1]
         if volume is None:
             continue  # the series has headers but no decodable pixels: listed in the audit
         try:
@@ -194,8 +228,10 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
             count=len(pred.heatmaps),
             duration_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
-        predictions.append(pred)
-    return replace(ctx, predictions=tuple(predictions))
+        predictions[i] = pred
+    del current, volume
+    ctx = _after_decoding(ctx, volumes)
+    return replace(ctx, predictions=tuple(predictions[i] for i in sorted(predictions)))
 
 
 def stage_ensemble(ctx: StudyContext) -> StudyContext:
@@ -260,6 +296,7 @@ def stage_report(ctx: StudyContext) -> StudyContext:
     result = StudyResult(
         study_uid=ctx.job.study_uid,
         source_paths=_image_paths(ctx),
+        series_numbers=_series_numbers(ctx),
         sequences=ctx.decisions,
         findings=ctx.findings,
         reopened=ctx.job.reopened,

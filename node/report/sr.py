@@ -157,9 +157,12 @@ def _sequence_group(
 
 
 def _series_numbers(result: StudyResult) -> dict[str, str]:
-    """SeriesNumber of each classified series, reading as few headers as needed."""
+    """SeriesNumber of each classified series: from the result when the pipeline gave them
+    (its headers are read once per job), else reading as few headers as needed."""
     wanted = {d.series_uid for d in result.sequences}
-    found: dict[str, str] = {}
+    found: dict[str, str] = dict(result.series_numbers)
+    if wanted <= found.keys():
+        return found
     for path in result.source_paths:
         if wanted <= found.keys():
             break
