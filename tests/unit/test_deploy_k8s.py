@@ -30,7 +30,7 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 
-from node.config import Rules, validate_rules_text
+from node.config import validate_rules_text
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -326,10 +326,6 @@ def kustomization_problems(kust: Doc, files: list[Path], docs: list[Doc]) -> lis
 def rules_problems(docs: list[Doc], dockerfile: str) -> list[str]:
     """The rule file in the ConfigMap is valid and agrees with the pods and the image."""
     text = rules_text(docs)
-    data = yaml.safe_load(text)
-    if "database" not in Rules.model_fields:  # the key arrives with the PostgreSQL change
-        data.pop("database", None)
-        text = yaml.safe_dump(data)
     rules, problems = validate_rules_text(text)
     if rules is None:
         return [p.render("configmap-rules.yaml") for p in problems]
@@ -579,3 +575,33 @@ def test_the_rule_file_must_agree_with_the_pods(docs: list[Doc]) -> None:
     assert rules_problems(docs, dockerfile.replace("/opt/neuronode/models/", "/models/")) == [
         "models_dir /opt/neuronode/models is not where the Dockerfile copies models/"
     ]
+
+
+def command_problems(docs: list[Doc]) -> list[str]:
+    """Every container's arguments parse with the real `neuronode` command line, so a renamed
+    subcommand, role or flag fails here rather than in a crash-looping pod."""
+    from node.cli import build_parser
+
+    parser = build_parser()
+    out: list[str] = []
+    for where, template in workloads(docs):
+        for c in template["spec"]["containers"]:
+            args = [str(a) for a in c.get("args", [])]
+            try:
+                parser.parse_args(args)
+            except SystemExit:
+                out.append(f"{where}: neuronode does not accept {args}")
+    return out
+
+
+def test_every_container_command_parses_with_the_real_cli(
+    docs: list[Doc], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert command_problems(docs) == []
+    broken = json.loads(json.dumps(docs))
+    for d in broken:
+        if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("worker"):
+            d["spec"]["template"]["spec"]["containers"][0]["args"][2] = "workers"
+    problems = command_problems(broken)
+    capsys.readouterr()  # argparse's own message for the broken one
+    assert len(problems) == 1 and "workers" in problems[0]
