@@ -262,3 +262,29 @@ def test_lesion_region_equals_the_whole_volume_computation(seed: int) -> None:
             assert box == _reference_lesion_box(vol.copy(), spec)
             found += box.found
     assert found > 0
+
+
+def test_classify_folder_compares_each_t1_pair_once(
+    study: tuple[str, tuple[Path, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its two runs (with and without the CNN) share the image contrast evidence (issue 12)."""
+    from node.classify import study as classify
+    from node.classify.sequence import contrast_questions
+    from node.config import SequenceSettings
+
+    calls: list[int] = []
+    judge = classify.judge_contrast
+
+    def counted(pre: Any, post: Any) -> Any:
+        calls.append(1)
+        return judge(pre, post)
+
+    monkeypatch.setattr(classify, "judge_contrast", counted)
+    folder = study[1][0].parents[2]
+    bundle, why = classify.load_sequence_bundle(SequenceSettings(), REPO / "models")
+    assert bundle is not None, why
+    run = classify.classify_folder(folder, SequenceSettings(), bundle=bundle)
+    pairs = set(contrast_questions(run.decisions, run.headers))
+    pairs |= set(contrast_questions(run.tags_only, run.headers))
+    assert len(pairs) >= 1
+    assert len(calls) == len(pairs)
