@@ -237,7 +237,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="NAME",
-        help="synth, sequence, specialists, receive, ingest, dicomio (repeatable; default: all)",
+        help="synth, sequence, specialists, receive, ingest, dicomio, latency, memory, scale"
+        " (repeatable; default: all)",
     )
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     p.add_argument("--repeat", type=int, default=1, help="median of N runs (default 1)")

@@ -38,7 +38,17 @@ from node.log import configure
 from node.pipeline.audit import AuditRecord, read_audit
 from node.records import SequenceLabel, StudyJob
 
-BENCHMARKS = ("synth", "sequence", "specialists", "receive", "ingest", "dicomio")
+BENCHMARKS = (
+    "synth",
+    "sequence",
+    "specialists",
+    "receive",
+    "ingest",
+    "dicomio",
+    "latency",  # launch to first C-ECHO; quiet period to SR in Orthanc (node processes)
+    "memory",  # peak of a 200- against a 2,000-instance study job (child processes)
+    "scale",  # PostgreSQL/SQLite ingest; 1, 2, 3 worker processes (starts PostgreSQL)
+)
 _REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 _KB = 1024
 _MB = 1024 * 1024
@@ -1158,6 +1168,22 @@ def run_benchmarks(
         add(*bench_ingest(work, settings))
     if "dicomio" in names and study is not None:
         add(bench_dicomio(study, settings))
+    # The service-level figures start their own node processes, Orthanc and PostgreSQL.
+    if "latency" in names:
+        (work / "latency").mkdir(parents=True, exist_ok=True)
+        from node.lab.bench_latency import bench_latency
+
+        add(*bench_latency(work / "latency", settings))
+    if "memory" in names:
+        (work / "memory").mkdir(parents=True, exist_ok=True)
+        from node.lab.bench_memory import bench_records as memory_records
+
+        add(*memory_records(work / "memory"))
+    if "scale" in names:
+        (work / "scale").mkdir(parents=True, exist_ok=True)
+        from node.lab.bench_scale import bench_records as scale_records
+
+        add(*scale_records(work / "scale"))
     return tuple(records)
 
 

@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET_GROWTH_MB = 150.0
@@ -163,6 +164,39 @@ def measure(folder: Path, out: Path, models: Path) -> tuple[MemoryFigure, dict[s
             seconds=round(float(data["seconds"]), 2),
         ),
         data,
+    )
+
+
+def bench_records(work: Path, *, small: int = SMALL_INSTANCES, large: int = LARGE_INSTANCES) -> Any:
+    """The memory figure for `neuronode bench`: the peak of a `large`-instance study job, its
+    reference the `small`-instance one in the same run, the growth against the 150 MB target."""
+    from node.lab.bench import BenchRecord
+
+    figures = []
+    for n in (small, large):
+        folder = work / f"study_{n}"
+        if not folder.is_dir():
+            folder = make_study(work, n)
+        figures.append(measure(folder, work / f"out_{n}", REPO / "models")[0])
+    growth = figures[1].peak_mb - figures[0].peak_mb
+    return (
+        BenchRecord(
+            name=f"memory: study job, {figures[1].n_instances} instances",
+            figure=figures[1].peak_mb,
+            unit="MB peak",
+            reference=figures[0].peak_mb,
+            reference_what=f"the same job on {figures[0].n_instances} instances",
+            ratio=round(figures[1].peak_mb / figures[0].peak_mb, 2),
+            ratio_what="large / small peak",
+            target=f"growth <= {TARGET_GROWTH_MB:.0f} MB (issue 15)",
+            met=growth <= TARGET_GROWTH_MB,
+            growth_mb=round(growth, 1),
+            details=(
+                ("small_s", figures[0].seconds),
+                ("large_s", figures[1].seconds),
+                ("large_series", float(figures[1].n_series)),
+            ),
+        ),
     )
 
 

@@ -300,6 +300,41 @@ def format_ingest(r: IngestRatio) -> str:
     )
 
 
+def bench_records(work: Path, *, n_instances: int = 300, n_studies: int = 12) -> Any:
+    """The scale-out figures for `neuronode bench`: the PostgreSQL/SQLite ingest ratio, and
+    studies per minute with 1, 2 and 3 worker processes against one worker in the same run."""
+    from node.lab.bench import BenchRecord
+
+    r = bench_ingest(work / "ingest", n_instances=n_instances)
+    records = [
+        BenchRecord(
+            name="scale: ingest on PostgreSQL (storescu)",
+            figure=round(statistics.median(r.postgres_per_s), 1),
+            unit="instances/s",
+            reference=round(statistics.median(r.sqlite_per_s), 1),
+            reference_what="the same instances into the embedded SQLite index",
+            ratio=round(r.ratio, 2),
+            ratio_what="PostgreSQL / SQLite",
+            details=(("direct_ratio", round(r.direct_ratio or 0.0, 2)),),
+        )
+    ]
+    rates = bench_workers(work / "workers", n_studies=n_studies)
+    one = rates[0].per_minute if rates else 0.0
+    for w in rates:
+        records.append(
+            BenchRecord(
+                name=f"scale: {w.workers} worker process(es)",
+                figure=round(w.per_minute, 1),
+                unit="studies/min",
+                reference=round(one, 1),
+                reference_what=f"one worker on the same {w.n_studies} studies",
+                ratio=round(w.per_minute / one, 2) if one else None,
+                ratio_what=f"x of one worker ({os.cpu_count()} cores: overhead, not speed-up)",
+            )
+        )
+    return tuple(records)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node.lab.bench_scale")
     parser.add_argument("--instances", type=int, default=300)
