@@ -69,14 +69,21 @@ class Outbox:
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = spool_dir / OUTBOX_DB
         self._db = Database(outbox_url(spool_dir, database_url), component=OUTBOX)
-        if not self._db.postgres:
-            # This process is the only sender: a row left 'sending' belonged to a sender that
-            # died mid-attempt: try it again. (Shared database: after SENDING_STALE_S.)
-            with self._db.transaction() as db:
-                db.execute(
-                    "UPDATE deliveries SET state=? WHERE state=?",
-                    (DeliveryState.PENDING, DeliveryState.SENDING),
-                )
+
+    def release_interrupted(self) -> int:
+        """Put rows left 'sending' by a sender that died mid-attempt back to pending; return how
+        many. Only the node's senders call it, once as they start: opening an outbox (the
+        pipeline queuing results, `requeue`, the status page) never touches a row a running
+        sender is at. On a shared database nothing is taken back here: another machine's
+        sender may still be at it, and its rows come back after SENDING_STALE_S instead."""
+        if self._db.postgres:
+            return 0
+        with self._db.transaction() as db:
+            cur = db.execute(
+                "UPDATE deliveries SET state=? WHERE state=?",
+                (DeliveryState.PENDING, DeliveryState.SENDING),
+            )
+        return int(cur.rowcount or 0)
 
     def close(self) -> None:
         self._db.close()

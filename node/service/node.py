@@ -264,7 +264,7 @@ class Node:
             self.receiver.start()  # C-ECHO and C-STORE are answered from here on
         if Role.SENDER in self.roles:
             # The outbox (and the DICOM writers it loads) is ready before the first scrape.
-            self.senders.park_unknown()
+            self.senders.park_unknown(starting=True)
         if self._web_later and self.web is None:
             self.web = self._make_web()  # a bind failure: ConfigError, serve stops
         if self.web is not None:

@@ -67,9 +67,11 @@ class Senders:
         for ev in events:
             ev.set()
 
-    def park_unknown(self) -> None:
+    def park_unknown(self, *, starting: bool = False) -> None:
         """Park the deliveries of destinations removed from the rules (logged once, shown by
-        `status`), and take back the parked rows of destinations that are in the rules again."""
+        `status`), and take back the parked rows of destinations that are in the rules again.
+        `starting`: also take back the rows a sender that died mid-attempt left 'sending'
+        (the embedded outbox: no other sender runs on this spool then)."""
         from node.deliver.outbox import Outbox
 
         rules = self._rules()
@@ -77,6 +79,10 @@ class Senders:
             with Outbox(
                 rules.storage.spool_dir, database_url=rules.database.resolve_url()
             ) as outbox:
+                if starting:
+                    n = outbox.release_interrupted()
+                    if n:
+                        log.warning("deliveries_released", count=n)
                 outbox.park_unknown([d.name for d in rules.destinations], now=time.time())
         except (sqlite3.Error, OSError) as exc:
             log.error("sender_failed", error_type=type(exc).__name__)

@@ -110,10 +110,13 @@ def test_delivers_and_survives_restart(tmp_path: Path, database_url: str | None)
     with Outbox(tmp_path, database_url=database_url) as outbox:
         sender = FakeSender()
         now = 1.0
-        if database_url is None:  # the only sender: its rows are taken back at once
+        # Opening an outbox touches no row: a running sender may be at it.
+        assert states(outbox)[("1.1", "pacs")] == DeliveryState.SENDING
+        if database_url is None:  # the node's senders, starting, are the only senders
+            assert outbox.release_interrupted() == 1
             assert states(outbox)[("1.1", "pacs")] == DeliveryState.PENDING
         else:  # shared: another sender may still be at it, so the row waits until stale
-            assert states(outbox)[("1.1", "pacs")] == DeliveryState.SENDING
+            assert outbox.release_interrupted() == 0
             assert deliver_due(outbox, RULES, now, send=sender).delivered == 0
             now = SENDING_STALE_S + 1.0
         counts = deliver_due(outbox, RULES, now, send=sender, rng=random.Random(0))
