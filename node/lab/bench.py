@@ -12,6 +12,7 @@ node).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -668,28 +669,36 @@ def _store_rates(work: Path, datasets: Sequence[Any]) -> tuple[float, float]:
     return spool_rate, plain_rate
 
 
-def _rate_into_node(work: Path, n: int, *, nodelay: bool, tag: str) -> tuple[float, int]:
-    """Instances/s of one association into a fresh Receiver + Spool, and files in its spool."""
+@contextlib.contextmanager
+def bench_receiver(root: Path, *, database_url: str | None = None) -> Iterator[tuple[Any, Any]]:
+    """A fresh spool under `root` and the node's Receiver on a free port (AE NEURONODE, caller
+    STORESCU on loopback), started; yields (receiver, spool), stops the receiver after."""
     from node.config import AllowedCaller
     from node.ingest.receive import Receiver
     from node.ingest.spool import Spool
 
-    datasets = _small_mr(n)
-    root = work / f"spool_{tag}"
-    spool = Spool(root, min_free_disk_mb=0)
-    node_settings = NodeSettings(
+    spool = Spool(root, min_free_disk_mb=0, database_url=database_url)
+    settings = NodeSettings(
         ae_title="NEURONODE",
         port=free_port(),
         allowed_callers=(AllowedCaller(ae_title="STORESCU", host="127.0.0.1"),),
     )
-    rx = Receiver(node_settings, spool)
+    rx = Receiver(settings, spool)
     rx.start()
     try:
+        yield rx, spool
+    finally:
+        rx.stop(2.0)
+
+
+def _rate_into_node(work: Path, n: int, *, nodelay: bool, tag: str) -> tuple[float, int]:
+    """Instances/s of one association into a fresh Receiver + Spool, and files in its spool."""
+    datasets = _small_mr(n)
+    root = work / f"spool_{tag}"
+    with bench_receiver(root) as (rx, _spool):
         t0 = time.perf_counter()
         ok = _send(rx.port, "NEURONODE", datasets, nodelay=nodelay)
         rate = n / (time.perf_counter() - t0)
-    finally:
-        rx.stop(2.0)
     if ok != n:
         raise ConfigError(f"benchmark: the node acknowledged {ok} of {n} instances")
     return rate, len(list((root / "instances").rglob("*.dcm")))
@@ -844,26 +853,12 @@ class _IngestNode:
         return round(instances / max(1, groups), 2)
 
     def rate(self, paths: Sequence[Path], *, associations: int, nodelay: bool) -> float:
-        from node.config import AllowedCaller
-        from node.ingest.receive import Receiver
-        from node.ingest.spool import Spool
-
         self.runs += 1
-        spool = Spool(self.work / f"spool_{self.runs}", min_free_disk_mb=0)
-        settings = NodeSettings(
-            ae_title="NEURONODE",
-            port=free_port(),
-            allowed_callers=(AllowedCaller(ae_title="STORESCU", host="127.0.0.1"),),
-        )
-        rx = Receiver(settings, spool)
-        rx.start()
-        cpu0 = _process_cpu_s()
-        try:
+        with bench_receiver(self.work / f"spool_{self.runs}") as (rx, spool):
+            cpu0 = _process_cpu_s()
             rate = storescu_rate(
                 rx.port, "NEURONODE", paths, associations=associations, nodelay=nodelay
             )
-        finally:
-            rx.stop(2.0)
         if nodelay:
             cpu_ms = (_process_cpu_s() - cpu0) * 1000 / len(paths)
             self.cpu_ms.setdefault(associations, []).append(cpu_ms)

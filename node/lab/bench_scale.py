@@ -31,12 +31,10 @@ from typing import Any
 
 import yaml
 
-from node.config import AllowedCaller, NodeSettings
 from node.errors import ConfigError
-from node.ingest.receive import Receiver
 from node.ingest.spool import Spool
-from node.lab.bench import _small_mr
-from node.lab.orthanc import SYSTEM_BIN, free_port
+from node.lab.bench import _small_mr, bench_receiver
+from node.lab.orthanc import SYSTEM_BIN
 from node.lab.postgres import PostgresServer
 from node.store.db import INDEX, Database, upgrade_all
 
@@ -88,23 +86,13 @@ def _write_files(folder: Path, n: int) -> tuple[Path, ...]:
 
 def _ingest_rate(root: Path, files: tuple[Path, ...], database_url: str | None) -> float:
     """Instances/s of one storescu association into a fresh receiver and spool."""
-    spool = Spool(root, min_free_disk_mb=0, database_url=database_url)
-    settings = NodeSettings(
-        ae_title="NEURONODE",
-        port=free_port(),
-        allowed_callers=(AllowedCaller(ae_title="STORESCU", host="127.0.0.1"),),
-    )
-    rx = Receiver(settings, spool)
-    rx.start()
-    try:
+    with bench_receiver(root, database_url=database_url) as (rx, spool):
         cmd = [_storescu(), "-nh", "-aet", "STORESCU", "-aec", "NEURONODE", "127.0.0.1"]
         t0 = time.perf_counter()
         out = subprocess.run(
             [*cmd, str(rx.port), *map(str, files)], capture_output=True, text=True, timeout=600
         )
         seconds = time.perf_counter() - t0
-    finally:
-        rx.stop(2.0)
     try:
         n = int(spool.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
     finally:
