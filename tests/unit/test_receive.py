@@ -255,7 +255,9 @@ def test_receiver_connections_are_guarded(receiver: tuple[Receiver, Spool]) -> N
     assoc = _scu().associate("127.0.0.1", rx.port, ae_title="NEURONODE")
     assert assoc.is_established
     try:
-        sockets = [a.dul.socket.socket for a in rx.ae.active_associations]
+        sockets = [
+            a.dul.socket.socket for a in rx.ae.active_associations if a.dul.socket is not None
+        ]
         assert sockets and all(isinstance(s, GuardedSocket) for s in sockets)
     finally:
         assoc.release()

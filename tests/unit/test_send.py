@@ -248,6 +248,7 @@ def test_real_association_has_nagle_off() -> None:
         scp.add_supported_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     port = free_port()
     server = scp.start_server(("127.0.0.1", port), block=False)
+    assert server is not None
     try:
         dest = DicomDestination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
         assoc = pynetdicom_connect(dest, "NEURONODE", BASE_SOP_CLASSES, timeout_s=5)
