@@ -9,6 +9,9 @@ beside it). The lock is released by the kernel even after kill -9.
 from __future__ import annotations
 
 import fcntl
+import os
+import socket
+import threading
 from pathlib import Path
 from typing import IO
 
@@ -26,9 +29,13 @@ def prepare_spool_dir(spool_dir: Path) -> None:
     """Create the spool folder; failing that, one ConfigError naming storage.spool_dir."""
     try:
         spool_dir.mkdir(parents=True, exist_ok=True)
-        probe = spool_dir / ".writable"
+        # A probe of this process's own: processes starting side by side on a shared spool
+        # (roles, several machines) must not remove each other's.
+        probe = (
+            spool_dir / f".writable.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}"
+        )
         probe.touch()
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"storage.spool_dir: cannot create or write {spool_dir}: {os_reason(exc)}"

@@ -110,3 +110,34 @@ def test_processing_timeout_is_validated_and_defaults_to_fifteen_minutes() -> No
     for bad in (0, -5, 10**6):
         with pytest.raises(ValidationError, match="timeout_s"):
             Rules.model_validate({"processing": {"timeout_s": bad}})
+
+
+def test_processes_preparing_one_spool_side_by_side_never_trip_each_other(
+    tmp_path: Path,
+) -> None:
+    """Role processes start together on one spool: each one's writability probe is its own
+    (a shared probe name let one process remove the file another was about to remove)."""
+    import threading
+
+    from node.service.lock import prepare_spool_dir
+
+    spool = tmp_path / "spool"
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def prepare() -> None:
+        start.wait()
+        for _ in range(300):
+            try:
+                prepare_spool_dir(spool)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=prepare) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert list(spool.iterdir()) == []  # no probe left behind
