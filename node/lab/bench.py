@@ -799,11 +799,9 @@ def storescu_rate(
     """
     import subprocess
 
-    from node.lab.orthanc import system_tool
+    from node.lab.orthanc import require_dcmtk
 
-    tool = system_tool("storescu")
-    if tool is None:
-        raise ConfigError("dcmtk storescu is not installed (apt-get install dcmtk)")
+    tool = require_dcmtk("storescu")
     env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
     if nodelay:
         env["TCP_NODELAY"] = "1"

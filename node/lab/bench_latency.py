@@ -35,7 +35,7 @@ import yaml
 
 from node.errors import NodeError
 from node.lab.bench import BenchRecord, BenchSettings, format_line, make_study
-from node.lab.orthanc import OrthancServer, free_port, system_tool
+from node.lab.orthanc import OrthancServer, free_port, require_dcmtk
 
 NODE_AET = "NEURONODE"
 SCU_AET = "BENCHSCU"
@@ -50,22 +50,25 @@ class BenchError(NodeError):
     """A latency benchmark could not run (the message says why)."""
 
 
-def _tool(name: str) -> str:
-    found = system_tool(name)
-    if found is None:
-        raise BenchError(f"dcmtk's {name} is needed (apt-get install dcmtk)")
-    return found
-
-
 def _storescu() -> tuple[str, ...]:
     """dcmtk storescu sending a folder, recursively, without its Nagle-on default mattering
     here (one association; the figure is the node's latency after the last instance)."""
-    return (_tool("storescu"), "-aet", SCU_AET, "-aec", NODE_AET, "+sd", "+r", "-nh")
+    return (require_dcmtk("storescu"), "-aet", SCU_AET, "-aec", NODE_AET, "+sd", "+r", "-nh")
 
 
 def _echo(port: int, aet: str) -> bool:
     done = subprocess.run(
-        [_tool("echoscu"), "-to", "1", "-aet", SCU_AET, "-aec", aet, "127.0.0.1", str(port)],
+        [
+            require_dcmtk("echoscu"),
+            "-to",
+            "1",
+            "-aet",
+            SCU_AET,
+            "-aec",
+            aet,
+            "127.0.0.1",
+            str(port),
+        ],
         capture_output=True,
         check=False,
     )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ import yaml
 from node.errors import ConfigError
 from node.ingest.spool import Spool
 from node.lab.bench import _small_mr, bench_receiver
-from node.lab.orthanc import SYSTEM_BIN
+from node.lab.orthanc import require_dcmtk
 from node.lab.postgres import PostgresServer
 from node.store.db import INDEX, Database, upgrade_all
 
@@ -67,13 +66,6 @@ class IngestRatio:
         )
 
 
-def _storescu() -> str:
-    path = shutil.which("storescu", path=SYSTEM_BIN)
-    if path is None:
-        raise ConfigError("benchmark: dcmtk's storescu is not installed (apt-get install dcmtk)")
-    return path
-
-
 def _write_files(folder: Path, n: int) -> tuple[Path, ...]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -87,7 +79,15 @@ def _write_files(folder: Path, n: int) -> tuple[Path, ...]:
 def _ingest_rate(root: Path, files: tuple[Path, ...], database_url: str | None) -> float:
     """Instances/s of one storescu association into a fresh receiver and spool."""
     with bench_receiver(root, database_url=database_url) as (rx, spool):
-        cmd = [_storescu(), "-nh", "-aet", "STORESCU", "-aec", "NEURONODE", "127.0.0.1"]
+        cmd = [
+            require_dcmtk("storescu"),
+            "-nh",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "NEURONODE",
+            "127.0.0.1",
+        ]
         t0 = time.perf_counter()
         out = subprocess.run(
             [*cmd, str(rx.port), *map(str, files)], capture_output=True, text=True, timeout=600

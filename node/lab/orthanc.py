@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from node.errors import NodeError
+from node.errors import ConfigError, NodeError
 
 ORTHANC_BINARY: Final = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN: Final = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -41,6 +41,14 @@ class OrthancError(NodeError):
 def system_tool(name: str) -> str | None:
     """Path of a system (Debian) binary, ignoring a virtualenv's bin/."""
     return shutil.which(name, path=SYSTEM_BIN)
+
+
+def require_dcmtk(name: str) -> str:
+    """Path of a dcmtk tool (storescu, echoscu, ...); ConfigError saying how to install it."""
+    path = system_tool(name)
+    if path is None:
+        raise ConfigError(f"dcmtk's {name} is not installed (apt-get install dcmtk)")
+    return path
 
 
 def free_port() -> int:
