@@ -392,8 +392,7 @@ class Node:
                     # job, so no study is charged an attempt for it.
                     log.error("worker_died", worker=index, reason="while idle")
                     worker.kill()
-                    self._set_ready(-1)
-                    self.metrics.worker_restarts.inc()
+                    self._retired()
                     worker = None
                 if worker is None:
                     worker = self._start_worker(index, errors)
@@ -420,13 +419,17 @@ class Node:
                     with self._inflight_lock:
                         self._inflight.pop(job.job_id, None)
                 if isinstance(worker, ProcessWorker) and worker.proc.poll() is not None:
-                    self._set_ready(-1)
-                    self.metrics.worker_restarts.inc()
-                    worker = None  # killed at a timeout, or died: a fresh one takes over
+                    self._retired()  # killed at a timeout, or died: a fresh one takes over
+                    worker = None
         finally:
             if isinstance(worker, ProcessWorker):
                 self._set_ready(-1)
                 worker.close()
+
+    def _retired(self) -> None:
+        """Count a worker process gone (it is replaced at the slot's next turn)."""
+        self._set_ready(-1)
+        self.metrics.worker_restarts.inc()
 
     def _start_worker(
         self, index: int, errors: RepeatedError
