@@ -24,7 +24,6 @@ from node.ingest.spool import Index, Spool, is_valid_uid
 from node.log import configure, get_logger, load_or_create_key, set_correlation_key, uid_key
 from node.pipeline.jobs import JobQueue
 from node.pipeline.models import required_bundles
-from node.records import StudyStatus
 from node.service import ALL_ROLES, Node, Role, lock_spool, prepare_spool_dir
 
 log = get_logger(__name__)
@@ -134,10 +133,7 @@ def cmd_status(args: StatusArgs) -> int:
         queue = JobQueue(index, owner="status", lease_s=rules.processing.lease_s)
         summary = queue.summary()
         given_up = queue.given_up()
-        by_state = {
-            str(r["state"]): int(r["n"])
-            for r in index.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")
-        }
+        by_state = index.studies_by_state()
         n_quarantined = int(index.query("SELECT COUNT(*) AS n FROM quarantine")[0]["n"])
     finally:
         index.close()
@@ -147,7 +143,7 @@ def cmd_status(args: StatusArgs) -> int:
     known = {d.name for d in rules.destinations}
     doc: dict[str, Any] = {
         "spool": str(spool_dir),
-        "studies": {s.value: by_state.get(s.value, 0) for s in StudyStatus},
+        "studies": by_state,
         "queue_depth": summary.queue_depth,
         "processing": summary.processing,
         "quarantined": n_quarantined,

@@ -338,15 +338,6 @@ class Outbox:
             Path(path).unlink(missing_ok=True)
         return cur.rowcount
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Rows per destination and state."""
-        out: dict[str, dict[str, int]] = {}
-        for r in self._db.query(
-            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
-        ):
-            out.setdefault(str(r[0]), {})[str(r[1])] = int(r[2])
-        return out
-
     def previous_sr(self, study_uid: str, *, exclude_sop_uid: str) -> Path | None:
         """The newest SR queued earlier for a study (the predecessor of a re-opened study's SR)."""
         rows = self._db.query(

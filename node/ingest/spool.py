@@ -321,6 +321,14 @@ class Index(Database):
         # The embedded SQLite is always migrated on open; PostgreSQL only when asked.
         super().__init__(url or sqlite_url(path), component=INDEX, migrate=migrate)
 
+    def studies_by_state(self) -> dict[str, int]:
+        """How many studies are in each state; every state listed (0 when none)."""
+        got = {
+            str(r["state"]): int(r["n"])
+            for r in self.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")
+        }
+        return {s.value: got.get(s.value, 0) for s in StudyStatus}
+
 
 @dataclass(slots=True, kw_only=True)
 class _Pending:

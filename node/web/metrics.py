@@ -147,13 +147,13 @@ class _SpoolCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         index = self.spool.index
-        studies = _by_state(index.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state"))
+        studies = index.studies_by_state()
         jobs = _by_state(index.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"))
         g = GaugeMetricFamily(
             "neuronode_studies", "Studies in the spool index by state.", labels=["state"]
         )
-        for s in StudyStatus:
-            g.add_metric([s.value], studies.get(s.value, 0))
+        for state, n in studies.items():
+            g.add_metric([state], n)
         yield g
         g = GaugeMetricFamily("neuronode_jobs", "Study jobs by state.", labels=["state"])
         for s in StudyStatus:

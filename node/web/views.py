@@ -177,11 +177,7 @@ def find_study(spool: Spool, study_key: str) -> StudyRow | None:
 
 def study_counts(spool: Spool) -> dict[str, int]:
     """Studies per state, every state listed."""
-    got = {
-        str(r["state"]): int(r["n"])
-        for r in spool.index.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")
-    }
-    return {s.value: got.get(s.value, 0) for s in StudyStatus}
+    return spool.index.studies_by_state()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
