@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 import structlog
 from pydicom.data import get_testdata_file
@@ -61,6 +63,23 @@ def pydicom_file(name: str) -> Path:
     found = get_testdata_file(name)
     assert isinstance(found, str), f"pydicom's test file {name} is not installed"
     return Path(found)
+
+
+def small_mr_series(study_uid: str, n: int) -> list[pydicom.Dataset]:
+    """`n` instances of pydicom's MR_small as one series of `study_uid` (series `<study>.1`,
+    instances `<study>.1.<k>`, 1 mm apart)."""
+    out: list[pydicom.Dataset] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(1, n + 1):
+            ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = f"{study_uid}.1"
+            ds.SOPInstanceUID = f"{study_uid}.1.{i}"
+            ds.InstanceNumber = i
+            ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+            out.append(ds)
+    return out
 
 
 @pytest.fixture

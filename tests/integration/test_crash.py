@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import warnings
 from collections.abc import Callable
 
 import pydicom
@@ -16,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from node.service import TEST_DELAY_ENV
-from tests.conftest import pydicom_file
+from tests.conftest import small_mr_series
 from tests.integration.conftest import NodeProc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,18 +25,7 @@ N = 40
 
 
 def _study() -> list[pydicom.Dataset]:
-    out: list[pydicom.Dataset] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i in range(1, N + 1):
-            ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
-            ds.StudyInstanceUID = STUDY
-            ds.SeriesInstanceUID = f"{STUDY}.1"
-            ds.SOPInstanceUID = f"{STUDY}.1.{i}"
-            ds.InstanceNumber = i
-            ds.ImagePositionPatient = [0.0, 0.0, float(i)]
-            out.append(ds)
-    return out
+    return small_mr_series(STUDY, N)
 
 
 def _send(node: NodeProc, datasets: list[pydicom.Dataset], acked: list[str]) -> None:

@@ -27,7 +27,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from node.pipeline.worker import TEST_DELAY_ENV, TEST_FAULT_ENV, TEST_LOAD_DELAY_ENV
-from tests.conftest import REPO, pydicom_file
+from tests.conftest import REPO, pydicom_file, small_mr_series
 from tests.integration.conftest import NodeProc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,17 +44,9 @@ def _send(node: NodeProc, study_uid: str, n: int = 3) -> None:
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
     assert assoc.is_established
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for i in range(1, n + 1):
-                ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
-                ds.StudyInstanceUID = study_uid
-                ds.SeriesInstanceUID = f"{study_uid}.1"
-                ds.SOPInstanceUID = f"{study_uid}.1.{i}"
-                ds.InstanceNumber = i
-                ds.ImagePositionPatient = [0.0, 0.0, float(i)]
-                status = assoc.send_c_store(ds)
-                assert status.Status == 0x0000
+        for ds in small_mr_series(study_uid, n):
+            status = assoc.send_c_store(ds)
+            assert status.Status == 0x0000
     finally:
         assoc.release()
 
