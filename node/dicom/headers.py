@@ -619,10 +619,11 @@ class SeriesHeaderBuilder:
 
     Each instance is folded alone when it is added and its dataset dropped (only the first
     instance of each series is kept, for the series-level values), so a study's headers are
-    never all in memory; ``build`` gives the records ``series_headers_from`` gives for the same
-    datasets in the same order. One difference: an instance is folded under its own
-    manufacturer's vendor rules, not the first instance's (they differ only in a series that
-    mixes manufacturers).
+    never all in memory; ``build`` gives the records that grouping each series' datasets first
+    and folding them at once (``header_from_datasets``) gives. One difference: an instance is
+    folded under its own manufacturer's vendor rules, not the first instance's (they differ
+    only in a series that mixes manufacturers). Every reader of series headers goes through it
+    (``series_headers_from``, ``read_series_headers``, the pipeline's LOAD).
     """
 
     def __init__(self) -> None:
@@ -703,32 +704,11 @@ class SeriesHeaderBuilder:
 
 
 def series_headers_from(datasets: Iterable[Dataset]) -> tuple[SeriesHeader, ...]:
-    """One header per series from already read instance headers (the pipeline reads each file
-    once, node.dicom.volumes.read_study); datasets without SeriesInstanceUID or SOPClassUID are
-    skipped, as ``read_series_headers`` skips such files."""
-    by_uid: dict[str, list[Dataset]] = {}
+    """One header per series from instance headers, each folded as it comes (the pipeline,
+    `read_series_headers`, training and the benchmarks share SeriesHeaderBuilder, so they give
+    one series the same record); datasets without SeriesInstanceUID or SOPClassUID are
+    skipped."""
+    builder = SeriesHeaderBuilder()
     for ds in datasets:
-        if "SeriesInstanceUID" in ds and "SOPClassUID" in ds:
-            by_uid.setdefault(_text(ds.SeriesInstanceUID), []).append(ds)
-    headers: list[SeriesHeader] = []
-    for uid, found in by_uid.items():
-        # Raw data or vendor objects under the images' UID (often with their own SeriesNumber)
-        # must neither decide the series nor split it into a spurious extra series.
-        datasets, n_set_aside = set_aside_non_images(found)
-        if n_set_aside:
-            log.info("non_image_objects_set_aside", series_key=uid_key(uid), count=n_set_aside)
-        numbers = {_series_number(ds) for ds in datasets}
-        groups: dict[str, list[Dataset]] = {}
-        for ds in datasets:
-            groups.setdefault(group_key(uid, _series_number(ds), numbers), []).append(ds)
-        for group in groups.values():
-            try:
-                header = header_from_datasets(group)
-                headers.append(replace(header, n_set_aside=header.n_set_aside + n_set_aside))
-            except (AttributeError, TypeError, ValueError, KeyError) as exc:
-                # One malformed series must not hide the others: skip it, say which and why.
-                log.warning(
-                    "series_header_failed", series_key=uid_key(uid), error_type=type(exc).__name__
-                )
-    headers.sort(key=lambda h: (h.study_uid, h.series_number or 0, h.series_uid))
-    return tuple(headers)
+        builder.add(ds)
+    return builder.build()
