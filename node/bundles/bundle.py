@@ -42,6 +42,7 @@ from node.bundles.config import (
     parse_bundle_config,
     recipe_preprocessing,
 )
+from node.bundles.detector import Detector, is_detector_config, load_detector, predict_detector
 from node.bundles.roi import Box, RoiSpec, lesion_box
 from node.dicom.canonical import canonical_axial
 from node.ensemble import sigmoid
@@ -73,6 +74,16 @@ class Bundle:
     def model_id(self) -> str:
         """The bundle name, used in logs, the SR and the audit."""
         return self.metadata.name
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The class names (binary tasks: negative, positive)."""
+        return self.metadata.labels
+
+    @property
+    def weights_sha256(self) -> str:
+        """The verified weights' digest."""
+        return self.metadata.weights_sha256
 
     def copy(self) -> Bundle:
         """An independent copy (own parameters, own hooks) for another worker."""
@@ -152,10 +163,27 @@ def read_bundle_config(path: Path) -> BundleMetadata:
     return parse_bundle_config(metadata, inference, where)
 
 
+def is_detector_bundle(path: Path) -> bool:
+    """Whether a bundle folder holds a detector (node.bundles.detector), not a network."""
+    try:
+        inference = json.loads((Path(path) / "configs" / INFERENCE_FILE).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # load_bundle then says what is wrong with it
+    return is_detector_config(inference)
+
+
+def load_model(path: Path) -> Bundle | Detector:
+    """A task route's bundle: a network bundle or a detector, verified (ModelUnavailable if
+    it cannot be served)."""
+    return load_detector(path) if is_detector_bundle(path) else load_bundle(path)
+
+
 def load_bundle(path: Path) -> Bundle:
     """Load and verify a bundle directory, or refuse it with ModelUnavailable and why."""
     path = Path(path)
     where = f"model bundle {path}"
+    if is_detector_bundle(path):
+        raise ModelUnavailable(f"{where}: is a detector, not a network bundle")
     meta = read_bundle_config(path)
     weights = path / "models" / "model.pt"
     if not weights.is_file():
@@ -356,13 +384,16 @@ def forward_logits(bundle: Bundle, x: torch.Tensor) -> torch.Tensor:
 
 
 def predict_series(
-    bundle: Bundle,
+    bundle: Bundle | Detector,
     volume: SeriesVolume,
     *,
     sequence: SequenceLabel | SequenceDecision | None = None,
     max_slices: int | None = None,
 ) -> SeriesPrediction:
     """A task bundle's calibrated probability of its positive class on one series."""
+    if isinstance(bundle, Detector):
+        label = sequence.label if isinstance(sequence, SequenceDecision) else sequence
+        return predict_detector(bundle, volume, sequence=label)
     meta = bundle.metadata
     if meta.task == SEQUENCE_TASK:
         raise InferenceError(f"model {meta.name} is a sequence classifier; use classify_slices")

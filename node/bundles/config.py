@@ -252,6 +252,16 @@ def _tensor_spec(fmt: Mapping[str, Any], side: str, name: str, where: str) -> Ma
     return spec
 
 
+def task_name(raw: Mapping[str, Any], where: str) -> str:
+    """metadata task: an identifier the rule file can name."""
+    task: str = _need(raw, "task", str, where)
+    if not _TASK_NAME.match(task):
+        raise ModelUnavailable(
+            f"{where}: task '{task}' is not a task name (lower-case letters, digits, '_')"
+        )
+    return task
+
+
 def check_monai_metadata(raw: Mapping[str, Any], where: str) -> None:
     """The mandatory keys of MONAI's bundle metadata schema, with their types."""
     if not isinstance(raw, Mapping):
@@ -266,7 +276,7 @@ def check_monai_metadata(raw: Mapping[str, Any], where: str) -> None:
     _tensor_spec(fmt, "outputs", "pred", where)
 
 
-def _labels(raw: Mapping[str, Any], task: str, where: str) -> tuple[str, ...]:
+def labels_of(raw: Mapping[str, Any], task: str, where: str) -> tuple[str, ...]:
     labels = tuple(str(x) for x in _need(raw, "labels", list, where))
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ModelUnavailable(f"{where}: 'labels' needs at least two distinct class names")
@@ -426,7 +436,10 @@ def _preprocessing(parser: Any, where: str) -> Preprocessing:
     return Preprocessing(series=Compose(list(steps[:cut])), slices=Compose(list(steps[cut:])))
 
 
-def _postprocessing(inference: Mapping[str, Any], where: str) -> tuple[float, float, str]:
+def postprocessing_of(
+    inference: Mapping[str, Any], where: str, *, allowed: tuple[str, ...] = AGGREGATIONS
+) -> tuple[float, float, str]:
+    """inference.json postprocessing: temperature, calibration bias, series aggregation."""
     post = inference.get("postprocessing")
     if not isinstance(post, dict):
         raise ModelUnavailable(f"{where}: inference.json has no 'postprocessing' object")
@@ -444,11 +457,10 @@ def _postprocessing(inference: Mapping[str, Any], where: str) -> tuple[float, fl
         raise ModelUnavailable(
             f"{where}: inference.json postprocessing.calibration_bias must be a finite number"
         )
-    aggregation = post.get("series_aggregation", "mean_logit")
-    if aggregation not in AGGREGATIONS:
+    aggregation = post.get("series_aggregation", allowed[0])
+    if aggregation not in allowed:
         raise ModelUnavailable(
-            f"{where}: inference.json postprocessing.series_aggregation must be one of"
-            f" {AGGREGATIONS}"
+            f"{where}: inference.json postprocessing.series_aggregation must be one of {allowed}"
         )
     return float(temperature), float(bias), str(aggregation)
 
@@ -465,12 +477,8 @@ def parse_bundle_config(
         raise ModelUnavailable(f"{where}: inference.json is not a JSON object")
     raw = metadata
     name = _need(raw, "name", str, where)
-    task = _need(raw, "task", str, where)
-    if not _TASK_NAME.match(task):
-        raise ModelUnavailable(
-            f"{where}: task '{task}' is not a task name (lower-case letters, digits, '_')"
-        )
-    labels = _labels(raw, task, where)
+    task = task_name(raw, where)
+    labels = labels_of(raw, task, where)
     image = raw["network_data_format"]["inputs"]["image"]
     size = image["spatial_shape"]
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
@@ -508,7 +516,7 @@ def parse_bundle_config(
         raise ModelUnavailable(f"{where}: weights_sha256 is not a lowercase SHA-256 hex digest")
     if raw.get("not_for_clinical_use") is not True:
         raise ModelUnavailable(f"{where}: metadata must declare not_for_clinical_use: true")
-    temperature, bias, aggregation = _postprocessing(inference, where)
+    temperature, bias, aggregation = postprocessing_of(inference, where)
     parser = _parser(metadata, inference)
     network_config = _network_config(parser, where)
     preprocessing = _preprocessing(parser, where)

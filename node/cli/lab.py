@@ -1,4 +1,5 @@
-"""The lab's commands: `synth`, `train`, `evaluate`, `fit-ensemble`, `demo`, `bench`.
+"""The lab's commands: `synth`, `train`, `evaluate`, `fit-ensemble`, `fit-detector`, `demo`,
+`bench`.
 
 The lab (node.lab: synthesis, training, evaluation, the demo, benchmarks) is not part of the
 running node. Each handler here imports its lab module when it runs, the one place the runtime
@@ -207,6 +208,54 @@ def _fit_ensemble_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FitDetectorArgs:
+    name: str
+    task: str
+    sequence: str
+    data: list[Path]
+    labels: Path | None
+    label_map: str | None
+    out: Path
+    z: float
+    test: list[Path] | None
+    test_same_style: list[Path] | None
+    jobs: int
+
+
+def _fit_detector_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the bundle's name, e.g. tumour_flair_detector")
+    p.add_argument("--task", default="tumour", help="default: %(default)s")
+    p.add_argument("--sequence", default="FLAIR", help="FLAIR or T1C (default: %(default)s)")
+    p.add_argument(
+        "--data", type=Path, action="append", required=True, help="calibration data (repeatable)"
+    )
+    p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
+    p.add_argument(
+        "--label-map",
+        default=None,
+        metavar="SITE=TASK,...",
+        help="map the CSV's label values to the task's, e.g. TUMOUR=present,NONE=absent",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
+    p.add_argument("--z", type=float, default=2.5, help="robust deviations (default %(default)s)")
+    p.add_argument(
+        "--test",
+        type=Path,
+        action="append",
+        default=None,
+        help="held-out data of a style never used for the fit (repeatable): metrics in the card",
+    )
+    p.add_argument(
+        "--test-same-style",
+        type=Path,
+        action="append",
+        default=None,
+        help="held-out data of the calibration style (repeatable): metrics in the card",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="processes measuring series")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DemoArgs:
     out: Path
     seed: int | None
@@ -279,6 +328,13 @@ COMMANDS = (
         arguments=_fit_ensemble_arguments,
         args=FitEnsembleArgs,
         run=_lab("node.lab.train.command", "cmd_fit_ensemble"),
+    ),
+    Command(
+        name="fit-detector",
+        help="calibrate a lesion detector bundle (no network) on labelled studies",
+        arguments=_fit_detector_arguments,
+        args=FitDetectorArgs,
+        run=_lab("node.lab.train.detector", "cmd_fit_detector"),
     ),
     Command(
         name="demo",

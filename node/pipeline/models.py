@@ -17,6 +17,7 @@ from node.errors import ModelUnavailable
 
 if TYPE_CHECKING:
     from node.bundles.bundle import Bundle
+    from node.bundles.detector import Detector
 
 
 _worker = threading.local()
@@ -33,13 +34,25 @@ def _bundle_key(path: Path) -> tuple[str, str]:
 
 
 def worker_bundle(path: Path) -> Bundle:
-    """This thread's own verified copy of a bundle, loaded on first use (ModelUnavailable if not).
+    """This thread's own verified copy of a network bundle (the sequence CNN), loaded on first
+    use (ModelUnavailable if not).
 
     Never shared between threads: Grad-CAM registers hooks on the network.
     """
-    from node.bundles.bundle import load_bundle
+    from node.bundles.bundle import Bundle
 
-    cache: dict[str, tuple[str, Bundle]] | None = getattr(_worker, "bundles", None)
+    model = worker_model(path)
+    if not isinstance(model, Bundle):
+        raise ModelUnavailable(f"model bundle {path}: is a detector, not a network bundle")
+    return model
+
+
+def worker_model(path: Path) -> Bundle | Detector:
+    """This thread's own verified copy of a task route's bundle (a network or a detector),
+    loaded on first use (ModelUnavailable if not)."""
+    from node.bundles.bundle import load_model
+
+    cache: dict[str, tuple[str, Bundle | Detector]] | None = getattr(_worker, "bundles", None)
     if cache is None:
         cache = {}
         _worker.bundles = cache
@@ -47,9 +60,9 @@ def worker_bundle(path: Path) -> Bundle:
     hit = cache.get(resolved)
     if hit is not None and hit[0] == sha and sha:
         return hit[1]
-    bundle = load_bundle(path)
-    cache[resolved] = (bundle.metadata.weights_sha256, bundle)
-    return bundle
+    model = load_model(path)
+    cache[resolved] = (model.weights_sha256, model)
+    return model
 
 
 def clear_worker_bundles() -> None:
@@ -73,9 +86,9 @@ def check_bundles(rules: Rules, load: Callable[[Path], object] | None = None) ->
     ``load`` defaults to a plain load; `neuronode process` passes ``worker_bundle`` so the
     check also warms the cache of the thread that then runs the study.
     """
-    from node.bundles.bundle import load_bundle
+    from node.bundles.bundle import load_model
 
-    loader = load if load is not None else load_bundle
+    loader = load if load is not None else load_model
     problems: list[str] = []
     seen: set[Path] = set()
     for task, path in required_bundles(rules):
@@ -103,7 +116,7 @@ def loadable_tasks(
 ) -> tuple[dict[str, TaskSettings], tuple[LeftOutRoute, ...]]:
     """The built-in tasks cut down to the routes whose bundle loads (demo, bench); a task with
     no loadable route is left out, and a task whose lesion gate is left out runs ungated."""
-    from node.bundles.bundle import load_bundle
+    from node.bundles.bundle import load_model
 
     tasks: dict[str, TaskSettings] = {}
     left_out: list[LeftOutRoute] = []
@@ -111,7 +124,7 @@ def loadable_tasks(
         routes = []
         for route in task.models:
             try:
-                load_bundle(models_dir / route.bundle)
+                load_model(models_dir / route.bundle)
             except ModelUnavailable as exc:
                 left_out.append(LeftOutRoute(task=name, bundle=route.bundle, reason=str(exc)))
                 continue

@@ -36,7 +36,7 @@ from node.pipeline.context import (
     StageFn,
     StudyContext,
 )
-from node.pipeline.models import worker_bundle
+from node.pipeline.models import worker_bundle, worker_model
 from node.records import (
     FindingStatus,
     InstanceHeader,
@@ -207,7 +207,7 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
         if volume is None:
             continue  # the series has headers but no decodable pixels: listed in the audit
         try:
-            bundle = worker_bundle(ctx.rules.models_dir / route.bundle)
+            bundle = worker_model(ctx.rules.models_dir / route.bundle)
         except ModelUnavailable as exc:
             raise ModelUnavailable(
                 f"task {route.task} needs bundle '{route.bundle}', which cannot be served: {exc}"

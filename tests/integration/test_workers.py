@@ -248,13 +248,13 @@ def test_a_bundle_that_fails_to_load_in_the_workers_stops_serve(
     node_factory: Callable[..., NodeProc], tmp_path: Path
 ) -> None:
     models = tmp_path / "models"
-    shutil.copytree(REPO / "models" / "tumour_flair", models / "tumour_flair")
-    (models / "tumour_flair" / "models" / "model.pt").write_bytes(b"not a checkpoint")
+    shutil.copytree(REPO / "models" / "glioma_grade_flair", models / "broken_flair")
+    (models / "broken_flair" / "models" / "model.pt").write_bytes(b"not a checkpoint")
     task = {
         "enabled": True,
         "positive_label": "brain tumour",
         "negative_label": "no brain tumour",
-        "models": [{"bundle": "tumour_flair", "sequences": ["FLAIR"], "weight": 1.0}],
+        "models": [{"bundle": "broken_flair", "sequences": ["FLAIR"], "weight": 1.0}],
     }
     node = node_factory(tasks={"tumour": task})
     node.write_rules()

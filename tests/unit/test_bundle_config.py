@@ -31,7 +31,6 @@ SHIPPED = (
     "sequence",
     "tubers_flair",
     "tubers_t2",
-    "tumour_flair",
 )
 
 # Recorded for the shipped weights (re-record when a bundle is retrained; the first values
@@ -52,8 +51,6 @@ BEFORE: dict[str, tuple[float, float]] = {
     "tubers_flair/lesion": (-5.04629, 1.88563e-07),
     "tubers_t2/disc": (-4.24098, 1.98453e-06),
     "tubers_t2/lesion": (-2.64308, 0.00128171),
-    "tumour_flair/disc": (-2.77407, 0.00246706),
-    "tumour_flair/lesion": (1.15531, 0.998117),
 }
 BEFORE_SEQUENCE = {
     "disc": (

@@ -122,3 +122,23 @@ def test_ece_floor_of_a_calibrated_model_shrinks_with_n() -> None:
     # a calibrated model lands in the range, an over-confident-positive one does not
     assert metrics.expected_calibration_error(y, p) < hi + 0.02
     assert metrics.expected_calibration_error(y, np.clip(p * 0.5 + 0.5, 0, 1)) > hi
+
+
+def test_fit_platt_converges_from_far_away_logits() -> None:
+    """Logits all near -3 (a detector's log10 volume fraction): a plain Newton step from the
+    identity overshoots and diverged to slopes of +-30,000; the damped fit matches a general
+    optimiser's answer."""
+    from scipy.optimize import minimize
+
+    z = np.array([-4 + 1.0 * (i % 2) + 0.3 * (i % 7) for i in range(40)])
+    y = np.array([i % 2 for i in range(40)], dtype=float)
+    x = np.stack([z, np.ones_like(z)], axis=1)
+
+    def loss(w: np.ndarray) -> float:
+        s = x @ w
+        return float(np.sum(np.logaddexp(0.0, s) - y * s) + 0.5e-3 * float(w @ w))
+
+    ref = minimize(loss, np.zeros(2), method="BFGS").x
+    a, b = metrics.fit_platt(z, y)
+    assert a == pytest.approx(ref[0], rel=1e-3) and b == pytest.approx(ref[1], rel=1e-3)
+    assert metrics.fit_platt(z, 1 - y)[0] < 0

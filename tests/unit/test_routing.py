@@ -55,7 +55,8 @@ def test_tubers_is_off_by_default_and_not_routed() -> None:
 def test_full_study_default_routes() -> None:
     routes = route_study(full_study(), all_tasks())
     assert [(r.task, r.bundle, r.series_uid, r.sequence, r.weight) for r in routes] == [
-        ("tumour", "tumour_flair", "4", L.FLAIR, 1.0),
+        ("tumour", "tumour_flair_detector", "4", L.FLAIR, 0.698),
+        ("tumour", "tumour_t1c_detector", "2", L.T1C, 1.0),
         ("gbm_pcnsl", "gbm_pcnsl_t1c", "2", L.T1C, 0.81),
         ("gbm_pcnsl", "gbm_pcnsl_adc", "6", L.ADC, 1.0),
         ("glioma_grade", "glioma_grade_t1c", "2", L.T1C, 0.67),
@@ -118,7 +119,7 @@ tasks:
 def test_routing_does_not_depend_on_confidence() -> None:
     """Confidence is applied by the classifier (below min_confidence it says OTHER)."""
     routes = route_study([decision("2", L.T1C, confidence=0.1)], all_tasks())
-    assert len(routes) == 2
+    assert len(routes) == 3  # the lesion gate, gbm_pcnsl and glioma_grade
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from node.bundles.bundle import load_bundle, read_bundle_config, write_bundle, write_calibration
+from node.bundles.bundle import (
+    load_bundle,
+    load_model,
+    read_bundle_config,
+    write_bundle,
+    write_calibration,
+)
 from node.lab.train.data import (
     DataError,
     SeriesItem,
@@ -395,7 +401,7 @@ def _task_rules(args: EvaluateArgs | FitEnsembleArgs) -> tuple[Any, Any, dict[st
         )
     task_rules = rules.tasks[task]
     models_dir = args.models_dir or rules.models_dir
-    bundles = {r.bundle: load_bundle(models_dir / r.bundle) for r in task_rules.models}
+    bundles = {r.bundle: load_model(models_dir / r.bundle) for r in task_rules.models}
     return task, task_rules, bundles
 
 

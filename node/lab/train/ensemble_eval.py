@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from node import NOT_FOR_CLINICAL_USE
 from node.bundles.bundle import Bundle, predict_series
+from node.bundles.detector import Detector
 from node.config import TaskSettings
 from node.ensemble import fuse_task, logit
 from node.lab.train.data import DataError, SeriesItem, load_volume
@@ -66,9 +67,11 @@ class EnsembleFit:
     nll_fitted: float  # mean log-loss with the fitted weights and temperature
 
 
-def task_labels(task_rules: TaskSettings, bundles: Mapping[str, Bundle]) -> tuple[str, str]:
+def task_labels(
+    task_rules: TaskSettings, bundles: Mapping[str, Bundle | Detector]
+) -> tuple[str, str]:
     """(negative, positive) label names shared by every bundle of the task."""
-    names = {tuple(bundles[r.bundle].metadata.labels) for r in task_rules.models}
+    names = {tuple(bundles[r.bundle].labels) for r in task_rules.models}
     if len(names) != 1:
         raise DataError(f"the task's bundles disagree on their labels: {sorted(names)}")
     labels = names.pop()
@@ -80,7 +83,7 @@ def task_labels(task_rules: TaskSettings, bundles: Mapping[str, Bundle]) -> tupl
 def collect_outputs(
     task: str,
     task_rules: TaskSettings,
-    bundles: Mapping[str, Bundle],
+    bundles: Mapping[str, Bundle | Detector],
     items: Sequence[SeriesItem],
     *,
     load: VolumeLoader = load_volume,

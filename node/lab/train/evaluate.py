@@ -20,7 +20,13 @@ import numpy as np
 import numpy.typing as npt
 
 from node import NOT_FOR_CLINICAL_USE
-from node.bundles.bundle import Bundle, classify_slices, predict_series, read_bundle_config
+from node.bundles.bundle import (
+    Bundle,
+    classify_slices,
+    is_detector_bundle,
+    predict_series,
+    read_bundle_config,
+)
 from node.bundles.config import BundleMetadata
 from node.classify.sequence import vote_slices
 from node.ensemble import logit
@@ -440,5 +446,11 @@ def record_evaluation(
     keep["figures"] = copied
     meta.setdefault("metrics", {})["test"] = keep
     meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    card = model_card(read_bundle_config(bundle_dir))
+    if is_detector_bundle(bundle_dir):
+        from node.bundles.detector import load_detector
+        from node.lab.train.detector import detector_card
+
+        card = detector_card(load_detector(bundle_dir))
+    else:
+        card = model_card(read_bundle_config(bundle_dir))
     (bundle_dir / "docs" / "README.md").write_text(card, encoding="utf-8")

@@ -301,7 +301,9 @@ def multiclass_report(
 def fit_platt(
     logits: npt.ArrayLike, labels: npt.ArrayLike, *, l2: float = 1e-3
 ) -> tuple[float, float]:
-    """Platt scaling of a binary logit: (a, b) with p = sigmoid(a z + b), by Newton's method.
+    """Platt scaling of a binary logit: (a, b) with p = sigmoid(a z + b), by Newton's method
+    with step halving (a full Newton step from a start far from the optimum, e.g. logits all
+    near -3, overshoots and diverges).
 
     A temperature alone can only stretch the logit; the bias also corrects the asymmetry of a
     mean over slices (a diluted positive vs a uniformly negative control)."""
@@ -309,14 +311,29 @@ def fit_platt(
     y = np.asarray(labels, dtype=np.float64).ravel()
     if z.size == 0 or y.min() == y.max():
         return 1.0, 0.0
-    w = np.array([1.0, 0.0])
     x = np.stack([z, np.ones_like(z)], axis=1)
+
+    def loss(w: Array) -> float:
+        s = x @ w
+        return float(np.sum(np.logaddexp(0.0, s) - y * s) + 0.5 * l2 * float(w @ w))
+
+    w = np.array([1.0, 0.0])
+    current = loss(w)
     for _ in range(100):
         p = sigmoid(x @ w)
         grad = x.T @ (p - y) + l2 * w
         hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
         step = np.linalg.solve(hess, grad)
-        w = w - step
-        if np.abs(step).max() < 1e-10:
+        t = 1.0
+        while t > 1e-6:
+            trial = w - t * step
+            value = loss(trial)
+            if value <= current:
+                break
+            t *= 0.5
+        else:
+            break  # no step lowers the loss: at the optimum to numerical precision
+        w, current = trial, value
+        if np.abs(t * step).max() < 1e-10:
             break
     return float(w[0]), float(w[1])
