@@ -490,10 +490,12 @@ def _default_tasks() -> dict[str, TaskSettings]:
             positive_label="high grade glioma",
             negative_label="low grade glioma",
             models=(
-                route("glioma_grade_t1c", SequenceLabel.T1C, 0.67),
+                route("glioma_grade_t1c", SequenceLabel.T1C, 0.203),
                 route("glioma_grade_flair", SequenceLabel.FLAIR, 1.0),
+                # enhancement measured, no network (node.bundles.lesion)
+                route("glioma_grade_t1c_enhancement", SequenceLabel.T1C, 0.387),
             ),
-            temperature=0.755,
+            temperature=0.446,
         ),
         # Off by default: cortical tubers are a question of a paediatric epilepsy work-up, not
         # of a brain-tumour flow; a site that wants it turns it on.
@@ -502,10 +504,12 @@ def _default_tasks() -> dict[str, TaskSettings]:
             positive_label="cortical tubers",
             negative_label="no cortical tubers",
             models=(
-                route("tubers_flair", SequenceLabel.FLAIR, 1.0),
-                route("tubers_t2", SequenceLabel.T2, 0.017),
+                route("tubers_flair", SequenceLabel.FLAIR, 0.108),
+                route("tubers_t2", SequenceLabel.T2, 0.12),
+                # many small bright foci measured, no network (node.bundles.lesion)
+                route("tubers_flair_foci", SequenceLabel.FLAIR, 1.0),
             ),
-            temperature=0.718,
+            temperature=0.868,
         ),
     }
 

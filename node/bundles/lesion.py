@@ -15,9 +15,10 @@ whatever the scanner's absolute values, contrast settings or plane:
 3. Each slice's candidates are opened (erosion then dilation) by ``opening`` of the smaller
    image side: speckle, noise and thin bias-field rims vanish, a lesion keeps its core.
 4. The largest 3-D connected component (26-neighbourhood) gives the lesion volume as a fraction
-   of the eroded head. The series "logit" is log10(fraction + floor); the bundle's Platt
-   calibration (temperature, bias), fitted by ``neuronode fit-detector`` on labelled studies,
-   turns it into a probability.
+   of the eroded head (``measure: beyond_largest``: every component but the largest, for
+   many small foci such as cortical tubers). The series "logit" is log10(fraction + floor);
+   the bundle's Platt calibration (temperature, bias), fitted by ``neuronode fit-detector`` on
+   labelled studies, turns it into a probability.
 
 The component itself is the explanation: the key slices are the ones through it, and the map
 shown is its robust z-score, on the source pixel grid (no resampling).
@@ -40,6 +41,9 @@ import numpy.typing as npt
 from node.records import FloatArray
 
 DETECTOR_METHOD = "bright_lesion_volume"
+# What is measured: the largest component (a space-occupying lesion) or every component but the
+# largest (many small foci, as cortical tubers are; one tumour with its oedema scores low).
+MEASURES = ("largest", "beyond_largest")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,16 +54,20 @@ class DetectorSpec:
     erode: float = 0.06  # of the smaller image side: the scalp and skull rim
     opening: float = 1.0 / 64.0  # of the smaller image side: speckle and rims
     floor: float = 1e-4  # added to the fraction before log10 (no lesion: -4)
+    measure: str = "largest"  # one of MEASURES
 
     def to_json(self) -> dict[str, Any]:
-        """The metadata entry."""
-        return {
+        """The metadata entry (``measure`` only when it is not the default)."""
+        out: dict[str, Any] = {
             "method": DETECTOR_METHOD,
             "z": self.z,
             "erode": self.erode,
             "opening": self.opening,
             "floor": self.floor,
         }
+        if self.measure != "largest":
+            out["measure"] = self.measure
+        return out
 
     @classmethod
     def from_json(cls, raw: Any) -> DetectorSpec:
@@ -79,7 +87,10 @@ class DetectorSpec:
             if not (math.isfinite(value) and low <= value <= high):
                 raise ValueError(f"detector.{key} must be within {low}..{high}")
             values[key] = float(value)
-        return cls(**values)
+        measure = raw.get("measure", "largest")
+        if measure not in MEASURES:
+            raise ValueError(f"detector.measure must be one of {MEASURES}")
+        return cls(**values, measure=str(measure))
 
     def digest(self, temperature: float, bias: float) -> str:
         """SHA-256 of everything that decides the detector's answer (its 'weights')."""
@@ -147,11 +158,16 @@ def measure_lesion(
         return none
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     best = int(np.argmax(sizes))
-    fraction = float(sizes[best]) / n_head
+    if spec.measure == "largest":
+        fraction = float(sizes[best]) / n_head
+    else:
+        fraction = float(sizes.sum() - sizes[best]) / n_head
     logit = math.log10(fraction + spec.floor)
-    if not keep_map:
+    if not keep_map or fraction <= 0.0:
         return LesionMeasure(fraction=fraction, logit=logit, component=None, zmap=None)
-    component = labels == best + 1
+    component = labels == best + 1 if spec.measure == "largest" else labels > 0
+    if spec.measure != "largest":
+        component &= labels != best + 1
     zmap = np.where(component, (vol - med) / mad, 0.0).astype(np.float32)
     return LesionMeasure(fraction=fraction, logit=logit, component=component, zmap=zmap)
 

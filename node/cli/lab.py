@@ -217,6 +217,8 @@ class FitDetectorArgs:
     label_map: str | None
     out: Path
     z: float
+    measure: str
+    opening: float
     test: list[Path] | None
     test_same_style: list[Path] | None
     jobs: int
@@ -238,6 +240,15 @@ def _fit_detector_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
     p.add_argument("--z", type=float, default=2.5, help="robust deviations (default %(default)s)")
+    p.add_argument(
+        "--measure",
+        choices=("largest", "beyond_largest"),
+        default="largest",
+        help="the largest component (a lesion) or every other one (many foci, e.g. tubers)",
+    )
+    p.add_argument(
+        "--opening", type=float, default=1 / 64, help="of the smaller image side (default 1/64)"
+    )
     p.add_argument(
         "--test",
         type=Path,

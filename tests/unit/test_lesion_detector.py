@@ -205,3 +205,20 @@ def test_shipped_detectors_load_and_say_not_for_clinical_use(name: str) -> None:
     card = (det.path / "docs" / "README.md").read_text()
     assert "NOT FOR CLINICAL USE" in card
     assert "a style never used" in card  # the held-out figure is on the card
+
+
+def test_beyond_largest_counts_the_foci_not_the_lesion() -> None:
+    rng = np.random.default_rng(4)
+    head = _head(rng)
+    one_lesion = _with_lesion(head)
+    foci = head.copy()
+    for r, c in ((35, 35), (60, 62), (40, 62), (58, 36)):
+        foci[4:8, r - 3 : r + 3, c - 3 : c + 3] = 700.0
+    spec = DetectorSpec(measure="beyond_largest", opening=1 / 96)
+    assert _measure(one_lesion, spec).fraction < 1e-3
+    many = _measure(foci, spec, keep_map=True)
+    assert many.fraction > 1e-3 and many.component is not None
+    # three of the four foci (the opening rounds their corners); the largest is left out
+    assert 3 * 4 * 28 <= many.component.sum() <= 3 * 4 * 36
+    assert DetectorSpec.from_json(spec.to_json()) == spec
+    assert "measure" not in DetectorSpec().to_json()  # shipped digests stay valid

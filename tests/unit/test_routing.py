@@ -59,10 +59,12 @@ def test_full_study_default_routes() -> None:
         ("tumour", "tumour_t1c_detector", "2", L.T1C, 1.0),
         ("gbm_pcnsl", "gbm_pcnsl_t1c", "2", L.T1C, 0.81),
         ("gbm_pcnsl", "gbm_pcnsl_adc", "6", L.ADC, 1.0),
-        ("glioma_grade", "glioma_grade_t1c", "2", L.T1C, 0.67),
+        ("glioma_grade", "glioma_grade_t1c", "2", L.T1C, 0.203),
         ("glioma_grade", "glioma_grade_flair", "4", L.FLAIR, 1.0),
-        ("tubers", "tubers_flair", "4", L.FLAIR, 1.0),
-        ("tubers", "tubers_t2", "3", L.T2, 0.017),
+        ("glioma_grade", "glioma_grade_t1c_enhancement", "2", L.T1C, 0.387),
+        ("tubers", "tubers_flair", "4", L.FLAIR, 0.108),
+        ("tubers", "tubers_t2", "3", L.T2, 0.12),
+        ("tubers", "tubers_flair_foci", "4", L.FLAIR, 1.0),
     ]
     assert all(isinstance(r, Route) for r in routes)
 
@@ -79,7 +81,12 @@ def test_task_without_matching_series_gets_no_routes() -> None:
 def test_two_series_with_one_label_are_both_routed() -> None:
     routes = route_study([decision("a", L.FLAIR), decision("b", L.FLAIR)], all_tasks())
     tubers = [(r.bundle, r.series_uid) for r in routes if r.task == "tubers"]
-    assert tubers == [("tubers_flair", "a"), ("tubers_flair", "b")]
+    assert tubers == [
+        ("tubers_flair", "a"),
+        ("tubers_flair", "b"),
+        ("tubers_flair_foci", "a"),
+        ("tubers_flair_foci", "b"),
+    ]
 
 
 def test_series_listed_twice_is_routed_once() -> None:
@@ -119,7 +126,7 @@ tasks:
 def test_routing_does_not_depend_on_confidence() -> None:
     """Confidence is applied by the classifier (below min_confidence it says OTHER)."""
     routes = route_study([decision("2", L.T1C, confidence=0.1)], all_tasks())
-    assert len(routes) == 3  # the lesion gate, gbm_pcnsl and glioma_grade
+    assert len(routes) == 4  # the lesion gate, gbm_pcnsl and glioma_grade (two bundles)
 
 
 @pytest.mark.parametrize(
@@ -165,8 +172,10 @@ def test_explain_names_series_labels_routes_and_tasks() -> None:
         " gbm_pcnsl_adc skipped (no ADC series; weights renormalised)"
     ) in lines
     assert (
-        "task tubers: weighted_mean_logit: tubers_flair on 2 series, averaged (weight 1);" in text
+        "task tubers: weighted_mean_logit: tubers_flair on 2 series, averaged (weight 0.108);"
+        in text
     )
+    assert "tubers_flair_foci on 2 series, averaged (weight 1)" in text
 
 
 def test_explain_not_assessable_and_disabled() -> None:

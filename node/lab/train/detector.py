@@ -400,7 +400,7 @@ def cmd_fit_detector(args: FitDetectorArgs) -> int:
         print(f"[{args.name}] {text}", file=sys.stderr, flush=True)
 
     sequence = args.sequence.strip().upper()
-    spec = DetectorSpec(z=args.z)
+    spec = DetectorSpec(z=args.z, measure=args.measure, opening=args.opening)
     items = _task_items(args.data, args.task, args.labels, args.label_map)
     detector = fit_detector(
         items,
