@@ -87,7 +87,7 @@ def test_a_second_name_is_a_durable_copy_where_links_fail(
     def no_links(src: object, dst: object) -> None:
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(files.os, "link", no_links)
+    monkeypatch.setattr(os, "link", no_links)
     link_files_durable([(tmp_path / "a.dcm", tmp_path / "q" / "a.dcm")])
     copy = tmp_path / "q" / "a.dcm"
     assert copy.read_bytes() == b"A" * 10
