@@ -188,8 +188,10 @@ class Preprocessing:
         with _BOUNDS_LOCK:
             bounds: Any = _BOUNDS.get(key)
         if bounds is None:
-            # Both bounds from one call: one selection over the series instead of two (the
-            # same values: each is the same order statistic, interpolated the same way).
+            # Both bounds from one call: one selection over the series instead of two. The
+            # order statistics are the same; the interpolation between them is done in double
+            # precision (then rounded to float32), which can differ from two single calls in
+            # the last bit of a bound, far below what the models can tell apart.
             bounds = percentile(convert_to_tensor(data, track_meta=False), [step.lower, step.upper])
             with _BOUNDS_LOCK:
                 _BOUNDS[key] = bounds

@@ -180,12 +180,16 @@ def _die_with_parent() -> None:
 
 
 def _load_models(rules: Rules) -> tuple[str, ...]:
-    """Load and verify every bundle an enabled task needs into this process's cache."""
+    """Load and verify every bundle an enabled task needs into this process's cache, then
+    warm up what the first study would otherwise pay for."""
     from node.bundles.bundle import set_torch_threads
-    from node.pipeline.models import check_bundles, worker_bundle
+    from node.pipeline.models import check_bundles, warm_up, worker_bundle
 
     set_torch_threads()
-    return check_bundles(rules, load=worker_bundle)
+    problems = check_bundles(rules, load=worker_bundle)
+    if not problems:
+        warm_up(rules)
+    return problems
 
 
 def _run(conn: Connection, msg: RunJob, fault: InjectedFault | None, delay_s: float) -> JobResult:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -328,3 +329,87 @@ def sr_class_of(sop_class_uid: str) -> SrClass | None:
         if uid == sop_class_uid:
             return name
     return None
+
+
+def warm_up() -> Dataset:
+    """Build one tiny heatmap-like image and SR in memory (returned for a test; thrown away).
+
+    highdicom reads its tables of the standard (JSON) and pydicom its code dictionaries on
+    first use: about 1 s that a worker pays here, before it says it is ready, instead of in
+    its first study's report.
+    """
+    ref = Dataset()
+    ref.SOPClassUID = pydicom.uid.MRImageStorage
+    study = result_uid("warm-up", "study", uid_root=None)
+    ref.StudyInstanceUID = study
+    ref.SeriesInstanceUID = result_uid("warm-up", "series", uid_root=None)
+    ref.SOPInstanceUID = result_uid("warm-up", "image", uid_root=None)
+    ref.FrameOfReferenceUID = result_uid("warm-up", "frame", uid_root=None)
+    ref.Modality = "MR"
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+        setattr(ref, keyword, "")
+    for keyword in ("StudyID", "StudyDate", "StudyTime", "AccessionNumber"):
+        setattr(ref, keyword, "")
+    ref.ReferringPhysicianName = ""
+    ref.Rows = ref.Columns = 8
+    ref.PixelSpacing = [1.0, 1.0]
+    ref.SliceThickness = 1.0
+    ref.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ref.ImagePositionPatient = [0.0, 0.0, 0.0]
+    sc = quietly(
+        hd.sc.SCImage.from_ref_dataset,
+        ref_dataset=ref,
+        pixel_array=np.zeros((8, 8, 3), dtype=np.uint8),
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=result_uid("warm-up", "sc-series", uid_root=None),
+        series_number=1,
+        sop_instance_uid=result_uid("warm-up", "sc", uid_root=None),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        pixel_spacing=(1.0, 1.0),
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+    )
+    algorithm = hd.sr.AlgorithmIdentification(name="warm-up", version=__version__)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid("warm-up", "tracking", uid_root=None), identifier="warm up"
+        ),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=CERTAINTY_OF_FINDING,
+                value=1.0,
+                unit=PERCENT,
+                algorithm_id=algorithm,
+                referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(sc)],
+            )
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ref)],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=result_uid("warm-up", "device", uid_root=None), name="neuronode"
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE_MR_BRAIN,
+        imaging_measurements=[group],
+        referenced_images=[ref, sc],
+    )
+    sr: Dataset = quietly(
+        hd.sr.Comprehensive3DSR,
+        evidence=[ref, sc],
+        content=report,
+        series_instance_uid=result_uid("warm-up", "sr-series", uid_root=None),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=result_uid("warm-up", "sr", uid_root=None),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+    )
+    return sr

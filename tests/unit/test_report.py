@@ -400,3 +400,17 @@ def test_unrendered_heatmaps_are_the_same_objects_but_for_pixels(case: str) -> N
     from_drawn = build_sr(result, drawn, uid_root=None)
     assert from_planned.SOPInstanceUID == from_drawn.SOPInstanceUID
     assert _stable(from_planned) == _stable(from_drawn)
+
+
+def test_the_warm_up_builds_a_heatmap_and_an_sr_through_the_same_constructors() -> None:
+    from node.report.sr import warm_up
+
+    sr = warm_up()
+    assert sr.SOPClassUID == SR_SOP_CLASS_UIDS["comprehensive3d"]
+    refs = {
+        str(ref.ReferencedSOPClassUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert refs == {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7"}  # MR, SC
