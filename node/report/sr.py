@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -262,7 +263,7 @@ def build_sr(
         "enhanced": hd.sr.EnhancedSR,
     }[sop_class]
     try:
-        sr = quietly(
+        sr = _document(
             cls,
             evidence=evidence,
             content=report,
@@ -289,6 +290,29 @@ def build_sr(
     sr.SoftwareVersions = __version__
     built: Dataset = sr
     return built
+
+
+def _document(
+    cls: type[hd.sr.sop._SR], *, content: hd.sr.MeasurementReport, **kwargs: Any
+) -> Dataset:
+    """highdicom's SR document around a content tree highdicom just built, without copying
+    and re-reading that tree: the constructor deep-copies its content, parses it back into
+    content items and walks it to check that every image it references is in the evidence,
+    which was most of the report's time. Here the constructor gets the root container with
+    no children (the evidence, the header, the flags: all highdicom's), and the tree goes in
+    after. The
+    document is the same: the evidence sequence is built from the evidence list either way,
+    and everything the tree references is in that list (build_sr puts it there).
+    """
+    root: Dataset = content[0]
+    children = root.ContentSequence
+    root.ContentSequence = DicomSequence()
+    try:
+        sr: Dataset = quietly(cls, content=content, **kwargs)
+    finally:
+        root.ContentSequence = children
+    sr.ContentSequence = children
+    return sr
 
 
 def reencode_sr(sr: Dataset, sop_class: SrClass, *, uid_root: str | None) -> Dataset:

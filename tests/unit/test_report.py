@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -414,3 +415,47 @@ def test_the_warm_up_builds_a_heatmap_and_an_sr_through_the_same_constructors() 
         for ref in series.ReferencedSOPSequence
     }
     assert refs == {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7"}  # MR, SC
+
+
+def _encoded_without_clock(ds: Dataset) -> bytes:
+    """The Part 10 bytes with every date and time value emptied (they read the clock)."""
+
+    def blank(items: Dataset) -> None:
+        for e in items:
+            if e.VR in ("DA", "TM", "DT"):
+                e.value = ""
+            elif e.VR == "SQ":
+                for item in e.value:
+                    blank(item)
+
+    blank(ds)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case", ["classic", "enhanced"])
+def test_the_sr_is_byte_for_byte_what_the_plain_highdicom_constructor_makes(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_sr hands highdicom's SR constructor the root container without its children (no
+    copy and re-read of the tree): the document must be the one the constructor makes from
+    the whole tree."""
+    import node.report.sr as sr_module
+    from node.report.sources import quietly
+
+    if case == "classic":
+        result, outputs = make_result(mr_small()), OUT
+    else:
+        result = make_result(xa30_t1(), frames=(40, 48, 56))
+        outputs = OutputSettings(heatmaps_per_series=3)
+    scs = build_heatmap_images(result, outputs, uid_root=None)
+    fast = build_sr(result, scs, uid_root=None)
+    monkeypatch.setattr(
+        sr_module,
+        "_document",
+        lambda cls, *, content, **kw: quietly(cls, content=content, **kw),
+    )
+    plain = build_sr(result, scs, uid_root=None)
+    assert len(fast.ContentSequence) == len(plain.ContentSequence) > 3
+    assert _encoded_without_clock(fast) == _encoded_without_clock(plain)
