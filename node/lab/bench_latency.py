@@ -249,8 +249,10 @@ def bench_quiet_to_pacs(
             )
             log = run / "node.log"
             proc = _serve(rules, log, node_path)
-            # Models loaded: a worker says so (an older node loaded them before it started).
-            _wait_log(log, ("worker_ready",) if node_path is None else ("node_started",), 300)
+            # Models loaded: a worker says so (a node older than its worker processes loaded
+            # them before it started).
+            has_workers = node_path is None or (node_path / "node/pipeline/worker.py").exists()
+            _wait_log(log, ("worker_ready",) if has_workers else ("node_started",), 300)
             sent = subprocess.run(
                 [*_storescu(), "127.0.0.1", str(port), str(study.root)],
                 capture_output=True,
