@@ -189,7 +189,7 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
     if not ctx.qualifies or not ctx.routes:
         return ctx
     from node.bundles.bundle import predict_series
-    from node.bundles.gradcam import with_heatmaps
+    from node.bundles.gradcam import key_slices, planned_heatmaps, with_heatmaps
 
     by_uid: dict[str, SeriesId] = {}
     for layout in ctx.loaded.layouts if ctx.loaded is not None else ():
@@ -219,7 +219,13 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
         # The ensemble matches on the rule file's task name and bundle folder name.
         pred = replace(pred, task=route.task, model_id=route.bundle)
         if k > 0:
-            pred = with_heatmaps(bundle, volume, pred, top_k=k)
+            # Where the key slices are known without the maps (an axial series), the maps wait
+            # for HEATMAPS, after the SR has gone out.
+            chosen = key_slices(volume, pred, top_k=k)
+            if chosen is None:
+                pred = with_heatmaps(bundle, volume, pred, top_k=k)
+            else:
+                pred = replace(pred, heatmaps=planned_heatmaps(volume, chosen))
         log.info(
             "series_inferred",
             study_key=uid_key(ctx.job.study_uid),
@@ -393,8 +399,47 @@ def stage_outbox(ctx: StudyContext) -> StudyContext:
     return _enqueue(ctx, ctx.objects)
 
 
+def _explain_planned(ctx: StudyContext) -> StudyContext:
+    """The context with the Grad-CAM maps INFER left for later computed (each series decoded
+    once more), in its predictions and in the findings that hold them."""
+    from node.bundles.gradcam import explain_series
+
+    def key(p: SeriesPrediction) -> tuple[str, str, str]:
+        return (p.task, p.model_id, p.series_uid)
+
+    pending = [p for p in ctx.predictions if any(not h.explained for h in p.heatmaps)]
+    if not pending:
+        return ctx
+    layouts = ctx.loaded.layouts if ctx.loaded is not None else ()
+    by_uid: dict[str, SeriesId] = {}
+    for layout in layouts:
+        by_uid.setdefault(layout.series_uid, volume_id(layout))
+    volumes = LazyVolumes(layouts)
+    done: dict[tuple[str, str, str], SeriesPrediction] = {}
+    for series_uid in dict.fromkeys(p.series_uid for p in pending):
+        sid = by_uid.get(series_uid)
+        volume = volumes.get(sid) if sid is not None else None
+        if volume is None:
+            raise ReportError("a series with planned heatmaps no longer decodes")
+        for pred in (p for p in pending if p.series_uid == series_uid):
+            bundle = worker_bundle(ctx.rules.models_dir / pred.model_id)
+            chosen = tuple(h.slice_index for h in pred.heatmaps)
+            maps = explain_series(bundle, volume, pred, top_k=len(chosen), chosen=chosen)
+            done[key(pred)] = replace(pred, heatmaps=maps)
+        del volume
+    return replace(
+        ctx,
+        predictions=tuple(done.get(key(p), p) for p in ctx.predictions),
+        findings=tuple(
+            replace(f, contributions=tuple(done.get(key(p), p) for p in f.contributions))
+            for f in ctx.findings
+        ),
+    )
+
+
 def stage_heatmaps(ctx: StudyContext) -> StudyContext:
-    """Draw the heatmap Secondary Captures the SR references, write them, and queue them.
+    """Compute the Grad-CAM maps INFER left for later, draw the heatmap Secondary Captures the
+    SR references, write them, and queue them.
 
     A crash before this ends leaves the SR queued; the retried job makes the same SR (same
     UID: the outbox keeps its one row) and then the heatmaps, so each object arrives once.
@@ -402,6 +447,8 @@ def stage_heatmaps(ctx: StudyContext) -> StudyContext:
     if not _makes_results(ctx):
         return ctx
     from node.report.sc import build_heatmap_images
+
+    ctx = _explain_planned(ctx)
 
     outputs = ctx.rules.outputs
     heatmaps = build_heatmap_images(_study_result(ctx), outputs, uid_root=outputs.uid_root)

@@ -172,6 +172,8 @@ def build_heatmap_images(
         frame = hm.source.frame_number
         sop_uid = heatmap_uid(result.study_uid, pred, hm, uid_root=uid_root)
         caption = _caption(finding, pred)
+        if render and not hm.explained:
+            raise ReportError("a heatmap is drawn before its map was computed")
         if render:
             pixels = burn_caption(overlay_cam(hm.image, hm.cam), caption)
         else:

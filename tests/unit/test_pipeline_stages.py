@@ -530,3 +530,27 @@ def test_a_crash_between_the_sr_and_the_heatmaps_is_redone_without_a_second_sr(
         if ref.ReferencedSOPClassUID == SECONDARY_CAPTURE
     }
     assert referenced == {uid for uid, kind in made.items() if kind == "sc"}
+
+
+def test_heatmaps_drawn_after_the_sr_are_the_ones_drawn_in_one_go(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INFER leaves an axial series' maps to HEATMAPS (after the SR): the pictures must be
+    those made when INFER computed them itself."""
+    from node.bundles import gradcam
+
+    rules = _rules(world, outputs={"heatmaps_per_series": 2})
+
+    def pictures(out: Path) -> dict[str, bytes]:
+        process_study(_job(world, _paths(world)), rules, out_dir=out)
+        objects = _audit(out, world)["objects"]
+        return {
+            o["sop_instance_uid"]: pydicom.dcmread(o["file"]).PixelData
+            for o in objects
+            if o["kind"] == "sc"
+        }
+
+    later = pictures(tmp_path / "later")
+    monkeypatch.setattr(gradcam, "key_slices", lambda *_a, **_kw: None)  # maps in INFER
+    at_once = pictures(tmp_path / "at-once")
+    assert len(later) >= 2 and later == at_once
