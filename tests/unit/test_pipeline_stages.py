@@ -554,3 +554,21 @@ def test_heatmaps_drawn_after_the_sr_are_the_ones_drawn_in_one_go(
     monkeypatch.setattr(gradcam, "key_slices", lambda *_a, **_kw: None)  # maps in INFER
     at_once = pictures(tmp_path / "at-once")
     assert len(later) >= 2 and later == at_once
+
+
+def test_the_in_process_processor_tells_the_node_each_time_results_are_queued(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """`Node(in_process=True)` (the demo) wakes its senders through this callback."""
+    from node.service import pipeline_processor
+
+    rules = _node_rules(world, tmp_path / "spool")
+    told: list[int] = []
+
+    def on_queued() -> None:
+        with Outbox(tmp_path / "spool") as outbox:
+            told.append(len(outbox.all()))
+
+    outcome = pipeline_processor(lambda: rules, on_queued)(_job(world, _paths(world)))
+    assert outcome.study_uid == world["study_uid"]
+    assert len(told) == 2 and told[0] == 1 and told[1] > 1  # the SR, then the heatmaps too
