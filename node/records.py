@@ -204,6 +204,9 @@ class Heatmap:
     source: SliceRef
     cam: FloatArray  # (rows, cols), 0..1, higher = more attention
     image: FloatArray  # (rows, cols) the source slice pixels (modality values)
+    # False: the key slice is chosen but its map not computed yet (zeros): the SR can name the
+    # heatmap before it is drawn; the HEATMAPS stage computes it.
+    explained: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)

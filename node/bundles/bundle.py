@@ -277,8 +277,8 @@ def brain_slices(pixels: npt.NDArray[Any]) -> tuple[int, ...]:
     vol = np.asarray(pixels, dtype=np.float32)
     if vol.ndim != 3 or vol.shape[0] == 0:
         raise InferenceError(f"expected (slices, rows, cols) pixels, got shape {vol.shape}")
-    top = float(np.percentile(vol, 99.0))
-    floor = float(np.percentile(vol, 1.0))
+    # Both from one selection (interpolated in double precision).
+    top, floor = (float(v) for v in np.percentile(vol, [99.0, 1.0]))
     threshold = floor + 0.1 * (top - floor)
     frac = (vol > threshold).reshape(vol.shape[0], -1).mean(axis=1)
     peak = float(frac.max())

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import math
 import re
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -105,6 +107,14 @@ def _apply(scalar: Callable[[Any], Any], part: npt.NDArray[Any]) -> FloatArray:
     return scaled
 
 
+# The series percentiles of the last few volumes, by content: one study's series are read by
+# the sequence CNN, each specialist routed to it and its Grad-CAM, on the same pixels; a
+# selection over a whole series costs far more than hashing it.
+_BOUNDS: dict[tuple[bytes, tuple[int, ...], str, float, float], Any] = {}
+_BOUNDS_KEPT = 16
+_BOUNDS_LOCK = threading.Lock()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Preprocessing:
     """The bundle's MONAI preprocessing, split where the node cuts out the series' region."""
@@ -167,10 +177,28 @@ class Preprocessing:
             or step.relative
         ):
             return None
-        whole = convert_to_tensor(vol, track_meta=False)
-        a_min: Any = percentile(whole, step.lower)
-        a_max: Any = percentile(whole, step.upper)
-        del whole
+        data = np.ascontiguousarray(vol)
+        key = (
+            hashlib.sha1(data.data.cast("B")).digest(),
+            data.shape,
+            data.dtype.str,
+            float(step.lower),
+            float(step.upper),
+        )
+        with _BOUNDS_LOCK:
+            bounds: Any = _BOUNDS.get(key)
+        if bounds is None:
+            # Both bounds from one call: one selection over the series instead of two. The
+            # order statistics are the same; the interpolation between them is done in double
+            # precision (then rounded to float32), which can differ from two single calls in
+            # the last bit of a bound, far below what the models can tell apart.
+            bounds = percentile(convert_to_tensor(data, track_meta=False), [step.lower, step.upper])
+            with _BOUNDS_LOCK:
+                _BOUNDS[key] = bounds
+                while len(_BOUNDS) > _BOUNDS_KEPT:
+                    _BOUNDS.pop(next(iter(_BOUNDS)))
+        a_min: Any = bounds[0]
+        a_max: Any = bounds[1]
         return ScaleIntensityRange(
             a_min=a_min,
             a_max=a_max,

@@ -82,17 +82,53 @@ def to_source_grid(cam: torch.Tensor, rows: int, cols: int, box: Box | None = No
     return placed
 
 
+def key_slices(
+    volume: SeriesVolume, prediction: SeriesPrediction, *, top_k: int = 3
+) -> tuple[int, ...] | None:
+    """The source slices whose maps the report shows, where they are known before any map is
+    computed: for an axial series the slices most confident in the predicted class. None for
+    a sagittal or coronal series, whose key slices are those holding most of the 3-D map."""
+    if top_k < 1 or not prediction.slice_indices:
+        return ()
+    if not canonical_axial(volume).slice_aligned:
+        return None
+    probs = np.asarray(prediction.slice_probabilities)
+    positive = prediction.probability >= 0.5
+    order = np.argsort(-probs if positive else probs, kind="stable")[:top_k]
+    return tuple(prediction.slice_indices[int(i)] for i in order)
+
+
+def planned_heatmaps(volume: SeriesVolume, chosen: tuple[int, ...]) -> tuple[Heatmap, ...]:
+    """Heatmaps of chosen key slices whose maps are not computed yet (``explained=False``)."""
+    return tuple(
+        Heatmap(
+            series_uid=volume.series_uid,
+            slice_index=idx,
+            source=volume.slices[idx],
+            cam=np.zeros(np.shape(volume.pixels[idx]), dtype=np.float32),
+            image=_slice_copy(volume, idx),
+            explained=False,
+        )
+        for idx in chosen
+    )
+
+
 def explain_series(
-    bundle: Bundle, volume: SeriesVolume, prediction: SeriesPrediction, *, top_k: int = 3
+    bundle: Bundle,
+    volume: SeriesVolume,
+    prediction: SeriesPrediction,
+    *,
+    top_k: int = 3,
+    chosen: tuple[int, ...] | None = None,
 ) -> tuple[Heatmap, ...]:
     """Heatmaps of the key slices, on source slices of the series.
 
     The model read canonical axial slices (node.dicom.canonical). For an axial series those are
-    the source slices: the key slices are the ones most confident in the predicted class. For
-    a sagittal or coronal series the maps of every slice the model read, each weighted by that
-    slice's confidence in the predicted class and interpolated between them, form a 3-D map
-    that is mapped back onto the source grid; the key source slices are those holding most of
-    it."""
+    the source slices: the key slices are the ones most confident in the predicted class
+    (``key_slices``; ``chosen``, when given, names them). For a sagittal or coronal series the
+    maps of every slice the model read, each weighted by that slice's confidence in the
+    predicted class and interpolated between them, form a 3-D map that is mapped back onto the
+    source grid; the key source slices are those holding most of it."""
     meta = bundle.metadata
     if top_k < 1 or not prediction.slice_indices:
         return ()
@@ -107,8 +143,9 @@ def explain_series(
         box = series_box(pixels, meta)
     rows, cols = int(pixels.shape[1]), int(pixels.shape[2])
     if canon.slice_aligned:
-        order = np.argsort(-probs if positive else probs, kind="stable")[:top_k]
-        chosen = tuple(prediction.slice_indices[int(i)] for i in order)
+        if chosen is None:
+            order = np.argsort(-probs if positive else probs, kind="stable")[:top_k]
+            chosen = tuple(prediction.slice_indices[int(i)] for i in order)
         cams = _cams(bundle, pixels, chosen, box, class_index)
         return tuple(
             Heatmap(

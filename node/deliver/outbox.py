@@ -6,6 +6,9 @@ keep flowing), they are keyed by SOP Instance UID rather than by study, and the 
 writes them on its own cadence, so keeping them apart means no writer waits on the other's
 locks and neither schema constrains the other. Objects are files under
 <spool>/outbox/objects/<sop_uid>.dcm, written atomically, so a restart resends from disk.
+
+Why this module is long: it is every query of the outbox table (queue, claim, back off,
+dead-letter, park, requeue, purge, the read-only views) and the sender pass that uses them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -32,7 +36,7 @@ from node.errors import SendError, SpoolError
 from node.log import get_logger, uid_key
 from node.records import Delivery, DeliveryCounts, DeliveryState, SendResult
 from node.store.db import OUTBOX, Database, Row, Session, outbox_url
-from node.store.files import write_dicom_durable
+from node.store.files import dicom_bytes, link_files_durable, write_files_durable
 
 log = get_logger(__name__)
 
@@ -52,12 +56,14 @@ def backoff_s(attempts: int, settings: DeliverySettings, rng: random.Random) -> 
     return float(min(settings.backoff_max_s, min(base, settings.backoff_max_s) * spread))
 
 
-def _write_atomic(ds: Dataset, path: Path) -> None:
-    """Write a DICOM file so a crash leaves either no file or the whole file."""
-    try:
-        write_dicom_durable(ds, path)
-    except (OSError, ValueError, AttributeError) as exc:
-        raise SpoolError(f"cannot write outbox object: {type(exc).__name__}") from exc
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxFile:
+    """A result object on disk (durably), queued by its UIDs."""
+
+    sop_uid: str
+    sop_class_uid: str
+    study_uid: str
+    path: Path
 
 
 class Outbox:
@@ -106,33 +112,46 @@ class Outbox:
 
         Returns the number of new rows (0 when the same study's results come again).
         """
+        files = [
+            OutboxFile(
+                sop_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                study_uid=str(ds.StudyInstanceUID),
+                path=self.objects_dir / f"{ds.SOPInstanceUID}.dcm",
+            )
+            for ds in datasets
+        ]
+        missing = [(f, ds) for f, ds in zip(files, datasets, strict=True) if not f.path.exists()]
+        try:
+            write_files_durable([(f.path, dicom_bytes(ds)) for f, ds in missing])
+        except (OSError, ValueError, AttributeError) as exc:
+            raise SpoolError(f"cannot write outbox object: {type(exc).__name__}") from exc
+        return self.enqueue_files(files, destinations, now=now)
+
+    def enqueue_files(
+        self, files: Sequence[OutboxFile], destinations: Sequence[str], *, now: float
+    ) -> int:
+        """Queue durable result files like `enqueue`, each linked into the outbox (nothing is
+        encoded or written again; one folder sync), then all rows in one transaction."""
+        named = [(f, self.objects_dir / f"{f.sop_uid}.dcm") for f in files]
+        try:
+            link_files_durable([(f.path, path) for f, path in named if f.path != path])
+        except OSError as exc:
+            raise SpoolError(f"cannot queue an outbox object: {type(exc).__name__}") from exc
         new = 0
-        for ds in datasets:
-            sop_uid = str(ds.SOPInstanceUID)
-            path = self.objects_dir / f"{sop_uid}.dcm"
-            if not path.exists():
-                _write_atomic(ds, path)
-            with self._tx() as db:
+        with self._tx() as db:
+            for f, path in named:
                 for dest in destinations:
+                    row = (f.sop_uid, dest, f.study_uid, f.sop_class_uid, str(path))
                     cur = db.execute(
                         "INSERT INTO deliveries (sop_uid, destination, study_uid,"
                         " sop_class_uid, path, state, next_attempt_at, created_at, updated_at)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                         " ON CONFLICT (sop_uid, destination) DO NOTHING",
-                        (
-                            sop_uid,
-                            dest,
-                            str(ds.StudyInstanceUID),
-                            str(ds.SOPClassUID),
-                            str(path),
-                            DeliveryState.PENDING,
-                            now,
-                            now,
-                            now,
-                        ),
+                        (*row, DeliveryState.PENDING, now, now, now),
                     )
                     new += cur.rowcount
-        log.info("outbox_enqueued", n_objects=len(datasets), count=new)
+        log.info("outbox_enqueued", n_objects=len(files), count=new)
         return new
 
     def _rows(

@@ -9,8 +9,8 @@ reference. Each figure is printed with its reference measured in the same run:
   launched and echoed the same way (target: the node <= 1 s).
 - quiet period to SR in the PACS: a synthetic study of about 200 instances sent with storescu;
   from the end of its quiet period (last instance + quiet_period_s, by the node's own index)
-  to the SR being in Orthanc; reference: the job's processing time, so what is left is the
-  node's scheduling and delivery (target: <= 2 s).
+  to the SR being in Orthanc; reference: the job's processing time (the SR goes out mid-job,
+  before the heatmaps are drawn, so the figure can be below it) (target: <= 2 s).
 
 `python -m node.lab.bench_latency [--work DIR] [--repeat N]`.
 """
@@ -228,7 +228,8 @@ def bench_quiet_to_pacs(
     figures: list[float] = []
     processing: list[float] = []
     scheduling: list[float] = []  # quiet period end -> job started
-    delivery: list[float] = []  # job finished -> SR in Orthanc
+    to_sr: list[float] = []  # job started -> SR in Orthanc (the SR goes out mid-job)
+    after_sr: list[float] = []  # SR in Orthanc -> job finished (the heatmaps, the audit)
     for i in range(max(1, settings.repeat)):
         run = work / f"latency-{i}"
         port = free_port()
@@ -248,8 +249,10 @@ def bench_quiet_to_pacs(
             )
             log = run / "node.log"
             proc = _serve(rules, log, node_path)
-            # Models loaded: a worker says so (an older node loaded them before it started).
-            _wait_log(log, ("worker_ready",) if node_path is None else ("node_started",), 300)
+            # Models loaded: a worker says so (a node older than its worker processes loaded
+            # them before it started).
+            has_workers = node_path is None or (node_path / "node/pipeline/worker.py").exists()
+            _wait_log(log, ("worker_ready",) if has_workers else ("node_started",), 300)
             sent = subprocess.run(
                 [*_storescu(), "127.0.0.1", str(port), str(study.root)],
                 capture_output=True,
@@ -264,19 +267,15 @@ def bench_quiet_to_pacs(
                 "SELECT last_received_at FROM studies WHERE study_uid = ?",
                 (study.study_uid,),
             )
-            job = _index_row(
-                spool,
-                "SELECT started_at, finished_at FROM job_history WHERE study_uid = ? "
-                "AND outcome = 'done' ORDER BY id DESC LIMIT 1",
-                (study.study_uid,),
-            )
+            job = _wait_job_done(spool, study.study_uid)
             if row is None or job is None:
                 raise BenchError("the node's index has no record of the study or its job")
             quiet_end = float(row[0]) + QUIET_PERIOD_S
             figures.append(sr_at - quiet_end)
             processing.append(float(job[1]) - float(job[0]))
             scheduling.append(float(job[0]) - quiet_end)
-            delivery.append(sr_at - float(job[1]))
+            to_sr.append(sr_at - float(job[0]))
+            after_sr.append(float(job[1]) - sr_at)
         finally:
             if proc is not None:
                 _stop(proc)
@@ -288,18 +287,34 @@ def bench_quiet_to_pacs(
         figure=figure,
         unit="s",
         reference=reference,
-        reference_what="the job's own processing time (the rest is scheduling and delivery)",
+        reference_what="the job's whole processing time (the SR goes out before its end)",
         ratio=figure / reference if reference else None,
         ratio_what="latency / processing",
         target=f"<= {SR_TARGET_S:g} s (issue 15)",
         met=figure <= SR_TARGET_S,
         details=(
             ("quiet_end_to_job_start_s", round(statistics.median(scheduling), 3)),
+            ("job_start_to_sr_in_pacs_s", round(statistics.median(to_sr), 3)),
+            ("sr_in_pacs_to_job_end_s", round(statistics.median(after_sr), 3)),
             ("processing_s", round(reference, 3)),
-            ("job_end_to_sr_in_pacs_s", round(statistics.median(delivery), 3)),
-            ("overhead_s", round(figure - reference, 3)),
         ),
     )
+
+
+def _wait_job_done(spool: Path, study_uid: str) -> tuple[Any, ...] | None:
+    """(started_at, finished_at) of the study's finished job: the SR is in the PACS before
+    the job ends (its heatmaps are drawn after it), so this may wait a moment."""
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    while True:
+        job = _index_row(
+            spool,
+            "SELECT started_at, finished_at FROM job_history WHERE study_uid = ? "
+            "AND outcome = 'done' ORDER BY id DESC LIMIT 1",
+            (study_uid,),
+        )
+        if job is not None or time.monotonic() > deadline:
+            return job
+        time.sleep(0.05)
 
 
 def _wait_for_sr(orthanc: OrthancServer, study_uid: str) -> float:

@@ -35,6 +35,7 @@ class Stage(StrEnum):
     ENSEMBLE = "ensemble"
     REPORT = "report"
     OUTBOX = "outbox"
+    HEATMAPS = "heatmaps"
     AUDIT = "audit"
 
 
@@ -69,6 +70,9 @@ class StudyContext:
     out_dir: Path
     started_at: float
     deliver: bool = False  # OUTBOX enqueues for rules.destinations (the running node only)
+    # Told each time result objects are queued (the node wakes its senders: the SR goes out
+    # while the heatmaps are still being drawn).
+    on_queued: Callable[[], None] | None = None
     loaded: StudyLoad | None = None
     headers: tuple[SeriesHeader, ...] = ()
     decisions: tuple[SequenceDecision, ...] = ()

@@ -102,6 +102,42 @@ def check_bundles(rules: Rules, load: Callable[[Path], object] | None = None) ->
     return tuple(problems)
 
 
+def warm_up(rules: Rules) -> None:
+    """Pay a worker's one-time costs before it says it is ready, not in its first study: the
+    report and outbox modules (highdicom, SQLAlchemy), the caption font, the sequence CNN, and
+    each network's first forward and backward pass (Grad-CAM). Measured: the first study after
+    a start spent about 1 s more in its stages than the next ones."""
+    import torch
+
+    import node.classify.study
+    import node.deliver.outbox
+    import node.report.sr  # noqa: F401 - imported for its cost, here
+    from node.bundles.bundle import forward_logits, resolve_layer
+    from node.bundles.gradcam import grad_cam
+    from node.errors import InferenceError
+    from node.report.sc import caption_band_rows
+    from node.report.sr import warm_up as warm_up_report
+
+    caption_band_rows(256, ("warm up",))  # loads the caption font
+    warm_up_report()
+    paths = dict.fromkeys(
+        (rules.models_dir / rules.sequence.bundle, *(p for _, p in required_bundles(rules)))
+    )
+    for path in paths:
+        try:
+            bundle = worker_bundle(path)
+        except ModelUnavailable:
+            continue  # said by check_bundles, or the tag rules work alone
+        meta = bundle.metadata
+        x = torch.zeros((1, meta.channels, *meta.size), dtype=torch.float32)
+        try:
+            forward_logits(bundle, x)
+            if meta.cam_layer:
+                grad_cam(bundle.network, resolve_layer(bundle.network, meta.cam_layer), x, 0)
+        except (InferenceError, RuntimeError, ValueError):
+            continue  # a real study will say what is wrong with this network
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LeftOutRoute:
     """A route of a task dropped because its bundle cannot be served, and why."""

@@ -32,16 +32,26 @@ def process_study(
     out_dir: Path,
     deliver: bool = False,
     on_stage: Callable[[Stage], None] | None = None,
+    on_queued: Callable[[], None] | None = None,
 ) -> StudyOutcome:
     """Run every stage on one study and write its audit record; raise NodeError on failure.
 
     With ``deliver`` (the running node) the result objects are queued in the outbox for every
     destination in the rules; by hand (`neuronode process`) they are only written to out_dir.
     ``on_stage`` is told each stage as it starts (a worker process reports it to the node, so
-    a job stopped at its timeout is recorded with the stage it hung in).
+    a job stopped at its timeout is recorded with the stage it hung in). ``on_queued`` is told
+    each time result objects were queued in the outbox (the node wakes its senders then: the SR
+    goes out while the heatmaps are still being drawn).
     """
     started = time.time()
-    ctx = StudyContext(job=job, rules=rules, out_dir=out_dir, started_at=started, deliver=deliver)
+    ctx = StudyContext(
+        job=job,
+        rules=rules,
+        out_dir=out_dir,
+        started_at=started,
+        deliver=deliver,
+        on_queued=on_queued,
+    )
     study_key = uid_key(job.study_uid)
     for stage, fn in STAGES:
         if on_stage is not None:

@@ -4,18 +4,20 @@ Stages run in the order of ``STAGES``: LOAD (one header read per file: series la
 header records; pixels are decoded later, one series at a time, where a model reads them),
 CLASSIFY (tag rules + sequence CNN vote, fused, study context), QUALIFY (``qualify:`` in the
 rules; a study that does not qualify is audited as skipped and gets no results), ROUTE, INFER
-(specialist bundles + Grad-CAM), ENSEMBLE, REPORT (SC heatmaps + one SR, written under the
-study's results folder), OUTBOX (only when the running node delivers: every object x every
-destination) and AUDIT. Files that do not decode are not a failure: they are listed in the
-audit and the study goes on. A missing sequence CNN bundle is not a failure either (tag rules
-alone, said in the audit); a missing specialist bundle that a route needs fails INFER with the
-bundle's reason.
+(specialist bundles + Grad-CAM), ENSEMBLE, REPORT (one SR, written under the study's results
+folder), OUTBOX (only when the running node delivers: the SR x every destination, and the
+senders are woken), HEATMAPS (the SC heatmaps the SR references, drawn, written and queued
+after the SR, so the SR reaches the PACS without waiting for them) and AUDIT. Files that do
+not decode are not a failure: they are listed in the audit and the study goes on. A missing
+sequence CNN bundle is not a failure either (tag rules alone, said in the audit); a missing
+specialist bundle that a route needs fails INFER with the bundle's reason.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,7 +46,7 @@ from node.records import (
     SeriesVolume,
     StudyResult,
 )
-from node.store.files import write_dicom_durable, write_json_durable
+from node.store.files import dicom_bytes, write_files_durable, write_json_durable
 
 if TYPE_CHECKING:
     from node.bundles.bundle import Bundle
@@ -187,7 +189,7 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
     if not ctx.qualifies or not ctx.routes:
         return ctx
     from node.bundles.bundle import predict_series
-    from node.bundles.gradcam import with_heatmaps
+    from node.bundles.gradcam import key_slices, planned_heatmaps, with_heatmaps
 
     by_uid: dict[str, SeriesId] = {}
     for layout in ctx.loaded.layouts if ctx.loaded is not None else ():
@@ -217,7 +219,13 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
         # The ensemble matches on the rule file's task name and bundle folder name.
         pred = replace(pred, task=route.task, model_id=route.bundle)
         if k > 0:
-            pred = with_heatmaps(bundle, volume, pred, top_k=k)
+            # Where the key slices are known without the maps (an axial series), the maps wait
+            # for HEATMAPS, after the SR has gone out.
+            chosen = key_slices(volume, pred, top_k=k)
+            if chosen is None:
+                pred = with_heatmaps(bundle, volume, pred, top_k=k)
+            else:
+                pred = replace(pred, heatmaps=planned_heatmaps(volume, chosen))
         log.info(
             "series_inferred",
             study_key=uid_key(ctx.job.study_uid),
@@ -267,33 +275,28 @@ def read_previous_sr(folder: Path) -> PreviousSr | None:
     return prev if prev.path.is_file() else None
 
 
-def _save_object(ds: Dataset, folder: Path) -> Path:
-    """Write one result object atomically and durably as <SOPInstanceUID>.dcm."""
-    path = folder / f"{ds.SOPInstanceUID}.dcm"
+def _result_object(ds: Dataset, kind: str, path: Path) -> ResultObject:
+    return ResultObject(
+        kind=kind,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        path=path,
+    )
+
+
+def _save_objects(datasets: Sequence[Dataset], kind: str, folder: Path) -> list[ResultObject]:
+    """Write result objects atomically and durably as <SOPInstanceUID>.dcm (one folder sync)."""
     try:
-        write_dicom_durable(ds, path)
+        encoded = [(folder / f"{ds.SOPInstanceUID}.dcm", dicom_bytes(ds)) for ds in datasets]
+        write_files_durable(encoded)
     except (OSError, ValueError, AttributeError) as exc:
         raise ReportError(f"cannot write result object: {type(exc).__name__}") from exc
-    return path
+    return [_result_object(ds, kind, path) for ds, (path, _) in zip(datasets, encoded, strict=True)]
 
 
-def stage_report(ctx: StudyContext) -> StudyContext:
-    """Heatmap Secondary Captures and the study's SR, written under its results folder.
-
-    Nothing is made when no task could be assessed (no suitable series): the PACS should not
-    collect empty reports for studies the models cannot read. A re-run whose SR differs (a late
-    series re-opened the study) supersedes the previous SR and names it as predecessor.
-    """
-    if not ctx.qualifies:
-        return ctx
-    if not any(f.status is not FindingStatus.NOT_ASSESSABLE for f in ctx.findings):
-        return replace(ctx, report_note="no task assessable: no result objects made")
-    from node.report.sc import build_heatmap_images
-    from node.report.sr import build_sr
-    from node.report.uids import sr_uid
-
-    outputs = ctx.rules.outputs
-    result = StudyResult(
+def _study_result(ctx: StudyContext) -> StudyResult:
+    return StudyResult(
         study_uid=ctx.job.study_uid,
         source_paths=_image_paths(ctx),
         series_numbers=_series_numbers(ctx),
@@ -301,76 +304,159 @@ def stage_report(ctx: StudyContext) -> StudyContext:
         findings=ctx.findings,
         reopened=ctx.job.reopened,
     )
+
+
+def _makes_results(ctx: StudyContext) -> bool:
+    return bool(ctx.qualifies) and any(
+        f.status is not FindingStatus.NOT_ASSESSABLE for f in ctx.findings
+    )
+
+
+def stage_report(ctx: StudyContext) -> StudyContext:
+    """The study's SR, written under its results folder (the heatmaps come after it).
+
+    The SR references the heatmap images by UID and size, which are known before they are
+    drawn, so the SR is written (and queued by OUTBOX) first; HEATMAPS draws them after.
+    Nothing is made when no task could be assessed (no suitable series): the PACS should not
+    collect empty reports for studies the models cannot read. A re-run whose SR differs (a late
+    series re-opened the study) supersedes the previous SR and names it as predecessor.
+    """
+    if not ctx.qualifies:
+        return ctx
+    if not _makes_results(ctx):
+        return replace(ctx, report_note="no task assessable: no result objects made")
+    outputs = ctx.rules.outputs
+    if not outputs.structured_report:
+        return ctx
+    from node.report.sc import build_heatmap_images
+    from node.report.sr import build_sr
+    from node.report.uids import sr_uid
+
+    result = _study_result(ctx)
     folder = results_dir(ctx.out_dir, ctx.job.study_uid)
-    objects_dir = folder / OBJECTS_DIR
-    heatmaps = build_heatmap_images(result, outputs, uid_root=outputs.uid_root)
-    objects = [
-        ResultObject(
-            kind="sc",
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            path=_save_object(ds, objects_dir),
-        )
-        for ds in heatmaps
-    ]
+    # What the SR says decides its UID: a changed result gets a new UID that names the
+    # previous SR as its predecessor; the same result again keeps its UID (no duplicate).
+    content_uid = sr_uid(result, "comprehensive3d", uid_root=outputs.uid_root)
+    prev = read_previous_sr(folder)
+    predecessor: Path | None
+    if prev is None:
+        predecessor = None
+    elif prev.content_uid == content_uid:
+        predecessor = prev.predecessor_path  # the same SR again: same content, same UID
+    else:
+        predecessor = prev.path
+    if predecessor is not None and not predecessor.is_file():
+        predecessor = None
+    heatmaps = build_heatmap_images(result, outputs, uid_root=outputs.uid_root, render=False)
+    sr = build_sr(result, heatmaps, uid_root=outputs.uid_root, predecessor=predecessor)
+    (obj,) = _save_objects([sr], "sr", folder / OBJECTS_DIR)
     predecessor_uid: str | None = None
-    if outputs.structured_report:
-        # What the SR says decides its UID: a changed result gets a new UID that names the
-        # previous SR as its predecessor; the same result again keeps its UID (no duplicate).
-        content_uid = sr_uid(result, "comprehensive3d", uid_root=outputs.uid_root)
-        prev = read_previous_sr(folder)
-        predecessor: Path | None
-        if prev is None:
-            predecessor = None
-        elif prev.content_uid == content_uid:
-            predecessor = prev.predecessor_path  # the same SR again: same content, same UID
-        else:
-            predecessor = prev.path
-        if predecessor is not None and not predecessor.is_file():
-            predecessor = None
-        sr = build_sr(result, heatmaps, uid_root=outputs.uid_root, predecessor=predecessor)
-        sr_path = _save_object(sr, objects_dir)
-        if predecessor is not None:
-            predecessor_uid = str(
-                pydicom.dcmread(predecessor, stop_before_pixels=True).SOPInstanceUID
-            )
-        objects.append(
-            ResultObject(
-                kind="sr",
-                sop_class_uid=str(sr.SOPClassUID),
-                sop_instance_uid=str(sr.SOPInstanceUID),
-                series_instance_uid=str(sr.SeriesInstanceUID),
-                path=sr_path,
-            )
+    if predecessor is not None:
+        predecessor_uid = str(pydicom.dcmread(predecessor, stop_before_pixels=True).SOPInstanceUID)
+    write_json_durable(
+        folder / LAST_SR_FILE,
+        {
+            "sop_instance_uid": obj.sop_instance_uid,
+            "series_instance_uid": obj.series_instance_uid,
+            "path": str(obj.path.resolve()),
+            "predecessor_path": str(predecessor.resolve()) if predecessor else None,
+            "content_uid": content_uid,
+        },
+    )
+    return replace(ctx, objects=(obj,), predecessor_sr=predecessor_uid)
+
+
+def _enqueue(ctx: StudyContext, objects: Sequence[ResultObject]) -> StudyContext:
+    """Queue result objects for every destination (only when the running node delivers), and
+    say so (the node wakes its senders)."""
+    names = tuple(d.name for d in ctx.rules.destinations)
+    if not ctx.deliver or not names:
+        return replace(ctx, destinations=names if ctx.deliver else ())
+    if not objects:
+        return replace(ctx, destinations=names, n_enqueued=ctx.n_enqueued or 0)
+    from node.deliver.outbox import Outbox, OutboxFile
+
+    files = [
+        OutboxFile(
+            sop_uid=o.sop_instance_uid,
+            sop_class_uid=o.sop_class_uid,
+            study_uid=ctx.job.study_uid,
+            path=o.path,
         )
-        write_json_durable(
-            folder / LAST_SR_FILE,
-            {
-                "sop_instance_uid": str(sr.SOPInstanceUID),
-                "series_instance_uid": str(sr.SeriesInstanceUID),
-                "path": str(sr_path.resolve()),
-                "predecessor_path": str(predecessor.resolve()) if predecessor else None,
-                "content_uid": content_uid,
-            },
-        )
-    return replace(ctx, objects=tuple(objects), predecessor_sr=predecessor_uid)
+        for o in objects
+    ]
+    url = ctx.rules.database.resolve_url()
+    with Outbox(ctx.rules.storage.spool_dir, database_url=url) as outbox:
+        n = outbox.enqueue_files(files, names, now=time.time())
+    if ctx.on_queued is not None:
+        ctx.on_queued()
+    return replace(ctx, destinations=names, n_enqueued=(ctx.n_enqueued or 0) + n)
 
 
 def stage_outbox(ctx: StudyContext) -> StudyContext:
-    """Queue every result object for every destination (only when the running node delivers)."""
-    names = tuple(d.name for d in ctx.rules.destinations)
-    if not ctx.deliver or not ctx.objects or not names:
-        return replace(ctx, destinations=names if ctx.deliver else ())
-    from node.deliver.outbox import Outbox
+    """Queue the SR for every destination (only when the running node delivers): it is what the
+    reader waits for, so it goes out before the heatmaps are drawn."""
+    return _enqueue(ctx, ctx.objects)
 
-    # The SR first: it is what the reader waits for, and the heatmaps follow it in row order.
-    ordered = sorted(ctx.objects, key=lambda o: o.kind != "sr")
-    datasets = [pydicom.dcmread(o.path) for o in ordered]
-    url = ctx.rules.database.resolve_url()
-    with Outbox(ctx.rules.storage.spool_dir, database_url=url) as outbox:
-        n = outbox.enqueue(datasets, names, now=time.time())
-    return replace(ctx, destinations=names, n_enqueued=n)
+
+def _explain_planned(ctx: StudyContext) -> StudyContext:
+    """The context with the Grad-CAM maps INFER left for later computed (each series decoded
+    once more), in its predictions and in the findings that hold them."""
+    from node.bundles.gradcam import explain_series
+
+    def key(p: SeriesPrediction) -> tuple[str, str, str]:
+        return (p.task, p.model_id, p.series_uid)
+
+    pending = [p for p in ctx.predictions if any(not h.explained for h in p.heatmaps)]
+    if not pending:
+        return ctx
+    layouts = ctx.loaded.layouts if ctx.loaded is not None else ()
+    by_uid: dict[str, SeriesId] = {}
+    for layout in layouts:
+        by_uid.setdefault(layout.series_uid, volume_id(layout))
+    volumes = LazyVolumes(layouts)
+    done: dict[tuple[str, str, str], SeriesPrediction] = {}
+    for series_uid in dict.fromkeys(p.series_uid for p in pending):
+        sid = by_uid.get(series_uid)
+        volume = volumes.get(sid) if sid is not None else None
+        if volume is None:
+            raise ReportError("a series with planned heatmaps no longer decodes")
+        for pred in (p for p in pending if p.series_uid == series_uid):
+            bundle = worker_bundle(ctx.rules.models_dir / pred.model_id)
+            chosen = tuple(h.slice_index for h in pred.heatmaps)
+            maps = explain_series(bundle, volume, pred, top_k=len(chosen), chosen=chosen)
+            done[key(pred)] = replace(pred, heatmaps=maps)
+        del volume
+    return replace(
+        ctx,
+        predictions=tuple(done.get(key(p), p) for p in ctx.predictions),
+        findings=tuple(
+            replace(f, contributions=tuple(done.get(key(p), p) for p in f.contributions))
+            for f in ctx.findings
+        ),
+    )
+
+
+def stage_heatmaps(ctx: StudyContext) -> StudyContext:
+    """Compute the Grad-CAM maps INFER left for later, draw the heatmap Secondary Captures the
+    SR references, write them, and queue them.
+
+    A crash before this ends leaves the SR queued; the retried job makes the same SR (same
+    UID: the outbox keeps its one row) and then the heatmaps, so each object arrives once.
+    """
+    if not _makes_results(ctx):
+        return ctx
+    from node.report.sc import build_heatmap_images
+
+    ctx = _explain_planned(ctx)
+
+    outputs = ctx.rules.outputs
+    heatmaps = build_heatmap_images(_study_result(ctx), outputs, uid_root=outputs.uid_root)
+    if not heatmaps:
+        return ctx
+    folder = results_dir(ctx.out_dir, ctx.job.study_uid) / OBJECTS_DIR
+    made = _save_objects(heatmaps, "sc", folder)
+    return _enqueue(replace(ctx, objects=(*ctx.objects, *made)), made)
 
 
 def stage_audit(ctx: StudyContext) -> StudyContext:
@@ -389,6 +475,7 @@ STAGES: tuple[tuple[Stage, StageFn], ...] = (
     (Stage.ENSEMBLE, stage_ensemble),
     (Stage.REPORT, stage_report),
     (Stage.OUTBOX, stage_outbox),
+    (Stage.HEATMAPS, stage_heatmaps),
     (Stage.AUDIT, stage_audit),
 )
 

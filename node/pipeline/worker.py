@@ -3,7 +3,8 @@
 `neuronode serve` starts each worker as ``python -m node.pipeline.worker --fd N``; N is its end
 of a socket pair carrying pickled messages (multiprocessing's Connection). The node holds the
 job leases and the job queue; the worker only runs the pipeline and says, over the pipe, when
-its models are ready, which stage each job has reached, and how each job ended. Because it is a
+its models are ready, which stage each job has reached, when a job has queued results in the
+outbox (the SR, before its heatmaps), and how each job ended. Because it is a
 process, the node can kill it at the job's timeout, and a worker that dies (segfault, OOM kill)
 takes no job with it: the node records the attempt and starts a fresh worker.
 
@@ -75,6 +76,13 @@ class StageStarted:
 
     job_id: int
     stage: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultsQueued:
+    """worker -> node: the job queued result objects in the outbox (the senders may start)."""
+
+    job_id: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,12 +180,16 @@ def _die_with_parent() -> None:
 
 
 def _load_models(rules: Rules) -> tuple[str, ...]:
-    """Load and verify every bundle an enabled task needs into this process's cache."""
+    """Load and verify every bundle an enabled task needs into this process's cache, then
+    warm up what the first study would otherwise pay for."""
     from node.bundles.bundle import set_torch_threads
-    from node.pipeline.models import check_bundles, worker_bundle
+    from node.pipeline.models import check_bundles, warm_up, worker_bundle
 
     set_torch_threads()
-    return check_bundles(rules, load=worker_bundle)
+    problems = check_bundles(rules, load=worker_bundle)
+    if not problems:
+        warm_up(rules)
+    return problems
 
 
 def _run(conn: Connection, msg: RunJob, fault: InjectedFault | None, delay_s: float) -> JobResult:
@@ -193,9 +205,17 @@ def _run(conn: Connection, msg: RunJob, fault: InjectedFault | None, delay_s: fl
             time.sleep(delay_s)
         _apply_fault(fault, job, name)
 
+    def on_queued() -> None:
+        conn.send(ResultsQueued(job_id=job.job_id))
+
     try:
         outcome = process_study(
-            job, rules, out_dir=rules.storage.spool_dir / "results", deliver=True, on_stage=on_stage
+            job,
+            rules,
+            out_dir=rules.storage.spool_dir / "results",
+            deliver=True,
+            on_stage=on_stage,
+            on_queued=on_queued,
         )
     except Exception as exc:  # the per-job guard (process_study logged the stage)
         return job_result(job, exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -71,6 +72,32 @@ def overlay_cam(
     return np.round(rgb * 255.0).astype(np.uint8)
 
 
+@dataclass(frozen=True, slots=True)
+class _CaptionLayout:
+    """How a caption is set below an image `cols` wide: the font, its wrapped lines, the band."""
+
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont
+    lines: tuple[str, ...]
+    line_h: int
+    band_h: int
+
+
+def _caption_layout(cols: int, lines: Sequence[str]) -> _CaptionLayout:
+    font_px = int(np.clip(round(cols / 28), 8, 16))
+    font = ImageFont.load_default(size=font_px)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    char_w = max(1.0, probe.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26)
+    per_line = max(8, int((cols - 4) / char_w))
+    wrapped = tuple(part for line in lines for part in textwrap.wrap(line, per_line)) or ("",)
+    line_h = round(font_px * 1.25)
+    return _CaptionLayout(font=font, lines=wrapped, line_h=line_h, band_h=line_h * len(wrapped) + 4)
+
+
+def caption_band_rows(cols: int, lines: Sequence[str]) -> int:
+    """How many rows the caption band adds below an image `cols` wide (nothing is drawn)."""
+    return _caption_layout(cols, lines).band_h
+
+
 def burn_caption(rgb: npt.NDArray[np.uint8], lines: Sequence[str]) -> npt.NDArray[np.uint8]:
     """The image with a caption band added below it: the anatomy is never covered.
 
@@ -78,18 +105,11 @@ def burn_caption(rgb: npt.NDArray[np.uint8], lines: Sequence[str]) -> npt.NDArra
     the image keeps its own resolution (one image pixel is one output pixel).
     """
     cols = rgb.shape[1]
-    font_px = int(np.clip(round(cols / 28), 8, 16))
-    font = ImageFont.load_default(size=font_px)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    char_w = max(1.0, probe.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26)
-    per_line = max(8, int((cols - 4) / char_w))
-    wrapped = [part for line in lines for part in textwrap.wrap(line, per_line)] or [""]
-    line_h = round(font_px * 1.25)
-    band_h = line_h * len(wrapped) + 4
-    band = Image.new("RGB", (cols, band_h), (0, 0, 0))
+    layout = _caption_layout(cols, lines)
+    band = Image.new("RGB", (cols, layout.band_h), (0, 0, 0))
     draw = ImageDraw.Draw(band)
-    for i, text in enumerate(wrapped):
-        draw.text((2, 2 + i * line_h), text, fill=(255, 255, 255), font=font)
+    for i, text in enumerate(layout.lines):
+        draw.text((2, 2 + i * layout.line_h), text, fill=(255, 255, 255), font=layout.font)
     out: npt.NDArray[np.uint8] = np.concatenate([rgb, np.asarray(band, dtype=np.uint8)], axis=0)
     return out
 
@@ -124,9 +144,18 @@ def _select_heatmaps(
 
 
 def build_heatmap_images(
-    result: StudyResult, rules_outputs: OutputSettings, *, uid_root: str | None
+    result: StudyResult,
+    rules_outputs: OutputSettings,
+    *,
+    uid_root: str | None,
+    render: bool = True,
 ) -> tuple[Dataset, ...]:
-    """RGB Secondary Captures of each chosen Grad-CAM over its source slice, captions burned in."""
+    """RGB Secondary Captures of each chosen Grad-CAM over its source slice, captions burned in.
+
+    With ``render=False`` each image is the same object but for its pixels, which are black:
+    what the SR needs to reference the heatmaps (UIDs, size) before they are drawn, so the SR
+    can go out first. Such an image is never written.
+    """
     if not isinstance(result, StudyResult):
         raise TypeError("result must be a StudyResult")
     chosen = _select_heatmaps(result, rules_outputs.heatmaps_per_series)
@@ -142,7 +171,14 @@ def build_heatmap_images(
             raise ReportError("a heatmap source slice belongs to another study")
         frame = hm.source.frame_number
         sop_uid = heatmap_uid(result.study_uid, pred, hm, uid_root=uid_root)
-        pixels = burn_caption(overlay_cam(hm.image, hm.cam), _caption(finding, pred))
+        caption = _caption(finding, pred)
+        if render and not hm.explained:
+            raise ReportError("a heatmap is drawn before its map was computed")
+        if render:
+            pixels = burn_caption(overlay_cam(hm.image, hm.cam), caption)
+        else:
+            rows, cols = hm.image.shape
+            pixels = np.zeros((rows + caption_band_rows(cols, caption), cols, 3), dtype=np.uint8)
         geom = hm.source.geometry
         orientation = (
             _orientation_letters(geom.orientation[:3]),
@@ -172,7 +208,7 @@ def build_heatmap_images(
         sc.BurnedInAnnotation = "YES"
         # Type 2C in General Series; dciodvfy cannot tell brain is unpaired, so send it empty.
         sc.Laterality = src.get("Laterality", "")
-        sc.ImageComments = f"{' | '.join(_caption(finding, pred))}"[:10240]
+        sc.ImageComments = f"{' | '.join(caption)}"[:10240]
         sc.DerivationDescription = (
             f"Grad-CAM of {pred.model_id} {pred.model_version} over the source slice"
         )

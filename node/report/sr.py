@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -261,7 +263,7 @@ def build_sr(
         "enhanced": hd.sr.EnhancedSR,
     }[sop_class]
     try:
-        sr = quietly(
+        sr = _document(
             cls,
             evidence=evidence,
             content=report,
@@ -288,6 +290,29 @@ def build_sr(
     sr.SoftwareVersions = __version__
     built: Dataset = sr
     return built
+
+
+def _document(
+    cls: type[hd.sr.sop._SR], *, content: hd.sr.MeasurementReport, **kwargs: Any
+) -> Dataset:
+    """highdicom's SR document around a content tree highdicom just built, without copying
+    and re-reading that tree: the constructor deep-copies its content, parses it back into
+    content items and walks it to check that every image it references is in the evidence,
+    which was most of the report's time. Here the constructor gets the root container with
+    no children (the evidence, the header, the flags: all highdicom's), and the tree goes in
+    after. The
+    document is the same: the evidence sequence is built from the evidence list either way,
+    and everything the tree references is in that list (build_sr puts it there).
+    """
+    root: Dataset = content[0]
+    children = root.ContentSequence
+    root.ContentSequence = DicomSequence()
+    try:
+        sr: Dataset = quietly(cls, content=content, **kwargs)
+    finally:
+        root.ContentSequence = children
+    sr.ContentSequence = children
+    return sr
 
 
 def reencode_sr(sr: Dataset, sop_class: SrClass, *, uid_root: str | None) -> Dataset:
@@ -328,3 +353,87 @@ def sr_class_of(sop_class_uid: str) -> SrClass | None:
         if uid == sop_class_uid:
             return name
     return None
+
+
+def warm_up() -> Dataset:
+    """Build one tiny heatmap-like image and SR in memory (returned for a test; thrown away).
+
+    highdicom reads its tables of the standard (JSON) and pydicom its code dictionaries on
+    first use: about 1 s that a worker pays here, before it says it is ready, instead of in
+    its first study's report.
+    """
+    ref = Dataset()
+    ref.SOPClassUID = pydicom.uid.MRImageStorage
+    study = result_uid("warm-up", "study", uid_root=None)
+    ref.StudyInstanceUID = study
+    ref.SeriesInstanceUID = result_uid("warm-up", "series", uid_root=None)
+    ref.SOPInstanceUID = result_uid("warm-up", "image", uid_root=None)
+    ref.FrameOfReferenceUID = result_uid("warm-up", "frame", uid_root=None)
+    ref.Modality = "MR"
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+        setattr(ref, keyword, "")
+    for keyword in ("StudyID", "StudyDate", "StudyTime", "AccessionNumber"):
+        setattr(ref, keyword, "")
+    ref.ReferringPhysicianName = ""
+    ref.Rows = ref.Columns = 8
+    ref.PixelSpacing = [1.0, 1.0]
+    ref.SliceThickness = 1.0
+    ref.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ref.ImagePositionPatient = [0.0, 0.0, 0.0]
+    sc = quietly(
+        hd.sc.SCImage.from_ref_dataset,
+        ref_dataset=ref,
+        pixel_array=np.zeros((8, 8, 3), dtype=np.uint8),
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=result_uid("warm-up", "sc-series", uid_root=None),
+        series_number=1,
+        sop_instance_uid=result_uid("warm-up", "sc", uid_root=None),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        pixel_spacing=(1.0, 1.0),
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+    )
+    algorithm = hd.sr.AlgorithmIdentification(name="warm-up", version=__version__)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid("warm-up", "tracking", uid_root=None), identifier="warm up"
+        ),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=CERTAINTY_OF_FINDING,
+                value=1.0,
+                unit=PERCENT,
+                algorithm_id=algorithm,
+                referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(sc)],
+            )
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ref)],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=result_uid("warm-up", "device", uid_root=None), name="neuronode"
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE_MR_BRAIN,
+        imaging_measurements=[group],
+        referenced_images=[ref, sc],
+    )
+    sr: Dataset = quietly(
+        hd.sr.Comprehensive3DSR,
+        evidence=[ref, sc],
+        content=report,
+        series_instance_uid=result_uid("warm-up", "sr-series", uid_root=None),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=result_uid("warm-up", "sr", uid_root=None),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+    )
+    return sr

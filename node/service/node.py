@@ -8,8 +8,9 @@ queue. If a bundle an enabled task needs cannot load, the node says so (`failure
 stops with the same one-line error it always printed: the node never runs half its models.
 
 The loops are event-driven: a stored instance wakes the completion scheduler, which otherwise
-sleeps until the earliest quiet-period deadline; an enqueued job wakes the workers; a finished
-job wakes the senders. Polling remains only as a slow fallback for what another process does.
+sleeps until the earliest quiet-period deadline; an enqueued job wakes the workers; a job that
+queued results (its SR first, then its heatmaps) or finished wakes the senders. Polling
+remains only as a slow fallback for what another process does.
 
 SIGTERM/SIGINT stop it cleanly: no new associations, open ones get a grace period, in-flight
 jobs finish within the grace period or their worker is stopped and the job given back, the
@@ -84,16 +85,23 @@ class Role(StrEnum):
 ALL_ROLES: frozenset[Role] = frozenset(Role)
 
 
-def pipeline_processor(current: Callable[[], Rules]) -> Processor:
+def pipeline_processor(
+    current: Callable[[], Rules], on_queued: Callable[[], None] | None = None
+) -> Processor:
     """The pipeline run in the calling thread (`Node(..., in_process=True)`, the demo): each
-    job runs under the rules in force when it starts (a reload swaps them between jobs)."""
+    job runs under the rules in force when it starts (a reload swaps them between jobs);
+    `on_queued` is told when a job has queued results (the SR, before its heatmaps)."""
 
     def run(job: StudyJob) -> StudyOutcome:
         from node.pipeline.runner import process_study
 
         rules = current()
         outcome = process_study(
-            job, rules, out_dir=rules.storage.spool_dir / "results", deliver=True
+            job,
+            rules,
+            out_dir=rules.storage.spool_dir / "results",
+            deliver=True,
+            on_queued=on_queued,
         )
         assert isinstance(outcome, StudyOutcome)
         return outcome
@@ -165,7 +173,7 @@ class Node:
             max_attempts=rules.processing.max_attempts,
         )
         if processor is None and in_process:
-            processor = pipeline_processor(lambda: self.rules)
+            processor = pipeline_processor(lambda: self.rules, lambda: self.wake_senders())
         self.processor = processor  # None: every job runs in a worker process
         delay = os.environ.get(TEST_DELAY_ENV)
         if delay and self.processor is not None:
@@ -504,7 +512,11 @@ class Node:
         rules = self.rules  # the job runs under the rules in force when it starts
         try:
             result = worker.run(
-                job, rules, timeout_s=rules.processing.timeout_s, abort=self._abort_job
+                job,
+                rules,
+                timeout_s=rules.processing.timeout_s,
+                abort=self._abort_job,
+                on_queued=self.wake_senders,  # the SR is queued before its heatmaps are drawn
             )
         finally:
             done.set()

@@ -25,6 +25,7 @@ from node.log import get_logger
 from node.pipeline.worker import (
     UNKNOWN_STAGE,
     JobResult,
+    ResultsQueued,
     RunJob,
     StageStarted,
     WorkerInit,
@@ -104,9 +105,11 @@ class ProcessWorker:
         *,
         timeout_s: float,
         abort: Callable[[], bool],
+        on_queued: Callable[[], None] | None = None,
     ) -> JobResult | None:
         """Run one job: its result, a failure (timeout, worker died), or None if `abort` said
-        stop first (the worker is then killed and the caller gives the job back)."""
+        stop first (the worker is then killed and the caller gives the job back). `on_queued`
+        is called when the job says it queued result objects (before it ends)."""
         deadline = time.monotonic() + timeout_s
         stage = UNKNOWN_STAGE
         try:
@@ -142,6 +145,9 @@ class ProcessWorker:
                 return self._died(job, stage)
             if isinstance(msg, StageStarted) and msg.job_id == job.job_id:
                 stage = msg.stage
+            elif isinstance(msg, ResultsQueued) and msg.job_id == job.job_id:
+                if on_queued is not None:
+                    on_queued()
             elif isinstance(msg, JobResult) and msg.job_id == job.job_id:
                 return msg
 
@@ -193,8 +199,11 @@ class InProcessWorker:
         *,
         timeout_s: float,
         abort: Callable[[], bool],
+        on_queued: Callable[[], None] | None = None,
     ) -> JobResult | None:
-        del rules, timeout_s, abort  # a thread can be neither timed out nor stopped
+        # A thread can be neither timed out nor stopped; an injected processor queues its
+        # results (if any) as it likes, and the finished job wakes the senders.
+        del rules, timeout_s, abort, on_queued
         try:
             outcome = self.processor(job)
         except Exception as exc:  # the per-job guard: retried, then dead letter

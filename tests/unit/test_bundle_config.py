@@ -234,3 +234,20 @@ def test_writer_refuses_a_bundle_it_could_not_load(tmp_path: Path) -> None:
     assert not (tmp_path / "b" / "configs" / "metadata.json").exists()
     with pytest.raises(TypeError, match="BundleFiles"):
         bundles.write_bundle(tmp_path / "c", dict(files.metadata), net.state_dict(), "")  # type: ignore[arg-type]
+
+
+def test_series_percentiles_are_kept_by_content_never_by_array(tmp_path: Path) -> None:
+    """The percentiles of a series are computed once for the CNN, each specialist and its
+    Grad-CAM; a different series of the same size (or the same array changed in place) must
+    get its own."""
+    pre = bundles.load_bundle(make_bundle(tmp_path, "gbm_pcnsl_t1c")).metadata.preprocessing
+    vol = lesion_volume().pixels.copy()
+    idx = (3, 4, 5)
+    first = pre.scale_slices(vol, idx)
+    assert np.array_equal(pre.scale_slices(vol.copy(), idx), first)  # same content, same answer
+    vol[:, :8, :8] = 50_000.0  # brighter than anything: the upper percentile moves
+    changed = pre.scale_slices(vol, idx)
+    lo, hi = (float(v) for v in np.percentile(vol, [0.5, 99.5]))
+    expected = np.clip((vol[list(idx)] - lo) / (hi - lo), 0.0, 1.0)
+    assert not np.array_equal(changed, first)
+    assert np.allclose(changed, expected, atol=1e-6)

@@ -12,6 +12,7 @@ from torch import nn
 
 from node.bundles import bundle as bundles
 from node.bundles import gradcam as explain
+from node.records import SequenceLabel, SeriesPrediction
 from tests.unit.test_bundles import make_bundle, make_volume
 
 torch.set_num_threads(1)
@@ -92,3 +93,40 @@ def test_real_bundle_key_slices_and_no_hooks(tmp_path: Path) -> None:
     assert _hooks(b.network) == 0
     assert not b.network.training
     assert explain.explain_series(b, volume, pred, top_k=0) == ()
+
+
+def test_key_slices_chosen_before_the_maps_give_the_same_heatmaps(tmp_path: Path) -> None:
+    """INFER names an axial series' key slices without maps (the SR goes out first) and
+    HEATMAPS computes them later: the maps must be the ones computed in one go."""
+    b = bundles.load_bundle(make_bundle(tmp_path)).copy()
+    volume = make_volume(n=10, rows=30, cols=34)
+    pred = bundles.predict_series(b, volume)
+    chosen = explain.key_slices(volume, pred, top_k=3)
+    at_once = explain.explain_series(b, volume, pred, top_k=3)
+    assert chosen == tuple(h.slice_index for h in at_once)
+    planned = explain.planned_heatmaps(volume, chosen)
+    assert [h.explained for h in planned] == [False] * 3 and all(h.explained for h in at_once)
+    for p, h in zip(planned, at_once, strict=True):
+        assert p.source == h.source and np.array_equal(p.image, h.image)
+        assert p.cam.shape == h.cam.shape and not p.cam.any()
+    later = explain.explain_series(b, volume, pred, top_k=3, chosen=chosen)
+    for a, h in zip(later, at_once, strict=True):
+        assert a.slice_index == h.slice_index and np.array_equal(a.cam, h.cam)
+    assert explain.key_slices(volume, pred, top_k=0) == ()
+
+
+def test_a_sagittal_series_key_slices_wait_for_its_maps() -> None:
+    from tests.unit.test_canonical import _patient_volume, _sagittal
+
+    volume = _sagittal(_patient_volume())
+    pred = SeriesPrediction(
+        task="t",
+        model_id="m",
+        model_version="1",
+        series_uid=volume.series_uid,
+        sequence=SequenceLabel.T1C,
+        probability=0.9,
+        slice_indices=(1, 2),
+        slice_probabilities=(0.8, 0.9),
+    )
+    assert explain.key_slices(volume, pred, top_k=2) is None  # the 3-D map decides

@@ -107,7 +107,8 @@ def _paths(world: dict[str, Any], *labels: str) -> tuple[Path, ...]:
 
 
 def _job(world: dict[str, Any], paths: tuple[Path, ...], **kw: Any) -> StudyJob:
-    return StudyJob(job_id=1, study_uid=world["study_uid"], instance_paths=paths, attempt=1, **kw)
+    kw.setdefault("attempt", 1)
+    return StudyJob(job_id=1, study_uid=world["study_uid"], instance_paths=paths, **kw)
 
 
 def _audit(out: Path, world: dict[str, Any]) -> dict[str, Any]:
@@ -435,3 +436,139 @@ def test_a_changed_result_gets_a_new_uid_that_the_outbox_sends(
     # The file queued under the new UID holds the new content.
     queued = pydicom.dcmread(spool / "outbox" / "objects" / f"{sr2['sop_instance_uid']}.dcm")
     assert "PredecessorDocumentsSequence" in queued
+
+
+def _node_rules(world: dict[str, Any], spool: Path) -> Rules:
+    pacs = {"kind": "dicom", "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+    return _rules(
+        world,
+        destinations=[pacs],
+        storage={"spool_dir": str(spool)},
+        outputs={"heatmaps_per_series": 2},
+    )
+
+
+def test_the_sr_is_queued_and_announced_before_the_heatmaps_are_drawn(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    seen: list[tuple[str, ...]] = []  # the kinds queued each time the senders are told
+
+    def on_queued() -> None:
+        with Outbox(spool) as outbox:
+            seen.append(tuple(_kind(r.sop_class_uid) for r in outbox.all()))
+
+    stages: list[str] = []
+    process_study(
+        _job(world, _paths(world)),
+        _node_rules(world, spool),
+        out_dir=tmp_path / "results",
+        deliver=True,
+        on_stage=lambda s: stages.append(s.value),
+        on_queued=on_queued,
+    )
+    n_sc = sum(1 for o in _audit(tmp_path / "results", world)["objects"] if o["kind"] == "sc")
+    assert n_sc >= 2
+    # Told twice: once with the SR alone, again when the heatmaps joined it.
+    assert seen == [("sr",), ("sr",) + ("sc",) * n_sc]
+    assert stages.index("outbox") < stages.index("heatmaps") < stages.index("audit")
+    audit = _audit(tmp_path / "results", world)
+    assert [o["kind"] for o in audit["objects"]] == ["sr"] + ["sc"] * n_sc
+    assert audit["deliveries_enqueued"] == 1 + n_sc and audit["status"] == "done"
+    # What is queued is the file the pipeline wrote (a second name, not a second write).
+    with Outbox(spool) as outbox:
+        for row in outbox.all():
+            made = next(o for o in audit["objects"] if o["sop_instance_uid"] == row.sop_uid)
+            assert row.path.stat().st_ino == Path(made["file"]).stat().st_ino
+
+
+def _kind(sop_class_uid: str) -> str:
+    return "sr" if sop_class_uid == COMPREHENSIVE_3D_SR else "sc"
+
+
+class _Killed(BaseException):
+    """The worker dying where a test says (escapes the per-job guard, as a SIGKILL would)."""
+
+
+def test_a_crash_between_the_sr_and_the_heatmaps_is_redone_without_a_second_sr(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    rules = _node_rules(world, spool)
+    out = tmp_path / "results"
+
+    def die_at_heatmaps(stage: Stage) -> None:
+        if stage is Stage.HEATMAPS:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        process_study(
+            _job(world, _paths(world)), rules, out_dir=out, deliver=True, on_stage=die_at_heatmaps
+        )
+    with Outbox(spool) as outbox:
+        first = outbox.all()
+    assert [_kind(r.sop_class_uid) for r in first] == ["sr"]  # the SR went out alone
+    sr_file = first[0].path.read_bytes()
+
+    process_study(_job(world, _paths(world), attempt=2), rules, out_dir=out, deliver=True)
+    audit = _audit(out, world)
+    made = {o["sop_instance_uid"]: o["kind"] for o in audit["objects"]}
+    with Outbox(spool) as outbox:
+        rows = outbox.all()
+    assert sorted(r.sop_uid for r in rows) == sorted(made)  # one row each, the SR once
+    assert rows[0].sop_uid == first[0].sop_uid and rows[0].row_id == first[0].row_id
+    assert [made[r.sop_uid] for r in rows].count("sr") == 1 and len(rows) >= 3
+    assert audit["deliveries_enqueued"] == len(rows) - 1  # only the heatmaps were new
+    assert audit["predecessor_sr"] is None  # the same result: no superseding SR either
+    assert rows[0].path.read_bytes() == sr_file  # the queued SR was left alone
+    sr = pydicom.dcmread(rows[0].path)
+    referenced = {
+        str(ref.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+        if ref.ReferencedSOPClassUID == SECONDARY_CAPTURE
+    }
+    assert referenced == {uid for uid, kind in made.items() if kind == "sc"}
+
+
+def test_heatmaps_drawn_after_the_sr_are_the_ones_drawn_in_one_go(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INFER leaves an axial series' maps to HEATMAPS (after the SR): the pictures must be
+    those made when INFER computed them itself."""
+    from node.bundles import gradcam
+
+    rules = _rules(world, outputs={"heatmaps_per_series": 2})
+
+    def pictures(out: Path) -> dict[str, bytes]:
+        process_study(_job(world, _paths(world)), rules, out_dir=out)
+        objects = _audit(out, world)["objects"]
+        return {
+            o["sop_instance_uid"]: pydicom.dcmread(o["file"]).PixelData
+            for o in objects
+            if o["kind"] == "sc"
+        }
+
+    later = pictures(tmp_path / "later")
+    monkeypatch.setattr(gradcam, "key_slices", lambda *_a, **_kw: None)  # maps in INFER
+    at_once = pictures(tmp_path / "at-once")
+    assert len(later) >= 2 and later == at_once
+
+
+def test_the_in_process_processor_tells_the_node_each_time_results_are_queued(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """`Node(in_process=True)` (the demo) wakes its senders through this callback."""
+    from node.service import pipeline_processor
+
+    rules = _node_rules(world, tmp_path / "spool")
+    told: list[int] = []
+
+    def on_queued() -> None:
+        with Outbox(tmp_path / "spool") as outbox:
+            told.append(len(outbox.all()))
+
+    outcome = pipeline_processor(lambda: rules, on_queued)(_job(world, _paths(world)))
+    assert outcome.study_uid == world["study_uid"]
+    assert len(told) == 2 and told[0] == 1 and told[1] > 1  # the SR, then the heatmaps too

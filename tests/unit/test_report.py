@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +367,95 @@ def test_caption_band_is_below_the_image_and_leaves_it_untouched() -> None:
     assert band.max() > 200 and band.min() == 0  # white text on black
     longer = burn_caption(image, ("x " * 200,))
     assert longer.shape[0] > out.shape[0]  # long captions wrap onto more lines, never cut
+
+
+def _stable(ds: Dataset) -> object:
+    """A dataset's elements as plain values, without its pixels and its clock readings (dates
+    and times of creation), recursively."""
+    out: dict[str, object] = {}
+    for e in ds:
+        if e.keyword == "PixelData" or e.VR in ("DA", "TM", "DT"):
+            continue
+        out[e.keyword] = [_stable(i) for i in e.value] if e.VR == "SQ" else str(e.value)
+    return out
+
+
+@pytest.mark.parametrize("case", ["classic", "enhanced"])
+def test_unrendered_heatmaps_are_the_same_objects_but_for_pixels(case: str) -> None:
+    """The SR is built from heatmaps not drawn yet (it goes out first): each must be the image
+    drawn later in every attribute but its pixels, so the SR says what the PACS gets."""
+    if case == "classic":
+        result, outputs = make_result(mr_small()), OUT
+    else:
+        result = make_result(xa30_t1(), frames=(40, 48, 56))
+        outputs = OutputSettings(heatmaps_per_series=3)
+    drawn = build_heatmap_images(result, outputs, uid_root=None)
+    planned = build_heatmap_images(result, outputs, uid_root=None, render=False)
+    assert len(planned) == len(drawn) > 0
+    for p, d in zip(planned, drawn, strict=True):
+        assert _stable(p) == _stable(d)
+        assert len(p.PixelData) == len(d.PixelData) == d.Rows * d.Columns * 3
+        assert not any(p.PixelData) and any(d.PixelData)
+    # So the SR made from either names the same images with the same sizes.
+    from_planned = build_sr(result, planned, uid_root=None)
+    from_drawn = build_sr(result, drawn, uid_root=None)
+    assert from_planned.SOPInstanceUID == from_drawn.SOPInstanceUID
+    assert _stable(from_planned) == _stable(from_drawn)
+
+
+def test_the_warm_up_builds_a_heatmap_and_an_sr_through_the_same_constructors() -> None:
+    from node.report.sr import warm_up
+
+    sr = warm_up()
+    assert sr.SOPClassUID == SR_SOP_CLASS_UIDS["comprehensive3d"]
+    refs = {
+        str(ref.ReferencedSOPClassUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert refs == {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7"}  # MR, SC
+
+
+def _encoded_without_clock(ds: Dataset) -> bytes:
+    """The Part 10 bytes with every date and time value emptied (they read the clock)."""
+
+    def blank(items: Dataset) -> None:
+        for e in items:
+            if e.VR in ("DA", "TM", "DT"):
+                e.value = ""
+            elif e.VR == "SQ":
+                for item in e.value:
+                    blank(item)
+
+    blank(ds)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case", ["classic", "enhanced"])
+def test_the_sr_is_byte_for_byte_what_the_plain_highdicom_constructor_makes(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_sr hands highdicom's SR constructor the root container without its children (no
+    copy and re-read of the tree): the document must be the one the constructor makes from
+    the whole tree."""
+    import node.report.sr as sr_module
+    from node.report.sources import quietly
+
+    if case == "classic":
+        result, outputs = make_result(mr_small()), OUT
+    else:
+        result = make_result(xa30_t1(), frames=(40, 48, 56))
+        outputs = OutputSettings(heatmaps_per_series=3)
+    scs = build_heatmap_images(result, outputs, uid_root=None)
+    fast = build_sr(result, scs, uid_root=None)
+    monkeypatch.setattr(
+        sr_module,
+        "_document",
+        lambda cls, *, content, **kw: quietly(cls, content=content, **kw),
+    )
+    plain = build_sr(result, scs, uid_root=None)
+    assert len(fast.ContentSequence) == len(plain.ContentSequence) > 3
+    assert _encoded_without_clock(fast) == _encoded_without_clock(plain)
