@@ -227,6 +227,9 @@ class SeriesPrediction:
     weights_sha256: str = ""
     # The tumour-centred square the bundle read (rows r0:r1, cols c0:c1), None = whole slices.
     region: tuple[int, int, int, int] | None = None
+    # What the heatmaps show: "grad-cam" (a network's attention) or "lesion" (a detector's
+    # measured bright region, node.bundles.lesion).
+    map_kind: str = "grad-cam"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)

@@ -195,4 +195,5 @@ def predict_detector(
         slice_probabilities=tuple(prob for _ in indices),
         heatmaps=heatmaps,
         weights_sha256=detector.weights_sha256,
+        map_kind="lesion",
     )

@@ -189,6 +189,7 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
     if not ctx.qualifies or not ctx.routes:
         return ctx
     from node.bundles.bundle import predict_series
+    from node.bundles.detector import Detector
     from node.bundles.gradcam import key_slices, planned_heatmaps, with_heatmaps
 
     by_uid: dict[str, SeriesId] = {}
@@ -221,7 +222,8 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
         if k > 0:
             # Where the key slices are known without the maps (an axial series), the maps wait
             # for HEATMAPS, after the SR has gone out.
-            chosen = key_slices(volume, pred, top_k=k)
+            # A detector's map is its measured lesion: no network pass to defer.
+            chosen = None if isinstance(bundle, Detector) else key_slices(volume, pred, top_k=k)
             if chosen is None:
                 pred = with_heatmaps(bundle, volume, pred, top_k=k)
             else:

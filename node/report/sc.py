@@ -2,7 +2,8 @@
 
 Each image is the source slice (windowed, grey) with the attention map in colour where it is
 above CAM_THRESHOLD, and a caption band added below the slice (never over the anatomy) saying
-what it is: an attention map, not a localisation, not for diagnostic use.
+what it is: an attention map, not a localisation (a detector bundle's map: the bright region it
+measured), not for diagnostic use.
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ def _caption(finding: TaskFinding, pred: SeriesPrediction) -> tuple[str, ...]:
     return (
         f"{finding.task}: {finding.positive_label} {finding.status.value} (p={study_p})",
         f"series p={pred.probability:.0%}  model {pred.model_id} {pred.model_version}",
-        "attention map, not a localisation",
+        "measured bright region, not a diagnosis"
+        if pred.map_kind == "lesion"
+        else "attention map, not a localisation",
         NOT_FOR_DIAGNOSTIC_USE,
     )
 
@@ -210,7 +213,10 @@ def build_heatmap_images(
         sc.Laterality = src.get("Laterality", "")
         sc.ImageComments = f"{' | '.join(caption)}"[:10240]
         sc.DerivationDescription = (
-            f"Grad-CAM of {pred.model_id} {pred.model_version} over the source slice"
+            f"Lesion map of {pred.model_id} {pred.model_version} (robust z-score of the measured"
+            " region) over the source slice"
+            if pred.map_kind == "lesion"
+            else f"Grad-CAM of {pred.model_id} {pred.model_version} over the source slice"
         )
         ref = Dataset()
         ref.ReferencedSOPClassUID = hm.source.sop_class_uid

@@ -1,0 +1,74 @@
+"""The shipped detector bundles through `neuronode process`: the lesion gate measures a synthetic
+glioblastoma, its maps sit on the lesion and say what they are, and a normal brain is gated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from node.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _study(folder: Path, seed: int, phenotype: str) -> dict[str, object]:
+    from node.lab.synth import write_studies
+
+    manifest = write_studies(
+        folder,
+        studies=1,
+        seed=seed,
+        phenotypes=[phenotype],
+        vendors=["siemens"],
+        size=128,
+        slices=16,
+        distractors=False,
+    )
+    return dict(manifest.studies[0])
+
+
+def _process(tmp_path: Path, name: str, phenotype: str, seed: int) -> tuple[dict, Path]:  # type: ignore[type-arg]
+    src = tmp_path / name
+    _study(src, seed, phenotype)
+    out = tmp_path / f"{name}-out"
+    assert main(["process", str(src), "--out", str(out)]) == 0
+    (audit_path,) = out.glob("*/audit.json")
+    return json.loads(audit_path.read_text()), audit_path.parent
+
+
+@pytest.mark.parametrize("seed", [5])
+def test_the_gate_measures_a_glioblastoma_and_maps_the_lesion(tmp_path: Path, seed: int) -> None:
+    audit, folder = _process(tmp_path, "gbm", "gbm", seed)
+    preds = {p["model_id"]: p for p in audit["predictions"]}
+    assert preds["tumour_flair_detector"]["probability"] > 0.5
+    assert preds["tumour_t1c_detector"]["probability"] > 0.5
+    findings = {f["task"]: f for f in audit["findings"]}
+    assert findings["tumour"]["status"] == "present"
+    assert findings["gbm_pcnsl"]["status"] != "no-lesion"
+    maps = []
+    for path in sorted((folder / "objects").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        if str(ds.get("DerivationDescription", "")).startswith("Lesion map of tumour_"):
+            maps.append(ds)
+    assert maps, "the gate's detectors drew no lesion map"
+    for ds in maps:
+        assert "measured bright region, not a diagnosis" in str(ds.ImageComments)
+        assert "NOT FOR DIAGNOSTIC USE" in str(ds.ImageComments)
+        rgb = ds.pixel_array.astype(int)
+        # The map is drawn in colour somewhere on the slice (grey elsewhere).
+        assert np.any(np.abs(rgb[..., 0] - rgb[..., 2]) > 60)
+
+
+def test_a_normal_brain_gets_no_tumour_diagnosis(tmp_path: Path) -> None:
+    audit, _ = _process(tmp_path, "normal", "normal", 11)
+    findings = {f["task"]: f for f in audit["findings"]}
+    assert findings["tumour"]["status"] == "absent"
+    assert findings["gbm_pcnsl"]["status"] == "no-lesion"
+    assert findings["glioma_grade"]["status"] == "no-lesion"
+    assert not any(
+        p["model_id"].startswith("tumour_") and p.get("heatmaps") for p in audit["predictions"]
+    )
