@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
+import socket
 import ssl
 import threading
 import time
@@ -134,14 +136,34 @@ def _count_nothing(outcome: str, reason: str) -> None:
     return None
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    """The association server with SO_REUSEPORT: several receiver processes listen on one
+    port and the kernel spreads the connections among them (Linux; only processes of the
+    same user can join)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class Receiver:
-    """The SCP: builds the AE from the rules, stores into the spool, logs per association."""
+    """The SCP: builds the AE from the rules, stores into the spool, logs per association.
+
+    `shared_port`: listen with SO_REUSEPORT beside the node's other receiver processes.
+    """
 
     def __init__(
-        self, settings: NodeSettings, spool: Spool, *, on_store: StoreCounter | None = None
+        self,
+        settings: NodeSettings,
+        spool: Spool,
+        *,
+        on_store: StoreCounter | None = None,
+        shared_port: bool = False,
     ) -> None:
         self.settings = settings
         self.spool = spool
+        self.shared_port = shared_port
         self._count = on_store if on_store is not None else _count_nothing
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
@@ -183,7 +205,7 @@ class Receiver:
             server = self.ae.make_server(
                 address,
                 evt_handlers=handlers,
-                server_class=ThreadedAssociationServer,
+                server_class=(_SharedPortServer if self.shared_port else ThreadedAssociationServer),
                 request_handler=guarded_handler(limits, self._tls_context()),
             )
         except OSError as exc:
@@ -285,6 +307,7 @@ class Receiver:
         log.info(
             "association_summary",
             assoc_id=stats.assoc_id,
+            pid=os.getpid(),  # which receiver process (node.receiver_processes)
             calling_ae=stats.calling_ae,
             peer_host=stats.peer_host,
             n_stored=stats.n_stored,

@@ -370,8 +370,10 @@ class Spool:
         free_bytes: Callable[[Path], int] = disk_free_bytes,
         clock: Callable[[], float] = time.time,
         database_url: str | None = None,
+        shared: bool = False,
     ) -> None:
         self.root = root
+        self.shared = shared  # other processes write this spool now (receiver processes)
         self.min_free_bytes = int(min_free_disk_mb * _MB)
         self._free_bytes = free_bytes
         self._clock = clock
@@ -379,7 +381,8 @@ class Spool:
             makedirs_durable(root / sub)
         self.index = Index(root / "index.sqlite", url=database_url)
         # Temp files left by a crash were never acknowledged: drop them. On a shared spool
-        # (PostgreSQL) other receivers are writing theirs: only old ones are leftovers.
+        # (PostgreSQL, or a receiver process beside others) other receivers are writing
+        # theirs: only old ones are leftovers.
         for leftover in (root / "tmp").glob("*.part"):
             if self._abandoned(leftover):
                 leftover.unlink(missing_ok=True)
@@ -393,9 +396,9 @@ class Spool:
 
     def _abandoned(self, path: Path) -> bool:
         """Whether a file no index row names was left by a crash, not written right now by
-        another process sharing the spool (on PostgreSQL: only files older than
-        SHARED_LEFTOVER_AGE_S; the embedded index has one writer, so every such file)."""
-        if not self.index.postgres:
+        another process sharing the spool (on PostgreSQL, or opened `shared`: only files older
+        than SHARED_LEFTOVER_AGE_S; else this process is the one writer, so every such file)."""
+        if not (self.index.postgres or self.shared):
             return True
         try:
             return time.time() - path.stat().st_mtime > SHARED_LEFTOVER_AGE_S
