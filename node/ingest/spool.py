@@ -627,7 +627,12 @@ class Spool:
         results: dict[int, StoreResult] = {}
         try:
             with self.index.transaction() as db:
-                for entry in to_index:
+                if len(to_index) == 1:  # alone: a failure rolls back the whole transaction
+                    results[id(to_index[0])] = self._index_entry(db, to_index[0])
+                    to_index_each: list[_Pending] = []
+                else:
+                    to_index_each = to_index
+                for entry in to_index_each:
                     db.execute("SAVEPOINT instance")
                     try:
                         results[id(entry)] = self._index_entry(db, entry)
@@ -664,7 +669,7 @@ class Spool:
             )
         # The study row is locked before the instance takes its seq, so on a shared database
         # seqs commit in order per study (claim and re-open compare them).
-        self._lock_study(db, ref.study_uid, now=entry.now)
+        state = self._lock_study(db, ref.study_uid, now=entry.now)
         inserted = db.execute(
             "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, "
             "sop_class_uid, transfer_syntax_uid, path, size_bytes, received_at, "
@@ -693,7 +698,7 @@ class Spool:
             ).fetchone()
             assert entry.duplicate_of is not None
             return self._index_entry(db, entry)
-        self._touch_study(db, ref.study_uid, now=entry.now, seq=int(inserted["seq"]))
+        self._touch_study(db, ref.study_uid, now=entry.now, seq=int(inserted["seq"]), state=state)
         return StoreResult(
             status=StoreStatus.SUCCESS,
             instance=StoredInstance(
@@ -708,22 +713,26 @@ class Spool:
         )
 
     @staticmethod
-    def _lock_study(db: Session, study_uid: str, *, now: float) -> None:
-        """Make the study's row if it is new (receiving, no instance yet) and lock it."""
+    def _lock_study(db: Session, study_uid: str, *, now: float) -> str:
+        """Make the study's row if it is new (receiving, no instance yet), lock it, and return
+        its state."""
         db.execute(
             "INSERT INTO studies (study_uid, state, first_received_at, last_received_at, "
             "last_seq, n_instances, receiving_since) VALUES (?, ?, ?, ?, 0, 0, ?) "
             "ON CONFLICT (study_uid) DO NOTHING",
             (study_uid, StudyStatus.RECEIVING.value, now, now, now),
         )
-        db.execute("SELECT state FROM studies WHERE study_uid = ? FOR UPDATE", (study_uid,))
+        row = db.execute(
+            "SELECT state FROM studies WHERE study_uid = ? FOR UPDATE", (study_uid,)
+        ).fetchone()
+        assert row is not None  # made just now, or before
+        return str(row["state"])
 
     @staticmethod
-    def _touch_study(db: Session, study_uid: str, *, now: float, seq: int) -> None:
-        """Record a new instance on its (locked) study; a study already finished is re-opened."""
-        row = db.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
-        assert row is not None  # made by _lock_study in this transaction
-        finished = row["state"] in (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.DEAD)
+    def _touch_study(db: Session, study_uid: str, *, now: float, seq: int, state: str) -> None:
+        """Record a new instance on its study (locked, in `state`); a study already finished is
+        re-opened."""
+        finished = state in (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.DEAD)
         db.execute(
             "UPDATE studies SET last_received_at = ?, last_seq = ?, n_instances = n_instances + 1, "
             "state = CASE WHEN ? THEN ? ELSE state END, "
@@ -742,7 +751,7 @@ class Spool:
             ),
         )
         if finished:
-            log.info("study_reopened", study_key=uid_key(study_uid), state=row["state"])
+            log.info("study_reopened", study_key=uid_key(study_uid), state=state)
 
     @staticmethod
     def _reopen_given_up(db: Session, study_uid: str, *, now: float) -> None:

@@ -16,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from node.config import AllowedCaller, NodeSettings
-from node.errors import StoreStatus
+from node.errors import ConfigError, StoreStatus
 from node.ingest.receive import TRANSFER_SYNTAXES, Receiver, check_association, storage_sop_classes
 from node.ingest.spool import Spool, StoreResult
 from node.ingest.transport import TCP_QUICKACK, GuardedSocket, PduLimits
@@ -261,3 +261,38 @@ def test_receiver_connections_are_guarded(receiver: tuple[Receiver, Spool]) -> N
         assert sockets and all(isinstance(s, GuardedSocket) for s in sockets)
     finally:
         assoc.release()
+
+
+def _echo(port: int) -> int:
+    assoc = _scu().associate("127.0.0.1", port, ae_title="NEURONODE")
+    assert assoc.is_established
+    status = int(assoc.send_c_echo().Status)
+    assoc.release()
+    return status
+
+
+def test_receivers_share_a_port_only_when_asked(tmp_path: Path) -> None:
+    """node.receiver_processes: two listeners with SO_REUSEPORT on one port both start and
+    answer; a listener without it still gets "in use"; once both stop, the port is free."""
+    port = free_port()
+    spools = [Spool(tmp_path / "spool", min_free_disk_mb=0) for _ in range(2)]
+    first = Receiver(_settings(port=port), spools[0], shared_port=True)
+    second = Receiver(_settings(port=port), spools[1], shared_port=True)
+    first.start()
+    try:
+        second.start()
+        try:
+            alone = Receiver(_settings(port=port), spools[0])
+            with pytest.raises(ConfigError, match="already in use"):
+                alone.start()
+            assert [_echo(port) for _ in range(6)] == [0] * 6
+        finally:
+            second.stop(1.0)
+        assert _echo(port) == 0  # the first still answers on its own
+    finally:
+        first.stop(1.0)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT only
+        probe.bind(("127.0.0.1", port))  # nothing listens there any more
+    for spool in spools:
+        spool.close()
