@@ -331,7 +331,8 @@ def test_a_process_opening_a_shared_spool_leaves_other_receivers_writes_alone(
     second = Spool(root, min_free_disk_mb=0, database_url=database_url, shared=receiver_process)
     try:
         indexed = second.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
-        if database_url is None and not receiver_process:  # one writer: every such file is a crash's leftover
+        # One writer: every such file is a crash's leftover.
+        if database_url is None and not receiver_process:
             assert not fresh_part.exists() and not old_part.exists() and indexed == 1
         else:  # shared: only old files are; the fresh ones are another receiver's work
             assert fresh_part.exists() and not old_part.exists() and indexed == 0
