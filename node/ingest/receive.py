@@ -1,7 +1,8 @@
 """The DICOM listener: C-ECHO and C-STORE SCP with the rule file's association policy.
 
-Received bytes go to the spool exactly as they came (`event.encoded_dataset()`); the header is
-read only for the UIDs that name the file. The C-STORE handler is the one place that turns any
+Received bytes go to the spool exactly as they came, behind the File Meta Information
+pynetdicom's `event.encoded_dataset()` would give them (`part10_bytes`); the header is read
+only for the UIDs that name the file. The C-STORE handler is the one place that turns any
 unexpected error into a failure status, so one bad instance never ends the association.
 """
 
@@ -12,6 +13,7 @@ import itertools
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import uid as dcm_uid
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EncapsulatedPDFStorage,
     EnhancedMRImageStorage,
@@ -76,6 +84,60 @@ def storage_sop_classes() -> tuple[str, ...]:
         if str(uid) not in classes:
             classes.append(str(uid))
     return tuple(classes)
+
+
+# The File Meta Information written ahead of every received data set: pynetdicom's own
+# (`Event.file_meta`: these seven elements, Explicit VR Little Endian), encoded here directly.
+# pydicom's writer took about half a millisecond per instance for these few bytes.
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_META_VERSION = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"
+
+
+def _meta_text(element: int, vr: bytes, value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    if len(raw) % 2:
+        raw += pad
+    if len(raw) > 0xFFFF:
+        raise ValueError("a file meta value is too long")
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(raw)) + raw
+
+
+def part10_bytes(
+    dataset: bytes | memoryview,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+) -> bytes:
+    """A received data set as a Part 10 file: preamble, File Meta Information, the data set's
+    bytes as they came (what `event.encoded_dataset()` returns, without pydicom's writer)."""
+    body = b"".join(
+        (
+            _META_VERSION,
+            _meta_text(0x0002, b"UI", sop_class_uid, b"\x00"),
+            _meta_text(0x0003, b"UI", sop_instance_uid, b"\x00"),
+            _meta_text(0x0010, b"UI", transfer_syntax_uid, b"\x00"),
+            _meta_text(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID, b"\x00"),
+            _meta_text(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION, b" "),
+        )
+    )
+    group_length = b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(body))
+    return b"".join((_PREAMBLE, group_length, body, dataset))
+
+
+def _received_bytes(event: Any) -> bytes:
+    """The C-STORE's data set as a Part 10 file (one copy of its bytes)."""
+    request = event.request
+    view = request.DataSet.getbuffer()
+    try:
+        return part10_bytes(
+            view,
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+        )
+    finally:
+        view.release()
 
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
@@ -325,7 +387,7 @@ class Receiver:
         status: int
         try:
             result = self.spool.store(
-                event.encoded_dataset(),
+                _received_bytes(event),
                 calling_ae=calling_ae,
                 sop_class_uid=str(event.request.AffectedSOPClassUID),
             )
