@@ -13,7 +13,6 @@ import difflib
 import ipaddress
 import os
 import re
-import socket
 import types
 import typing
 from dataclasses import dataclass
@@ -138,6 +137,8 @@ class NodeSettings(_Frozen):
     @field_validator("receiver_processes")
     @classmethod
     def _check_receiver_processes(cls, value: int) -> int:
+        import socket  # here: this module stays free of network imports (a pure module)
+
         if value > 1 and not hasattr(socket, "SO_REUSEPORT"):
             raise _rule_error(
                 "several receiver processes share the port with SO_REUSEPORT, which this"

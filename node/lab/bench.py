@@ -685,9 +685,9 @@ def bench_receivers(
     """`bench_receiver` with `processes` receiver processes on the one port, as `serve` runs
     them (node.receiver_processes); yields (receiver, spool, the other processes' pids)."""
     from node.config import AllowedCaller, LoggingSettings, StorageSettings
+    from node.ingest.processes import ReceiverProcesses
     from node.ingest.receive import Receiver
     from node.ingest.spool import Spool
-    from node.service.receivers import ReceiverProcesses
 
     spool = Spool(root, min_free_disk_mb=0, database_url=database_url)
     settings = NodeSettings(

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from node.config import CompletionSettings, Rules
 from node.errors import ConfigError, JobError, NodeError
 from node.ingest.completion import EXPECTED_COUNT_SETTLE_S, all_series_complete, decide_ready
+from node.ingest.processes import ReceiverProcesses
 from node.ingest.receive import Receiver
 from node.ingest.spool import Spool, StudyProgress
 from node.log import get_logger, load_or_create_key, uid_key
@@ -49,7 +50,6 @@ from node.records import StudyJob, StudyOutcome, StudyStatus
 from node.reload import RuleFileWatcher
 from node.service.backoff import RepeatedError
 from node.service.lock import lock_spool, os_reason, prepare_spool_dir
-from node.service.receivers import ReceiverProcesses
 from node.service.senders import SENDER_IDLE_S, SENDER_INTERVAL_S, Senders
 from node.service.workers import KILL_GRACE_S, InProcessWorker, Processor, ProcessWorker, WorkerDied
 from node.store.db import DatabaseError, SchemaError

@@ -74,7 +74,7 @@ def test_study_split_across_receiver_processes_completes_once(
     node.start()
     assert node.proc is not None
     node.wait_for(lambda: "receiver_process_listening" in node.logs())
-    receivers = [p for p in _children(node.proc.pid) if "node.service.receivers" in _cmdline(p)]
+    receivers = [p for p in _children(node.proc.pid) if "node.ingest.processes" in _cmdline(p)]
     assert len(receivers) == 1, "one receiver process beside the node's own receiver"
     folder = tmp_path / "study"
     folder.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -458,7 +459,7 @@ def test_receiver_processes_key(
         assert cmd_check(CheckArgs(rules_file=f, skip_bundle_check=True)) == 1
         out = capsys.readouterr().out.splitlines()
         assert out[0].startswith(f"{f}:3: node.receiver_processes: Input should be {why}")
-    monkeypatch.delattr(config.socket, "SO_REUSEPORT")
+    monkeypatch.delattr(socket, "SO_REUSEPORT")
     f.write_text("node:\n  receiver_processes: 2\n")
     assert cmd_check(CheckArgs(rules_file=f, skip_bundle_check=True)) == 1
     out = capsys.readouterr().out.splitlines()

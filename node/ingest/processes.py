@@ -1,7 +1,7 @@
 """More receiver processes on the node's DICOM port: C-STORE beyond one interpreter's GIL.
 
 With `node.receiver_processes: N` (N > 1) the node's own receiver listens with SO_REUSEPORT and
-N - 1 children ``python -m node.service.receivers --fd F`` listen on the same port; Linux hands
+N - 1 children ``python -m node.ingest.processes --fd F`` listen on the same port; Linux hands
 each new connection to one of them. Each child is a whole receiver: the same rules (allowed
 callers, TLS, PDU limits), its own `Spool` on the same spool folder and index (SQLite in WAL
 with a busy wait: every write is one BEGIN IMMEDIATE transaction, so processes take turns;
@@ -91,7 +91,7 @@ class _Child:
         self.index = index
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node.service.receivers", "--fd", str(child.fileno())],
+                [sys.executable, "-m", "node.ingest.processes", "--fd", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 close_fds=True,
             )
@@ -314,8 +314,8 @@ def serve(conn: Connection) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m node.service.receivers --fd N``."""
-    parser = argparse.ArgumentParser(prog="python -m node.service.receivers")
+    """Entry point of ``python -m node.ingest.processes --fd N``."""
+    parser = argparse.ArgumentParser(prog="python -m node.ingest.processes")
     parser.add_argument("--fd", type=int, required=True, help="this process's end of the pipe")
     args = parser.parse_args(argv)
     _die_with_parent()
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the imported module's main: the node pickles the messages with
-    # node.service.receivers' classes, and isinstance must see those.
-    from node.service import receivers
+    # node.ingest.processes' classes, and isinstance must see those.
+    from node.ingest import processes
 
-    sys.exit(receivers.main())
+    sys.exit(processes.main())
