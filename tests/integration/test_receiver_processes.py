@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import urllib.request
 from collections.abc import Callable
@@ -110,6 +111,18 @@ def test_study_split_across_receiver_processes_completes_once(
     node.wait_for(lambda: node.query("SELECT COUNT(*) FROM jobs")[0][0] >= 1)
     assert node.query("SELECT COUNT(*) FROM jobs WHERE study_uid = ?", (STUDY,)) == [(1,)]
     assert _received_total(_http_port(node)) == N_INSTANCES
+    # A receiver process that dies is started again.
+    os.kill(receivers[0], signal.SIGKILL)
+
+    def replaced() -> bool:
+        assert node.proc is not None
+        now = [p for p in _children(node.proc.pid) if "node.ingest.processes" in _cmdline(p)]
+        return len(now) == 1 and now[0] != receivers[0]
+
+    node.wait_for(replaced)
+    node.wait_for(lambda: node.logs().count("receiver_process_listening") == 2)
+    assert "receiver_process_died" in node.logs()
+    receivers = [p for p in _children(node.proc.pid) if "node.ingest.processes" in _cmdline(p)]
     # The node's stop ends its receiver processes too.
     assert node.stop() == 0
     for pid in receivers:

@@ -380,3 +380,34 @@ def test_pynetdicom_reads_a_pdu_body_in_few_calls_and_stops_at_its_end() -> None
         cli.shutdown(socket.SHUT_WR)
         assert bytes(wrapper.recv(6)) == b""  # the peer closed: what came, here nothing
     assert issubclass(_WholeReadSocket, AssociationSocket)
+
+
+@pytest.mark.parametrize(
+    ("status", "message_id", "sop_class", "sop_instance"),
+    [
+        (0x0000, 1, MRImageStorage, "1.2.3.4"),  # even UIDs
+        (0xA700, 65535, "1.2.840.10008.5.1.4.1.1.4.1", "1.2.3.45"),  # odd UIDs
+        (0xC000, 7, None, None),  # no UIDs (a response to a malformed request)
+    ],
+)
+def test_store_response_is_encoded_as_pynetdicom_would(
+    status: int, message_id: int, sop_class: str | None, sop_instance: str | None
+) -> None:
+    """The C-STORE-RSP command set encoded directly is byte for byte pynetdicom's (pydicom's
+    writer); one with an error comment is left to pynetdicom."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from node.ingest.transport import encode_store_response
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.Status = status
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = sop_instance
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    assert encode_store_response(rsp) == encode(msg.command_set, True, True)
+    rsp.ErrorComment = "refused"
+    assert encode_store_response(rsp) is None
