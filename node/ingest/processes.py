@@ -188,7 +188,11 @@ class ReceiverProcesses:
             if not by_conn:
                 self._stopping.wait(RESTART_S)
                 continue
-            for conn in wait(list(by_conn), timeout=0.5):
+            try:
+                ready = wait(list(by_conn), timeout=0.5)
+            except (OSError, ValueError):  # a pipe closed meanwhile (stopping, or replaced)
+                continue
+            for conn in ready:
                 child = by_conn[conn]  # type: ignore[index]
                 try:
                     msg = child.conn.recv()

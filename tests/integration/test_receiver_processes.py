@@ -131,3 +131,33 @@ def test_study_split_across_receiver_processes_completes_once(
             or not os.path.exists(f"/proc/{pid}/status")
             or ("Z" in Path(f"/proc/{pid}/status").read_text().split("State:")[1][:4])
         ), "a receiver process outlived the node"
+
+
+def test_a_receiver_process_that_cannot_listen_is_a_clear_error(tmp_path: Path) -> None:
+    """A port another program holds (without SO_REUSEPORT): the child says why, start() raises
+    the ConfigError naming node.port, and no child is left running."""
+    import socket
+
+    from node.config import LoggingSettings, NodeSettings, Rules, StorageSettings
+    from node.errors import ConfigError
+    from node.ingest.processes import ReceiverProcesses
+    from node.lab.orthanc import free_port
+
+    port = free_port()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        rules = Rules(
+            node=NodeSettings(port=port, receiver_processes=2),
+            storage=StorageSettings(spool_dir=tmp_path / "spool", min_free_disk_mb=0),
+            logging=LoggingSettings(format="json", level="warning"),
+            tasks={},
+        )
+        counted: list[tuple[str, str]] = []
+        procs = ReceiverProcesses(
+            rules, port=port, log_key=b"k" * 32, on_store=lambda o, r: counted.append((o, r))
+        )
+        with pytest.raises(ConfigError, match=f"node.port: port {port} is already in use"):
+            procs.start()
+        assert procs.pids == ()
+    assert counted == []
