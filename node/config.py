@@ -111,6 +111,9 @@ class NodeTls(_Frozen):
     ca_file: Path | None = None
 
 
+RECEIVER_PROCESSES_DEFAULT = 1
+
+
 class NodeSettings(_Frozen):
     """Our DICOM identity and association policy."""
 
@@ -124,9 +127,25 @@ class NodeSettings(_Frozen):
     network_timeout_s: float = Field(default=60.0, gt=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     tls: NodeTls | None = None  # None: the listener speaks plain DICOM
+    # Processes answering C-STORE on the one port (SO_REUSEPORT, Linux): each has its own
+    # interpreter (no shared GIL) and its own group commit; max_associations is per process.
+    receiver_processes: int = Field(default=RECEIVER_PROCESSES_DEFAULT, ge=1, le=16)
 
     _ae = field_validator("ae_title")(_check_ae_title)
     _bind = field_validator("bind_address")(_check_bind_address)
+
+    @field_validator("receiver_processes")
+    @classmethod
+    def _check_receiver_processes(cls, value: int) -> int:
+        import socket  # here: this module stays free of network imports (a pure module)
+
+        if value > 1 and not hasattr(socket, "SO_REUSEPORT"):
+            raise _rule_error(
+                "several receiver processes share the port with SO_REUSEPORT, which this"
+                " system does not have",
+                "receiver_processes: 1",
+            )
+        return value
 
 
 HTTP_TOKEN_MIN_CHARS = 16

@@ -289,6 +289,7 @@ class BenchArgs:
     out: Path | None
     repeat: int
     ingest_instances: int
+    receiver_processes: int | None
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -308,6 +309,13 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         default=200,
         metavar="N",
         help="ingest: 512x512 MR instances per run (default 200; issue 15 measured 600)",
+    )
+    p.add_argument(
+        "--receiver-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ingest: the node's receiver processes (default: node.receiver_processes' default)",
     )
 
 

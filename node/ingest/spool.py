@@ -370,8 +370,10 @@ class Spool:
         free_bytes: Callable[[Path], int] = disk_free_bytes,
         clock: Callable[[], float] = time.time,
         database_url: str | None = None,
+        shared: bool = False,
     ) -> None:
         self.root = root
+        self.shared = shared  # other processes write this spool now (receiver processes)
         self.min_free_bytes = int(min_free_disk_mb * _MB)
         self._free_bytes = free_bytes
         self._clock = clock
@@ -379,7 +381,8 @@ class Spool:
             makedirs_durable(root / sub)
         self.index = Index(root / "index.sqlite", url=database_url)
         # Temp files left by a crash were never acknowledged: drop them. On a shared spool
-        # (PostgreSQL) other receivers are writing theirs: only old ones are leftovers.
+        # (PostgreSQL, or a receiver process beside others) other receivers are writing
+        # theirs: only old ones are leftovers.
         for leftover in (root / "tmp").glob("*.part"):
             if self._abandoned(leftover):
                 leftover.unlink(missing_ok=True)
@@ -393,9 +396,9 @@ class Spool:
 
     def _abandoned(self, path: Path) -> bool:
         """Whether a file no index row names was left by a crash, not written right now by
-        another process sharing the spool (on PostgreSQL: only files older than
-        SHARED_LEFTOVER_AGE_S; the embedded index has one writer, so every such file)."""
-        if not self.index.postgres:
+        another process sharing the spool (on PostgreSQL, or opened `shared`: only files older
+        than SHARED_LEFTOVER_AGE_S; else this process is the one writer, so every such file)."""
+        if not (self.index.postgres or self.shared):
             return True
         try:
             return time.time() - path.stat().st_mtime > SHARED_LEFTOVER_AGE_S
@@ -624,7 +627,12 @@ class Spool:
         results: dict[int, StoreResult] = {}
         try:
             with self.index.transaction() as db:
-                for entry in to_index:
+                if len(to_index) == 1:  # alone: a failure rolls back the whole transaction
+                    results[id(to_index[0])] = self._index_entry(db, to_index[0])
+                    to_index_each: list[_Pending] = []
+                else:
+                    to_index_each = to_index
+                for entry in to_index_each:
                     db.execute("SAVEPOINT instance")
                     try:
                         results[id(entry)] = self._index_entry(db, entry)
@@ -661,7 +669,7 @@ class Spool:
             )
         # The study row is locked before the instance takes its seq, so on a shared database
         # seqs commit in order per study (claim and re-open compare them).
-        self._lock_study(db, ref.study_uid, now=entry.now)
+        state = self._lock_study(db, ref.study_uid, now=entry.now)
         inserted = db.execute(
             "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, "
             "sop_class_uid, transfer_syntax_uid, path, size_bytes, received_at, "
@@ -690,7 +698,7 @@ class Spool:
             ).fetchone()
             assert entry.duplicate_of is not None
             return self._index_entry(db, entry)
-        self._touch_study(db, ref.study_uid, now=entry.now, seq=int(inserted["seq"]))
+        self._touch_study(db, ref.study_uid, now=entry.now, seq=int(inserted["seq"]), state=state)
         return StoreResult(
             status=StoreStatus.SUCCESS,
             instance=StoredInstance(
@@ -705,22 +713,26 @@ class Spool:
         )
 
     @staticmethod
-    def _lock_study(db: Session, study_uid: str, *, now: float) -> None:
-        """Make the study's row if it is new (receiving, no instance yet) and lock it."""
+    def _lock_study(db: Session, study_uid: str, *, now: float) -> str:
+        """Make the study's row if it is new (receiving, no instance yet), lock it, and return
+        its state."""
         db.execute(
             "INSERT INTO studies (study_uid, state, first_received_at, last_received_at, "
             "last_seq, n_instances, receiving_since) VALUES (?, ?, ?, ?, 0, 0, ?) "
             "ON CONFLICT (study_uid) DO NOTHING",
             (study_uid, StudyStatus.RECEIVING.value, now, now, now),
         )
-        db.execute("SELECT state FROM studies WHERE study_uid = ? FOR UPDATE", (study_uid,))
+        row = db.execute(
+            "SELECT state FROM studies WHERE study_uid = ? FOR UPDATE", (study_uid,)
+        ).fetchone()
+        assert row is not None  # made just now, or before
+        return str(row["state"])
 
     @staticmethod
-    def _touch_study(db: Session, study_uid: str, *, now: float, seq: int) -> None:
-        """Record a new instance on its (locked) study; a study already finished is re-opened."""
-        row = db.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
-        assert row is not None  # made by _lock_study in this transaction
-        finished = row["state"] in (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.DEAD)
+    def _touch_study(db: Session, study_uid: str, *, now: float, seq: int, state: str) -> None:
+        """Record a new instance on its study (locked, in `state`); a study already finished is
+        re-opened."""
+        finished = state in (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.DEAD)
         db.execute(
             "UPDATE studies SET last_received_at = ?, last_seq = ?, n_instances = n_instances + 1, "
             "state = CASE WHEN ? THEN ? ELSE state END, "
@@ -739,7 +751,7 @@ class Spool:
             ),
         )
         if finished:
-            log.info("study_reopened", study_key=uid_key(study_uid), state=row["state"])
+            log.info("study_reopened", study_key=uid_key(study_uid), state=state)
 
     @staticmethod
     def _reopen_given_up(db: Session, study_uid: str, *, now: float) -> None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from node.config import NodeSettings, Rules, TaskSettings
+from node.config import RECEIVER_PROCESSES_DEFAULT, NodeSettings, Rules, TaskSettings
 from node.errors import ConfigError, ModelUnavailable
 from node.lab.orthanc import free_port
 from node.log import configure
@@ -95,6 +95,7 @@ class BenchSettings:
     # The stock-sender comparison's instances: 112 KB, the size at which Nagle's algorithm
     # and delayed ACKs cost the most (issue 15).
     nagle_size: int = 236
+    receiver_processes: int = RECEIVER_PROCESSES_DEFAULT  # `ingest`: node.receiver_processes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -673,7 +674,18 @@ def _store_rates(work: Path, datasets: Sequence[Any]) -> tuple[float, float]:
 def bench_receiver(root: Path, *, database_url: str | None = None) -> Iterator[tuple[Any, Any]]:
     """A fresh spool under `root` and the node's Receiver on a free port (AE NEURONODE, caller
     STORESCU on loopback), started; yields (receiver, spool), stops the receiver after."""
-    from node.config import AllowedCaller
+    with bench_receivers(root, database_url=database_url) as (rx, spool, _pids):
+        yield rx, spool
+
+
+@contextlib.contextmanager
+def bench_receivers(
+    root: Path, *, database_url: str | None = None, processes: int = 1
+) -> Iterator[tuple[Any, Any, tuple[int, ...]]]:
+    """`bench_receiver` with `processes` receiver processes on the one port, as `serve` runs
+    them (node.receiver_processes); yields (receiver, spool, the other processes' pids)."""
+    from node.config import AllowedCaller, LoggingSettings, StorageSettings
+    from node.ingest.processes import ReceiverProcesses
     from node.ingest.receive import Receiver
     from node.ingest.spool import Spool
 
@@ -682,12 +694,27 @@ def bench_receiver(root: Path, *, database_url: str | None = None) -> Iterator[t
         ae_title="NEURONODE",
         port=free_port(),
         allowed_callers=(AllowedCaller(ae_title="STORESCU", host="127.0.0.1"),),
+        receiver_processes=processes,
     )
-    rx = Receiver(settings, spool)
+    rx = Receiver(settings, spool, shared_port=processes > 1)
     rx.start()
+    others = None
     try:
-        yield rx, spool
+        if processes > 1:
+            rules = Rules(
+                node=settings,
+                storage=StorageSettings(spool_dir=root, min_free_disk_mb=0),
+                logging=LoggingSettings(format="json", level="warning"),
+                tasks={},
+            )
+            others = ReceiverProcesses(
+                rules, port=rx.port, log_key=b"bench" * 8, on_store=lambda _o, _r: None
+            )
+            others.start()
+        yield rx, spool, others.pids if others is not None else ()
     finally:
+        if others is not None:
+            others.stop(2.0)
         rx.stop(2.0)
 
 
@@ -838,9 +865,11 @@ def _process_cpu_s(pid: int | None = None) -> float:
 
 @dataclass(slots=True)
 class _IngestNode:
-    """A Receiver + Spool on a fresh spool folder per run (the same instances every run)."""
+    """A Receiver + Spool on a fresh spool folder per run (the same instances every run), with
+    `processes` receiver processes on its port as `serve` runs them (node.receiver_processes)."""
 
     work: Path
+    processes: int = 1
     runs: int = 0
     # associations -> [group commits, instances they carried], over every run
     grouping: dict[int, list[int]] = field(default_factory=dict)
@@ -852,22 +881,25 @@ class _IngestNode:
 
     def rate(self, paths: Sequence[Path], *, associations: int, nodelay: bool) -> float:
         self.runs += 1
-        with bench_receiver(self.work / f"spool_{self.runs}") as (rx, spool):
-            cpu0 = _process_cpu_s()
+        root = self.work / f"spool_{self.runs}"
+        with bench_receivers(root, processes=self.processes) as (rx, spool, pids):
+            cpu0 = _process_cpu_s() + sum(_process_cpu_s(p) for p in pids)
             rate = storescu_rate(
                 rx.port, "NEURONODE", paths, associations=associations, nodelay=nodelay
             )
+            cpu1 = _process_cpu_s() + sum(_process_cpu_s(p) for p in pids)
         if nodelay:
-            cpu_ms = (_process_cpu_s() - cpu0) * 1000 / len(paths)
+            cpu_ms = (cpu1 - cpu0) * 1000 / len(paths)
             self.cpu_ms.setdefault(associations, []).append(cpu_ms)
         n = spool.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
         tally = self.grouping.setdefault(associations, [0, 0])
+        # This process's group commits (the other processes' are not seen from here).
         tally[0] += spool.groups.groups
         tally[1] += spool.groups.instances
         spool.close()
         if n != len(paths):
             raise ConfigError(f"benchmark: the node indexed {n} of {len(paths)} instances")
-        shutil.rmtree(self.work / f"spool_{self.runs}", ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
         return rate
 
 
@@ -930,7 +962,7 @@ def bench_ingest(work: Path, settings: BenchSettings) -> tuple[BenchRecord, ...]
     small = write_ingest_instances(
         work / "ingest_small", settings.ingest_instances, settings.nagle_size
     )
-    node = _IngestNode(work / "ingest_node")
+    node = _IngestNode(work / "ingest_node", processes=settings.receiver_processes)
     # Orthanc's dcmtk reads TCP_NODELAY too: without it Orthanc answers each C-STORE behind
     # Nagle (about 20 instances/s); the reference is Orthanc at its best.
     before = os.environ.get("TCP_NODELAY")
@@ -989,6 +1021,7 @@ def bench_ingest(work: Path, settings: BenchSettings) -> tuple[BenchRecord, ...]
         ("mb", round(mb, 1)),
         ("rounds", len(figures["node1"])),
         ("sender", "dcmtk storescu, TCP_NODELAY=1"),
+        ("receiver_processes", settings.receiver_processes),
     )
     records = []
     for assoc in (1, 4):
@@ -1217,6 +1250,10 @@ def cmd_bench(args: BenchArgs) -> int:
     if args.ingest_instances < 1:
         raise ConfigError("--ingest-instances must be at least 1")
     settings = replace(BenchSettings(), repeat=repeat, ingest_instances=args.ingest_instances)
+    if args.receiver_processes is not None:
+        if not 1 <= args.receiver_processes <= 16:
+            raise ConfigError("--receiver-processes must be 1 to 16")
+        settings = replace(settings, receiver_processes=args.receiver_processes)
     torch.set_num_threads(2)
     host = machine()
     print(

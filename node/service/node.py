@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 from node.config import CompletionSettings, Rules
 from node.errors import ConfigError, JobError, NodeError
 from node.ingest.completion import EXPECTED_COUNT_SETTLE_S, all_series_complete, decide_ready
+from node.ingest.processes import ReceiverProcesses
 from node.ingest.receive import Receiver
 from node.ingest.spool import Spool, StudyProgress
 from node.log import get_logger, load_or_create_key, uid_key
@@ -180,7 +181,13 @@ class Node:
             log.warning("test_delay_active", duration_ms=round(float(delay) * 1000))
             self.processor = _with_test_delay(self.processor, float(delay))
         self.metrics = NodeMetrics()
-        self.receiver = Receiver(rules.node, self.spool, on_store=self._count_store)
+        self.receiver = Receiver(
+            rules.node,
+            self.spool,
+            on_store=self._count_store,
+            shared_port=rules.node.receiver_processes > 1,
+        )
+        self.receivers: ReceiverProcesses | None = None  # the other receiver processes
         self.web: WebServer | None = None
         # Every role serves its own /healthz and /metrics (probes, scrapes). `serve` builds
         # the HTTP server after the DICOM listener opens (`web_after_dicom`): its web stack
@@ -270,6 +277,8 @@ class Node:
                 log.warning("orphaned_jobs_released", count=n)
         if Role.RECEIVER in self.roles:
             self.receiver.start()  # C-ECHO and C-STORE are answered from here on
+            if self.rules.node.receiver_processes > 1:
+                self._start_receivers()
         if Role.SENDER in self.roles:
             # The outbox (and the DICOM writers it loads) is ready before the first scrape.
             self.senders.park_unknown(starting=True)
@@ -294,6 +303,18 @@ class Node:
             mode="all" if self.roles == ALL_ROLES else ",".join(sorted(self.roles)),
         )
 
+    def _start_receivers(self) -> None:
+        """The other receiver processes, on the port the node's own receiver holds."""
+        receivers = ReceiverProcesses(
+            self.rules, port=self.receiver.port, log_key=self._log_key(), on_store=self._count_store
+        )
+        try:
+            receivers.start()
+        except ConfigError:
+            self.receiver.stop(0.0)
+            raise
+        self.receivers = receivers
+
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
@@ -306,7 +327,13 @@ class Node:
         self._stop.set()  # the scheduler and the workers take no new work
         self._wake_all()
         if Role.RECEIVER in self.roles:
+            others = None
+            if self.receivers is not None:  # they stop side by side with our own receiver
+                others = threading.Thread(target=self.receivers.stop, args=(grace_s,))
+                others.start()
             self.receiver.stop(grace_s)
+            if others is not None:
+                others.join()
         # A worker process still busy at the deadline is stopped (SIGTERM, then SIGKILL).
         join_until = self._stop_deadline + KILL_GRACE_S + 1.0
         for t in self._threads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -440,3 +441,29 @@ destinations: [{kind: dicom, name: pacs, ae_title: PACS, host: 10.0.0.1, port: 1
     assert "MR1@10.0.0.9; unknown callers rejected" in s
     assert "pacs (C-STORE PACS@10.0.0.1:11112)" in s
     assert "gbm_pcnsl: glioblastoma vs primary CNS lymphoma from T1C -> t1c (weight 1)" in s
+
+
+def test_receiver_processes_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """node.receiver_processes: 1 to 16 (the default when absent); `neuronode check` names a
+    bad value with its line; more than one needs SO_REUSEPORT, which a system may lack."""
+    import node.config as config
+
+    f = tmp_path / "r.yaml"
+    assert Rules().node.receiver_processes == config.RECEIVER_PROCESSES_DEFAULT
+    f.write_text("node:\n  receiver_processes: 4\n")
+    assert load_rules(f).node.receiver_processes == 4
+    for bad, why in ((0, "greater than or equal to 1"), (17, "less than or equal to 16")):
+        f.write_text(f"node:\n  ae_title: NEURONODE\n  receiver_processes: {bad}\n")
+        assert cmd_check(CheckArgs(rules_file=f, skip_bundle_check=True)) == 1
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"{f}:3: node.receiver_processes: Input should be {why}")
+    monkeypatch.delattr(socket, "SO_REUSEPORT")
+    f.write_text("node:\n  receiver_processes: 2\n")
+    assert cmd_check(CheckArgs(rules_file=f, skip_bundle_check=True)) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{f}:2: node.receiver_processes: several receiver processes")
+    assert "SO_REUSEPORT" in out[0] and "receiver_processes: 1" in out[0]
+    f.write_text("node:\n  receiver_processes: 1\n")
+    assert load_rules(f).node.receiver_processes == 1

@@ -16,8 +16,14 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from node.config import AllowedCaller, NodeSettings
-from node.errors import StoreStatus
-from node.ingest.receive import TRANSFER_SYNTAXES, Receiver, check_association, storage_sop_classes
+from node.errors import ConfigError, StoreStatus
+from node.ingest.receive import (
+    TRANSFER_SYNTAXES,
+    Receiver,
+    check_association,
+    part10_bytes,
+    storage_sop_classes,
+)
 from node.ingest.spool import Spool, StoreResult
 from node.ingest.transport import TCP_QUICKACK, GuardedSocket, PduLimits
 from node.lab.orthanc import free_port
@@ -261,3 +267,147 @@ def test_receiver_connections_are_guarded(receiver: tuple[Receiver, Spool]) -> N
         assert sockets and all(isinstance(s, GuardedSocket) for s in sockets)
     finally:
         assoc.release()
+
+
+def _echo(port: int) -> int:
+    assoc = _scu().associate("127.0.0.1", port, ae_title="NEURONODE")
+    assert assoc.is_established
+    status = int(assoc.send_c_echo().Status)
+    assoc.release()
+    return status
+
+
+def test_receivers_share_a_port_only_when_asked(tmp_path: Path) -> None:
+    """node.receiver_processes: two listeners with SO_REUSEPORT on one port both start and
+    answer; a listener without it still gets "in use"; once both stop, the port is free."""
+    port = free_port()
+    spools = [Spool(tmp_path / "spool", min_free_disk_mb=0) for _ in range(2)]
+    first = Receiver(_settings(port=port), spools[0], shared_port=True)
+    second = Receiver(_settings(port=port), spools[1], shared_port=True)
+    first.start()
+    try:
+        second.start()
+        try:
+            alone = Receiver(_settings(port=port), spools[0])
+            with pytest.raises(ConfigError, match="already in use"):
+                alone.start()
+            assert [_echo(port) for _ in range(6)] == [0] * 6
+        finally:
+            second.stop(1.0)
+        assert _echo(port) == 0  # the first still answers on its own
+    finally:
+        first.stop(1.0)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT only
+        probe.bind(("127.0.0.1", port))  # nothing listens there any more
+    for spool in spools:
+        spool.close()
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        (MRImageStorage, "1.2.3.4", dcm_uid.ExplicitVRLittleEndian),  # even lengths
+        ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.3.45", dcm_uid.ImplicitVRLittleEndian),  # odd
+        (MRImageStorage, "1.2." + "9" * 60, dcm_uid.JPEG2000Lossless),  # 64 characters
+    ],
+)
+def test_part10_bytes_are_pynetdicoms_file_meta_and_the_data_set(
+    sop_class: str, sop_instance: str, syntax: str
+) -> None:
+    """The File Meta Information encoded directly is byte for byte what pynetdicom's
+    `event.encoded_dataset()` writes (pydicom's writer), followed by the data set as sent."""
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    data = b"\x08\x00\x16\x00UI\x04\x001.2\x00"
+    expected = b"".join(
+        (
+            b"\x00" * 128,
+            b"DICM",
+            encode_file_meta(
+                create_file_meta(
+                    sop_class_uid=dcm_uid.UID(sop_class),
+                    sop_instance_uid=dcm_uid.UID(sop_instance),
+                    transfer_syntax=dcm_uid.UID(syntax),
+                )
+            ),
+            data,
+        )
+    )
+    got = part10_bytes(
+        memoryview(data),
+        sop_class_uid=str(sop_class),
+        sop_instance_uid=sop_instance,
+        transfer_syntax_uid=str(syntax),
+    )
+    assert got == expected
+    meta = pydicom.dcmread(pydicom.filebase.DicomBytesIO(got), force=True).file_meta
+    assert meta.MediaStorageSOPInstanceUID == sop_instance
+    assert meta.TransferSyntaxUID == syntax
+
+
+def test_pynetdicom_reads_a_pdu_body_in_few_calls_and_stops_at_its_end() -> None:
+    """The connection wrapper asks for the rest of the PDU in each read (not 4 KiB at a
+    time), yet the next PDU stays in the socket for select(), as with pynetdicom's own."""
+    from pynetdicom.transport import AssociationSocket
+
+    from node.ingest.transport import _WholeReadSocket
+
+    cli, guarded = _accepted_pair(PduLimits(network_timeout_s=5, max_pdu_bytes=0))
+    body = bytes(range(256)) * 1200  # 300 KiB
+    first = struct.pack(">BBL", 0x04, 0, len(body)) + body
+    second = struct.pack(">BBL", 0x04, 0, 3) + b"xyz"
+    calls: list[int] = []
+
+    class Counting(GuardedSocket):
+        def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+            calls.append(buflen)
+            return super().recv(buflen, flags)
+
+    guarded.__class__ = Counting
+    wrapper = _WholeReadSocket.__new__(_WholeReadSocket)
+    wrapper.socket = guarded
+    with cli, guarded:
+        cli.sendall(first + second)
+        assert bytes(wrapper.recv(6)) == first[:6]
+        calls.clear()
+        assert bytes(wrapper.recv(len(body))) == body
+        assert 1 <= len(calls) <= 12  # pynetdicom's own: 75 calls for 300 KiB
+        assert calls[0] == len(body)
+        assert select.select([guarded], [], [], 5)[0] == [guarded]
+        assert bytes(wrapper.recv(6)) == second[:6]
+        assert bytes(wrapper.recv(3)) == b"xyz"
+        cli.shutdown(socket.SHUT_WR)
+        assert bytes(wrapper.recv(6)) == b""  # the peer closed: what came, here nothing
+    assert issubclass(_WholeReadSocket, AssociationSocket)
+
+
+@pytest.mark.parametrize(
+    ("status", "message_id", "sop_class", "sop_instance"),
+    [
+        (0x0000, 1, MRImageStorage, "1.2.3.4"),  # even UIDs
+        (0xA700, 65535, "1.2.840.10008.5.1.4.1.1.4.1", "1.2.3.45"),  # odd UIDs
+        (0xC000, 7, None, None),  # no UIDs (a response to a malformed request)
+    ],
+)
+def test_store_response_is_encoded_as_pynetdicom_would(
+    status: int, message_id: int, sop_class: str | None, sop_instance: str | None
+) -> None:
+    """The C-STORE-RSP command set encoded directly is byte for byte pynetdicom's (pydicom's
+    writer); one with an error comment is left to pynetdicom."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from node.ingest.transport import encode_store_response
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.Status = status
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = sop_instance
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    assert encode_store_response(rsp) == encode(msg.command_set, True, True)
+    rsp.ErrorComment = "refused"
+    assert encode_store_response(rsp) is None

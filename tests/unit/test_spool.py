@@ -310,9 +310,12 @@ def test_truncated_or_corrupted_bytes_never_raise(spool: Spool) -> None:
     )
 
 
+@pytest.mark.parametrize("receiver_process", [False, True])
 def test_a_process_opening_a_shared_spool_leaves_other_receivers_writes_alone(
-    tmp_path: Path, database_url: str | None
+    tmp_path: Path, database_url: str | None, receiver_process: bool
 ) -> None:
+    """A spool on PostgreSQL, or opened by one of several receiver processes (`shared`), is
+    written by others right now: only old unindexed files are a crash's leftovers."""
     root = tmp_path / "spool"
     first = Spool(root, min_free_disk_mb=0, database_url=database_url)
     first.close()
@@ -325,10 +328,11 @@ def test_a_process_opening_a_shared_spool_leaves_other_receivers_writes_alone(
     orphan.write_bytes(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"))
     long_ago = time.time() - SHARED_LEFTOVER_AGE_S - 60
     os.utime(old_part, (long_ago, long_ago))
-    second = Spool(root, min_free_disk_mb=0, database_url=database_url)
+    second = Spool(root, min_free_disk_mb=0, database_url=database_url, shared=receiver_process)
     try:
         indexed = second.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
-        if database_url is None:  # one writer: every such file is a crash's leftover
+        # One writer: every such file is a crash's leftover.
+        if database_url is None and not receiver_process:
             assert not fresh_part.exists() and not old_part.exists() and indexed == 1
         else:  # shared: only old files are; the fresh ones are another receiver's work
             assert fresh_part.exists() and not old_part.exists() and indexed == 0
