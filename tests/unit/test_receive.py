@@ -409,5 +409,5 @@ def test_store_response_is_encoded_as_pynetdicom_would(
     msg = C_STORE_RSP()
     msg.primitive_to_message(rsp)
     assert encode_store_response(rsp) == encode(msg.command_set, True, True)
-    rsp.ErrorComment = "refused"
+    setattr(rsp, "ErrorComment", "refused")  # noqa: B010 (typed None in pynetdicom)
     assert encode_store_response(rsp) is None
