@@ -63,12 +63,29 @@ def test_the_gate_measures_a_glioblastoma_and_maps_the_lesion(tmp_path: Path, se
         assert np.any(np.abs(rgb[..., 0] - rgb[..., 2]) > 60)
 
 
-def test_a_normal_brain_gets_no_tumour_diagnosis(tmp_path: Path) -> None:
-    audit, _ = _process(tmp_path, "normal", "normal", 11)
+def test_a_gate_that_finds_no_lesion_stops_the_diagnoses(tmp_path: Path) -> None:
+    """Served path of the gate: with a band that calls this glioblastoma 'absent', gbm_pcnsl and
+    glioma_grade say no lesion found, with no probability and no heatmaps of their own."""
+    import yaml
+
+    rules = yaml.safe_load((REPO / "routing_rules" / "default.yaml").read_text())
+    rules["models_dir"] = str(REPO / "models")
+    rules["tasks"]["tumour"]["indeterminate_band"] = [0.999999, 0.9999999]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    src = tmp_path / "gbm"
+    _study(src, 5, "gbm")
+    out = tmp_path / "out"
+    assert main(["process", str(src), "--out", str(out), "--rules", str(path)]) == 0
+    (audit_path,) = out.glob("*/audit.json")
+    audit = json.loads(audit_path.read_text())
     findings = {f["task"]: f for f in audit["findings"]}
     assert findings["tumour"]["status"] == "absent"
-    assert findings["gbm_pcnsl"]["status"] == "no-lesion"
-    assert findings["glioma_grade"]["status"] == "no-lesion"
-    assert not any(
-        p["model_id"].startswith("tumour_") and p.get("heatmaps") for p in audit["predictions"]
-    )
+    for task in ("gbm_pcnsl", "glioma_grade"):
+        assert findings[task]["status"] == "no-lesion"
+        assert findings[task]["probability"] is None
+    captions = [
+        str(pydicom.dcmread(p).get("DerivationDescription", ""))
+        for p in (audit_path.parent / "objects").glob("*.dcm")
+    ]
+    assert not any("gbm_pcnsl" in c or "glioma_grade" in c for c in captions)

@@ -55,8 +55,8 @@ def test_tubers_is_off_by_default_and_not_routed() -> None:
 def test_full_study_default_routes() -> None:
     routes = route_study(full_study(), all_tasks())
     assert [(r.task, r.bundle, r.series_uid, r.sequence, r.weight) for r in routes] == [
-        ("tumour", "tumour_flair_detector", "4", L.FLAIR, 0.698),
-        ("tumour", "tumour_t1c_detector", "2", L.T1C, 1.0),
+        ("tumour", "tumour_flair_detector", "4", L.FLAIR, 1.0),
+        ("tumour", "tumour_t1c_detector", "2", L.T1C, 0.912),
         ("gbm_pcnsl", "gbm_pcnsl_t1c", "2", L.T1C, 0.81),
         ("gbm_pcnsl", "gbm_pcnsl_adc", "6", L.ADC, 1.0),
         ("glioma_grade", "glioma_grade_t1c", "2", L.T1C, 0.203),
