@@ -23,7 +23,7 @@ from node.errors import ConfigError, NodeError
 from node.log import configure, uid_key
 from node.pipeline.audit import audit_path, read_audit
 from node.pipeline.context import DEFAULT_OUT
-from node.pipeline.models import check_bundles, worker_bundle
+from node.pipeline.models import check_bundles, worker_model
 from node.pipeline.runner import process_study
 from node.records import SequenceDecision, SequenceLabel, StudyJob
 from node.store.files import write_bytes_durable, write_json_durable
@@ -85,7 +85,7 @@ def cmd_process(args: ProcessArgs) -> int:
             "run supersedes the earlier)"
         )
     print(NOT_FOR_CLINICAL_USE)
-    for problem in check_bundles(rules, worker_bundle):
+    for problem in check_bundles(rules, worker_model):
         print(f"warning: {problem} (studies routed to it will fail; see neuronode check)")
     failures = 0
     for study_uid, paths in scan.studies:

@@ -183,10 +183,10 @@ def _load_models(rules: Rules) -> tuple[str, ...]:
     """Load and verify every bundle an enabled task needs into this process's cache, then
     warm up what the first study would otherwise pay for."""
     from node.bundles.bundle import set_torch_threads
-    from node.pipeline.models import check_bundles, warm_up, worker_bundle
+    from node.pipeline.models import check_bundles, warm_up, worker_model
 
     set_torch_threads()
-    problems = check_bundles(rules, load=worker_bundle)
+    problems = check_bundles(rules, load=worker_model)
     if not problems:
         warm_up(rules)
     return problems

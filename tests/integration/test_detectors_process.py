@@ -41,8 +41,11 @@ def _process(tmp_path: Path, name: str, phenotype: str, seed: int) -> tuple[dict
 
 
 @pytest.mark.parametrize("seed", [5])
-def test_the_gate_measures_a_glioblastoma_and_maps_the_lesion(tmp_path: Path, seed: int) -> None:
+def test_the_gate_measures_a_glioblastoma_and_maps_the_lesion(
+    tmp_path: Path, seed: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     audit, folder = _process(tmp_path, "gbm", "gbm", seed)
+    assert "warning" not in capsys.readouterr().out  # every bundle (detectors too) serves
     preds = {p["model_id"]: p for p in audit["predictions"]}
     assert preds["tumour_flair_detector"]["probability"] > 0.5
     assert preds["tumour_t1c_detector"]["probability"] > 0.5
