@@ -435,12 +435,51 @@ def predict_series(
     )
 
 
+_SAME_POSITION_MM = 0.01
+
+
+def acquired_slices(volume: SeriesVolume) -> FloatArray:
+    """The slices a sequence bundle reads in the acquired plane: the stored stack, or for a time
+    series (positions repeat: a DWI series holding its b0 images, fMRI, DTI directions) its one
+    time point of lowest mean signal.
+
+    Pixels of a time series are time-major (node.dicom.volumes), so each time point is a block.
+    Diffusion weighting only removes signal: the darkest block of a DWI series is its most
+    diffusion-weighted one, while its b0 images are T2-weighted EPI that look like any other EPI
+    (fMRI, field-map magnitude). The choice depends on the signal, not on the vendor's order."""
+    pixels = volume.pixels
+    n = pixels.shape[0]
+    if n < 2 or volume.slice_spacing_mm is None or len(volume.slices) != n:
+        return pixels
+    first = np.asarray(volume.slices[0].geometry.position, dtype=np.float64)
+    block = next(
+        (
+            i
+            for i in range(1, n)
+            if np.linalg.norm(np.asarray(volume.slices[i].geometry.position) - first)
+            < _SAME_POSITION_MM
+        ),
+        n,
+    )
+    if block < 2 or block == n or n % block:
+        return pixels
+    means = pixels.reshape(n // block, -1).mean(axis=1)
+    t = int(np.argmin(means))
+    out: FloatArray = pixels[t * block : (t + 1) * block]
+    return out
+
+
 def classify_slices(bundle: Bundle, volume: SeriesVolume, n: int) -> SliceClassification:
     """The sequence CNN's calibrated label for up to n slices, central slices first."""
     meta = bundle.metadata
     if meta.task != SEQUENCE_TASK:
         raise InferenceError(f"model {meta.name} is not a sequence classifier")
-    pixels = canonical_axial(volume).pixels
+    # The bundle's plane: canonical axial from the DICOM geometry, or the acquired slices as
+    # stored (a thick sagittal 2D series keeps its sharp sagittal slices; one time point).
+    if meta.slice_plane == "acquired":
+        pixels = acquired_slices(volume)
+    else:
+        pixels = canonical_axial(volume).pixels
     indices = select_slices(pixels, "central_window", max(1, n))
     logits = forward_logits(bundle, prepare_slices(pixels, indices, meta))
     probs = torch.softmax(logits / meta.temperature, dim=1).numpy().astype(np.float32)

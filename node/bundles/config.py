@@ -78,6 +78,11 @@ SEQUENCE_TASK = "sequence"
 # bundle only has to name it as an identifier; "sequence" marks the sequence classifier.
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 SLICE_MODES = ("brain_range", "central_window")
+# The plane a bundle's slices are cut in: canonical axial (resampled from the DICOM geometry,
+# the default and what every bundle without the key reads) or the plane the series was acquired
+# in (its stored slices; the sequence bundle: contrast shows in any plane, while a thick 2D
+# sagittal or coronal series rebuilt as axial slices is a stack of blurred stripes).
+SLICE_PLANES = ("canonical_axial", "acquired")
 AGGREGATIONS = ("mean_logit",)
 # Networks a bundle may name: MONAI classes only, built without any download.
 NETWORKS = ("ResNet", "EfficientNetBN", "DenseNet121", "DenseNet", "SEResNet50", "SEResNext50")
@@ -230,6 +235,7 @@ class BundleMetadata:
     channels: int  # network input channels, network_data_format
     slice_mode: str  # brain_range or central_window
     slice_n: int  # how many slices at most
+    slice_plane: str  # canonical_axial or acquired (SLICE_PLANES)
     roi: RoiSpec | None  # tumour-centred rectangle (node.bundles.roi); None = whole slices
     temperature: float  # inference.json postprocessing
     calibration_bias: float  # added to logit / temperature (Platt scaling); 0 = temperature only
@@ -532,6 +538,14 @@ def parse_bundle_config(
     n = sel.get("n")
     if not isinstance(n, int) or n < 1:
         raise ModelUnavailable(f"{where}: input.slice_selection.n must be a positive integer")
+    plane = sel.get("plane", SLICE_PLANES[0])
+    if plane not in SLICE_PLANES:
+        raise ModelUnavailable(
+            f"{where}: input.slice_selection.plane must be one of {SLICE_PLANES}"
+        )
+    if plane != SLICE_PLANES[0] and task != SEQUENCE_TASK:
+        # predict_series and Grad-CAM map canonical axial slices back to the source
+        raise ModelUnavailable(f"{where}: only the sequence bundle reads the acquired plane")
     try:
         roi = RoiSpec.from_json(inp.get("roi"))
     except ValueError as exc:
@@ -559,6 +573,7 @@ def parse_bundle_config(
         channels=channels,
         slice_mode=str(mode),
         slice_n=n,
+        slice_plane=str(plane),
         roi=roi,
         temperature=temperature,
         calibration_bias=bias,

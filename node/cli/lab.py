@@ -126,7 +126,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="bundle folder (default models/NAME)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipe", choices=("small", "published"), default="small")
+    p.add_argument(
+        "--recipe",
+        choices=("small", "published", "planes"),
+        default="small",
+        help="planes: the sequence bundle on every plane, read in the acquired plane",
+    )
     p.add_argument("--pretrained", type=Path, default=None, help="weights file (published)")
     p.add_argument(
         "--folds",

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from node.pipeline.audit import audit_path, read_audit
 from node.pipeline.context import DEFAULT_OUT
 from node.pipeline.models import check_bundles, worker_model
 from node.pipeline.runner import process_study
-from node.records import SequenceDecision, SequenceLabel, StudyJob
+from node.records import SequenceDecision, SequenceLabel, SeriesHeader, StudyJob
 from node.store.files import write_bytes_durable, write_json_durable
 
 
@@ -258,6 +258,10 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
         print(f"\n== cnn: not evaluated ({run.cnn_note})")
     cells = accuracy_by_acquisition(run, truth)
     _print_cells(cells)
+    by_vendor = accuracy_by_acquisition(run, truth, vendor_cell)
+    _print_cells(by_vendor, "vendor")
+    by_thickness = accuracy_by_acquisition(run, truth, thickness_cell)
+    _print_cells(by_thickness, "slice thickness")
     if args.out is not None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -274,6 +278,8 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
             "directory": str(args.directory),
             "methods": sections,
             "by_acquisition": cells,
+            "by_vendor": by_vendor,
+            "by_thickness": by_thickness,
         }
         target = out / "metrics.json"
         write_json_durable(target, document)
@@ -283,17 +289,40 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
     return 0
 
 
+THIN_SLICE_MM = 2.5  # at or below: a thin slice (3D and thin 2D); above: a thick one
+
+
+def acquisition_cell(h: SeriesHeader) -> str:
+    """Plane and 2D/3D from the headers: 'sagittal 3D'."""
+    return f"{h.orientation or 'unknown'} {h.mr_acquisition_type or '?'}"
+
+
+def vendor_cell(h: SeriesHeader) -> str:
+    """The normalised manufacturer: 'siemens'."""
+    return h.manufacturer or "unknown"
+
+
+def thickness_cell(h: SeriesHeader) -> str:
+    """Thin (<= THIN_SLICE_MM) or thick slices, from SliceThickness."""
+    if h.slice_thickness is None:
+        return "thickness unknown"
+    return f"thin (<= {THIN_SLICE_MM:g} mm)" if h.slice_thickness <= THIN_SLICE_MM else "thick"
+
+
 def accuracy_by_acquisition(
-    run: FolderClassification, truth: Mapping[str, SequenceLabel]
+    run: FolderClassification,
+    truth: Mapping[str, SequenceLabel],
+    cell_of: Callable[[SeriesHeader], str] = acquisition_cell,
 ) -> dict[str, dict[str, dict[str, float | int]]]:
-    """Accuracy of each method per acquisition cell (plane x 2D/3D) over labelled series."""
+    """Accuracy of each method per cell of the headers (default plane x 2D/3D; vendor_cell,
+    thickness_cell) over labelled series."""
     verdicts = run.cnn_verdicts or (None,) * len(run.headers)
     cells: dict[str, dict[str, list[int]]] = {}
     for h, tag, fused, cnn in zip(run.headers, run.tags_only, run.decisions, verdicts, strict=True):
         label = truth.get(h.series_uid)
         if label is None:
             continue
-        cell = f"{h.orientation or 'unknown'} {h.mr_acquisition_type or '?'}"
+        cell = cell_of(h)
         answers: dict[str, SequenceLabel | None] = {"tags": tag.label, "fused": fused.label}
         if run.cnn_verdicts is not None:
             answers["cnn"] = cnn.label if cnn is not None else None
@@ -307,10 +336,13 @@ def accuracy_by_acquisition(
     }
 
 
-def _print_cells(cells: Mapping[str, Mapping[str, Mapping[str, float | int]]]) -> None:
+def _print_cells(
+    cells: Mapping[str, Mapping[str, Mapping[str, float | int]]],
+    title: str = "plane and 2D/3D",
+) -> None:
     if not cells:
         return
-    print("\n== accuracy by plane and 2D/3D (labelled series)")
+    print(f"\n== accuracy by {title} (labelled series)")
     for cell, methods in cells.items():
         shown = "  ".join(
             f"{m} {v['accuracy']:.3f}" for m, v in methods.items() if m in ("tags", "cnn", "fused")

@@ -20,9 +20,11 @@ from node.records import SequenceLabel, SeriesVolume, SliceGeometry, SliceRef
 torch.set_num_threads(1)
 
 
-def make_bundle(tmp_path: Path, name: str = "gbm_pcnsl_t1c", seed: int = 0) -> Path:
+def make_bundle(
+    tmp_path: Path, name: str = "gbm_pcnsl_t1c", seed: int = 0, variant: str = "small"
+) -> Path:
     """A tiny trained-looking bundle written by the production writer."""
-    recipe = recipes.get_recipe(name)
+    recipe = recipes.get_recipe(name, variant)
     torch.manual_seed(seed)
     net = bundles.build_network(recipe.network_name, recipe.network_args)
     meta = recipes.bundle_metadata(recipe, temperature=1.5, training={"seed": seed}, metrics={})
@@ -259,3 +261,103 @@ def test_classify_series_majority_vote(tmp_path: Path) -> None:
     col = b.metadata.labels.index(verdict.label.value)
     expected = top / 5 * float(sc.probabilities[:, col].mean())
     assert verdict.confidence == pytest.approx(expected, rel=1e-5)
+
+
+def sagittal_volume(n: int = 10, rows: int = 40, cols: int = 48) -> SeriesVolume:
+    """make_volume's phantom acquired sagittal (rows head to foot, columns front to back,
+    slices left to right, 4 mm apart): its canonical axial slices differ from its own."""
+    vol = make_volume(n, rows, cols)
+    geom = SliceGeometry(
+        position=(0.0, 0.0, 0.0),
+        orientation=(0, 1, 0, 0, 0, -1),
+        pixel_spacing=(1.0, 1.0),
+        slice_thickness=4.0,
+    )
+    slices = tuple(
+        dataclasses.replace(s, geometry=dataclasses.replace(geom, position=(4.0 * i, 0.0, 0.0)))
+        for i, s in enumerate(vol.slices)
+    )
+    return dataclasses.replace(vol, slices=slices, slice_spacing_mm=4.0)
+
+
+def _slice_probabilities(b: bundles.Bundle, pixels: np.ndarray, n: int) -> np.ndarray:
+    idx = bundles.select_slices(pixels, "central_window", n)
+    logits = bundles.forward_logits(b, bundles.prepare_slices(pixels, idx, b.metadata))
+    out: np.ndarray = torch.softmax(logits / b.metadata.temperature, dim=1).numpy()
+    return out
+
+
+def test_sequence_bundle_reads_the_plane_its_metadata_names(tmp_path: Path) -> None:
+    from node.dicom.canonical import canonical_axial
+
+    assert bundles.load_bundle(make_bundle(tmp_path, "sequence")).metadata.slice_plane == (
+        "canonical_axial"  # the small recipe's, as shipped
+    )
+    path = make_bundle(tmp_path / "planes", "sequence", variant="planes")
+    volume = sagittal_volume()
+    acquired = bundles.load_bundle(path)
+    assert acquired.metadata.slice_plane == "acquired"  # the planes recipe's
+    sc = bundles.classify_slices(acquired, volume, 5)
+    assert sc.slice_indices == bundles.select_slices(volume.pixels, "central_window", 5)
+    np.testing.assert_allclose(
+        sc.probabilities, _slice_probabilities(acquired, volume.pixels, 5), atol=1e-5
+    )
+    # a bundle without the key reads canonical axial slices, as every bundle did before
+    meta_path = path / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["input"]["slice_selection"]["plane"]
+    meta_path.write_text(json.dumps(meta))
+    axial = bundles.load_bundle(path)
+    assert axial.metadata.slice_plane == "canonical_axial"
+    canon = canonical_axial(volume).pixels
+    assert canon.shape[0] != volume.pixels.shape[0]
+    sc_axial = bundles.classify_slices(axial, volume, 5)
+    np.testing.assert_allclose(
+        sc_axial.probabilities, _slice_probabilities(axial, canon, 5), atol=1e-5
+    )
+
+
+def test_refuses_an_unknown_plane_and_the_acquired_plane_for_a_task_bundle(
+    tmp_path: Path,
+) -> None:
+    for name, plane, message in (
+        ("sequence", "oblique", "plane must be one of"),
+        ("gbm_pcnsl_t1c", "acquired", "only the sequence bundle reads the acquired plane"),
+    ):
+        path = make_bundle(tmp_path, name)
+        meta_path = path / "configs" / "metadata.json"
+        meta = json.loads(meta_path.read_text())
+        meta["input"]["slice_selection"]["plane"] = plane
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(ModelUnavailable, match=message):
+            bundles.load_bundle(path)
+
+
+def _time_series(blocks: list[float], n: int = 6) -> SeriesVolume:
+    """Time points of n slices each (time-major, as node.dicom.volumes stores them), scaled."""
+    base = make_volume(n)
+    pixels = np.concatenate([base.pixels * f for f in blocks]).astype(np.float32)
+    slices = tuple(
+        dataclasses.replace(
+            s,
+            sop_instance_uid=f"{s.sop_instance_uid}.{t}",
+            geometry=dataclasses.replace(s.geometry, position=(0.0, 0.0, 2.0 * k)),
+        )
+        for t in range(len(blocks))
+        for k, s in enumerate(base.slices)
+    )
+    return dataclasses.replace(base, pixels=pixels, slices=slices, n_frames=len(slices))
+
+
+def test_acquired_slices_of_a_time_series_are_its_darkest_time_point() -> None:
+    # a DWI series: b0 images first, then the diffusion-weighted (darker) ones, or the reverse
+    for blocks, darkest in (([1.0, 0.3], 1), ([0.3, 1.0], 0), ([1.0, 0.5, 0.2], 2)):
+        volume = _time_series(blocks)
+        got = bundles.acquired_slices(volume)
+        assert got.shape == (6, *volume.pixels.shape[1:])
+        np.testing.assert_array_equal(got, volume.pixels[6 * darkest : 6 * darkest + 6])
+    single = make_volume()  # one stack: every stored slice
+    assert bundles.acquired_slices(single) is single.pixels
+    # no geometry (nominal positions, no spacing): file order kept, nothing dropped
+    flat = dataclasses.replace(_time_series([1.0, 0.3]), slice_spacing_mm=None)
+    assert bundles.acquired_slices(flat) is flat.pixels

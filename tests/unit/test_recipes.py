@@ -141,10 +141,24 @@ def test_small_recipes_are_what_the_shipped_bundles_were_trained_with(bundle: st
     assert r.network_name == network["network_def"]["_target_"].rsplit(".", 1)[1]
     arch = {k: network["network_def"][k] for k in ("block", "layers", "block_inplanes")}
     assert {k: r.network_args[k] for k in arch} == arch
-    assert {"mode": r.slice_mode, "n": r.slice_n} == meta["input"]["slice_selection"]
+    selection = {"plane": "canonical_axial", **meta["input"]["slice_selection"]}  # the default
+    assert {"mode": r.slice_mode, "n": r.slice_n, "plane": r.slice_plane} == selection
     assert list(r.sequences) == meta["input"]["sequences"]
     assert (r.roi.to_json() if r.roi else None) == meta["input"].get("roi")
     assert list(r.labels) == meta["labels"]
     # the bundles were trained with --epochs at or below the recipe's own
     assert r.epochs == SMALL_EPOCHS[r.task] >= training["epochs"]
     assert (r.size, r.channels, r.batch_size, r.needs_pretrained) == ((128, 128), 1, 32, False)
+
+
+def test_planes_recipe_is_the_sequence_network_on_acquired_slices() -> None:
+    planes, small = recipes.get_recipe("sequence", "planes"), recipes.get_recipe("sequence")
+    assert (planes.variant, planes.slice_plane, planes.epoch_slices) == ("planes", "acquired", 8000)
+    assert (small.slice_plane, small.epoch_slices) == ("canonical_axial", None)
+    same = ("network_name", "network_args", "size", "channels", "augment", "labels", "slice_mode")
+    assert all(getattr(planes, k) == getattr(small, k) for k in same)
+    assert recipes.bundle_metadata(planes, temperature=1.0, training={}, metrics={}).metadata[
+        "input"
+    ]["slice_selection"] == {"mode": "central_window", "n": 9, "plane": "acquired"}
+    with pytest.raises(ValueError, match="sequence bundle only"):
+        recipes.get_recipe("gbm_pcnsl", "planes")

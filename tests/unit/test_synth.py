@@ -771,3 +771,22 @@ def test_randomised_study_in_both_styles() -> None:
         for s in st.series:  # every series carries an image, not a blank
             mid = s.datasets[len(s.datasets) // 2]
             assert float(np.asarray(mid.pixel_array, dtype=float).std()) > 0
+
+
+@pytest.mark.parametrize(("plane", "style"), [("axial", "a"), ("sagittal", "a"), ("coronal", "b")])
+def test_distractors_are_centred_on_the_head(plane: str, style: str) -> None:
+    """BOLD, field map and FA are centred on the routed stack's middle, not on the corner of its
+    middle slice (ImagePositionPatient): the head fills the middle of their images."""
+    st = generate_study(
+        5, phenotype="normal", vendor="siemens", size=64, slices=8, style=style, plane=plane
+    )
+    for s in st.series:
+        if s.kind not in ("bold", "fieldmap", "fa"):
+            continue
+        ds = s.datasets[len(s.datasets) // 2]
+        img = ds.pixel_array.astype(np.float64)
+        head = img > img.min() + 0.2 * (img.max() - img.min())
+        rows, cols = np.nonzero(head)
+        assert head.mean() > 0.2, (s.kind, head.mean())
+        for got, n in ((rows.mean(), img.shape[0]), (cols.mean(), img.shape[1])):
+            assert abs(got - (n - 1) / 2) < 0.15 * n, (s.kind, plane, got, n)

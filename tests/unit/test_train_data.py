@@ -168,6 +168,23 @@ def test_tiny_training_run_writes_a_loadable_bundle(tmp_path: Path) -> None:
     card = (out / "docs" / "README.md").read_text()
     assert f"{report['auc']:.3f}" in card and "![roc.png](roc.png)" in card
     bundles.load_bundle(out)  # metadata rewrite keeps the weights' checksum valid
+    assert "pretrained" not in meta["training"]
+    weights = out / "models" / "model.pt"
+    tuned = train_bundle(
+        recipes.get_recipe("gbm_pcnsl"),
+        items,
+        tmp_path / "tuned",
+        seed=0,
+        epochs=1,
+        pretrained=weights,
+        progress=lambda _l: None,
+        load=_phantom,
+    )
+    tuned_meta = json.loads((tuned / "configs" / "metadata.json").read_text())
+    assert tuned_meta["training"]["pretrained"] == {
+        "file": "model.pt",
+        "sha256": bundles.sha256_file(weights),
+    }
 
 
 def test_fold_groups_partition_patients_and_stratify() -> None:
@@ -243,3 +260,47 @@ def test_label_map_turns_a_sites_labels_into_the_tasks(tmp_path: Path) -> None:
     assert [it.label for it in items] == ["gbm"]
     with pytest.raises(data.DataError, match="not in --label-map"):
         data.load_items(tmp_path / "d", "gbm_pcnsl", labels, {"PCNSL": "pcnsl"})
+
+
+def test_sequence_slice_set_is_cut_in_the_acquired_plane() -> None:
+    from node.dicom.canonical import canonical_axial
+    from tests.unit.test_bundles import sagittal_volume
+
+    volume = sagittal_volume()
+    items = [_item(1, None, "T2")]
+    recipe = recipes.get_recipe("sequence", "planes")
+    assert recipe.slice_plane == "acquired"
+    s = data.build_slice_set(items, recipe, load=lambda _it: volume)
+    idx = bundles.select_slices(volume.pixels, "central_window", recipe.slice_n)
+    ref = bundles.preprocess(volume.pixels, idx, size=(128, 128), channels=1, low=0.5, high=99.5)
+    assert s.x.shape[0] == len(idx) and torch.allclose(s.x.float(), ref, atol=1e-3)
+    axial = dataclasses.replace(recipe, slice_plane="canonical_axial")
+    canon = canonical_axial(volume).pixels
+    s_axial = data.build_slice_set(items, axial, load=lambda _it: volume)
+    idx_axial = bundles.select_slices(canon, "central_window", recipe.slice_n)
+    ref_axial = bundles.preprocess(
+        canon, idx_axial, size=(128, 128), channels=1, low=0.5, high=99.5
+    )
+    assert torch.allclose(s_axial.x.float(), ref_axial, atol=1e-3)
+    assert not torch.allclose(s_axial.x.float()[:1], s.x.float()[:1], atol=1e-2)
+
+
+def test_epoch_draws_at_most_its_slice_budget_afresh_each_epoch() -> None:
+    recipe = recipes.get_recipe("sequence", "planes")
+    n = 50
+    train = data.SliceSet(
+        x=torch.zeros(n, 1, 4, 4, dtype=torch.float16),
+        y=torch.zeros(n, dtype=torch.int64),
+        target=torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.int64), 7).float(),
+        series=torch.arange(n),
+        series_labels=(0,) * n,
+        series_groups=tuple(f"g{i}" for i in range(n)),
+        series_uids=tuple(f"u{i}" for i in range(n)),
+    )
+    gen = torch.Generator().manual_seed(0)
+    first = trainer._epoch_order(train, gen, 20)
+    second = trainer._epoch_order(train, gen, 20)
+    assert len(first) == len(second) == 20
+    assert len(set(first.tolist())) == 20 and set(first.tolist()) != set(second.tolist())
+    assert sorted(trainer._epoch_order(train, gen, None).tolist()) == list(range(n))
+    assert recipe.epoch_slices is not None and recipe.epoch_slices > 0

@@ -61,6 +61,17 @@ class Grid:
         p = np.array(self.origin) + k * self.slice_mm * self.normal
         return (float(p[0]), float(p[1]), float(p[2]))
 
+    def centre(self) -> tuple[float, float, float]:
+        """Patient position of the middle of the stack (ImagePositionPatient is a corner)."""
+        s, r, c = self.shape
+        p = (
+            np.array(self.origin)
+            + (s - 1) / 2 * self.slice_mm * self.normal
+            + (c - 1) / 2 * self.pixel_mm[1] * np.array(self.row_dir)
+            + (r - 1) / 2 * self.pixel_mm[0] * np.array(self.col_dir)
+        )
+        return (float(p[0]), float(p[1]), float(p[2]))
+
     def points(self) -> FloatArray:
         """Patient coordinates of every voxel centre, shape (slices, rows, cols, 3)."""
         s, r, c = self.shape

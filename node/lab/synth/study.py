@@ -825,7 +825,7 @@ def _distractors(
     frames["localizer"] = tuple(loc_frames)
     # BOLD: 64x64, 6 slices, 3 time points, slice order repeated per volume.
     g = centred_grid(
-        centre=grid.position(grid.shape[0] // 2),
+        centre=grid.centre(),  # the head, not the corner of the slice
         row_dir=grid.row_dir,
         col_dir=grid.col_dir,
         shape=(6, 64, 64),
@@ -845,7 +845,7 @@ def _distractors(
     frames["bold"] = tuple(fr)
     # Field map: a smooth phase image (stored 0..4095 around 2048) masked to the head.
     g = centred_grid(
-        centre=grid.position(grid.shape[0] // 2),
+        centre=grid.centre(),  # the head, not the corner of the slice
         row_dir=grid.row_dir,
         col_dir=grid.col_dir,
         shape=(6, 64, 64),
@@ -861,7 +861,7 @@ def _distractors(
     frames["fieldmap"] = _frames(g, [_time(times["fieldmap"])])
     # FA map: high in white matter, x1000.
     g = centred_grid(
-        centre=grid.position(grid.shape[0] // 2),
+        centre=grid.centre(),  # the head, not the corner of the slice
         row_dir=grid.row_dir,
         col_dir=grid.col_dir,
         shape=(6, small, small),

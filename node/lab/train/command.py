@@ -17,6 +17,7 @@ from node.bundles.bundle import (
     load_bundle,
     load_model,
     read_bundle_config,
+    sha256_file,
     write_bundle,
     write_calibration,
 )
@@ -160,6 +161,9 @@ def train_bundle(
         "history": [{k: round(v, 4) for k, v in row.items()} for row in result.history],
         "notes": list(recipe.notes),
     }
+    if pretrained is not None:
+        # the starting weights (a previous bundle's, for a fine-tune), named and hashed
+        training["pretrained"] = {"file": pretrained.name, "sha256": sha256_file(pretrained)}
     meta = bundle_metadata(
         recipe,
         temperature=round(result.temperature, 4),

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from node.bundles.bundle import preprocess, roi_box, select_slices
+from node.bundles.bundle import acquired_slices, preprocess, roi_box, select_slices
 from node.dicom.canonical import CanonicalVolume, canonical_axial, canonical_index
 from node.errors import NodeError
 from node.lab.train.recipes import NORM_HIGH, NORM_LOW, Recipe
@@ -445,7 +445,10 @@ def build_slice_set(
         target = class_index(it, recipe)
         loaded = load(it)
         item = it
-        if isinstance(loaded, SeriesVolume):
+        if isinstance(loaded, SeriesVolume) and recipe.slice_plane == "acquired":
+            # The stored slices, as the node reads them at inference for this recipe.
+            pixels, spacing = acquired_slices(loaded), loaded.slice_spacing_mm
+        elif isinstance(loaded, SeriesVolume):
             # The same canonical axial slices the node reads at inference.
             canon = canonical_axial(loaded)
             pixels, spacing = canon.pixels, loaded.slice_spacing_mm

@@ -233,6 +233,12 @@ def evaluate_sequence(
 # --- model card ---------------------------------------------------------------------------------
 
 
+_PLANE_TEXT = {
+    "canonical_axial": "canonical axial slices resampled from the DICOM geometry",
+    "acquired": "in the plane the series was acquired in (its stored slices, any plane)",
+}
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
@@ -320,7 +326,8 @@ def model_card(config: BundleMetadata) -> str:
         f"- intensity: percentile {scaling['lower']} -> 0 and {scaling['upper']} -> 1 (clipped),"
         " computed per series on the native DICOM values after the modality LUT (not on 8-bit"
         " exports)",
-        f"- slices: {inp['slice_selection']['mode']}, at most {inp['slice_selection']['n']}",
+        f"- slices: {inp['slice_selection']['mode']}, at most {inp['slice_selection']['n']},"
+        f" {_PLANE_TEXT[config.slice_plane]}",
         *(
             [
                 "- region: tumour-centred square found from the series itself (node.bundles.roi"
@@ -388,6 +395,7 @@ def model_card(config: BundleMetadata) -> str:
     if val:
         lines += ["", "Validation split (used for early stopping and calibration):", ""]
         lines += _metrics_table(val)
+    lines += _sequence_sets_section(metrics.get("evaluate_sequences") or {})
     lines += [
         "",
         "## Intended use",
@@ -400,14 +408,21 @@ def model_card(config: BundleMetadata) -> str:
         "",
         "- Trained and tested on synthetic phantoms only: the figures above say nothing about",
         "  real patients, scanners or pathology.",
-        "- Small CPU-sized network from scratch; no external validation.",
+        "- Small CPU-sized network trained from scratch"
+        + (" (here fine-tuned from a previous such bundle)" if "pretrained" in training else "")
+        + "; no external validation.",
         "- Grad-CAM maps are attention maps, not a localisation.",
         *(f"- {text}" for text in meta.get("known_limits", ())),
         "",
         "## Reproduce",
         "",
         "```",
-        f"neuronode train {name} --data SYNTH_DIR --seed {training.get('seed', 0)}",
+        f"neuronode train {name} --data SYNTH_DIR --seed {training.get('seed', 0)}"
+        + (
+            f" --epochs {training.get('epochs')} --pretrained PREVIOUS_BUNDLE/models/model.pt"
+            if "pretrained" in training
+            else ""
+        ),
         f"neuronode evaluate {name} --data HELD_OUT_DIR --bundle models/{name} --out OUT",
         "```",
         "",
@@ -426,6 +441,85 @@ def model_card(config: BundleMetadata) -> str:
         pass
     lines.append(f"**{NOT_FOR_CLINICAL_USE}**")
     return "\n".join(lines) + "\n"
+
+
+_BREAKDOWNS = (
+    ("by_acquisition", "plane and 2D/3D"),
+    ("by_vendor", "vendor"),
+    ("by_thickness", "slice thickness"),
+)
+_METHODS = (("tags", "tags"), ("cnn", "CNN"), ("fused", "fused"))
+
+
+def _cell_text(cell: Mapping[str, Any] | None, method: str) -> str:
+    if not cell or method not in cell:
+        return "-"
+    return f"{float(cell[method]['accuracy']):.3f}"
+
+
+def _sequence_sets_section(sets: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Tables of `neuronode evaluate-sequences` results stored by record_sequence_evaluations:
+    overall, then per plane and 2D/3D, vendor and slice thickness, the sets side by side."""
+    if not sets:
+        return []
+    names = list(sets)
+    lines = [
+        "",
+        "## Series accuracy by set, plane, 2D/3D, vendor and thickness",
+        "",
+        "`neuronode evaluate-sequences DIR --labels DIR/labels.csv --out OUT` with this bundle",
+        "(default rules: CNN vote over the central slices, fused with the tag rules physics",
+        "first). Tags alone, CNN alone and fused (what is routed); n is the number of labelled",
+        "series; plane, 2D/3D, vendor and thickness come from the headers.",
+        "",
+        *(f"- **{name}**: {sets[name].get('data', '')}" for name in names),
+        "",
+        "| set | n | tags | CNN | fused |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        acc = sets[name].get("accuracy", {})
+        shown = " | ".join(
+            "-" if acc.get(m) is None else f"{float(acc[m]):.3f}" for m, _ in _METHODS
+        )
+        lines.append(f"| {name} | {sets[name].get('n_series', '-')} | {shown} |")
+    for key, title in _BREAKDOWNS:
+        cells = sorted({c for name in names for c in sets[name].get(key, {})})
+        if not cells:
+            continue
+        head = " | ".join(f"{name} n | {name} tags | {name} CNN | {name} fused" for name in names)
+        lines += ["", f"By {title}:", "", f"| {title} | {head} |"]
+        lines.append("|---" * (1 + 4 * len(names)) + "|")
+        for cell in cells:
+            parts = []
+            for name in names:
+                c = sets[name].get(key, {}).get(cell)
+                n = next(iter(c.values()))["n"] if c else "-"
+                parts.append(f"{n} | " + " | ".join(_cell_text(c, m) for m, _ in _METHODS))
+            lines.append(f"| {cell} | " + " | ".join(parts) + " |")
+    return lines
+
+
+def record_sequence_evaluations(
+    bundle_dir: Path, sets: Sequence[tuple[str, str, Mapping[str, Any]]]
+) -> None:
+    """Store `neuronode evaluate-sequences` results (name, data description, its metrics.json)
+    in the bundle's metadata and rewrite its card (weights unchanged)."""
+    meta_path = bundle_dir / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    stored: dict[str, Any] = {}
+    for name, data, doc in sets:
+        methods = doc.get("methods", {})
+        stored[name] = {
+            "data": data,
+            "n_series": doc.get("n_series"),
+            "accuracy": {m: methods[m]["accuracy"] for m, _ in _METHODS if m in methods},
+            **{key: doc[key] for key, _ in _BREAKDOWNS if key in doc},
+        }
+    meta.setdefault("metrics", {})["evaluate_sequences"] = stored
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    card = model_card(read_bundle_config(bundle_dir))
+    (bundle_dir / "docs" / "README.md").write_text(card, encoding="utf-8")
 
 
 def record_evaluation(

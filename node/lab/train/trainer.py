@@ -123,8 +123,9 @@ def series_mean_logits(slice_logits: torch.Tensor, data: SliceSet) -> np.ndarray
     return out
 
 
-def _epoch_order(train: SliceSet, gen: torch.Generator) -> torch.Tensor:
-    """This epoch's slices, shuffled: every informative slice and as many uninformative ones.
+def _epoch_order(train: SliceSet, gen: torch.Generator, limit: int | None = None) -> torch.Tensor:
+    """This epoch's slices, shuffled: every informative slice and as many uninformative ones,
+    at most `limit` of them (a fresh random draw each epoch).
 
     Lesion-free slices of lesion studies (uniform targets) would otherwise be most of each
     epoch while teaching only 'no evidence here'; a fresh random subset each epoch keeps that
@@ -135,7 +136,7 @@ def _epoch_order(train: SliceSet, gen: torch.Generator) -> torch.Tensor:
     if un_idx.numel() > inf_idx.numel() > 0:
         un_idx = un_idx[torch.randperm(un_idx.numel(), generator=gen)[: inf_idx.numel()]]
     both = torch.cat([inf_idx, un_idx])
-    return both[torch.randperm(both.numel(), generator=gen)]
+    return both[torch.randperm(both.numel(), generator=gen)][:limit]
 
 
 def calibrate(
@@ -192,7 +193,7 @@ def train_model(
             for group in opt.param_groups:
                 group["lr"] *= recipe.lr_decay_gamma
         network.train()
-        order = _epoch_order(train, gen)
+        order = _epoch_order(train, gen, recipe.epoch_slices)
         total, count = 0.0, 0
         n_seen = order.numel()
         for s in range(0, n_seen, recipe.batch_size):
