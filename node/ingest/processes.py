@@ -19,11 +19,8 @@ associations get the same grace period), then kills what is left. A child dies w
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+from node.childproc import child_main, spawn
 from node.config import Rules
 from node.errors import ConfigError, NodeError
 from node.log import configure, get_logger, set_correlation_key
@@ -42,7 +40,6 @@ READY_TIMEOUT_S = 60.0  # a child must listen within this (it imports pynetdicom
 RESTART_S = 1.0  # a child that died is started again after this
 KILL_GRACE_S = 3.0  # after its grace period, how long a child has before SIGKILL
 SIGNAL_GRACE_S = 10.0  # a child sent SIGTERM itself (systemd signals the whole group) stops so
-_PR_SET_PDEATHSIG = 1
 
 
 # --- the messages between the node and a receiver process -----------------------------------
@@ -87,20 +84,8 @@ class _Child:
     """One receiver process and its pipe."""
 
     def __init__(self, index: int, init: ReceiverInit) -> None:
-        parent, child = socket.socketpair()
         self.index = index
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node.ingest.processes", "--fd", str(child.fileno())],
-                pass_fds=(child.fileno(),),
-                close_fds=True,
-            )
-        except OSError:
-            parent.close()
-            child.close()
-            raise
-        child.close()
-        self.conn = Connection(parent.detach())
+        self.proc, self.conn = spawn("node.ingest.processes")
         self.conn.send(init)
 
     def wait_ready(self, timeout_s: float) -> str:
@@ -247,19 +232,6 @@ class ReceiverProcesses:
 # --- the child process ------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the node dies (even by kill -9)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the pipe's end-of-file stops it instead
-        pass
-    if os.getppid() == 1:  # the node died before the request took effect
-        sys.exit(0)
-
-
 def serve(conn: Connection) -> int:
     """Listen beside the node until it says stop (or goes away), reporting every C-STORE."""
     from node.ingest.receive import Receiver
@@ -319,19 +291,7 @@ def serve(conn: Connection) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m node.ingest.processes --fd N``."""
-    parser = argparse.ArgumentParser(prog="python -m node.ingest.processes")
-    parser.add_argument("--fd", type=int, required=True, help="this process's end of the pipe")
-    args = parser.parse_args(argv)
-    _die_with_parent()
-    # Ctrl-C reaches the whole process group: the node decides when its receivers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = Connection(args.fd)
-    try:
-        return serve(conn)
-    except (EOFError, BrokenPipeError):  # the node went away mid-message
-        return 0
-    finally:
-        conn.close()
+    return child_main("python -m node.ingest.processes", argv, serve)
 
 
 if __name__ == "__main__":

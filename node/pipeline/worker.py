@@ -20,7 +20,6 @@ Test hooks, each logged loudly when set (never set them on a real node):
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -29,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from node.childproc import child_main
 from node.config import Rules
 from node.errors import NodeError
 from node.log import configure, get_logger, set_correlation_key, uid_key
@@ -40,7 +40,6 @@ TEST_DELAY_ENV = "NEURONODE_TEST_PROCESS_DELAY_S"
 TEST_LOAD_DELAY_ENV = "NEURONODE_TEST_LOAD_DELAY_S"
 TEST_FAULT_ENV = "NEURONODE_TEST_WORKER_FAULT"
 UNKNOWN_STAGE = "unknown"
-_PR_SET_PDEATHSIG = 1
 
 
 # --- the messages between the node and a worker --------------------------------------------
@@ -165,20 +164,6 @@ def _apply_fault(fault: InjectedFault | None, job: StudyJob, stage: str) -> None
 # --- the worker process -----------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when the node dies (even by kill -9): a worker never
-    outlives its node, so a restarted node never races an orphan on the same job."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the pipe's end-of-file stops it instead
-        pass
-    if os.getppid() == 1:  # the node died before the request took effect
-        sys.exit(0)
-
-
 def _load_models(rules: Rules) -> tuple[str, ...]:
     """Load and verify every bundle an enabled task needs into this process's cache, then
     warm up what the first study would otherwise pay for."""
@@ -263,19 +248,7 @@ def serve(conn: Connection) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m node.pipeline.worker --fd N``."""
-    parser = argparse.ArgumentParser(prog="python -m node.pipeline.worker")
-    parser.add_argument("--fd", type=int, required=True, help="this worker's end of the pipe")
-    args = parser.parse_args(argv)
-    _die_with_parent()
-    # Ctrl-C reaches the whole process group: the node decides when its workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = Connection(args.fd)
-    try:
-        return serve(conn)
-    except (EOFError, BrokenPipeError):  # the node went away mid-message
-        return 0
-    finally:
-        conn.close()
+    return child_main("python -m node.pipeline.worker", argv, serve)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 
+from node.childproc import spawn
 from node.config import Rules
 from node.log import get_logger
 from node.pipeline.worker import (
@@ -61,20 +60,8 @@ class ProcessWorker:
     """One worker process: started, loads its models, then runs one job at a time."""
 
     def __init__(self, index: int, rules: Rules, log_key: bytes) -> None:
-        parent, child = socket.socketpair()
         self.index = index
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node.pipeline.worker", "--fd", str(child.fileno())],
-                pass_fds=(child.fileno(),),
-                close_fds=True,
-            )
-        except OSError:
-            parent.close()
-            child.close()
-            raise
-        child.close()
-        self.conn = Connection(parent.detach())
+        self.proc, self.conn = spawn("node.pipeline.worker")
         self.conn.send(WorkerInit(rules=rules, log_key=log_key, worker=index))
         log.info("worker_started", worker=index, pid=self.proc.pid)
 
