@@ -666,9 +666,10 @@ class BundleFiles:
 
 
 def network_data_format(
-    channels: int, size: tuple[int, int], labels: Sequence[str]
+    channels: int, size: tuple[int, int] | None, labels: Sequence[str]
 ) -> dict[str, Any]:
-    """network_data_format for a 2-D slice classifier."""
+    """network_data_format for a 2-D slice classifier; size None: a detector, which reads a
+    whole series of any shape in native values."""
     return {
         "inputs": {
             "image": {
@@ -676,9 +677,9 @@ def network_data_format(
                 "format": "magnitude",
                 "modality": "MR",
                 "num_channels": channels,
-                "spatial_shape": [size[0], size[1]],
+                "spatial_shape": ["*", "*", "*"] if size is None else [size[0], size[1]],
                 "dtype": "float32",
-                "value_range": [0, 1],
+                "value_range": [] if size is None else [0, 1],
                 "is_patch_data": False,
                 "channel_def": {str(i): "image" for i in range(channels)},
             }

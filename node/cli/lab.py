@@ -33,6 +33,20 @@ def _lab(module: str, function: str) -> Callable[[Any], int]:
     return run
 
 
+def _labelled_data_arguments(
+    p: argparse.ArgumentParser, data_help: str = "data folder (repeatable)"
+) -> None:
+    """--data (repeatable), --labels CSV and --label-map: labelled studies for a lab command."""
+    p.add_argument("--data", type=Path, action="append", required=True, help=data_help)
+    p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
+    p.add_argument(
+        "--label-map",
+        default=None,
+        metavar="SITE=TASK,...",
+        help="map the CSV's label values to the task's, e.g. GBM=gbm,PCNSL=pcnsl",
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SynthArgs:
     out: Path
@@ -113,16 +127,7 @@ class TrainArgs:
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", help="sequence, gbm_pcnsl[_t1c|_adc], glioma_grade[_t1c|_flair], ...")
-    p.add_argument(
-        "--data", type=Path, action="append", required=True, help="data folder (repeatable)"
-    )
-    p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
-    p.add_argument(
-        "--label-map",
-        default=None,
-        metavar="SITE=TASK,...",
-        help="map the CSV's label values to the task's, e.g. GBM=gbm,PCNSL=pcnsl",
-    )
+    _labelled_data_arguments(p)
     p.add_argument("--out", type=Path, default=None, help="bundle folder (default models/NAME)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -158,16 +163,7 @@ class EvaluateArgs:
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", help="a bundle name, or a task of the rule file with --ensemble")
-    p.add_argument(
-        "--data", type=Path, action="append", required=True, help="data folder (repeatable)"
-    )
-    p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
-    p.add_argument(
-        "--label-map",
-        default=None,
-        metavar="SITE=TASK,...",
-        help="map the CSV's label values to the task's, e.g. GBM=gbm,PCNSL=pcnsl",
-    )
+    _labelled_data_arguments(p)
     p.add_argument("--bundle", type=Path, default=None, help="bundle folder (default models/NAME)")
     p.add_argument("--out", type=Path, default=None, help="writes metrics.json, roc.png, ...")
     p.add_argument(
@@ -197,16 +193,7 @@ class FitEnsembleArgs:
 
 def _fit_ensemble_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", help="a task of the rule file: gbm_pcnsl, glioma_grade, tubers")
-    p.add_argument(
-        "--data", type=Path, action="append", required=True, help="data folder (repeatable)"
-    )
-    p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
-    p.add_argument(
-        "--label-map",
-        default=None,
-        metavar="SITE=TASK,...",
-        help="map the CSV's label values to the task's, e.g. GBM=gbm,PCNSL=pcnsl",
-    )
+    _labelled_data_arguments(p)
     p.add_argument("--out", type=Path, default=None, help="writes fit.json")
     rules_option(p)
     p.add_argument("--models-dir", type=Path, default=None, help="override the rules' models_dir")
@@ -233,16 +220,7 @@ def _fit_detector_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the bundle's name, e.g. tumour_flair_detector")
     p.add_argument("--task", default="tumour", help="default: %(default)s")
     p.add_argument("--sequence", default="FLAIR", help="FLAIR or T1C (default: %(default)s)")
-    p.add_argument(
-        "--data", type=Path, action="append", required=True, help="calibration data (repeatable)"
-    )
-    p.add_argument("--labels", type=Path, default=None, help="CSV StudyInstanceUID,label")
-    p.add_argument(
-        "--label-map",
-        default=None,
-        metavar="SITE=TASK,...",
-        help="map the CSV's label values to the task's, e.g. TUMOUR=present,NONE=absent",
-    )
+    _labelled_data_arguments(p, "calibration data folder (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
     p.add_argument("--z", type=float, default=2.5, help="robust deviations (default %(default)s)")
     p.add_argument(

@@ -122,7 +122,28 @@ def test_published_recipes_resolve_to_the_documented_settings(task: str) -> None
     assert recipes.get_recipe(task, "published").network_args == expected["network_args"]
 
 
-@pytest.mark.parametrize("bundle", sorted(p.name for p in MODELS.iterdir() if p.is_dir()))
+def _network_bundles() -> list[str]:
+    """The shipped bundles trained by a recipe (detector bundles have no network to train)."""
+    return sorted(
+        p.name
+        for p in MODELS.iterdir()
+        if p.is_dir()
+        and "detector" not in json.loads((p / "configs" / "inference.json").read_text())
+    )
+
+
+def test_every_shipped_bundle_is_a_network_or_a_detector() -> None:
+    names = {p.name for p in MODELS.iterdir() if p.is_dir()}
+    detectors = names - set(_network_bundles())
+    assert detectors == {
+        "tumour_flair_detector",
+        "tumour_t1c_detector",
+        "glioma_grade_t1c_enhancement",
+        "tubers_flair_foci",
+    }
+
+
+@pytest.mark.parametrize("bundle", _network_bundles())
 def test_small_recipes_are_what_the_shipped_bundles_were_trained_with(bundle: str) -> None:
     meta = json.loads((MODELS / bundle / "configs" / "metadata.json").read_text())
     network = json.loads((MODELS / bundle / "configs" / "inference.json").read_text())

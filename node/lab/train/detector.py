@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from node import NOT_FOR_CLINICAL_USE
-from node.bundles.config import INFERENCE_FILE, METADATA_FILE
+from node.bundles.config import INFERENCE_FILE, METADATA_FILE, network_data_format
 from node.bundles.detector import SERIES_AGGREGATION, Detector, load_detector, measure_series
 from node.bundles.lesion import DETECTOR_METHOD, DetectorSpec
 from node.lab.train.data import DataError, SeriesItem, load_volume
@@ -113,38 +113,6 @@ def report_of(measures: Sequence[StudyMeasure], temperature: float, bias: float)
     return report
 
 
-def network_data_format(labels: Sequence[str]) -> dict[str, Any]:
-    """The MONAI metadata's tensor description for a detector: a whole series in, 2 logits out."""
-    return {
-        "inputs": {
-            "image": {
-                "type": "image",
-                "format": "magnitude",
-                "modality": "MR",
-                "num_channels": 1,
-                "spatial_shape": ["*", "*", "*"],
-                "dtype": "float32",
-                "value_range": [],
-                "is_patch_data": False,
-                "channel_def": {"0": "image"},
-            }
-        },
-        "outputs": {
-            "pred": {
-                "type": "logits",
-                "format": "classes",
-                "modality": "n/a",
-                "num_channels": len(labels),
-                "spatial_shape": [],
-                "dtype": "float32",
-                "value_range": [],
-                "is_patch_data": False,
-                "channel_def": {str(i): label for i, label in enumerate(labels)},
-            }
-        },
-    }
-
-
 def write_detector(
     out: Path,
     *,
@@ -204,7 +172,7 @@ def write_detector(
         "metrics": metrics,
         "intended_use": "Research and demonstration of the neuronode pipeline only.",
         "not_for_clinical_use": True,
-        "network_data_format": network_data_format(labels),
+        "network_data_format": network_data_format(1, None, labels),
         "weights_sha256": spec.digest(t, b),
         "disclaimer": NOT_FOR_CLINICAL_USE,
     }
