@@ -67,3 +67,15 @@ def child_main(prog: str, argv: Sequence[str] | None, serve: Callable[[Connectio
         return 0
     finally:
         conn.close()
+
+
+def exit_name(returncode: int | None) -> str:
+    """How a child ended, for logs and errors: 'SIGKILL', 'exit 1', or 'running'."""
+    if returncode is None:
+        return "running"
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit {returncode}"

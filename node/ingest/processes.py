@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from node.childproc import child_main, spawn
+from node.childproc import child_main, exit_name, spawn
 from node.config import Rules
 from node.errors import ConfigError, NodeError
 from node.log import configure, get_logger, set_correlation_key
@@ -96,7 +96,7 @@ class _Child:
         try:
             msg = self.conn.recv()
         except (EOFError, OSError):
-            return f"a receiver process ended at start ({_exit_name(self.proc.wait())})"
+            return f"a receiver process ended at start ({exit_name(self.proc.wait())})"
         if not isinstance(msg, ReceiverReady):
             self.kill()
             return "a receiver process answered out of turn"
@@ -107,15 +107,6 @@ class _Child:
             self.proc.kill()
         self.proc.wait()
         self.conn.close()
-
-
-def _exit_name(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return signal.Signals(-returncode).name
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"exit {returncode}"
 
 
 StoreCounter = Callable[[str, str], None]
@@ -192,7 +183,7 @@ class ReceiverProcesses:
         if self._stopping.is_set():
             return
         log.error(
-            "receiver_process_died", worker=child.index, reason=_exit_name(child.proc.returncode)
+            "receiver_process_died", worker=child.index, reason=exit_name(child.proc.returncode)
         )
         while not self._stopping.wait(RESTART_S):
             try:

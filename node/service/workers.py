@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 
-from node.childproc import spawn
+from node.childproc import exit_name, spawn
 from node.config import Rules
 from node.log import get_logger
 from node.pipeline.worker import (
@@ -45,17 +44,6 @@ class WorkerDied(Exception):
     """The worker process ended (or its pipe broke) outside a job."""
 
 
-def _signal_name(returncode: int | None) -> str:
-    if returncode is None:
-        return "running"
-    if returncode < 0:
-        try:
-            return signal.Signals(-returncode).name
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"exit {returncode}"
-
-
 class ProcessWorker:
     """One worker process: started, loads its models, then runs one job at a time."""
 
@@ -80,7 +68,7 @@ class ProcessWorker:
             try:
                 msg = self.conn.recv()
             except (EOFError, OSError):
-                raise WorkerDied(_signal_name(self.proc.wait())) from None
+                raise WorkerDied(exit_name(self.proc.wait())) from None
             if isinstance(msg, WorkerReady):
                 return msg.problems
         return None
@@ -139,7 +127,7 @@ class ProcessWorker:
                 return msg
 
     def _died(self, job: StudyJob, stage: str) -> JobResult:
-        how = _signal_name(self.proc.wait())
+        how = exit_name(self.proc.wait())
         log.error("worker_died", job_id=job.job_id, worker=self.index, stage=stage, reason=how)
         return JobResult(
             job_id=job.job_id,
