@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from node.bundles.bundle import Bundle, prepare_slices, resolve_layer, series_box
-from node.bundles.detector import Detector, predict_detector
 from node.bundles.roi import Box
 from node.dicom.canonical import canonical_axial, to_source
 from node.errors import InferenceError
@@ -218,22 +217,10 @@ def fill_between(maps: FloatArray, indices: tuple[int, ...], n_slices: int) -> F
 
 
 def with_heatmaps(
-    bundle: Bundle | Detector,
-    volume: SeriesVolume,
-    prediction: SeriesPrediction,
-    *,
-    top_k: int = 3,
+    bundle: Bundle, volume: SeriesVolume, prediction: SeriesPrediction, *, top_k: int = 3
 ) -> SeriesPrediction:
-    """The prediction with Grad-CAM heatmaps of its key slices attached (a detector: the
-    slices through the lesion it measured, with the lesion's map)."""
-    if isinstance(bundle, Detector):
-        measured = predict_detector(bundle, volume, sequence=prediction.sequence, top_k=top_k)
-        return dataclasses.replace(
-            prediction,
-            heatmaps=measured.heatmaps,
-            slice_indices=measured.slice_indices,
-            slice_probabilities=measured.slice_probabilities,
-        )
+    """The prediction with Grad-CAM heatmaps of its key slices attached (a detector's map comes
+    with its measurement: ``detector.predict_detector(..., top_k=k)``)."""
     return dataclasses.replace(
         prediction, heatmaps=explain_series(bundle, volume, prediction, top_k=top_k)
     )

@@ -189,7 +189,7 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
     if not ctx.qualifies or not ctx.routes:
         return ctx
     from node.bundles.bundle import predict_series
-    from node.bundles.detector import Detector
+    from node.bundles.detector import Detector, predict_detector
     from node.bundles.gradcam import key_slices, planned_heatmaps, with_heatmaps
 
     by_uid: dict[str, SeriesId] = {}
@@ -216,14 +216,18 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
                 f"task {route.task} needs bundle '{route.bundle}', which cannot be served: {exc}"
             ) from exc
         t0 = time.perf_counter()
-        pred = predict_series(bundle, volume, sequence=route.sequence)
+        if isinstance(bundle, Detector):
+            # One measurement gives the answer and the map of what it measured (its heatmaps):
+            # no network pass to defer.
+            pred = predict_detector(bundle, volume, sequence=route.sequence, top_k=k)
+        else:
+            pred = predict_series(bundle, volume, sequence=route.sequence)
         # The ensemble matches on the rule file's task name and bundle folder name.
         pred = replace(pred, task=route.task, model_id=route.bundle)
-        if k > 0:
+        if k > 0 and not isinstance(bundle, Detector):
             # Where the key slices are known without the maps (an axial series), the maps wait
             # for HEATMAPS, after the SR has gone out.
-            # A detector's map is its measured lesion: no network pass to defer.
-            chosen = None if isinstance(bundle, Detector) else key_slices(volume, pred, top_k=k)
+            chosen = key_slices(volume, pred, top_k=k)
             if chosen is None:
                 pred = with_heatmaps(bundle, volume, pred, top_k=k)
             else:

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 from node.bundles.bundle import load_bundle, load_model, predict_series
 from node.bundles.config import recipe_preprocessing
-from node.bundles.detector import Detector, load_detector
-from node.bundles.gradcam import with_heatmaps
+from node.bundles.detector import Detector, load_detector, predict_detector
 from node.bundles.lesion import DetectorSpec, key_slices, measure_lesion
 from node.errors import ModelUnavailable
 from node.lab.train.detector import StudyMeasure, calibrate, write_detector
@@ -175,11 +174,12 @@ def test_detector_bundle_round_trip_and_served_path(tmp_path: Path) -> None:
     p_normal = predict_series(det, normal, sequence=SequenceLabel.FLAIR)
     assert p_lesion.probability > 0.5 > p_normal.probability
     assert p_lesion.weights_sha256 == det.weights_sha256 and len(det.weights_sha256) == 64
-    shown = with_heatmaps(det, lesion, p_lesion, top_k=2)
+    shown = predict_detector(det, lesion, sequence=SequenceLabel.FLAIR, top_k=2)
+    assert shown.probability == p_lesion.probability
     assert [h.slice_index for h in shown.heatmaps] == [6, 5] or shown.heatmaps[0].slice_index == 6
     hm = shown.heatmaps[0]
     assert hm.cam.shape == (SIZE, SIZE) and hm.cam[40, 55] > 0.5 and hm.cam[10, 10] == 0.0
-    assert with_heatmaps(det, normal, p_normal, top_k=2).heatmaps == ()
+    assert predict_detector(det, normal, top_k=2).heatmaps == ()
 
 
 def test_a_detector_edited_without_refitting_is_refused(tmp_path: Path) -> None:
