@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from node.bundles.roi import HEAD_ERODE, eroded_head, median_mad
 from node.records import FloatArray
 
 DETECTOR_METHOD = "bright_lesion_volume"
@@ -51,7 +52,7 @@ class DetectorSpec:
     """How the lesion is measured (a detector bundle's metadata ``detector`` entry)."""
 
     z: float = 2.5  # robust deviations above the head's median
-    erode: float = 0.06  # of the smaller image side: the scalp and skull rim
+    erode: float = HEAD_ERODE  # of the smaller image side: the scalp and skull rim
     opening: float = 1.0 / 64.0  # of the smaller image side: speckle and rims
     floor: float = 1e-4  # added to the fraction before log10 (no lesion: -4)
     measure: str = "largest"  # one of MEASURES
@@ -108,21 +109,6 @@ class LesionMeasure:
     zmap: FloatArray | None  # robust z-score inside the component, 0 elsewhere
 
 
-def _head(scaled: FloatArray, erode: float) -> npt.NDArray[np.bool_]:
-    from scipy import ndimage
-
-    n, rows, cols = scaled.shape
-    iterations = max(1, round(erode * min(rows, cols)))
-    inner = np.zeros(scaled.shape, dtype=bool)
-    for k in range(n):
-        head = scaled[k] > 0.1
-        if head.any():
-            inner[k] = ndimage.binary_erosion(
-                ndimage.binary_fill_holes(head), iterations=iterations
-            )
-    return inner
-
-
 def measure_lesion(
     pixels: npt.NDArray[Any], scaled: FloatArray, spec: DetectorSpec, *, keep_map: bool = False
 ) -> LesionMeasure:
@@ -134,16 +120,11 @@ def measure_lesion(
     if vol.ndim != 3 or vol.shape != scaled.shape:
         raise ValueError(f"expected matching (slices, rows, cols) arrays, got {vol.shape}")
     none = LesionMeasure(fraction=0.0, logit=math.log10(spec.floor), component=None, zmap=None)
-    inner = _head(scaled, spec.erode)
+    inner = eroded_head(scaled, spec.erode)
     n_head = int(inner.sum())
     if n_head < 50:
         return none
-    values = vol[inner]
-    med = float(np.median(values))
-    values -= med
-    np.abs(values, out=values)
-    mad = float(np.median(values)) * 1.4826
-    del values
+    med, mad = median_mad(vol[inner])
     if not (mad > 0 and math.isfinite(mad)):
         return none
     candidate = inner & (vol > med + spec.z * mad)

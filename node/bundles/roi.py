@@ -84,6 +84,35 @@ def _square(r0: int, r1: int, c0: int, c1: int, side: int, rows: int, cols: int)
     return Box(r0n, r0n + side, c0n, c0n + side, True)
 
 
+HEAD_ERODE = 0.06  # of the smaller image side: the scalp and skull rim
+
+
+def eroded_head(scaled: npt.NDArray[np.float32], erode: float) -> npt.NDArray[np.bool_]:
+    """Each slice's head (scaled values above 0.1), holes filled, eroded by ``erode`` of the
+    smaller image side (at least one pixel): inside it, the scalp and skull rim never count."""
+    from scipy import ndimage
+
+    n, rows, cols = scaled.shape
+    iterations = max(1, round(erode * min(rows, cols)))
+    inner = np.zeros(scaled.shape, dtype=bool)
+    for k in range(n):
+        head = scaled[k] > 0.1
+        if head.any():
+            filled = ndimage.binary_fill_holes(head)
+            inner[k] = ndimage.binary_erosion(filled, iterations=iterations)
+    return inner
+
+
+def median_mad(values: npt.NDArray[np.float32]) -> tuple[float, float]:
+    """(median, MAD x 1.4826) of ``values``, which it reorders and overwrites: the medians
+    partition in place and |values - median| is taken in place, so a long series is not
+    copied again."""
+    med = float(np.median(values, overwrite_input=True))
+    values -= med
+    np.abs(values, out=values)
+    return med, float(np.median(values, overwrite_input=True)) * 1.4826
+
+
 def lesion_box(scaled: npt.NDArray[np.float32], spec: RoiSpec) -> Box:
     """The tumour-centred rectangle of a series (slices, rows, cols) already scaled to 0..1
     per series (``bundles.normalise_volume``); see the module text."""
@@ -98,21 +127,12 @@ def lesion_box(scaled: npt.NDArray[np.float32], spec: RoiSpec) -> Box:
     hr = np.flatnonzero(head.any(axis=(0, 2)))
     hc = np.flatnonzero(head.any(axis=(0, 1)))
     head_box = Box(int(hr[0]), int(hr[-1]) + 1, int(hc[0]), int(hc[-1]) + 1, False)
-    erode = max(1, round(0.06 * min(rows, cols)))
-    inner = np.zeros_like(head)
-    for k in range(n):
-        filled = ndimage.binary_fill_holes(head[k])
-        inner[k] = ndimage.binary_erosion(filled, iterations=erode)
+    inner = eroded_head(vol, HEAD_ERODE)
     values = vol[inner]
     n_values = values.size
     if n_values < 50:
         return head_box
-    # Medians partition `values` in place and |values - med| is taken in place (the order of
-    # the values does not matter to either): no further copies of a long series.
-    med = float(np.median(values, overwrite_input=True))
-    values -= med
-    np.abs(values, out=values)
-    mad = float(np.median(values, overwrite_input=True)) * 1.4826
+    med, mad = median_mad(values)
     del values
     if mad <= 0:
         return head_box
