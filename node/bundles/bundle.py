@@ -40,9 +40,11 @@ from node.bundles.config import (
     Preprocessing,
     build_network_config,
     parse_bundle_config,
+    read_config_files,
+    read_json,
     recipe_preprocessing,
 )
-from node.bundles.detector import Detector, is_detector_config, load_detector, predict_detector
+from node.bundles.detector import Detector, detector_from, is_detector_config, predict_detector
 from node.bundles.roi import Box, RoiSpec, lesion_box
 from node.dicom.canonical import canonical_axial
 from node.ensemble import sigmoid
@@ -142,24 +144,16 @@ def resolve_layer(network: torch.nn.Module, name: str) -> torch.nn.Module:
     return modules[name]
 
 
-def _read_json(path: Path, where: str) -> Any:
-    rel = f"{path.parent.name}/{path.name}"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ModelUnavailable(f"{where}: {rel} is missing") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelUnavailable(f"{where}: {rel} is not valid JSON: {exc}") from exc
-
-
 def read_bundle_config(path: Path) -> BundleMetadata:
-    """Both config files of a bundle directory, checked (no weights read)."""
+    """Both config files of a network bundle directory, checked (no weights read)."""
     path = Path(path)
     where = f"model bundle {path}"
-    if not path.is_dir():
-        raise ModelUnavailable(f"{where}: directory not found")
-    metadata = _read_json(path / "configs" / METADATA_FILE, where)
-    inference = _read_json(path / "configs" / INFERENCE_FILE, where)
+    return _network_config(*read_config_files(path, where), where)
+
+
+def _network_config(metadata: Any, inference: Any, where: str) -> BundleMetadata:
+    if is_detector_config(inference):
+        raise ModelUnavailable(f"{where}: is a detector, not a network bundle")
     return parse_bundle_config(metadata, inference, where)
 
 
@@ -168,23 +162,29 @@ def is_detector_bundle(path: Path) -> bool:
     try:
         inference = json.loads((Path(path) / "configs" / INFERENCE_FILE).read_text("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False  # load_bundle then says what is wrong with it
+        return False  # loading it then says what is wrong with it
     return is_detector_config(inference)
 
 
 def load_model(path: Path) -> Bundle | Detector:
     """A task route's bundle: a network bundle or a detector, verified (ModelUnavailable if
-    it cannot be served)."""
-    return load_detector(path) if is_detector_bundle(path) else load_bundle(path)
+    it cannot be served); its config files are read once."""
+    path = Path(path)
+    where = f"model bundle {path}"
+    metadata, inference = read_config_files(path, where)
+    if is_detector_config(inference):
+        return detector_from(metadata, inference, path, where)
+    return _verified(path, _network_config(metadata, inference, where), where)
 
 
 def load_bundle(path: Path) -> Bundle:
     """Load and verify a bundle directory, or refuse it with ModelUnavailable and why."""
     path = Path(path)
-    where = f"model bundle {path}"
-    if is_detector_bundle(path):
-        raise ModelUnavailable(f"{where}: is a detector, not a network bundle")
-    meta = read_bundle_config(path)
+    return _verified(path, read_bundle_config(path), f"model bundle {path}")
+
+
+def _verified(path: Path, meta: BundleMetadata, where: str) -> Bundle:
+    """The network of a checked config, its weights verified against the metadata."""
     weights = path / "models" / "model.pt"
     if not weights.is_file():
         raise ModelUnavailable(f"{where}: weights models/model.pt are missing")
@@ -260,8 +260,8 @@ def write_calibration(bundle_dir: Path, *, temperature: float, calibration_bias:
     bundle_dir = Path(bundle_dir)
     where = f"model bundle {bundle_dir}"
     path = bundle_dir / "configs" / INFERENCE_FILE
-    inference = _read_json(path, where)
-    metadata = _read_json(bundle_dir / "configs" / METADATA_FILE, where)
+    inference = read_json(path, where)
+    metadata = read_json(bundle_dir / "configs" / METADATA_FILE, where)
     post = dict(inference.get("postprocessing") or {})
     post.update(temperature=temperature, calibration_bias=calibration_bias)
     inference["postprocessing"] = post

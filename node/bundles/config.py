@@ -28,12 +28,14 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import math
 import re
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -284,6 +286,27 @@ def _tensor_spec(fmt: Mapping[str, Any], side: str, name: str, where: str) -> Ma
             f"{where}: network_data_format.{side}.{name}.num_channels must be a positive integer"
         )
     return spec
+
+
+def read_json(path: Path, where: str) -> Any:
+    """One of a bundle's config files, parsed (ModelUnavailable says which and why)."""
+    rel = f"{path.parent.name}/{path.name}"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelUnavailable(f"{where}: {rel} is missing") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelUnavailable(f"{where}: {rel} is not valid JSON: {exc}") from exc
+
+
+def read_config_files(path: Path, where: str) -> tuple[Any, Any]:
+    """(metadata.json, inference.json) of a bundle folder, parsed, each read once."""
+    if not path.is_dir():
+        raise ModelUnavailable(f"{where}: directory not found")
+    return (
+        read_json(path / "configs" / METADATA_FILE, where),
+        read_json(path / "configs" / INFERENCE_FILE, where),
+    )
 
 
 def task_name(raw: Mapping[str, Any], where: str) -> str:

@@ -12,7 +12,6 @@ threshold edited by hand without refitting is refused like a replaced weights fi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ import numpy as np
 
 from node.bundles.config import (
     INFERENCE_FILE,
-    METADATA_FILE,
     check_monai_metadata,
     labels_of,
     postprocessing_of,
+    read_config_files,
     recipe_preprocessing,
     task_name,
 )
@@ -125,25 +124,15 @@ def parse_detector_config(metadata: Any, inference: Any, path: Path, where: str)
     )
 
 
-def read_json_pair(path: Path, where: str) -> tuple[Any, Any]:
-    """configs/metadata.json and configs/inference.json of a bundle folder, parsed."""
-    out = []
-    for name in (METADATA_FILE, INFERENCE_FILE):
-        rel = Path("configs") / name
-        try:
-            out.append(json.loads((path / rel).read_text(encoding="utf-8")))
-        except OSError as exc:
-            raise ModelUnavailable(f"{where}: {rel} cannot be read: {exc.strerror}") from exc
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelUnavailable(f"{where}: {rel} is not valid JSON: {exc}") from exc
-    return out[0], out[1]
-
-
 def load_detector(path: Path) -> Detector:
     """Load and verify a detector bundle, or refuse it with ModelUnavailable and why."""
     path = Path(path)
     where = f"model bundle {path}"
-    metadata, inference = read_json_pair(path, where)
+    return detector_from(*read_config_files(path, where), path, where)
+
+
+def detector_from(metadata: Any, inference: Any, path: Path, where: str) -> Detector:
+    """The verified detector of config files already read (node.bundles.bundle.load_model)."""
     detector = parse_detector_config(metadata, inference, path, where)
     log.info("bundle_loaded", model_id=detector.name, version=detector.version, task=detector.task)
     return detector
