@@ -8,6 +8,7 @@ the served code path (node.bundles.detector.predict_detector with an uncalibrate
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -67,15 +68,10 @@ def measure_studies(
         raise DataError(f"no labelled {sequence} series")
     work = [(it, spec) for it in chosen]
     logits: list[float] = []
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            for i, z in enumerate(pool.map(_measure_item, work, chunksize=4)):
-                logits.append(z)
-                if progress is not None and (i + 1) % 50 == 0:
-                    progress(f"measured {i + 1}/{len(work)} series")
-    else:
-        for i, w in enumerate(work):
-            logits.append(_measure_item(w))
+    with ProcessPoolExecutor(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+        results = pool.map(_measure_item, work, chunksize=4) if pool else map(_measure_item, work)
+        for i, z in enumerate(results):
+            logits.append(z)
             if progress is not None and (i + 1) % 50 == 0:
                 progress(f"measured {i + 1}/{len(work)} series")
     by_study: dict[str, list[float]] = defaultdict(list)
