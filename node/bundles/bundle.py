@@ -38,7 +38,9 @@ from node.bundles.config import (
     BundleFiles,
     BundleMetadata,
     Preprocessing,
+    RecentValues,
     build_network_config,
+    frozen_digest,
     parse_bundle_config,
     read_config_files,
     read_json,
@@ -272,11 +274,29 @@ def write_calibration(bundle_dir: Path, *, temperature: float, calibration_bias:
 # --- preprocessing (shared by inference and training so both see the same pixels) ---------------
 
 
+# The brain slices of the last few read-only series (a job's decoded series), by content: the
+# bundles routed to one series select from the same pixels.
+_BRAIN: RecentValues[tuple[bytes, tuple[int, ...]], tuple[int, ...]] = RecentValues(16)
+
+
 def brain_slices(pixels: npt.NDArray[Any]) -> tuple[int, ...]:
     """Indices of slices carrying tissue: foreground fraction at least a quarter of the peak."""
     vol = np.asarray(pixels, dtype=np.float32)
     if vol.ndim != 3 or vol.shape[0] == 0:
         raise InferenceError(f"expected (slices, rows, cols) pixels, got shape {vol.shape}")
+    digest = frozen_digest(vol)
+    if digest is None:
+        return _brain_slices(vol)
+    key = (digest, tuple(vol.shape))
+    found = _BRAIN.get(key)
+    if found is None:
+        found = _brain_slices(vol)
+        _BRAIN.put(key, found)
+    return found
+
+
+def _brain_slices(vol: FloatArray) -> tuple[int, ...]:
+    """brain_slices, computed."""
     # Both from one selection (interpolated in double precision).
     top, floor = (float(v) for v in np.percentile(vol, [99.0, 1.0]))
     threshold = floor + 0.1 * (top - floor)

@@ -33,10 +33,11 @@ import math
 import re
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -101,12 +102,21 @@ _PRED = "@_meta_#network_data_format#outputs#pred"
 _SCALE_CHUNK_SLICES = 8  # slices scaled at a time once the series' percentiles are known
 
 
+def _ignore_read_only(arr: npt.NDArray[Any]) -> None:
+    """Inside a ``warnings.catch_warnings()`` block: torch's warning that a read-only array (a
+    job's shared decoded series) becomes a tensor it could write is not shown. Each transform
+    here reads its input and returns a new tensor, so nothing writes through it."""
+    if not arr.flags.writeable:
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
 def _apply(scalar: Callable[[Any], Any], part: npt.NDArray[Any]) -> FloatArray:
     """A voxel-wise intensity transform on some slices, as float32 numpy."""
     from monai.utils.type_conversion import convert_to_tensor
 
-    picked = convert_to_tensor(np.ascontiguousarray(part, dtype=np.float32), track_meta=False)
     with warnings.catch_warnings():
+        _ignore_read_only(part)
+        picked = convert_to_tensor(np.ascontiguousarray(part, dtype=np.float32), track_meta=False)
         # A constant series (a blank localiser) maps to 0, which MONAI announces.
         warnings.filterwarnings("ignore", message="Divide by zero", category=Warning)
         out = scalar(picked)
@@ -117,9 +127,78 @@ def _apply(scalar: Callable[[Any], Any], part: npt.NDArray[Any]) -> FloatArray:
 # The series percentiles of the last few volumes, by content: one study's series are read by
 # the sequence CNN, each specialist routed to it and its Grad-CAM, on the same pixels; a
 # selection over a whole series costs far more than hashing it.
-_BOUNDS: dict[tuple[bytes, tuple[int, ...], str, float, float], Any] = {}
-_BOUNDS_KEPT = 16
-_BOUNDS_LOCK = threading.Lock()
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class RecentValues(Generic[K, V]):
+    """The values of the last ``kept`` keys put, oldest dropped first; safe across threads."""
+
+    def __init__(self, kept: int) -> None:
+        self._kept = kept
+        self._values: dict[K, V] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        """The value put for ``key``, if still kept."""
+        with self._lock:
+            return self._values.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        """Keep ``value`` for ``key``, dropping the oldest values beyond ``kept``."""
+        with self._lock:
+            self._values[key] = value
+            while len(self._values) > self._kept:
+                self._values.pop(next(iter(self._values)))
+
+
+_BOUNDS: RecentValues[tuple[bytes, tuple[int, ...], str, float, float], Any] = RecentValues(16)
+
+# The content digests of read-only arrays (a job's decoded series, node.pipeline.series_cache),
+# by the view's identity in its owner: pixels that cannot change are hashed once, not at every
+# read (a 256x256x33 series costs about 8 ms to hash, and a study's series are read 15 times).
+_ViewKey = tuple[int, int, tuple[int, ...], tuple[int, ...], str]
+_DIGESTS: RecentValues[_ViewKey, tuple[weakref.ref[npt.NDArray[Any]], bytes]] = RecentValues(64)
+
+
+def _frozen_owner(arr: npt.NDArray[Any]) -> npt.NDArray[Any] | None:
+    """The array that owns ``arr``'s memory when neither can be written (else None): only then
+    do the same view's values stay the same."""
+    if arr.flags.writeable:
+        return None
+    owner = arr
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    if owner.base is not None or owner.flags.writeable:
+        return None  # memory owned by another object (a buffer), or writable through the owner
+    return owner
+
+
+def frozen_digest(arr: npt.NDArray[Any]) -> bytes | None:
+    """``content_digest(arr)`` for a read-only array whose owner is read-only too (its values
+    cannot change), hashed once per view; None for any other array."""
+    owner = _frozen_owner(arr)
+    if owner is None:
+        return None
+    key: _ViewKey = (
+        id(owner),
+        int(arr.__array_interface__["data"][0]),
+        tuple(arr.shape),
+        tuple(arr.strides),
+        arr.dtype.str,
+    )
+    hit = _DIGESTS.get(key)
+    if hit is not None and hit[0]() is owner:  # the same owner, not a new one at its address
+        return hit[1]
+    digest = content_digest(arr)
+    _DIGESTS.put(key, (weakref.ref(owner), digest))
+    return digest
+
+
+def content_digest(arr: npt.NDArray[Any]) -> bytes:
+    """SHA-1 of an array's values in C order (shape and dtype are not part of it)."""
+    data = np.ascontiguousarray(arr)
+    return hashlib.sha1(data.data.cast("B")).digest()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -184,26 +263,27 @@ class Preprocessing:
             or step.relative
         ):
             return None
+        digest = frozen_digest(vol)
         data = np.ascontiguousarray(vol)
         key = (
-            hashlib.sha1(data.data.cast("B")).digest(),
+            content_digest(data) if digest is None else digest,
             data.shape,
             data.dtype.str,
             float(step.lower),
             float(step.upper),
         )
-        with _BOUNDS_LOCK:
-            bounds: Any = _BOUNDS.get(key)
+        bounds: Any = _BOUNDS.get(key)
         if bounds is None:
             # Both bounds from one call: one selection over the series instead of two. The
             # order statistics are the same; the interpolation between them is done in double
             # precision (then rounded to float32), which can differ from two single calls in
             # the last bit of a bound, far below what the models can tell apart.
-            bounds = percentile(convert_to_tensor(data, track_meta=False), [step.lower, step.upper])
-            with _BOUNDS_LOCK:
-                _BOUNDS[key] = bounds
-                while len(_BOUNDS) > _BOUNDS_KEPT:
-                    _BOUNDS.pop(next(iter(_BOUNDS)))
+            with warnings.catch_warnings():
+                _ignore_read_only(data)
+                tensor = convert_to_tensor(data, track_meta=False)
+            bounds = percentile(tensor, [step.lower, step.upper])
+            del tensor
+            _BOUNDS.put(key, bounds)
         a_min: Any = bounds[0]
         a_max: Any = bounds[1]
         return ScaleIntensityRange(

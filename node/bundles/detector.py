@@ -20,6 +20,7 @@ import numpy as np
 
 from node.bundles.config import (
     INFERENCE_FILE,
+    Preprocessing,
     check_monai_metadata,
     labels_of,
     postprocessing_of,
@@ -138,11 +139,20 @@ def detector_from(metadata: Any, inference: Any, path: Path, where: str) -> Dete
     return detector
 
 
+def detector_scaling() -> Preprocessing:
+    """The per-series scaling a detector reads its head mask from (percentile 0.5 -> 0,
+    99.5 -> 1, as the CNN bundles read). Built once per process from MONAI's config; a worker
+    builds it in its warm-up, because MONAI's first parse raises and catches import errors
+    whose tracebacks keep the calling frames (and a series' pixels in them) alive until the
+    next garbage collection."""
+    return recipe_preprocessing(low=0.5, high=99.5)
+
+
 def measure_series(
     spec: DetectorSpec, volume: SeriesVolume, *, keep_map: bool = False
 ) -> LesionMeasure:
     """The detector's measure of one series (uncalibrated), as served and as fitted."""
-    scaled = recipe_preprocessing(low=0.5, high=99.5).scale(volume.pixels)
+    scaled = detector_scaling().scale(volume.pixels)
     return measure_lesion(volume.pixels, scaled, spec, keep_map=keep_map)
 
 

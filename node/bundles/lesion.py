@@ -116,19 +116,25 @@ def measure_lesion(
     ``scaled`` the same scaled per series to 0..1 (the head mask). See the module text."""
     from scipy import ndimage
 
-    vol = np.asarray(pixels, dtype=np.float32)
-    if vol.ndim != 3 or vol.shape != scaled.shape:
-        raise ValueError(f"expected matching (slices, rows, cols) arrays, got {vol.shape}")
+    pix = np.asarray(pixels)
+    if pix.ndim != 3 or pix.shape != scaled.shape:
+        raise ValueError(f"expected matching (slices, rows, cols) arrays, got {pix.shape}")
     none = LesionMeasure(fraction=0.0, logit=math.log10(spec.floor), component=None, zmap=None)
     inner = eroded_head(scaled, spec.erode)
     n_head = int(inner.sum())
     if n_head < 50:
         return none
-    med, mad = median_mad(vol[inner])
+    # Native values in float32, a slice at a time (a long series is not copied whole): the
+    # head's voxels for the statistics, then each slice for the threshold.
+    med, mad = median_mad(np.asarray(pix[inner], dtype=np.float32))
     if not (mad > 0 and math.isfinite(mad)):
         return none
-    candidate = inner & (vol > med + spec.z * mad)
-    n, rows, cols = vol.shape
+    threshold = med + spec.z * mad
+    n, rows, cols = pix.shape
+    candidate = np.zeros(pix.shape, dtype=bool)
+    for k in range(n):
+        if inner[k].any():
+            candidate[k] = inner[k] & (np.asarray(pix[k], dtype=np.float32) > threshold)
     iterations = round(spec.opening * min(rows, cols))
     if iterations > 0:
         for k in range(n):
@@ -149,7 +155,12 @@ def measure_lesion(
     component = labels == best + 1 if spec.measure == "largest" else labels > 0
     if spec.measure != "largest":
         component &= labels != best + 1
-    zmap = np.where(component, (vol - med) / mad, 0.0).astype(np.float32)
+    zmap = np.zeros(pix.shape, dtype=np.float32)
+    for k in range(n):
+        if component[k].any():
+            zmap[k] = np.where(
+                component[k], (np.asarray(pix[k], dtype=np.float32) - med) / mad, 0.0
+            )
     return LesionMeasure(fraction=fraction, logit=logit, component=component, zmap=zmap)
 
 

@@ -87,19 +87,41 @@ def _square(r0: int, r1: int, c0: int, c1: int, side: int, rows: int, cols: int)
 HEAD_ERODE = 0.06  # of the smaller image side: the scalp and skull rim
 
 
+def fill_holes(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``scipy.ndimage.binary_fill_holes`` of a 2-D mask, by labelling the background once: the
+    background component that reaches the image border (through a one-pixel frame) is outside;
+    every other background pixel is a hole. The same mask, about 3x faster."""
+    from scipy import ndimage
+
+    framed = np.pad(~mask, 1, constant_values=True)
+    labels, _ = ndimage.label(framed)  # 4-connected, as binary_fill_holes propagates
+    outside = labels[1:-1, 1:-1] == labels[0, 0]
+    filled: npt.NDArray[np.bool_] = ~outside
+    return filled
+
+
+def erode_taxicab(mask: npt.NDArray[np.bool_], iterations: int) -> npt.NDArray[np.bool_]:
+    """``scipy.ndimage.binary_erosion(mask, iterations=n)`` (cross element, outside the image
+    counts as background), as one taxicab distance transform: a pixel survives n erosions
+    exactly when every pixel within city-block distance n is set."""
+    from scipy import ndimage
+
+    framed = np.pad(mask, 1, constant_values=False)
+    distance = ndimage.distance_transform_cdt(framed, metric="taxicab")[1:-1, 1:-1]
+    out: npt.NDArray[np.bool_] = distance > iterations
+    return out
+
+
 def eroded_head(scaled: npt.NDArray[np.float32], erode: float) -> npt.NDArray[np.bool_]:
     """Each slice's head (scaled values above 0.1), holes filled, eroded by ``erode`` of the
     smaller image side (at least one pixel): inside it, the scalp and skull rim never count."""
-    from scipy import ndimage
-
     n, rows, cols = scaled.shape
     iterations = max(1, round(erode * min(rows, cols)))
     inner = np.zeros(scaled.shape, dtype=bool)
     for k in range(n):
         head = scaled[k] > 0.1
         if head.any():
-            filled = ndimage.binary_fill_holes(head)
-            inner[k] = ndimage.binary_erosion(filled, iterations=iterations)
+            inner[k] = erode_taxicab(fill_holes(head), iterations)
     return inner
 
 

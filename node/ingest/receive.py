@@ -209,6 +209,19 @@ class _SharedPortServer(ThreadedAssociationServer):
         super().server_bind()
 
 
+class _SharedContexts(list[Any]):
+    """The listener's presentation contexts, shared by its associations.
+
+    pynetdicom deep-copies the server's contexts for every association it accepts: 17 ms of
+    CPU for our 171 storage classes x 13 transfer syntaxes (each UID re-validated), a third of
+    a millisecond per instance for four associations of 50. Negotiation only reads them, so
+    each association gets a new list of the same contexts instead.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
+
+
 class Receiver:
     """The SCP: builds the AE from the rules, stores into the spool, logs per association.
 
@@ -272,6 +285,7 @@ class Receiver:
             )
         except OSError as exc:
             raise ConfigError(_bind_problem(self.settings, exc)) from None
+        server.contexts = _SharedContexts(server.contexts)
         self.ae._servers.append(server)  # so AE.shutdown() stops it, as start_server does
         thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
         thread.start()

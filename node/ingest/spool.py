@@ -1,22 +1,33 @@
 """Durable instance store: temp file, fsync, rename, SQLite index; quarantine; low-disk refusal.
 
 A C-STORE is answered with success only after `Spool.store` returns a stored (or duplicate)
-result: by then the bytes are fsync'ed under a name built from validated UIDs and the index row
-is committed (WAL, synchronous=FULL). The index is one SQLite file shared by the receive threads,
-the scheduler and the workers; one connection guarded by a lock keeps it simple and correct.
-Instances that arrive together on several associations share a group commit: each thread parses
-its instance once and writes and fsyncs its own file, then one commit renames them all, fsyncs
-each folder once and indexes them in one transaction (`Spool._commit`).
+result: by then the bytes are synced under a name built from validated UIDs, the folder entry
+is synced and the index row is committed (WAL, synchronous=FULL). The index is one SQLite file
+shared by the receive threads, the scheduler and the workers; one connection guarded by a lock
+keeps it simple and correct. Instances that arrive together on several associations share a
+group commit: each thread parses its instance once and writes its own file, then one commit
+puts them all in place, syncs each folder once and indexes them in one transaction
+(`Spool._commit`).
+
+The three syncs (file data, folder, index WAL) wait on the disk one after the other unless
+they overlap: `SyncOrder` says how much may (the index commit always beside the folder syncs on
+SQLite; the file's data sync too on file systems where a crash leaves an unsynced file missing
+or short). What overlapping gives up is only the order in which unacknowledged state reaches
+the disk: after a crash an index row may name a file that is missing or short. Such rows were
+never acknowledged; `reconcile_recent_rows` finds them at a start that follows a process which
+did not close the spool (its marker in spool/open/ is still there), within `RECENT_ROWS_S`.
 
 Why this module is long: everything that decides whether a received instance is on disk and
 known lives here together, so the one rule (success only once stored and indexed) is read in
-one place: the one parse that decides quarantine, the group commit, the index and the study
-state it keeps, and the start-up sweep that reconciles the two after a crash or ENOSPC.
+one place: the one parse that decides quarantine, the group commit and the order of its syncs,
+the index and the study state it keeps, and the start-up checks that reconcile the two after a
+crash or ENOSPC.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import io
 import json
@@ -26,9 +37,11 @@ import shutil
 import struct
 import threading
 import time
+import uuid
 import warnings
 import zlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +60,9 @@ from node.store.db import INDEX, Database, DatabaseError, Row, Session, sqlite_u
 from node.store.files import (
     fsync_dir,
     makedirs_durable,
+    syncs_may_overlap,
     write_bytes_durable,
+    write_temp,
     write_temp_durable,
 )
 
@@ -58,6 +73,21 @@ _MB = 1024 * 1024
 # On a shared spool, a temp or instance file without an index row younger than this is another
 # receiver's write in progress, not a crash's leftover.
 SHARED_LEFTOVER_AGE_S = 600.0
+# At start, index rows received this long before the newest one are checked against their files
+# (overlapped syncs: a crash may leave a committed row whose file never reached the disk). A
+# group commit that took longer than this before a crash is not looked at.
+RECENT_ROWS_S = 600.0
+# ... and never more rows than this (by seq, newest first): a bounded start-up cost.
+RECENT_ROWS_MAX = 200_000
+
+
+class SyncOrder(enum.Enum):
+    """How the syncs of a group commit are ordered (see the module docstring)."""
+
+    SERIAL = "serial"  # file data, rename, folders, then the index commit (PostgreSQL)
+    DATA_FIRST = "data_first"  # file data before the rename; folders beside the index commit
+    OVERLAPPED = "overlapped"  # file data, folders and the index commit all at once
+
 
 # Only these are read from a received instance; nothing else of the header is looked at here.
 _TAGS = (
@@ -332,8 +362,8 @@ class Index(Database):
 
 @dataclass(slots=True, kw_only=True)
 class _Pending:
-    """One instance between its fsync'ed temp file and its group's commit (mutable: the
-    committing thread fills in the outcome the waiting thread returns or raises)."""
+    """One instance between its temp file and its group's commit (mutable: the committing
+    thread fills in the outcome the waiting thread returns or raises)."""
 
     parsed: ParsedInstance
     rel: Path
@@ -341,6 +371,7 @@ class _Pending:
     size_bytes: int
     calling_ae: str
     now: float
+    fd: int | None = None  # the temp file, open, when its data sync is left to the group commit
     duplicate_of: Row | None = None
     outcome: StoreResult | SpoolError | None = None
 
@@ -359,6 +390,47 @@ class GroupStats:
         self.largest = max(self.largest, size)
 
 
+def _close(entry: _Pending) -> None:
+    """Close the entry's temp file descriptor, if still open."""
+    if entry.fd is not None:
+        fd, entry.fd = entry.fd, None
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _discard(entry: _Pending) -> None:
+    """Close and remove the entry's temp file (a duplicate, or a failure before its rename)."""
+    _close(entry)
+    with contextlib.suppress(OSError):
+        entry.tmp.unlink(missing_ok=True)
+
+
+def _alive(pid_text: str) -> bool:
+    """Whether a process with this number runs on this host (another user's counts too)."""
+    if not pid_text.isdigit() or int(pid_text) <= 0:
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _new_row(result: StoreResult) -> bool:
+    """Whether a stored result made a row of its own (not a duplicate of one stored before)."""
+    return result.instance is not None and not result.instance.duplicate
+
+
+def _datasync_of(fd: int) -> Callable[[], None]:
+    return lambda: os.fdatasync(fd)
+
+
+def _dirsync_of(folder: Path) -> Callable[[], None]:
+    return lambda: fsync_dir(folder)
+
+
 class Spool:
     """Instances on disk under validated-UID names, quarantine, and the index that lists them."""
 
@@ -371,6 +443,7 @@ class Spool:
         clock: Callable[[], float] = time.time,
         database_url: str | None = None,
         shared: bool = False,
+        sync_order: SyncOrder | None = None,
     ) -> None:
         self.root = root
         self.shared = shared  # other processes write this spool now (receiver processes)
@@ -380,6 +453,16 @@ class Spool:
         for sub in ("instances", "quarantine", "tmp"):
             makedirs_durable(root / sub)
         self.index = Index(root / "index.sqlite", url=database_url)
+        # PostgreSQL: serial, so a committed row always names a synced file (other nodes may
+        # read it at once, and no start-up here could vouch for their rows).
+        if self.index.postgres:
+            self.sync_order = SyncOrder.SERIAL
+        elif sync_order is not None:
+            self.sync_order = sync_order
+        else:
+            overlap = syncs_may_overlap(root)
+            self.sync_order = SyncOrder.OVERLAPPED if overlap else SyncOrder.DATA_FIRST
+        self._syncs: ThreadPoolExecutor | None = None
         # Temp files left by a crash were never acknowledged: drop them. On a shared spool
         # (PostgreSQL, or a receiver process beside others) other receivers are writing
         # theirs: only old ones are leftovers.
@@ -392,6 +475,11 @@ class Spool:
         self._queue: list[_Pending] = []
         self._committing = False
         self.groups = GroupStats()
+        self._marker: Path | None = None
+        if not (self.index.postgres or shared):  # the node's own process checks for all
+            if self._open_markers():  # a process that wrote here did not close: maybe a crash
+                self.reconcile_recent_rows()
+            self._marker = self._mark_open()
         self.sweep_orphans()
 
     def _abandoned(self, path: Path) -> bool:
@@ -404,6 +492,99 @@ class Spool:
             return time.time() - path.stat().st_mtime > SHARED_LEFTOVER_AGE_S
         except OSError:
             return False
+
+    def _open_markers(self) -> list[Path]:
+        """The markers of processes that opened this spool and have not closed it; those of
+        processes no longer alive are removed (they are looked at once, now)."""
+        folder = self.root / "open"
+        markers = sorted(folder.glob("*.pid")) if folder.is_dir() else []
+        for marker in markers:
+            if not _alive(marker.stem.split("-")[0]):
+                marker.unlink(missing_ok=True)
+        return markers
+
+    def _mark_open(self) -> Path:
+        """Leave a durable marker while this process has the spool open (removed by `close`):
+        found at the next start, it says rows may need `reconcile_recent_rows`."""
+        folder = self.root / "open"
+        makedirs_durable(folder)
+        marker = folder / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.pid"
+        marker.touch()
+        fsync_dir(folder)
+        return marker
+
+    def reconcile_recent_rows(self) -> int:
+        """Drop index rows whose file a crash left missing or short (never acknowledged: see
+        `SyncOrder`); returns how many. A short file whose copy parses completely under its own
+        name is kept with its size (the same instance sent twice at once, written by the
+        second sender); any other is quarantined."""
+        newest = self.index.query("SELECT MAX(seq) AS seq, MAX(received_at) AS t FROM instances")
+        if newest[0]["seq"] is None:
+            return 0
+        rows = self.index.query(
+            "SELECT seq, study_uid, path, size_bytes FROM instances WHERE seq > ? "
+            "AND received_at >= ?",
+            (int(newest[0]["seq"]) - RECENT_ROWS_MAX, float(newest[0]["t"]) - RECENT_ROWS_S),
+        )
+        dropped = 0
+        for row in rows:
+            path = self.root / str(row["path"])
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = None
+            if size == int(row["size_bytes"]):
+                continue
+            if size is not None and self._keep_resized(path, Path(str(row["path"])), row):
+                continue
+            with self.index.transaction() as db:
+                self._unindex(db, seq=int(row["seq"]), study_uid=str(row["study_uid"]))
+            dropped += 1
+        if dropped:
+            log.warning("spool_unacknowledged_rows_dropped", count=dropped)
+        return dropped
+
+    def _keep_resized(self, path: Path, rel: Path, row: Row) -> bool:
+        """Whether a file of another size than its row's is a complete instance under its own
+        name (then the row takes its size); else it is quarantined and removed."""
+        data = path.read_bytes()
+        reason = ""
+        try:
+            if instance_relpath(check_instance(data).ref) != rel:
+                reason = "incomplete after a crash: its UIDs do not match its path"
+        except InvalidInstance as exc:
+            reason = f"incomplete after a crash: {exc}"
+        if not reason:
+            with self.index.transaction() as db:
+                db.execute(
+                    "UPDATE instances SET size_bytes = ? WHERE seq = ?", (len(data), row["seq"])
+                )
+            return True
+        self._quarantine(
+            data,
+            reason=reason,
+            calling_ae="",
+            now=self._clock(),
+            status=StoreStatus.CANNOT_UNDERSTAND,
+        )
+        path.unlink(missing_ok=True)
+        return False
+
+    @staticmethod
+    def _unindex(db: Session, *, seq: int, study_uid: str) -> None:
+        """Take back one instance's row; its study, if nothing else of it is left and no job
+        knows it, goes too."""
+        if db.execute("DELETE FROM instances WHERE seq = ?", (seq,)).rowcount:
+            db.execute(
+                "UPDATE studies SET n_instances = n_instances - 1 WHERE study_uid = ?",
+                (study_uid,),
+            )
+        db.execute(
+            "DELETE FROM studies WHERE study_uid = ? AND state = ? AND NOT EXISTS "
+            "(SELECT 1 FROM instances WHERE study_uid = ?) AND NOT EXISTS "
+            "(SELECT 1 FROM jobs WHERE study_uid = ?)",
+            (study_uid, StudyStatus.RECEIVING.value, study_uid, study_uid),
+        )
 
     def sweep_orphans(self) -> tuple[int, int]:
         """Reconcile files under instances/ that the index does not know (the index write
@@ -512,10 +693,15 @@ class Spool:
     def _store_parsed(
         self, data: bytes, parsed: ParsedInstance, *, calling_ae: str, now: float
     ) -> StoreResult:
-        """Write and fsync the temp file here, then wait for the group commit that indexes it."""
+        """Write the temp file here (and sync it, unless the group commit overlaps its sync),
+        then wait for the group commit that indexes it."""
         rel = instance_relpath(parsed.ref)
+        fd: int | None = None
         try:
-            tmp = write_temp_durable(self.root / "tmp", data)
+            if self.sync_order is SyncOrder.OVERLAPPED:
+                tmp, fd = write_temp(self.root / "tmp", data)
+            else:
+                tmp = write_temp_durable(self.root / "tmp", data)
         except OSError as exc:
             raise SpoolError(f"cannot write instance: {exc.strerror}") from exc
         return self._commit(
@@ -526,6 +712,7 @@ class Spool:
                 size_bytes=len(data),
                 calling_ae=calling_ae,
                 now=now,
+                fd=fd,
             )
         )
 
@@ -549,8 +736,9 @@ class Spool:
             try:
                 self._commit_group(batch)
             finally:
-                for queued in batch:  # only if interrupted (KeyboardInterrupt, SystemExit)
-                    if queued.outcome is None:
+                for queued in batch:
+                    _close(queued)
+                    if queued.outcome is None:  # only if interrupted (KeyboardInterrupt ...)
                         queued.outcome = SpoolError("the group commit was interrupted")
                 with self._group_cv:
                     self._committing = False
@@ -563,7 +751,7 @@ class Spool:
         return outcome
 
     def _commit_group(self, batch: list[_Pending]) -> None:
-        """Rename every entry into place, fsync each folder once, index all in one transaction.
+        """Put every entry in place, sync each folder once, index all in one transaction.
 
         Never raises: each entry gets its own outcome. A failure touches only the entries it
         concerns (a rename: that entry; a folder fsync: that folder's; an index row: that row,
@@ -578,8 +766,7 @@ class Spool:
                     failure = SpoolError(f"cannot store instance: {type(exc).__name__}")
                     failure.__cause__ = exc
                     entry.outcome = failure
-                    with contextlib.suppress(OSError):
-                        entry.tmp.unlink(missing_ok=True)
+                    _discard(entry)
 
     def _place_and_index(self, batch: list[_Pending]) -> None:
         sops = [e.parsed.ref.sop_instance_uid for e in batch]
@@ -595,35 +782,38 @@ class Spool:
         for entry in batch:
             row = known.get(entry.parsed.ref.sop_instance_uid)
             if row is not None:  # stored before: keep the first copy, drop this one
-                entry.tmp.unlink(missing_ok=True)
+                _discard(entry)
                 entry.duplicate_of = row
                 placed.append(entry)
                 continue
-            final = self.root / entry.rel
             try:
-                makedirs_durable(final.parent)
-                os.replace(entry.tmp, final)
+                makedirs_durable((self.root / entry.rel).parent)
+                self._place(entry)
             except OSError as exc:
-                entry.tmp.unlink(missing_ok=True)
+                _discard(entry)
                 entry.outcome = SpoolError(f"cannot write instance: {exc.strerror}")
                 continue
             placed.append(entry)
-        folders = {(self.root / e.rel).parent for e in placed if e.duplicate_of is None}
-        failed_folders: dict[Path, OSError] = {}
-        for folder in folders:
-            try:
-                fsync_dir(folder)
-            except OSError as exc:
-                failed_folders[folder] = exc
-        to_index: list[_Pending] = []
-        for entry in placed:
-            problem = failed_folders.get((self.root / entry.rel).parent)
-            if problem is not None and entry.duplicate_of is None:
-                entry.outcome = SpoolError(f"cannot write instance: {problem.strerror}")
-            else:
-                to_index.append(entry)
-        if not to_index:
-            return
+        syncs = self._start_syncs([e for e in placed if e.duplicate_of is None])
+        if self.sync_order is SyncOrder.SERIAL:  # every sync done before the index commit
+            self._synced(placed, syncs)
+        to_index = [e for e in placed if e.outcome is None]
+        results: dict[int, StoreResult] = {}
+        failed: list[_Pending] = []
+        try:
+            if to_index:
+                results = self._index_all(to_index)
+        finally:
+            if self.sync_order is not SyncOrder.SERIAL:  # the syncs ran beside the commit
+                failed = self._synced(placed, syncs)
+        # Only rows this group made: a duplicate's row and file are another sender's copy.
+        self._take_back([e for e in failed if id(e) in results and _new_row(results[id(e)])])
+        for entry in to_index:
+            if entry.outcome is None:
+                entry.outcome = results[id(entry)]
+
+    def _index_all(self, to_index: list[_Pending]) -> dict[int, StoreResult]:
+        """Index the entries in one transaction; an entry whose row fails gets a failure."""
         results: dict[int, StoreResult] = {}
         try:
             with self.index.transaction() as db:
@@ -643,10 +833,94 @@ class Spool:
         except DatabaseError as exc:
             for entry in to_index:
                 entry.outcome = SpoolError(f"cannot index instance: {type(exc).__name__}")
+            return {}
+        return results
+
+    def _place(self, entry: _Pending) -> None:
+        """Give the entry's temp file its final name. A file whose data is not synced yet gets
+        a new name only (a link): it never replaces a file already there (another receiver's
+        copy, or a crash's leftover), which gets a synced copy by rename instead."""
+        final = self.root / entry.rel
+        if entry.fd is not None:
+            try:
+                os.link(entry.tmp, final)
+            except FileExistsError:
+                os.fdatasync(entry.fd)
+                _close(entry)
+            else:
+                with contextlib.suppress(OSError):  # a leftover .part goes at the next start
+                    entry.tmp.unlink()
+                return
+        os.replace(entry.tmp, final)
+
+    def _start_syncs(self, new: list[_Pending]) -> dict[Future[None], tuple[_Pending, ...]]:
+        """Start each new entry's data sync (when left to the group) and each folder's sync,
+        in the sync threads; SERIAL runs them here and now."""
+        jobs: list[tuple[Callable[[], None], tuple[_Pending, ...]]] = []
+        for entry in new:
+            if entry.fd is not None:
+                jobs.append((_datasync_of(entry.fd), (entry,)))
+        folders: dict[Path, list[_Pending]] = {}
+        for entry in new:
+            folders.setdefault((self.root / entry.rel).parent, []).append(entry)
+        for folder, in_folder in folders.items():
+            jobs.append((_dirsync_of(folder), tuple(in_folder)))
+        started: dict[Future[None], tuple[_Pending, ...]] = {}
+        for job, entries in jobs:
+            if self.sync_order is SyncOrder.SERIAL:
+                done: Future[None] = Future()
+                try:
+                    job()
+                    done.set_result(None)
+                except OSError as exc:
+                    done.set_exception(exc)
+                started[done] = entries
+            else:
+                if self._syncs is None:
+                    self._syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-sync")
+                started[self._syncs.submit(job)] = entries
+        return started
+
+    @staticmethod
+    def _synced(
+        entries: list[_Pending], syncs: dict[Future[None], tuple[_Pending, ...]]
+    ) -> list[_Pending]:
+        """Wait for the syncs; an entry whose file or folder did not sync gets a failure.
+        Returns the entries that failed just now."""
+        failed: list[_Pending] = []
+        for future, concerned in syncs.items():
+            problem = future.exception()
+            if problem is None:
+                continue
+            for entry in concerned:
+                if entry.outcome is None and entry not in failed:
+                    reason = getattr(problem, "strerror", None) or type(problem).__name__
+                    entry.outcome = SpoolError(f"cannot write instance: {reason}")
+                    failed.append(entry)
+        for entry in entries:
+            _close(entry)
+        return failed
+
+    def _take_back(self, committed: list[_Pending]) -> None:
+        """Remove the rows (committed beside the syncs) and files of entries whose sync failed:
+        their senders are told so, and nothing may name a file that is not on disk."""
+        if not committed:
             return
-        for entry in to_index:
-            if entry.outcome is None:
-                entry.outcome = results[id(entry)]
+        try:
+            with self.index.transaction() as db:
+                for entry in committed:
+                    row = db.execute(
+                        "SELECT seq FROM instances WHERE sop_instance_uid = ? AND path = ?",
+                        (entry.parsed.ref.sop_instance_uid, str(entry.rel)),
+                    ).fetchone()
+                    if row is not None:
+                        self._unindex(db, seq=int(row["seq"]), study_uid=entry.parsed.ref.study_uid)
+        except DatabaseError as exc:  # the next start's reconcile_recent_rows finds them
+            log.error("spool_take_back_failed", error_type=type(exc).__name__)
+            return
+        for entry in committed:
+            with contextlib.suppress(OSError):
+                (self.root / entry.rel).unlink()
 
     def _index_entry(self, db: Session, entry: _Pending) -> StoreResult:
         """The entry's index row and its study's state (inside the group's transaction)."""
@@ -859,5 +1133,10 @@ class Spool:
         return tuple(self.root / str(r["path"]) for r in rows)
 
     def close(self) -> None:
-        """Close the index."""
+        """Stop the sync threads, close the index, and remove this process's open marker."""
+        if self._syncs is not None:
+            self._syncs.shutdown(wait=True)
         self.index.close()
+        if self._marker is not None:
+            self._marker.unlink(missing_ok=True)
+            self._marker = None

@@ -874,6 +874,7 @@ class _IngestNode:
     # associations -> [group commits, instances they carried], over every run
     grouping: dict[int, list[int]] = field(default_factory=dict)
     cpu_ms: dict[int, list[float]] = field(default_factory=dict)  # per instance, by associations
+    sync_order: str = ""  # the spool's SyncOrder (how its syncs overlap on this file system)
 
     def per_group(self, associations: int) -> float:
         groups, instances = self.grouping.get(associations, [0, 0])
@@ -892,6 +893,7 @@ class _IngestNode:
             cpu_ms = (cpu1 - cpu0) * 1000 / len(paths)
             self.cpu_ms.setdefault(associations, []).append(cpu_ms)
         n = spool.index.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
+        self.sync_order = spool.sync_order.value
         tally = self.grouping.setdefault(associations, [0, 0])
         # This process's group commits (the other processes' are not seen from here).
         tally[0] += spool.groups.groups
@@ -1044,6 +1046,7 @@ def bench_ingest(work: Path, settings: BenchSettings) -> tuple[BenchRecord, ...]
                     ("orthanc_spread", _spread(figures[f"orthanc{assoc}"])),
                     ("storescp_no_fsync_per_s", round(med["storescp1"], 1)),
                     ("instances_per_group_commit", node.per_group(assoc)),
+                    ("sync_order", node.sync_order),
                     ("node_cpu_ms_per_instance", round(statistics.median(node.cpu_ms[assoc]), 2)),
                     (
                         "orthanc_cpu_ms_per_instance",

@@ -10,7 +10,9 @@ reference. Each figure is printed with its reference measured in the same run:
 - quiet period to SR in the PACS: a synthetic study of about 200 instances sent with storescu;
   from the end of its quiet period (last instance + quiet_period_s, by the node's own index)
   to the SR being in Orthanc; reference: the job's processing time (the SR goes out mid-job,
-  before the heatmaps are drawn, so the figure can be below it) (target: <= 2 s).
+  before the heatmaps are drawn, so the figure can be below it) (target: <= 2 s). The details
+  give each stage's milliseconds up to the SR, wall and the worker's CPU (from the job's audit
+  record; CPU moves much less than wall time with the machine's load).
 
 `python -m node.lab.bench_latency [--work DIR] [--repeat N]`.
 """
@@ -230,6 +232,8 @@ def bench_quiet_to_pacs(
     scheduling: list[float] = []  # quiet period end -> job started
     to_sr: list[float] = []  # job started -> SR in Orthanc (the SR goes out mid-job)
     after_sr: list[float] = []  # SR in Orthanc -> job finished (the heatmaps, the audit)
+    stage_wall: list[dict[str, float]] = []  # each run's stage milliseconds (the audit)
+    stage_cpu: list[dict[str, float]] = []  # and the worker's CPU milliseconds per stage
     for i in range(max(1, settings.repeat)):
         run = work / f"latency-{i}"
         port = free_port()
@@ -276,6 +280,9 @@ def bench_quiet_to_pacs(
             scheduling.append(float(job[0]) - quiet_end)
             to_sr.append(sr_at - float(job[0]))
             after_sr.append(float(job[1]) - sr_at)
+            wall, cpu = _stage_times(spool)
+            stage_wall.append(wall)
+            stage_cpu.append(cpu)
         finally:
             if proc is not None:
                 _stop(proc)
@@ -297,8 +304,45 @@ def bench_quiet_to_pacs(
             ("job_start_to_sr_in_pacs_s", round(statistics.median(to_sr), 3)),
             ("sr_in_pacs_to_job_end_s", round(statistics.median(after_sr), 3)),
             ("processing_s", round(reference, 3)),
+            ("stages_to_sr_ms", _stage_line(stage_wall)),
+            ("stages_to_sr_cpu_ms", _stage_line(stage_cpu)),
+            ("to_sr_cpu_s", _to_sr_total(stage_cpu)),
+            ("heatmaps_ms", _stage_line(stage_wall, ("heatmaps",))),
         ),
     )
+
+
+# The stages that run before the SR is queued (the SR's path inside the job).
+TO_SR_STAGES = ("load", "classify", "qualify", "route", "infer", "ensemble", "report", "outbox")
+
+
+def _stage_times(spool: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Wall and CPU milliseconds of each stage of the study's job, from its audit record (CPU
+    is absent in the audit of a node older than issue 15's fourth round)."""
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    for path in (spool / "results").glob("*/audit.json"):
+        for entry in json.loads(path.read_text(encoding="utf-8")).get("stages", ()):
+            wall[entry["stage"]] = float(entry["duration_ms"])
+            if entry.get("cpu_ms") is not None:
+                cpu[entry["stage"]] = float(entry["cpu_ms"])
+    return wall, cpu
+
+
+def _stage_line(runs: list[dict[str, float]], stages: tuple[str, ...] = TO_SR_STAGES) -> str:
+    """Median milliseconds of each stage over the runs, e.g. 'load 480 classify 870 ...'."""
+    parts = []
+    for stage in stages:
+        values = [r[stage] for r in runs if stage in r]
+        if values:
+            parts.append(f"{stage} {statistics.median(values):.0f}")
+    return " ".join(parts) or "-"
+
+
+def _to_sr_total(runs: list[dict[str, float]]) -> float:
+    """Median over the runs of the stages' total to the SR, in seconds (0: not recorded)."""
+    totals = [sum(r.get(s, 0.0) for s in TO_SR_STAGES) / 1000 for r in runs if r]
+    return round(statistics.median(totals), 3) if totals else 0.0
 
 
 def _wait_job_done(spool: Path, study_uid: str) -> tuple[Any, ...] | None:

@@ -3,8 +3,9 @@ synthetic study, each processed by the whole pipeline in a fresh subprocess.
 
 The figure is the growth of the child's peak resident memory (VmHWM, else ru_maxrss) from the
 small study to the large one; the target is <= 150 MB. Each child imports torch and MONAI and
-loads the bundles before the study, so the import and model memory is common to both and cancels
-in the growth. Run: ``python -m node.lab.bench_memory [--work DIR] [--keep]``.
+warms up as a worker does before its first study (bundles loaded, detectors' scaling built),
+so the import and model memory is common to both and cancels in the growth.
+Run: ``python -m node.lab.bench_memory [--work DIR] [--keep]``.
 """
 
 from __future__ import annotations
@@ -105,20 +106,14 @@ from pathlib import Path
 from node.bundles.bundle import set_torch_threads
 from node.config import Rules
 import pydicom
-from node.pipeline.models import worker_bundle
+from node.pipeline.models import warm_up
 from node.pipeline.runner import process_study
 from node.records import StudyJob
 
 set_torch_threads()
 folder, out, models = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 rules = Rules(models_dir=models)
-for task in rules.tasks.values():  # bundles load before the study: common to both sizes
-    for route in task.models:
-        try:
-            worker_bundle(models / route.bundle)
-        except Exception:
-            pass
-worker_bundle(models / rules.sequence.bundle)
+warm_up(rules)  # what a worker loads and builds before its first study: common to both sizes
 paths = tuple(sorted(folder.rglob("*.dcm")))  # one study, whatever its folder layout
 study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
 job = StudyJob(job_id=0, study_uid=study_uid, instance_paths=paths, attempt=1)

@@ -45,8 +45,12 @@ class FileProblem:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StageTiming:
+    """How long a stage took: wall time, and the CPU time of the process that ran it (less
+    sensitive than wall time to what else the machine is doing)."""
+
     stage: str
     duration_ms: float
+    cpu_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -255,6 +259,7 @@ def build_audit(
         else ()
     )
     now = time.time()
+    cpu = dict(ctx.stage_cpu_ms)
     numbers = {h.series_uid: h for h in ctx.headers}
     return AuditRecord(
         not_for_clinical_use=True,
@@ -272,7 +277,12 @@ def build_audit(
         finished_at=_iso(now),
         duration_ms=round((now - ctx.started_at) * 1000, 1),
         stages=tuple(
-            StageTiming(stage=name, duration_ms=round(ms, 1)) for name, ms in ctx.stage_ms
+            StageTiming(
+                stage=name,
+                duration_ms=round(ms, 1),
+                cpu_ms=round(cpu[name], 1) if name in cpu else None,
+            )
+            for name, ms in ctx.stage_ms
         ),
         n_files=len(ctx.job.instance_paths),
         n_instances=len(loaded.headers) if loaded is not None else None,

@@ -8,6 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from node.config import Rules
+from node.pipeline.series_cache import SeriesCache
 from node.records import (
     Route,
     SequenceDecision,
@@ -74,6 +75,9 @@ class StudyContext:
     # while the heatmaps are still being drawn).
     on_queued: Callable[[], None] | None = None
     loaded: StudyLoad | None = None
+    # The job's decoded series, shared by CLASSIFY, INFER and HEATMAPS (made by LOAD, emptied
+    # after HEATMAPS): each series is decoded once per job, within a byte budget.
+    volumes: SeriesCache | None = None
     headers: tuple[SeriesHeader, ...] = ()
     decisions: tuple[SequenceDecision, ...] = ()
     sequence_cnn: str = "not run"  # what became of the sequence CNN, in words
@@ -89,6 +93,8 @@ class StudyContext:
     n_enqueued: int | None = None
     n_own_results: int = 0  # our own SR/SC instances that came back with the study
     stage_ms: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    # CPU time of the process running the job, per stage (time.process_time).
+    stage_cpu_ms: tuple[tuple[str, float], ...] = field(default_factory=tuple)
 
 
 StageFn = Callable[[StudyContext], StudyContext]

@@ -112,7 +112,8 @@ def warm_up(rules: Rules) -> None:
     import node.classify.study
     import node.deliver.outbox
     import node.report.sr  # noqa: F401 - imported for its cost, here
-    from node.bundles.bundle import forward_logits, resolve_layer
+    from node.bundles.bundle import Bundle, forward_logits, resolve_layer
+    from node.bundles.detector import detector_scaling
     from node.bundles.gradcam import grad_cam
     from node.errors import InferenceError
     from node.report.sc import caption_band_rows
@@ -125,9 +126,13 @@ def warm_up(rules: Rules) -> None:
     )
     for path in paths:
         try:
-            bundle = worker_bundle(path)
+            model = worker_model(path)
         except ModelUnavailable:
             continue  # said by check_bundles, or the tag rules work alone
+        if not isinstance(model, Bundle):
+            detector_scaling()  # MONAI's first config parse, here rather than in a study
+            continue
+        bundle = model
         meta = bundle.metadata
         x = torch.zeros((1, meta.channels, *meta.size), dtype=torch.float32)
         try:

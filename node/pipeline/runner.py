@@ -25,6 +25,16 @@ from node.records import StudyJob, StudyOutcome
 log = get_logger(__name__)
 
 
+def _timed(ctx: StudyContext, stage: Stage, t0: float, c0: float) -> StudyContext:
+    """The context with a stage's wall and CPU milliseconds added (from perf_counter and
+    process_time readings taken as it started)."""
+    return replace(
+        ctx,
+        stage_ms=(*ctx.stage_ms, (stage.value, (time.perf_counter() - t0) * 1000)),
+        stage_cpu_ms=(*ctx.stage_cpu_ms, (stage.value, (time.process_time() - c0) * 1000)),
+    )
+
+
 def process_study(
     job: StudyJob,
     rules: Rules,
@@ -56,13 +66,11 @@ def process_study(
     for stage, fn in STAGES:
         if on_stage is not None:
             on_stage(stage)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             ctx = fn(ctx)
         except Exception as exc:  # the per-job outer guard
-            ctx = replace(
-                ctx, stage_ms=(*ctx.stage_ms, (stage.value, (time.perf_counter() - t0) * 1000))
-            )
+            ctx = _timed(ctx, stage, t0, c0)
             log.error(
                 "study_failed",
                 study_key=study_key,
@@ -82,9 +90,7 @@ def process_study(
             raise StageFailed(
                 f"stage {stage.value} failed: {type(exc).__name__}", stage=stage
             ) from exc
-        ctx = replace(
-            ctx, stage_ms=(*ctx.stage_ms, (stage.value, (time.perf_counter() - t0) * 1000))
-        )
+        ctx = _timed(ctx, stage, t0, c0)
     loaded = ctx.loaded
     assert loaded is not None  # the LOAD stage always runs first
     outcome = StudyOutcome(

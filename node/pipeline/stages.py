@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import pydicom
 from pydicom.dataset import Dataset
 
-from node.dicom.volumes import LazyVolumes, SeriesId, read_study, volume_id
+from node.dicom.volumes import SeriesId, read_study, volume_id
 from node.errors import ModelUnavailable, ReportError
 from node.log import get_logger, uid_key
 from node.pipeline.audit import series_ids, write_audit
@@ -39,6 +39,7 @@ from node.pipeline.context import (
     StudyContext,
 )
 from node.pipeline.models import worker_bundle, worker_model
+from node.pipeline.series_cache import SeriesCache
 from node.records import (
     FindingStatus,
     InstanceHeader,
@@ -85,7 +86,23 @@ def stage_load(ctx: StudyContext) -> StudyContext:
     loaded, n_own = read_study(ctx.job.instance_paths, ignore=is_own_result)
     if n_own:
         log.info("own_results_ignored", study_key=uid_key(ctx.job.study_uid), count=n_own)
-    return replace(ctx, loaded=loaded, n_own_results=n_own)
+    return replace(ctx, loaded=loaded, n_own_results=n_own, volumes=SeriesCache(loaded.layouts))
+
+
+def _volumes(ctx: StudyContext) -> SeriesCache:
+    """The job's decoded series (a context made without LOAD gets its own, from its layouts)."""
+    if ctx.volumes is not None:
+        return ctx.volumes
+    return SeriesCache(ctx.loaded.layouts if ctx.loaded is not None else ())
+
+
+def _series_id_by_uid(ctx: StudyContext) -> dict[str, SeriesId]:
+    """The series a route's SeriesInstanceUID reads: its first layout (a UID reused under
+    several series numbers reads the first)."""
+    by_uid: dict[str, SeriesId] = {}
+    for layout in ctx.loaded.layouts if ctx.loaded is not None else ():
+        by_uid.setdefault(layout.series_uid, volume_id(layout))
+    return by_uid
 
 
 def _image_paths(ctx: StudyContext) -> tuple[Path, ...]:
@@ -111,7 +128,7 @@ def _series_numbers(ctx: StudyContext) -> tuple[tuple[str, str], ...]:
     return tuple(found.items())
 
 
-def _after_decoding(ctx: StudyContext, volumes: LazyVolumes) -> StudyContext:
+def _after_decoding(ctx: StudyContext, volumes: SeriesCache) -> StudyContext:
     """The context with the files whose pixels failed added to the load's problems (each once)
     and the layouts of their series replaced by what did decode."""
     loaded = ctx.loaded
@@ -145,7 +162,7 @@ def stage_classify(ctx: StudyContext) -> StudyContext:
         bundle = None
         unavailable = f"sequence CNN not available, tag rules alone: {exc}"
         log.warning("sequence_cnn_unavailable", study_key=uid_key(ctx.job.study_uid))
-    volumes = LazyVolumes(loaded.layouts if loaded is not None else ())
+    volumes = _volumes(ctx)
     result = classify_study(headers, volumes, settings, bundle, unavailable=unavailable)
     ctx = _after_decoding(ctx, volumes)
     return replace(ctx, headers=headers, decisions=result.decisions, sequence_cnn=result.cnn_note)
@@ -175,27 +192,32 @@ def stage_qualify(ctx: StudyContext) -> StudyContext:
 def stage_route(ctx: StudyContext) -> StudyContext:
     """Which specialist bundles run on which series, from the rules' task routes."""
     if not ctx.qualifies:
+        if ctx.volumes is not None:
+            ctx.volumes.clear()
         return ctx
     from node.routing import route_study
 
-    return replace(ctx, routes=route_study(ctx.decisions, ctx.rules))
+    routes = route_study(ctx.decisions, ctx.rules)
+    if ctx.volumes is not None:
+        # INFER and HEATMAPS read only the routed series: the others' pixels go now.
+        by_uid = _series_id_by_uid(ctx)
+        ctx.volumes.keep_only(by_uid[r.series_uid] for r in routes if r.series_uid in by_uid)
+    return replace(ctx, routes=routes)
 
 
 def stage_infer(ctx: StudyContext) -> StudyContext:
     """Run each routed bundle on its series (this worker's own copy) and explain it (Grad-CAM).
 
-    Routed series are decoded one at a time, every route of a series on one decode; the
-    predictions keep the order of the routes."""
+    Routed series are read one at a time (each decoded once per job: the job's SeriesCache),
+    every route of a series on one read; the predictions keep the order of the routes."""
     if not ctx.qualifies or not ctx.routes:
         return ctx
     from node.bundles.bundle import predict_series
     from node.bundles.detector import Detector, predict_detector
     from node.bundles.gradcam import key_slices, planned_heatmaps, with_heatmaps
 
-    by_uid: dict[str, SeriesId] = {}
-    for layout in ctx.loaded.layouts if ctx.loaded is not None else ():
-        by_uid.setdefault(layout.series_uid, volume_id(layout))
-    volumes = LazyVolumes(ctx.loaded.layouts if ctx.loaded is not None else ())
+    by_uid = _series_id_by_uid(ctx)
+    volumes = _volumes(ctx)
     k = ctx.rules.outputs.heatmaps_per_series
     order = sorted(range(len(ctx.routes)), key=lambda i: (ctx.routes[i].series_uid, i))
     predictions: dict[int, SeriesPrediction] = {}
@@ -204,7 +226,7 @@ def stage_infer(ctx: StudyContext) -> StudyContext:
         route = ctx.routes[i]
         sid = by_uid.get(route.series_uid)
         if current[0] != sid:
-            current = (None, None)  # the previous series' pixels go before the next decode
+            current = (None, None)  # the previous series' pixels go before the next read
             current = (sid, volumes.get(sid) if sid is not None else None)
         volume = current[1]
         if volume is None:
@@ -406,8 +428,9 @@ def stage_outbox(ctx: StudyContext) -> StudyContext:
 
 
 def _explain_planned(ctx: StudyContext) -> StudyContext:
-    """The context with the Grad-CAM maps INFER left for later computed (each series decoded
-    once more), in its predictions and in the findings that hold them."""
+    """The context with the Grad-CAM maps INFER left for later computed (on the job's decoded
+    series: decoded again only if the cache's budget did not hold them), in its predictions and
+    in the findings that hold them."""
     from node.bundles.gradcam import explain_series
 
     def key(p: SeriesPrediction) -> tuple[str, str, str]:
@@ -416,11 +439,8 @@ def _explain_planned(ctx: StudyContext) -> StudyContext:
     pending = [p for p in ctx.predictions if any(not h.explained for h in p.heatmaps)]
     if not pending:
         return ctx
-    layouts = ctx.loaded.layouts if ctx.loaded is not None else ()
-    by_uid: dict[str, SeriesId] = {}
-    for layout in layouts:
-        by_uid.setdefault(layout.series_uid, volume_id(layout))
-    volumes = LazyVolumes(layouts)
+    by_uid = _series_id_by_uid(ctx)
+    volumes = _volumes(ctx)
     done: dict[tuple[str, str, str], SeriesPrediction] = {}
     for series_uid in dict.fromkeys(p.series_uid for p in pending):
         sid = by_uid.get(series_uid)
@@ -451,10 +471,14 @@ def stage_heatmaps(ctx: StudyContext) -> StudyContext:
     UID: the outbox keeps its one row) and then the heatmaps, so each object arrives once.
     """
     if not _makes_results(ctx):
+        if ctx.volumes is not None:
+            ctx.volumes.clear()
         return ctx
     from node.report.sc import build_heatmap_images
 
     ctx = _explain_planned(ctx)
+    if ctx.volumes is not None:
+        ctx.volumes.clear()  # every map is computed: no stage reads pixels any more
 
     outputs = ctx.rules.outputs
     heatmaps = build_heatmap_images(_study_result(ctx), outputs, uid_root=outputs.uid_root)

@@ -4,6 +4,10 @@ A writer sees the old file or the new one, never half of one, and after return t
 survives a power cut: the bytes go to a temp file in the same folder (or a spool's tmp folder on
 the same file system), which is fsync'ed, renamed into place, and the folder is fsync'ed. New
 parent folders are created and fsync'ed too.
+
+The spool's group commit may also let a file's data sync run beside its folder's sync and the
+index commit (`syncs_may_overlap`): on file systems where a crash leaves an unsynced file
+missing or short, never full length with bytes that were not written.
 """
 
 from __future__ import annotations
@@ -42,25 +46,80 @@ def makedirs_durable(path: Path) -> None:
         fsync_dir(d.parent)
 
 
-def write_temp_durable(folder: Path, data: bytes) -> Path:
-    """Write bytes to a new temp file (``*.part``) in `folder` and fsync it; return its path.
-
-    The first half of a durable write, for a caller that renames many files and then fsyncs
-    their folders once (the spool's group commit); removing it after a later failure is the
-    caller's job.
-    """
+def write_temp(folder: Path, data: bytes) -> tuple[Path, int]:
+    """Write bytes to a new temp file (``*.part``) in `folder`, not synced; return its path and
+    its open descriptor (the caller syncs it with `os.fdatasync` and closes it)."""
     tmp = folder / f"{uuid.uuid4().hex}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp, fd
+
+
+def write_temp_durable(folder: Path, data: bytes) -> Path:
+    """Write bytes to a new temp file (``*.part``) in `folder` and sync its data; return its path.
+
+    The first half of a durable write, for a caller that renames many files and then fsyncs
+    their folders once (the spool's group commit); removing it after a later failure is the
+    caller's job. `fdatasync`, not `fsync`: a new file's size and blocks are synced either way;
+    its times are not worth a journal write.
+    """
+    tmp, fd = write_temp(folder, data)
+    try:
+        os.fdatasync(fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    finally:
+        os.close(fd)
     return tmp
+
+
+# File systems on which a crash leaves a file whose data was not yet synced missing or shorter
+# than written (the size reaches the disk with or after the data): ext4 in its default
+# data=ordered mode (and data=journal), XFS (the size is logged when the data's write ends),
+# btrfs (copy-on-write). Not ext4 data=writeback, ext2/3, FAT, network file systems, tmpfs.
+_SIZE_AFTER_DATA = frozenset({"ext4", "xfs", "btrfs"})
+
+
+def mount_of(path: Path, mountinfo: str) -> tuple[str, frozenset[str]]:
+    """The file system type and its options (mount and super-block) of the mount holding
+    `path`, from the text of /proc/self/mountinfo; ("", {}) when none matches."""
+    best: tuple[int, str, frozenset[str]] = (-1, "", frozenset())
+    target = str(path)
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        if sep < 6 or len(fields) < sep + 4:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best[0]:
+            options = frozenset(fields[5].split(",")) | frozenset(fields[sep + 3].split(","))
+            best = (len(point), fields[sep + 1], options)
+    return best[1], best[2]
+
+
+def syncs_may_overlap(path: Path) -> bool:
+    """Whether a file under `path` may be renamed into place before its data is synced, the
+    data sync running beside the folder's (Linux, on the file systems of `_SIZE_AFTER_DATA`):
+    after a crash such a file is missing or short, which a full parse detects."""
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8")
+    except OSError:  # not Linux: keep the order (data synced before the rename)
+        return False
+    fstype, options = mount_of(path.resolve(), mountinfo)
+    return fstype in _SIZE_AFTER_DATA and "data=writeback" not in options
 
 
 def write_bytes_durable(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from node.cli import build_parser
 from node.errors import ConfigError
+from node.ingest.spool import SyncOrder
 from node.lab.bench import (
     BENCHMARKS,
     BenchRecord,
@@ -188,6 +189,7 @@ def test_ingest_benchmark_compares_the_node_with_orthanc(tmp_path: Path) -> None
         assert details["rounds"] == 3 and details["instances"] == 8
         assert float(details["storescp_no_fsync_per_s"]) > 0
         assert float(details["instances_per_group_commit"]) >= 1
+        assert details["sync_order"] in {o.value for o in SyncOrder}
         assert float(details["node_cpu_ms_per_instance"]) > 0
         assert float(details["orthanc_cpu_ms_per_instance"]) > 0
     assert dict(records["ingest:1_assoc"].details)["associations"] == 1
@@ -196,3 +198,26 @@ def test_ingest_benchmark_compares_the_node_with_orthanc(tmp_path: Path) -> None
     _check_ratio(stock)
     assert dict(stock.details)["matrix"] == "48x48"
     assert "ingest" in format_table(tuple(records.values()))
+
+
+def test_latency_details_give_the_median_stage_times_to_the_sr(tmp_path: Path) -> None:
+    from node.lab.bench_latency import _stage_line, _stage_times, _to_sr_total
+
+    runs = []
+    for i, (load, infer) in enumerate(((400.0, 900.0), (500.0, 1100.0), (450.0, 1000.0))):
+        spool = tmp_path / f"spool{i}"
+        (spool / "results" / "abc").mkdir(parents=True)
+        stages = [
+            {"stage": "load", "duration_ms": load, "cpu_ms": load / 2},
+            {"stage": "infer", "duration_ms": infer, "cpu_ms": None},
+            {"stage": "heatmaps", "duration_ms": 700.0, "cpu_ms": 600.0},
+        ]
+        (spool / "results" / "abc" / "audit.json").write_text(json.dumps({"stages": stages}))
+        runs.append(_stage_times(spool))
+    walls = [w for w, _ in runs]
+    cpus = [c for _, c in runs]
+    assert _stage_line(walls) == "load 450 infer 1000"  # medians, SR stages in pipeline order
+    assert _stage_line(cpus) == "load 225"  # no CPU recorded for infer
+    assert _stage_line(walls, ("heatmaps",)) == "heatmaps 700"
+    assert _to_sr_total(walls) == 1.45  # heatmaps come after the SR: not counted
+    assert _to_sr_total([]) == 0.0

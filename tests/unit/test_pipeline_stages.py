@@ -125,6 +125,9 @@ def test_full_run_classifies_routes_infers_reports_and_audits(
     assert audit["status"] == "done" and audit["not_for_clinical_use"] is True
     assert [s["stage"] for s in audit["stages"]] == [s.value for s, _ in STAGES[:-1]]
     assert all(s["duration_ms"] >= 0 for s in audit["stages"])
+    # Each stage's CPU time too; INFER ran two networks, so it used some.
+    assert all(s["cpu_ms"] is not None and s["cpu_ms"] >= 0 for s in audit["stages"])
+    assert next(s["cpu_ms"] for s in audit["stages"] if s["stage"] == "infer") > 0
     assert "tag rules alone" in audit["sequence_cnn"]  # no sequence bundle in models_dir
     labels = sorted(d["label"] for d in audit["sequences"])
     assert labels == ["ADC", "DWI", "FLAIR", "T1", "T1C", "T2"]
@@ -159,6 +162,32 @@ def test_full_run_classifies_routes_infers_reports_and_audits(
     assert audit["destinations"] == [] and audit["deliveries_enqueued"] is None
     summary = [e for e in logs if e["event"] == "study_processed"]
     assert len(summary) == 1 and summary[0]["n_findings"] == 2 and summary[0]["n_objects"] == 3
+
+
+def test_each_series_is_decoded_once_per_job(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CLASSIFY (the T1 pair compared too), INFER and HEATMAPS read the routed series from the
+    job's decoded series instead of decoding them again (issue 15)."""
+    from collections import Counter
+
+    from node.dicom import volumes as dicom_volumes
+
+    decoded: Counter[str] = Counter()
+    real = dicom_volumes._decode_series
+
+    def counted(layout: Any) -> Any:
+        decoded[layout.series_uid] += 1
+        return real(layout)
+
+    monkeypatch.setattr(dicom_volumes, "_decode_series", counted)
+    process_study(_job(world, _paths(world)), _rules(world), out_dir=tmp_path)
+    audit = _audit(tmp_path, world)
+    by_label = {d["label"]: d["series_instance_uid"] for d in audit["sequences"]}
+    assert {o["kind"] for o in audit["objects"]} == {"sr", "sc"}  # heatmaps were drawn
+    assert decoded[by_label["T1C"]] == 1 and decoded[by_label["FLAIR"]] == 1  # routed
+    assert by_label["T1"] in decoded  # the T1 pair's images were compared (no sequence CNN)
+    assert set(decoded.values()) == {1}
 
 
 def test_late_series_gives_an_sr_that_supersedes_the_first(

@@ -141,3 +141,21 @@ def test_processes_preparing_one_spool_side_by_side_never_trip_each_other(
         t.join()
     assert errors == []
     assert list(spool.iterdir()) == []  # no probe left behind
+
+
+def test_a_worker_freezes_what_it_loaded_before_it_says_it_is_ready(tmp_path: Path) -> None:
+    """Otherwise the first study pays a full garbage collection over everything the worker
+    loaded (0.6 s, docs/benchmarks.md Run 10)."""
+    import gc
+
+    from node.config import Rules
+    from node.pipeline import worker
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        problems = worker._load_models(Rules(models_dir=tmp_path, tasks={}))
+        assert problems == ()
+        assert gc.get_freeze_count() > 1000  # the modules, torch and the report tables
+    finally:
+        gc.unfreeze()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import shutil
+import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pydicom
@@ -15,10 +18,13 @@ import pytest
 from pydicom.uid import PYDICOM_ROOT_UID, UID
 
 from node.errors import InvalidInstance, SpoolError, StoreStatus
+from node.ingest import spool as spool_module
 from node.ingest.spool import (
+    RECENT_ROWS_S,
     SHARED_LEFTOVER_AGE_S,
     Spool,
     StoreResult,
+    SyncOrder,
     _Pending,
     check_instance,
     instance_relpath,
@@ -26,7 +32,8 @@ from node.ingest.spool import (
     parse_instance,
 )
 from node.records import InstanceRef, StudyStatus
-from node.store.files import write_temp_durable
+from node.store.db import Row
+from node.store.files import fsync_dir, mount_of, write_temp, write_temp_durable
 from tests.conftest import pydicom_file
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -474,3 +481,273 @@ def test_check_instance_refuses_short_pixel_data_without_decoding(spool: Spool) 
         check_instance(_bytes(ds))
     res = spool.store(_bytes(ds), calling_ae="A")
     assert res.status == StoreStatus.CANNOT_UNDERSTAND and res.quarantine_path is not None
+
+
+# --- the order of the syncs (SyncOrder) and what a crash can leave ----------------------------
+
+
+def _local_spool(root: Path, order: SyncOrder) -> Spool:
+    return Spool(root, min_free_disk_mb=0, free_bytes=lambda _p: 10**12, sync_order=order)
+
+
+def _store_in_thread(spool: Spool, data: bytes) -> tuple[threading.Thread, list[object]]:
+    got: list[object] = []
+
+    def run() -> None:
+        try:
+            got.append(spool.store(data, calling_ae="A"))
+        except SpoolError as exc:
+            got.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, got
+
+
+@pytest.mark.parametrize("order", list(SyncOrder))
+def test_an_instance_is_not_acknowledged_before_its_index_row_commits(
+    tmp_path: Path, order: SyncOrder
+) -> None:
+    spool = _local_spool(tmp_path / "spool", order)
+    try:
+        blocker = sqlite3.connect(spool.root / "index.sqlite", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the index
+        thread, got = _store_in_thread(spool, _mr("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+        thread.join(0.5)
+        assert thread.is_alive() and got == []  # no answer while the row cannot commit
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        thread.join(10)
+        assert isinstance(got[0], StoreResult) and got[0].status == 0
+        check = sqlite3.connect(spool.root / "index.sqlite")
+        assert check.execute("SELECT COUNT(*) FROM instances").fetchone() == (1,)
+        check.close()
+    finally:
+        spool.close()
+
+
+@pytest.mark.parametrize("order", list(SyncOrder))
+@pytest.mark.parametrize("blocked", ["data", "folder"])
+def test_an_instance_is_not_acknowledged_before_its_file_and_folder_are_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: SyncOrder, blocked: str
+) -> None:
+    spool = _local_spool(tmp_path / "spool", order)
+    release = threading.Event()
+    entered = threading.Event()
+    real_datasync, real_dirsync = os.fdatasync, fsync_dir
+
+    def datasync(fd: int) -> None:
+        if blocked == "data":
+            entered.set()
+            release.wait(10)
+        real_datasync(fd)
+
+    def dirsync(folder: Path) -> None:
+        if blocked == "folder" and folder.name == "1.2.3.1":
+            entered.set()
+            release.wait(10)
+        real_dirsync(folder)
+
+    monkeypatch.setattr(os, "fdatasync", datasync)
+    monkeypatch.setattr(spool_module, "fsync_dir", dirsync)
+    try:
+        thread, got = _store_in_thread(spool, _mr("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+        assert entered.wait(5)
+        thread.join(0.3)
+        assert thread.is_alive() and got == []  # the sync it waits for has not returned
+        release.set()
+        thread.join(10)
+        assert isinstance(got[0], StoreResult) and got[0].status == 0
+    finally:
+        release.set()
+        spool.close()
+
+
+def test_overlapped_syncs_run_at_once_and_data_first_syncs_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OVERLAPPED: the file's data sync and its folder's sync wait for each other (they would
+    time out if run one after the other). DATA_FIRST: the data is synced before the file has
+    its final name."""
+    real_datasync, real_dirsync = os.fdatasync, fsync_dir
+    in_data, in_folder = threading.Event(), threading.Event()
+    seen_final: list[bool] = []
+    final = tmp_path / "spool" / "instances" / "1.2.3" / "1.2.3.1" / "1.2.3.1.1.dcm"
+
+    def datasync(fd: int) -> None:
+        seen_final.append(final.exists())
+        in_data.set()
+        if order is SyncOrder.OVERLAPPED and not in_folder.wait(5):
+            raise OSError(errno.EIO, "the folder sync did not run beside this one")
+        real_datasync(fd)
+
+    def dirsync(folder: Path) -> None:
+        if folder.name == "1.2.3.1":
+            in_folder.set()
+            if order is SyncOrder.OVERLAPPED and not in_data.wait(5):
+                raise OSError(errno.EIO, "the data sync did not run beside this one")
+        real_dirsync(folder)
+
+    monkeypatch.setattr(os, "fdatasync", datasync)
+    monkeypatch.setattr(spool_module, "fsync_dir", dirsync)
+    for order in (SyncOrder.OVERLAPPED, SyncOrder.DATA_FIRST):
+        shutil.rmtree(tmp_path / "spool", ignore_errors=True)
+        in_data.clear()
+        in_folder.clear()
+        seen_final.clear()
+        spool = _local_spool(tmp_path / "spool", order)
+        try:
+            result = spool.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"), calling_ae="A")
+        finally:
+            spool.close()
+        assert result.status == 0 and final.exists()
+        # OVERLAPPED links the file into place first; DATA_FIRST syncs it before.
+        assert seen_final == [order is SyncOrder.OVERLAPPED]
+
+
+def test_a_failed_data_sync_takes_back_its_row_and_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = _local_spool(tmp_path / "spool", SyncOrder.OVERLAPPED)
+    try:
+        kept = spool.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.1"), calling_ae="A")
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fdatasync", failing)
+        with pytest.raises(SpoolError, match="Input/output error"):
+            spool.store(_mr("1.2.3", "1.2.3.1", "1.2.3.1.2"), calling_ae="A")
+        with pytest.raises(SpoolError):
+            spool.store(_mr("1.2.4", "1.2.4.1", "1.2.4.1.1"), calling_ae="A")
+        assert _indexed(spool) == {"1.2.3.1.1"} and kept.instance is not None
+        assert spool.index.query("SELECT study_uid, n_instances FROM studies")[0][:] == (
+            "1.2.3",
+            1,
+        )
+        assert sorted(p.name for p in (spool.root / "instances").rglob("*.dcm")) == [
+            "1.2.3.1.1.dcm"
+        ]
+        assert list((spool.root / "tmp").iterdir()) == []
+    finally:
+        spool.close()
+
+
+def test_start_drops_rows_a_crash_left_without_their_file(tmp_path: Path) -> None:
+    """After a process that had the spool open did not close it (a crash), rows whose file is
+    missing or short (committed beside syncs the crash cut off: never acknowledged) are dropped,
+    a short file quarantined; sound rows stay, and so does a row older than the window. After
+    a clean stop nothing is checked."""
+    root = tmp_path / "spool"
+    crashed = _local_spool(root, SyncOrder.OVERLAPPED)  # never closed before the next start
+    paths = {}
+    for study, sop in (("1.2.3", "1.2.3.1.1"), ("1.2.3", "1.2.3.1.2"), ("1.2.4", "1.2.4.1.1")):
+        res = crashed.store(_mr(study, f"{study}.1", sop), calling_ae="A")
+        assert res.instance is not None
+        paths[sop] = res.instance.path
+    old = crashed.store(_mr("1.2.5", "1.2.5.1", "1.2.5.1.1"), calling_ae="A")
+    assert old.instance is not None
+    with crashed.index.transaction() as db:
+        db.execute(
+            "UPDATE instances SET received_at = received_at - ? WHERE sop_instance_uid = ?",
+            (RECENT_ROWS_S + 60, "1.2.5.1.1"),
+        )
+    paths["1.2.3.1.2"].unlink()  # its folder entry never reached the disk
+    data = paths["1.2.4.1.1"].read_bytes()
+    paths["1.2.4.1.1"].write_bytes(data[: len(data) // 2])  # its data did not all reach it
+    old.instance.path.unlink()
+    again = _local_spool(root, SyncOrder.OVERLAPPED)
+    try:
+        assert _indexed(again) == {"1.2.3.1.1", "1.2.5.1.1"}
+        studies = {
+            str(r[0]): int(r[1])
+            for r in again.index.query("SELECT study_uid, n_instances FROM studies")
+        }
+        assert studies == {"1.2.3": 1, "1.2.5": 1}  # 1.2.4 had nothing else: gone
+        assert not paths["1.2.4.1.1"].exists()
+        reasons = list((root / "quarantine").glob("*.reason.json"))
+        assert len(reasons) == 1
+        assert json.loads(reasons[0].read_text())["reason"].startswith("incomplete after a crash")
+        assert again.reconcile_recent_rows() == 0
+    finally:
+        again.close()
+        crashed.close()
+    assert list((root / "open").iterdir()) == []
+    paths["1.2.3.1.1"].unlink()
+    clean = _local_spool(root, SyncOrder.OVERLAPPED)  # a clean stop before: nothing checked
+    try:
+        assert _indexed(clean) == {"1.2.3.1.1", "1.2.5.1.1"}
+    finally:
+        clean.close()
+    dead = root / "open" / "999999999-dead.pid"  # a process that is gone left its marker
+    dead.touch()
+    after_crash = _local_spool(root, SyncOrder.OVERLAPPED)
+    try:
+        assert _indexed(after_crash) == {"1.2.5.1.1"} and not dead.exists()
+    finally:
+        after_crash.close()
+
+
+def test_postgres_index_syncs_serially(spool: Spool) -> None:
+    expected = SyncOrder.SERIAL if spool.index.postgres else spool.sync_order
+    assert spool.sync_order is expected
+    if not spool.index.postgres:
+        assert spool.sync_order is not SyncOrder.SERIAL
+
+
+def test_mount_of_picks_the_longest_mount_holding_the_path() -> None:
+    mountinfo = (
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard\n"
+        "40 27 0:40 / /srv rw,relatime - xfs /dev/vdb rw\n"
+        "41 40 0:41 / /srv/spool\\040x rw - ext4 /dev/vdc rw,data=writeback\n"
+        "42 27 0:42 / /srvx rw - tmpfs tmpfs rw\n"
+    )
+    assert mount_of(Path("/srv/node/spool"), mountinfo) == ("xfs", frozenset({"rw", "relatime"}))
+    assert mount_of(Path("/srvx/a"), mountinfo)[0] == "tmpfs"
+    assert mount_of(Path("/var"), mountinfo)[0] == "ext4"
+    fstype, options = mount_of(Path("/srv/spool x/instances"), mountinfo)
+    assert fstype == "ext4" and "data=writeback" in options
+
+
+def test_a_failed_sync_never_takes_back_another_senders_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two receivers store the same instance at once: the second finds the row made after it
+    looked (a duplicate). If its own folder sync then fails, its sender is told so, but the
+    first copy's row and file stay: they were acknowledged."""
+    root = tmp_path / "spool"
+    spool = _local_spool(root, SyncOrder.OVERLAPPED)
+    other = Spool(root, min_free_disk_mb=0, shared=True, sync_order=SyncOrder.OVERLAPPED)
+    try:
+        data = _mr("1.2.3", "1.2.3.1", "1.2.3.1.1")
+        parsed = check_instance(data)
+        tmp, fd = write_temp(spool.root / "tmp", data)
+        entry = _Pending(
+            parsed=parsed,
+            rel=instance_relpath(parsed.ref),
+            tmp=tmp,
+            size_bytes=len(data),
+            calling_ae="B",
+            now=2.0,
+            fd=fd,
+        )
+        first = other.store(data, calling_ae="A")  # indexed after this group looked
+        assert first.instance is not None
+        real_query = spool.index.query
+
+        def looked_before(sql: str, params: Sequence[object] = ()) -> list[Row]:
+            return [] if "sop_instance_uid IN" in sql else real_query(sql, params)
+
+        def failing(folder: Path) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(spool.index, "query", looked_before)
+        monkeypatch.setattr(spool_module, "fsync_dir", failing)
+        spool._commit_group([entry])
+        monkeypatch.undo()
+        assert isinstance(entry.outcome, SpoolError)
+        assert _indexed(spool) == {"1.2.3.1.1"}
+        assert first.instance.path.read_bytes() == data
+    finally:
+        other.close()
+        spool.close()

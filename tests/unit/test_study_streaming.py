@@ -46,6 +46,12 @@ class EagerVolumes:
     def layouts(self, original: tuple[SeriesLayout, ...]) -> tuple[SeriesLayout, ...]:
         return original
 
+    def keep_only(self, keys: Any) -> None:
+        """Every volume stays for the whole job."""
+
+    def clear(self) -> None:
+        """Every volume stays for the whole job."""
+
 
 def _eager_load(ctx: StudyContext) -> StudyContext:
     """LOAD, then the series records read again from the image files (the old second read)."""
@@ -103,9 +109,10 @@ def test_streamed_job_gives_the_eager_results(
     uid, paths = study
     streamed_audit, streamed_objects = _run(uid, paths, tmp_path / "streamed")
 
-    # The eager reference, in this same run: every volume kept, headers read again, the whole
-    # series normalised, the SR's series numbers read from the files.
-    monkeypatch.setattr(stages, "LazyVolumes", EagerVolumes)
+    # The eager reference, in this same run: every volume decoded at LOAD and kept (no shared
+    # read-only cache), headers read again, the whole series normalised, the SR's series
+    # numbers read from the files.
+    monkeypatch.setattr(stages, "SeriesCache", EagerVolumes)
     monkeypatch.setattr(stages, "_series_numbers", lambda _ctx: ())
     monkeypatch.setattr(
         Preprocessing, "scale_slices", lambda self, pixels, idx: self.scale(pixels)[list(idx)]
