@@ -8,6 +8,12 @@ a post-contrast volume therefore has a tail of voxels much brighter than on the 
 no matching tail of darker voxels. Noise, a different receiver scaling, ND/NORM filtering or
 small misregistration change voxels both ways about equally, so the darker tail measures what
 chance gives; the score is the brighter tail minus the darker tail.
+
+A voxel is compared with the brightest voxel of its 3x3x3 neighbourhood on the other run (3x3 for
+a 2D image), not with its own position only: a patient who moved by a voxel between the runs, or
+two runs resampled onto one grid, put edges a voxel apart, and an edge voxel is then no brighter
+than the other run's neighbourhood. Enhancement (a vessel, plexus or lesion several times
+brighter than anything near it before) survives the comparison.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ _HEAD_LEVEL = 0.3  # of the median head intensity: below is background or skull/
 _EPS = 0.05  # added to both before the ratio, so near-zero voxels give no wild ratios
 
 
-_CHUNK_VOXELS = 1 << 20  # voxels per step of the voxel-wise part (a few MB of float64)
+_CHUNK_VOXELS = 1 << 20  # voxels per slab of the voxel-wise part (a few MB of float64)
+NEIGHBOURHOOD = 3  # voxels per side of the neighbourhood a voxel is compared with (misregistration)
 
 
 def _as_volume(name: str, value: Any) -> npt.NDArray[Any]:
@@ -71,27 +78,58 @@ def _normalised(volume: npt.NDArray[Any], median: float) -> npt.NDArray[np.float
     return out
 
 
+def _neighbourhood_max(volume: npt.NDArray[Any], size: int) -> npt.NDArray[Any]:
+    """Each voxel's brightest neighbour within ``size`` voxels per side, in the volume's own
+    dtype (one more copy of the slab, not a float64 one); non-finite voxels count as 0."""
+    if np.issubdtype(volume.dtype, np.floating) and not np.isfinite(volume).all():
+        volume = np.where(np.isfinite(volume), volume, 0)
+    if size <= 1:
+        return volume
+    from scipy import ndimage  # here, not at the top: importing scipy.ndimage loads socket
+
+    out: npt.NDArray[Any] = ndimage.maximum_filter(volume, size=size, mode="nearest")
+    return out
+
+
 def _tails(
     pre: npt.NDArray[Any],
     post: npt.NDArray[Any],
     medians: tuple[float, float],
     ratio_threshold: float,
+    neighbourhood: int = NEIGHBOURHOOD,
 ) -> tuple[int, int, int]:
-    """(head voxels, enhanced, darkened) counted over both volumes a million voxels at a time
-    (voxel by voxel, so the counts are those of the whole volumes)."""
-    flat_pre, flat_post = pre.reshape(-1), post.reshape(-1)
+    """(head voxels, enhanced, darkened) counted over both volumes a slab of slices (about a
+    million voxels) at a time, each slab's neighbourhoods taken with the slices around it, so
+    the counts are those of the whole volumes and memory stays a few slabs. A voxel is enhanced
+    when it is brighter than every voxel of its neighbourhood on the earlier run by the ratio,
+    darkened when the earlier run's voxel is brighter than every voxel of its neighbourhood
+    later."""
+    pre3 = pre if pre.ndim == 3 else pre[np.newaxis]
+    post3 = post if post.ndim == 3 else post[np.newaxis]
+    slices, rows, cols = pre3.shape
+    per_slab = max(1, _CHUNK_VOXELS // max(1, rows * cols))
+    halo = neighbourhood // 2 if pre.ndim == 3 else 0
     n = enhanced = darkened = 0
-    for start in range(0, flat_pre.size, _CHUNK_VOXELS):
-        part = slice(start, start + _CHUNK_VOXELS)
-        pre_n = _normalised(flat_pre[part], medians[0])
-        post_n = _normalised(flat_post[part], medians[1])
+    for z0 in range(0, slices, per_slab):
+        z1 = min(slices, z0 + per_slab)
+        lo, hi = max(0, z0 - halo), min(slices, z1 + halo)
+        inner = slice(z0 - lo, z0 - lo + (z1 - z0))
+        pre_near = _neighbourhood_max(pre3[lo:hi], neighbourhood)[inner].reshape(-1)
+        post_near = _neighbourhood_max(post3[lo:hi], neighbourhood)[inner].reshape(-1)
+        pre_n = _normalised(pre3[z0:z1].reshape(-1), medians[0])
+        post_n = _normalised(post3[z0:z1].reshape(-1), medians[1])
         # Head voxels: bright enough on either run, so a vessel dark before and bright after
         # counts.
         head = (pre_n > _HEAD_LEVEL) | (post_n > _HEAD_LEVEL)
         n += int(head.sum())
-        ratio = (post_n[head] + _EPS) / (pre_n[head] + _EPS)
-        enhanced += int(np.count_nonzero(ratio > ratio_threshold))
-        darkened += int(np.count_nonzero(ratio < 1.0 / ratio_threshold))
+        pre_max = _normalised(pre_near, medians[0])[head]
+        post_max = _normalised(post_near, medians[1])[head]
+        enhanced += int(
+            np.count_nonzero((post_n[head] + _EPS) > ratio_threshold * (pre_max + _EPS))
+        )
+        darkened += int(
+            np.count_nonzero((pre_n[head] + _EPS) > ratio_threshold * (post_max + _EPS))
+        )
     return n, enhanced, darkened
 
 
@@ -102,6 +140,7 @@ def judge_contrast(
     ratio_threshold: float = RATIO_THRESHOLD,
     min_enhanced_fraction: float = MIN_ENHANCED_FRACTION,
     min_tail_ratio: float = MIN_TAIL_RATIO,
+    neighbourhood: int = NEIGHBOURHOOD,
 ) -> ContrastEvidence:
     """Whether ``later`` is post-contrast relative to ``earlier`` (same protocol, same grid).
 
@@ -119,6 +158,8 @@ def judge_contrast(
         raise ValueError(f"min_enhanced_fraction: {min_enhanced_fraction} is not in (0, 1)")
     if not min_tail_ratio >= 1:
         raise ValueError(f"min_tail_ratio: {min_tail_ratio} must be at least 1")
+    if neighbourhood < 1 or neighbourhood % 2 == 0:
+        raise ValueError(f"neighbourhood: {neighbourhood} must be an odd number of voxels")
     pre_median = _median_head(pre)
     post_median = _median_head(post) if pre_median is not None else None
     if pre_median is None or post_median is None:
@@ -130,7 +171,9 @@ def judge_contrast(
             n_voxels=0,
             reason="a volume is blank: cannot compare",
         )
-    n, n_enhanced, n_darkened = _tails(pre, post, (pre_median, post_median), ratio_threshold)
+    n, n_enhanced, n_darkened = _tails(
+        pre, post, (pre_median, post_median), ratio_threshold, neighbourhood
+    )
     if n < MIN_HEAD_VOXELS:
         return ContrastEvidence(
             post_contrast=None,

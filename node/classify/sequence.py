@@ -67,24 +67,33 @@ class _Candidate:
     evidence_kind: EvidenceKind
 
 
-def _protocol_key(h: SeriesHeader) -> tuple[str, ...]:
-    """Series of the same protocol: same protocol name, else same sequence and timing."""
+def _protocol_keys(h: SeriesHeader) -> tuple[tuple[str, ...], ...]:
+    """What makes two series runs of one protocol: the same protocol name (contrast words
+    stripped, so "T1 SE" and "T1 SE +C" are one), or the same acquisition physics (sequence,
+    TR, TE, TI, flip angle, 2D/3D and plane): an operator may rename the post-contrast run
+    ("T1 AX" on a sagittal 3D run, or no name at all) but not change what the scanner played.
+    """
+    keys: list[tuple[str, ...]] = []
     protocol = normalise_text(h.protocol_name).strip()
-    # Strip contrast words so "T1 SE" and "T1 SE +C" count as one protocol.
     protocol = re.sub(CONTRAST_WORDS, " ", f" {protocol} ")
     protocol = re.sub(PRE_WORDS, " ", protocol)
     protocol = " ".join(protocol.split())
     if protocol:
-        return (h.study_uid, "protocol", protocol)
-    return (
-        h.study_uid,
-        "physics",
+        keys.append((h.study_uid, "protocol", protocol))
+    physics = (
         h.sequence_name,
         fmt_number(h.repetition_time_ms),
         fmt_number(h.echo_time_ms),
         fmt_number(h.inversion_time_ms),
+        fmt_number(h.flip_angle_deg),
+        h.mr_acquisition_type,
         h.orientation,
     )
+    # A named series joins a differently named one only on known timing; an unnamed series has
+    # nothing else to go by.
+    if not protocol or (h.repetition_time_ms is not None and h.echo_time_ms is not None):
+        keys.append((h.study_uid, "physics", *physics))
+    return tuple(keys)
 
 
 def _start_time(h: SeriesHeader) -> tuple[float, int]:
@@ -132,18 +141,37 @@ def _check_aligned(decisions: Sequence[SequenceDecision], headers: Sequence[Seri
 def _t1_groups(
     decisions: Sequence[SequenceDecision], headers: Sequence[SeriesHeader]
 ) -> list[list[_Candidate]]:
-    """T1/T1C series grouped by study and protocol, two or more per group, earliest first."""
-    groups: dict[tuple[str, ...], list[_Candidate]] = {}
+    """T1/T1C series grouped by study and protocol, two or more per group, earliest first.
+
+    Two series are in one group when they share a protocol name or the acquisition physics
+    (`_protocol_keys`), transitively.
+    """
+    members: list[_Candidate] = []
     for i, (d, h) in enumerate(zip(decisions, headers, strict=True)):
         if d.label not in (L.T1, L.T1C):
             continue
         evidence = contrast_evidence(h)
         kind = EvidenceKind.TAGS if h.contrast_agent else EvidenceKind.DESCRIPTION
-        groups.setdefault(_protocol_key(h), []).append(
+        members.append(
             _Candidate(index=i, header=h, decision=d, evidence=evidence, evidence_kind=kind)
         )
-    out = [sorted(m, key=lambda c: _start_time(c.header)) for m in groups.values() if len(m) > 1]
-    return out
+    parent = list(range(len(members)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[tuple[str, ...], int] = {}
+    for i, c in enumerate(members):
+        for key in _protocol_keys(c.header):
+            j = first_with.setdefault(key, i)
+            parent[root(i)] = root(j)
+    groups: dict[int, list[_Candidate]] = {}
+    for i, c in enumerate(members):
+        groups.setdefault(root(i), []).append(c)
+    return [sorted(m, key=lambda c: _start_time(c.header)) for m in groups.values() if len(m) > 1]
 
 
 def _pair(earlier: SeriesHeader, later: SeriesHeader) -> ContrastPair:

@@ -262,6 +262,9 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
     _print_cells(by_vendor, "vendor")
     by_thickness = accuracy_by_acquisition(run, truth, thickness_cell)
     _print_cells(by_thickness, "slice thickness")
+    by_cell = accuracy_by_acquisition(run, truth, vendor_acquisition_cell)
+    _print_cells(by_cell, "vendor, plane and 2D/3D")
+    _print_lowest(by_cell)
     if args.out is not None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -280,6 +283,7 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
             "by_acquisition": cells,
             "by_vendor": by_vendor,
             "by_thickness": by_thickness,
+            "by_cell": by_cell,
         }
         target = out / "metrics.json"
         write_json_durable(target, document)
@@ -300,6 +304,11 @@ def acquisition_cell(h: SeriesHeader) -> str:
 def vendor_cell(h: SeriesHeader) -> str:
     """The normalised manufacturer: 'siemens'."""
     return h.manufacturer or "unknown"
+
+
+def vendor_acquisition_cell(h: SeriesHeader) -> str:
+    """Vendor, plane and 2D/3D: 'siemens sagittal 3D' (the cells issue 12's targets name)."""
+    return f"{vendor_cell(h)} {acquisition_cell(h)}"
 
 
 def thickness_cell(h: SeriesHeader) -> str:
@@ -349,6 +358,16 @@ def _print_cells(
         )
         n = next(iter(methods.values()))["n"]
         print(f"  {cell:<16} n={n:<5} {shown}")
+
+
+def _print_lowest(cells: Mapping[str, Mapping[str, Mapping[str, float | int]]]) -> None:
+    """The lowest cell of each method, the figure a per-cell target is read from."""
+    for method in ("tags", "cnn", "fused"):
+        scored = [(v[method]["accuracy"], cell, v[method]["n"]) for cell, v in cells.items()
+                  if method in v]  # fmt: skip
+        if scored:
+            accuracy, cell, n = min(scored)
+            print(f"  lowest {method} cell: {cell} {float(accuracy):.3f} (n={n})")
 
 
 def _write_series_csv(

@@ -124,11 +124,12 @@ def test_evaluate_sequences_writes_metrics(tmp_path: Path) -> None:
     assert set(metrics["methods"]) == {"tags", "fused"}  # no CNN: never invented
     # every labelled series in exactly one cell of each breakdown (this folder: one vendor,
     # a 1 mm MPRAGE among thicker 2D series)
-    for breakdown in ("by_acquisition", "by_vendor", "by_thickness"):
+    for breakdown in ("by_acquisition", "by_vendor", "by_thickness", "by_cell"):
         cells = metrics[breakdown]
         assert sum(c["tags"]["n"] for c in cells.values()) == metrics["n_series"], breakdown
         assert all(set(c) == {"tags", "fused"} for c in cells.values())
     assert set(metrics["by_vendor"]) == {"siemens"}
+    assert set(metrics["by_cell"]) == {f"siemens {cell}" for cell in metrics["by_acquisition"]}
     assert {"thin (<= 2.5 mm)", "thick"} <= set(metrics["by_thickness"])
     assert len(read_labels(REALDATA / "labels.csv")) == 40  # one Philips UID listed twice
     rows = list(csv.DictReader((tmp_path / "series.csv").open(encoding="utf-8")))

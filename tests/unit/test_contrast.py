@@ -38,12 +38,30 @@ def test_a_repeat_with_other_noise_and_scaling_is_not_post_contrast() -> None:
     assert evidence.reason.startswith("no enhancement")
 
 
-def test_misregistration_brightens_and_darkens_alike_so_it_is_not_contrast() -> None:
+def test_a_one_voxel_shift_is_not_contrast() -> None:
+    # Each voxel is compared with its neighbourhood on the other run: a voxel of motion (or of
+    # resampling) between the runs moves edges, and moved edges are no enhancement at all.
     shifted = np.roll(head(3), 1, axis=2)
+    evidence = judge_contrast(head(0), shifted)
+    assert evidence.post_contrast is False
+    assert evidence.reason.startswith("no enhancement")
+    assert evidence.enhanced_fraction < 0.004
+    exact = judge_contrast(head(0), shifted, neighbourhood=1)  # voxel by voxel: edges count
+    assert exact.enhanced_fraction > 0.004 and exact.darkened_fraction > 0.004
+
+
+def test_misregistration_brightens_and_darkens_alike_so_it_is_not_contrast() -> None:
+    shifted = np.roll(head(3), 4, axis=2)  # beyond the neighbourhood
     evidence = judge_contrast(head(0), shifted)
     assert evidence.post_contrast is False
     assert evidence.enhanced_fraction > 0.004  # edges move both ways...
     assert evidence.reason.startswith("no one-sided enhancement")  # ...so the tails cancel
+
+
+def test_enhancement_survives_a_one_voxel_shift() -> None:
+    moved = np.roll(head(1, vessels=3.0, scale=1.7), 1, axis=1)
+    evidence = judge_contrast(head(0), moved)
+    assert evidence.post_contrast is True and evidence.darkened_fraction < 0.001
 
 
 def test_the_order_matters_an_earlier_enhanced_run_is_not_pre() -> None:

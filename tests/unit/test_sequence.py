@@ -648,10 +648,31 @@ def test_study_context_cnn_t1c_vote_is_no_contrast_evidence() -> None:
 
 def test_study_context_leaves_single_or_unmatched_series() -> None:
     pre = t1_series("1.1", 3, 36000.0)
-    other_protocol = t1_series("1.2", 9, 37800.0, protocol_name="t1_se_tra")
+    other_protocol = t1_series(
+        "1.2", 9, 37800.0, protocol_name="t1_se_tra", repetition_time_ms=600.0
+    )
     decisions = classify_headers([pre, other_protocol])
     assert [d.label for d in decisions] == [L.T1, L.T1]
     assert all(d.method is DecisionMethod.TAGS for d in decisions)
+    assert contrast_questions(decisions, [pre, other_protocol]) == ()
+
+
+@pytest.mark.parametrize("renamed", ["T1 AX", "", "t1_mprage_sag_POST_renamed"])
+def test_a_renamed_run_of_the_same_physics_is_one_protocol(renamed: str) -> None:
+    # The operator named the post-contrast run differently (or not at all, or misleadingly as
+    # another plane): the scanner played the same sequence with the same timing, so the two runs
+    # are compared; the images decide.
+    pre = t1_series("1.1", 3, 36000.0)
+    post = t1_series("1.2", 9, 36900.0, protocol_name=renamed, series_description=renamed)
+    pairs = contrast_questions(classify_headers([pre, post]), [pre, post])
+    assert pairs == (
+        ContrastPair(earlier_uid="1.1", earlier_number=3, later_uid="1.2", later_number=9),
+    )
+    seen = classify_headers([pre, post], image_evidence={pairs[0]: image(True)})
+    assert [d.label for d in seen] == [L.T1, L.T1C]
+    assert seen[1].evidence is EvidenceKind.ORDER_IMAGE
+    other_flip = t1_series("1.2", 9, 36900.0, protocol_name=renamed, flip_angle_deg=15.0)
+    assert contrast_questions(classify_headers([pre, other_flip]), [pre, other_flip]) == ()
 
 
 def test_study_context_exam_level_contrast_tag_makes_the_earlier_run_pre() -> None:

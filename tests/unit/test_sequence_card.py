@@ -27,6 +27,7 @@ def _metrics(acc: dict[str, float], cells: dict[str, dict[str, tuple[float, int]
         "by_acquisition": breakdown(""),
         "by_vendor": breakdown("vendor "),
         "by_thickness": breakdown("thick "),
+        "by_cell": breakdown("siemens "),
     }
 
 
@@ -61,6 +62,7 @@ def test_card_shows_each_set_side_by_side_per_plane(tmp_path: Path) -> None:
     assert "| axial 3D | - | - | - | - | 72 | 1.000 | 0.438 | 1.000 |" in card
     assert "| sagittal 2D | 40 | 1.000 | 0.675 | 1.000 | 43 | 1.000 | 0.562 | 1.000 |" in card
     assert "By vendor:" in card and "By slice thickness:" in card
+    assert "| siemens sagittal 2D | 40 | 1.000 | 0.675 | 1.000 | 43 |" in card
     assert "in the plane the series was acquired in" in card
     assert bundles.sha256_file(path / "models" / "model.pt") == weights_before
     bundles.load_bundle(path)  # still loads: the metadata rewrite keeps the checksum

@@ -1,5 +1,6 @@
 """The sequence logic stays pure: tag rules, fusion, study context and the contrast evidence
-import only the standard library, node.records, each other (and numpy for the image evidence)."""
+import only the standard library, node.records, each other (and numpy and scipy.ndimage for
+the image evidence)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 CLASSIFY = Path(__file__).resolve().parents[2] / "node" / "classify"
 PURE = ("tags.py", "fusion.py", "sequence.py", "contrast.py")
 PURE_NODE = {"node.records", "node.classify.tags", "node.classify.fusion"}
-EXTRA = {"contrast.py": {"numpy", "numpy.typing"}}
+EXTRA = {"contrast.py": {"numpy", "numpy.typing", "scipy"}}
 FORBIDDEN = ("torch", "monai", "pydicom", "pynetdicom", "socket", "sqlite3", "structlog")
 IO_STDLIB = {"os", "io", "pathlib", "shutil", "socket", "subprocess", "tempfile", "sqlite3", "open"}
 

@@ -149,7 +149,8 @@ _SIEMENS = Vendor(
         "localizer": _p("localizer", "*fl2d1", "GR", "SP", "", "2D", "gre", 8.6, 4.0, flip_deg=20,
                         image_type="ORIGINAL\\PRIMARY\\M\\NORM\\DIS2D", snr=20),
         "bold": _p("ep2d_bold_resting", "*epfid2d1_64", "EP", "SK", "FS", "2D", "gre", 2000, 30,
-                   flip_deg=90, image_type="ORIGINAL\\PRIMARY\\M\\ND\\MOSAIC", snr=25),
+                   flip_deg=90, image_type="ORIGINAL\\PRIMARY\\M\\ND\\MOSAIC", snr=25,
+                   fat_sat=True),
         "fieldmap": _p("gre_field_mapping", "*fm2d2r", "GR", "SP", "", "2D", "gre", 488, 7.38,
                        flip_deg=60, image_type="ORIGINAL\\PRIMARY\\P\\ND", snr=20),
         "fa": _p("ep2d_diff_mddw_20_p2_FA", "*ep_b0_1000", "EP", "SK\\SP", "PFP\\FS", "2D", "epi",
@@ -189,7 +190,7 @@ _GE = Vendor(
         "localizer": _p("3Plane Loc SSFSE", "ssfse", "SE", "SK", "FAST_GEMS", "2D", "se", 1200, 80,
                         image_type="ORIGINAL\\PRIMARY\\LOCALIZER", snr=20),
         "bold": _p("fMRI rest", "epi", "EP\\GR", "NONE", "EPI_GEMS", "2D", "gre", 2000, 30,
-                   flip_deg=77, snr=25),
+                   flip_deg=77, snr=25, fat_sat=True),
         "fieldmap": _p("B0map", "fgre", "GR", "SS", "", "2D", "gre", 600, 4.0, flip_deg=30,
                        image_type="ORIGINAL\\PRIMARY\\OTHER", snr=20),
         "fa": _p("FA (DTI)", "epi2", "EP", "NONE", "EPI_GEMS", "2D", "epi", 8000, 85,
@@ -227,7 +228,7 @@ _PHILIPS = Vendor(
         "localizer": _p("Survey", "FFE", "GR", "SS", "", "2D", "gre", 11, 4.6, flip_deg=15,
                         image_type="ORIGINAL\\PRIMARY\\M_FFE\\M\\FFE", snr=20),
         "bold": _p("fMRI_rest", "FEEPI", "GR", "SS", "FS", "2D", "gre", 2000, 30, flip_deg=90,
-                   image_type="ORIGINAL\\PRIMARY\\M_FFE\\M\\FFE", snr=25),
+                   image_type="ORIGINAL\\PRIMARY\\M_FFE\\M\\FFE", snr=25, fat_sat=True),
         "fieldmap": _p("B0_map", "FFE", "GR", "SS", "", "2D", "gre", 20, 4.6, flip_deg=25,
                        image_type="ORIGINAL\\PRIMARY\\B0\\B0\\FFE", snr=20),
         "fa": _p("DTI_FA", "DwiSE", "SE\\EP", "SK", "FS", "2D", "epi", 7000, 80,
@@ -257,7 +258,7 @@ _GENERIC = Vendor(
         "localizer": _p("LOCALIZER", "GRE", "GR", "SP", "", "2D", "gre", 10, 4, flip_deg=20,
                         image_type="ORIGINAL\\PRIMARY\\LOCALIZER", snr=20),
         "bold": _p("BOLD REST", "EPI", "EP\\GR", "NONE", "FS", "2D", "gre", 2000, 30,
-                   image_type="ORIGINAL\\PRIMARY\\FMRI", snr=25),
+                   image_type="ORIGINAL\\PRIMARY\\FMRI", snr=25, fat_sat=True),
         "fieldmap": _p("FIELDMAP", "GRE", "GR", "SP", "", "2D", "gre", 500, 5, flip_deg=60,
                        image_type="ORIGINAL\\PRIMARY\\PHASE", snr=20),
         "fa": _p("FA MAP", "EPI", "EP", "NONE", "FS", "2D", "epi", 7000, 90,
@@ -401,4 +402,45 @@ STYLE_B_STUDY = {
     "ge": ("MR HEAD WITHOUT AND WITH IV CONTRAST", ("SIGNA Architect", "SIGNA Explorer"), "MR30.1"),
     "philips": ("MRI Hersenen", ("Ingenia CX", "Achieva dStream"), "5.7.1"),
     "generic": ("BRAIN^TUMOUR PROTOCOL", ("Generic MR 3T",), "2.0"),
+}
+
+# Rendering style c's header conventions: one site's normalised naming for every vendor
+# ("MR BRAIN" + plane + contrast + the vendor's sequence family), a study-level ProtocolName,
+# series numbered in hundreds, and pixels stored as full-range unsigned 16 bits.
+STYLE_C_PLANES = {"axial": "TRANS", "sagittal": "SAGIT", "coronal": "CORON"}
+STYLE_C_FAMILY = {
+    "siemens": {"se": "TSE", "t1_3d": "MPRAGE", "t2_3d": "SPACE", "flair_3d": "SPACE-FLAIR"},
+    "ge": {"se": "FSE", "t1_3d": "BRAVO", "t2_3d": "CUBE", "flair_3d": "CUBE-FLAIR"},
+    "philips": {"se": "TSE", "t1_3d": "TFE", "t2_3d": "VISTA", "flair_3d": "VISTA-FLAIR"},
+    "generic": {"se": "SE", "t1_3d": "GRE", "t2_3d": "3D-SE", "flair_3d": "3D-FLAIR"},
+}
+STYLE_C_NAMES: dict[str, tuple[str, ...]] = {
+    "t1/2D": ("MR BRAIN {P} T1 {se}",),
+    "t1/3D": ("MR BRAIN {P} T1 {t1_3d}", "MR BRAIN VOL T1 {t1_3d} {P}"),
+    "t1c/2D": ("MR BRAIN {P} T1 {se} POST", "MR BRAIN {P} T1 {se} C+"),
+    "t1c/3D": ("MR BRAIN {P} T1 {t1_3d} POST", "MR BRAIN VOL T1 {t1_3d} {P} C+"),
+    "t2/2D": ("MR BRAIN {P} T2 {se}",),
+    "t2/3D": ("MR BRAIN {P} T2 {t2_3d}",),
+    "flair/2D": ("MR BRAIN {P} FLAIR", "MR BRAIN {P} T2 DARK FLUID"),
+    "flair/3D": ("MR BRAIN {P} {flair_3d}",),
+    "dwi/2D": ("MR BRAIN {P} DIFFUSION TRACE", "MR BRAIN {P} DWI B0 B1000"),
+    "adc/2D": ("MR BRAIN {P} ADC MAP", "MR BRAIN {P} DIFFUSION ADC"),
+}
+# Style c's study-level conventions per vendor: study description, model names, software,
+# and the white-matter level of its full-range 16-bit storage (Philips keeps its scaling).
+STYLE_C_STUDY = {
+    "siemens": (
+        "NEURO^BRAIN TUMOUR",
+        ("MAGNETOM Skyra", "MAGNETOM Sola"),
+        "syngo MR E11C",
+        (1500.0, 6000.0),
+    ),
+    "ge": (
+        "NEURO^BRAIN TUMOUR",
+        ("DISCOVERY MR750w", "SIGNA Premier"),
+        "DV29.1_R02",
+        (1500.0, 6000.0),
+    ),
+    "philips": ("NEURO^BRAIN TUMOUR", ("Ingenia Elition X",), "5.9.0", (150.0, 1200.0)),
+    "generic": ("NEURO^BRAIN TUMOUR", ("Generic MR 1.5T",), "3.1", (1500.0, 6000.0)),
 }

@@ -231,8 +231,6 @@ def evaluate_sequence(
 
 
 # --- model card ---------------------------------------------------------------------------------
-
-
 _PLANE_TEXT = {
     "canonical_axial": "canonical axial slices resampled from the DICOM geometry",
     "acquired": "in the plane the series was acquired in (its stored slices, any plane)",
@@ -447,6 +445,7 @@ _BREAKDOWNS = (
     ("by_acquisition", "plane and 2D/3D"),
     ("by_vendor", "vendor"),
     ("by_thickness", "slice thickness"),
+    ("by_cell", "vendor, plane and 2D/3D"),
 )
 _METHODS = (("tags", "tags"), ("cnn", "CNN"), ("fused", "fused"))
 
@@ -505,8 +504,6 @@ def record_sequence_evaluations(
 ) -> None:
     """Store `neuronode evaluate-sequences` results (name, data description, its metrics.json)
     in the bundle's metadata and rewrite its card (weights unchanged)."""
-    meta_path = bundle_dir / "configs" / "metadata.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     stored: dict[str, Any] = {}
     for name, data, doc in sets:
         methods = doc.get("methods", {})
@@ -516,29 +513,15 @@ def record_sequence_evaluations(
             "accuracy": {m: methods[m]["accuracy"] for m, _ in _METHODS if m in methods},
             **{key: doc[key] for key, _ in _BREAKDOWNS if key in doc},
         }
-    meta.setdefault("metrics", {})["evaluate_sequences"] = stored
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    card = model_card(read_bundle_config(bundle_dir))
-    (bundle_dir / "docs" / "README.md").write_text(card, encoding="utf-8")
+    _store_metrics(bundle_dir, "evaluate_sequences", stored)
 
 
-def record_evaluation(
-    bundle_dir: Path, report: Mapping[str, Any], data: str, figures: Path | None = None
-) -> None:
-    """Store held-out metrics in the bundle's metadata and rewrite its card (weights unchanged).
-
-    With figures (the evaluation's --out folder) its ROC and reliability PNGs go to docs/."""
+def _store_metrics(bundle_dir: Path, key: str, value: Any) -> None:
+    """Put ``value`` at metrics[key] of the bundle's metadata and rewrite its model card (a
+    network's or a detector's; the weights and their checksum are untouched)."""
     meta_path = bundle_dir / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    keep = {k: v for k, v in report.items() if k not in ("errors", "reliability")}
-    keep["data"] = data
-    copied = []
-    for name in ("roc.png", "reliability.png"):
-        if figures is not None and (figures / name).is_file():
-            shutil.copyfile(figures / name, bundle_dir / "docs" / name)
-            copied.append(name)
-    keep["figures"] = copied
-    meta.setdefault("metrics", {})["test"] = keep
+    meta.setdefault("metrics", {})[key] = value
     meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if is_detector_bundle(bundle_dir):
         from node.bundles.detector import load_detector
@@ -548,3 +531,20 @@ def record_evaluation(
     else:
         card = model_card(read_bundle_config(bundle_dir))
     (bundle_dir / "docs" / "README.md").write_text(card, encoding="utf-8")
+
+
+def record_evaluation(
+    bundle_dir: Path, report: Mapping[str, Any], data: str, figures: Path | None = None
+) -> None:
+    """Store held-out metrics in the bundle's metadata and rewrite its card (weights unchanged).
+
+    With figures (the evaluation's --out folder) its ROC and reliability PNGs go to docs/."""
+    keep = {k: v for k, v in report.items() if k not in ("errors", "reliability")}
+    keep["data"] = data
+    copied = []
+    for name in ("roc.png", "reliability.png"):
+        if figures is not None and (figures / name).is_file():
+            shutil.copyfile(figures / name, bundle_dir / "docs" / name)
+            copied.append(name)
+    keep["figures"] = copied
+    _store_metrics(bundle_dir, "test", keep)

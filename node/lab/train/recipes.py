@@ -198,7 +198,7 @@ _SMALL_BY_TASK: dict[str, dict[str, Any]] = {
 # acquired in (a thick sagittal series resampled to axial is a stack of blurred stripes), a
 # fine-tune of the shipped weights (--pretrained models/sequence/models/model.pt) on
 # domain-randomised studies; a random 8,000 slices per epoch keeps an epoch near 1.5 minutes.
-# Measured, not shipped: it fails on the real series (docs/sequence.md).
+# Shipped as sequence 0.2.0 (docs/sequence.md has its figures).
 _PLANES_SEQUENCE: dict[str, Any] = {
     "epochs": 10,
     "lr_decay_after_epoch": 2,
