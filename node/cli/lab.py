@@ -95,8 +95,8 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
         "--style",
         action="append",
         default=None,
-        choices=("a", "b"),
-        help="rendering style a or b, cycled study by study (repeatable; default a)",
+        choices=("a", "b", "c"),
+        help="rendering style a, b or c, cycled study by study (repeatable; default a)",
     )
     p.add_argument(
         "--plane",

@@ -487,7 +487,7 @@ def _patient_points(dss: list[pydicom.Dataset]) -> np.ndarray:
     )
 
 
-@pytest.mark.parametrize("style", ["a", "b"])
+@pytest.mark.parametrize("style", ["a", "b", "c"])
 @pytest.mark.parametrize("plane", ["axial", "sagittal", "coronal"])
 def test_geometry_per_plane_puts_the_head_right_side_up(plane: str, style: str) -> None:
     from node.lab.synth.anatomy import sample_points
@@ -590,7 +590,7 @@ def test_tissue_draws_keep_every_physical_ordering() -> None:
     }
     rng = np.random.default_rng(0)
     t1_wm = []
-    for style in ("a", "b"):
+    for style in ("a", "b", "c"):
         for field_t in (1.5, 3.0):
             for _ in range(15):
                 tissues, tries = draw_tissues(rng, style=style, field_t=field_t, acqs=acqs)
@@ -605,7 +605,7 @@ def test_tissue_draws_keep_every_physical_ordering() -> None:
     assert "t2: csf > gm > wm" in ordering_violations(broken, acqs, "a")
 
 
-@pytest.mark.parametrize("style", ["a", "b"])
+@pytest.mark.parametrize("style", ["a", "b", "c"])
 def test_randomised_images_keep_the_ordering(style: str) -> None:
     from node.lab.synth.anatomy import sample_points
 
@@ -675,7 +675,7 @@ def test_styles_differ_in_noise_and_headers() -> None:
 
 
 def test_randomised_styles_deterministic_per_seed(tmp_path: Path) -> None:
-    kw = {"studies": 2, "size": 32, "slices": 6, "styles": ["a", "b"], "randomise": True}
+    kw = {"studies": 3, "size": 32, "slices": 6, "styles": ["a", "b", "c"], "randomise": True}
     write_studies(tmp_path / "x", seed=5, **kw)  # type: ignore[arg-type]
     write_studies(tmp_path / "y", seed=5, **kw)  # type: ignore[arg-type]
     write_studies(tmp_path / "z", seed=6, **kw)  # type: ignore[arg-type]
@@ -683,7 +683,7 @@ def test_randomised_styles_deterministic_per_seed(tmp_path: Path) -> None:
     assert hx == hy
     assert hx["manifest.json"] != hz["manifest.json"]
     m = json.loads((tmp_path / "x" / "manifest.json").read_text())
-    assert [s["style"] for s in m["studies"]] == ["a", "b"]
+    assert [s["style"] for s in m["studies"]] == ["a", "b", "c"]
     for study in m["studies"]:
         assert study["randomised"] is True and study["field_strength_t"] in (1.5, 3.0)
         for s in study["series"]:
@@ -698,7 +698,7 @@ def test_randomised_styles_deterministic_per_seed(tmp_path: Path) -> None:
 
 def test_style_and_plane_arguments() -> None:
     with pytest.raises(ValueError, match="style"):
-        generate_study(1, phenotype="gbm", vendor="ge", style="c")
+        generate_study(1, phenotype="gbm", vendor="ge", style="d")
     with pytest.raises(ValueError, match="plane"):
         generate_study(1, phenotype="gbm", vendor="ge", plane="oblique")
     with pytest.raises(ValueError, match="style"):
@@ -756,7 +756,7 @@ def test_randomised_study_in_both_styles() -> None:
     timed assertion)."""
     load_template()
     load_template("parametric")
-    for style in ("a", "b"):
+    for style in ("a", "b", "c"):
         st = generate_study(
             1,
             phenotype="gbm",
@@ -790,3 +790,149 @@ def test_distractors_are_centred_on_the_head(plane: str, style: str) -> None:
         assert head.mean() > 0.2, (s.kind, head.mean())
         for got, n in ((rows.mean(), img.shape[0]), (cols.mean(), img.shape[1])):
             assert abs(got - (n - 1) / 2) < 0.15 * n, (s.kind, plane, got, n)
+
+
+# --- Rendering style c (issue 13, item 5: a third style for calibration) ---
+
+
+def test_style_c_differs_in_physics_noise_and_headers() -> None:
+    kw = {"phenotype": "normal", "vendor": "ge", "size": 64, "slices": 8, "distractors": False}
+    a = generate_study(12, style="a", **kw)  # type: ignore[arg-type]
+    b = generate_study(12, style="b", **kw)  # type: ignore[arg-type]
+    c = generate_study(12, style="c", **kw)  # type: ignore[arg-type]
+    # Its own deformation of the atlas: radial-basis bumps, no sinusoids, no lattice field.
+    assert c.subject is not None and c.subject.bumps is not None
+    assert c.subject.elastic is None and c.subject.warp_amp.size == 0
+    assert c.subject.template_source != "parametric"
+    # Headers: its own naming, numbering, storage and protocol name.
+    names = {s.kind: s.description for s in c.series}
+    for other in (a, b):
+        assert ({s.description for s in other.series} - {""}).isdisjoint(set(names.values()))
+    dc = {s.kind: s.datasets for s in c.series}
+    t2 = dc["t2"][0]
+    assert t2.StudyDescription == "NEURO^BRAIN TUMOUR"
+    assert t2.ProtocolName == f"BRAIN_TUMOUR_{c.field_t:g}T"
+    assert t2.SeriesNumber % 100 == 0 and dc["adc"][0].SeriesNumber == dc["dwi"][0].SeriesNumber + 1
+    # GE stores signed 16 bits in styles a and b; style c stores unsigned 16 bits.
+    da = {s.kind: s.datasets for s in a.series}
+    assert da["t2"][0].PixelRepresentation == 1 and t2.PixelRepresentation == 0
+    assert t2.BitsStored == 16
+    # Noise: one Rician channel (Rayleigh background, mean/std ~1.9), unlike style b's coils.
+    corner = np.concatenate(
+        [c.volumes["t2"][:, :6, :6].ravel(), c.volumes["t2"][:, -6:, :6].ravel()]
+    )
+    assert 1.5 < float(corner.mean() / corner.std()) < 2.4
+    # Style c's signal model is not style a's or b's: the same tissue gives other contrasts.
+    from node.lab.synth.contrast import (
+        TISSUES,
+        Acquisition,
+        tissue_signal,
+        tissue_signal_b,
+        tissue_signal_c,
+    )
+
+    t2_acq = Acquisition(equation="se", tr_ms=4500, te_ms=100, echo_train=16, mt=0.35)
+    ratios = [
+        f(TISSUES["gm"], t2_acq) / f(TISSUES["wm"], t2_acq)
+        for f in (tissue_signal, tissue_signal_b, tissue_signal_c)
+    ]
+    assert abs(ratios[2] - ratios[0]) > 0.03 and abs(ratios[2] - ratios[1]) > 0.03
+
+
+def test_style_c_physics_follow_the_field() -> None:
+    """T2* shortening grows with the field (gradient echo darker at 3 T), MT saturation darkens
+    white matter more than grey on a multi-slice T2, and the transmit field is stronger at 3 T."""
+    from dataclasses import replace
+
+    from node.lab.synth.contrast import TISSUES, Acquisition, tissue_signal_c, transmit_field
+
+    gre = Acquisition(equation="gre", tr_ms=10, te_ms=4.5, flip_deg=12)
+    wm = TISSUES["wm"]
+    assert tissue_signal_c(wm, replace(gre, field_t=3.0)) < tissue_signal_c(wm, gre)
+    t2 = Acquisition(equation="se", tr_ms=4500, te_ms=100)
+    gm = TISSUES["gm"]
+
+    def gm_wm(acq: Acquisition) -> float:
+        return tissue_signal_c(gm, acq) / tissue_signal_c(wm, acq)
+
+    assert gm_wm(replace(t2, mt=0.4)) > gm_wm(t2) * 1.03
+    rng = np.random.default_rng(0)
+    spread = {f: float(np.ptp(transmit_field(rng, (4, 32, 32), f))) for f in (1.5, 3.0)}
+    assert spread[3.0] > 2 * spread[1.5]
+
+
+def test_style_c_flair_nulls_csf_and_lesions_keep_their_signs() -> None:
+    """On rendered style-c images: FLAIR CSF dark, lymphoma bright on T1C and dark on ADC."""
+    from node.lab.synth.anatomy import sample_points
+
+    st = generate_study(
+        4, phenotype="pcnsl", vendor="siemens", size=64, slices=12, distractors=False, style="c"
+    )
+    assert st.subject is not None
+    f = sample_points(st.subject, st.grids["flair"].points())
+    from node.lab.synth.contrast import upsample_inplane
+
+    vent = np.clip(upsample_inplane(f["ventricles"], 64, 64), 0, 1) > 0.7
+    wm = st.volumes["wm_fraction"] > 0.9
+    fl = st.volumes["flair"]
+    assert np.median(fl[vent]) < 0.6 * np.median(fl[wm])
+    lesion = st.volumes["lesion_fraction"] > 0.8
+    assert lesion.sum() > 10
+    t1, t1c = st.volumes["t1"], st.volumes["t1c"]
+    assert np.median(t1c[lesion]) > 1.2 * np.median(t1c[wm])
+    assert np.median(t1[lesion]) < np.median(t1[wm])
+    # The ADC map has the DWI's own grid: the lesion centre there against its white matter.
+    adc_series = next(s for s in st.series if s.kind == "adc")
+    centre = adc_series.lesions[0]["center_voxel"]
+    k, r, c = (round(float(x)) for x in centre)  # type: ignore[attr-defined]
+    fa = sample_points(st.subject, st.grids["adc"].points())
+    wm_adc = np.clip(upsample_inplane(fa["wm"], 64, 64), 0, 1) > 0.9
+    adc = st.volumes["adc"]
+    assert np.median(adc[k, r - 1 : r + 2, c - 1 : c + 2]) < 0.95 * np.median(adc[wm_adc])
+
+
+def test_cli_synth_style_c_randomised_is_deterministic(tmp_path: Path) -> None:
+    from node.cli import main
+
+    args = ["--studies", "2", "--seed", "3", "--size", "32", "--slices", "6", "--style", "c"]
+    for name in ("x", "y"):
+        assert main(["synth", "--out", str(tmp_path / name), *args, "--randomise"]) == 0
+    assert _hashes(tmp_path / "x") == _hashes(tmp_path / "y")
+    m = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert {s["style"] for s in m["studies"]} == {"c"}
+    routed = [s for st in m["studies"] for s in st["series"] if s["label"] != "OTHER"]
+    assert {s["style"] for s in routed} == {"c"}
+    assert all(s["artefacts"]["accel"] in (2, 3, 4) for s in routed)
+
+
+def test_style_c_files_pass_dciodvfy(tmp_path: Path) -> None:
+    """Every vendor's style-c files, classic and enhanced, without dciodvfy errors."""
+    import shutil
+    import subprocess
+
+    dciodvfy = shutil.which("dciodvfy")
+    if dciodvfy is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    for enhanced in (False, True):
+        out = tmp_path / ("enh" if enhanced else "classic")
+        write_studies(
+            out,
+            studies=4,
+            seed=19,
+            vendors=["siemens", "ge", "philips", "generic"],
+            size=32,
+            slices=4,
+            enhanced=enhanced,
+            styles=["c"],
+            randomise=True,
+            distractors=False,
+        )
+        files = sorted(out.rglob("*.dcm"))
+        assert files
+        failures = {}
+        for f in files[::2]:
+            run = subprocess.run([dciodvfy, str(f)], capture_output=True, text=True, check=False)
+            errors = [x for x in (run.stdout + run.stderr).splitlines() if x.startswith("Error")]
+            if errors:
+                failures[str(f.relative_to(tmp_path))] = errors
+        assert failures == {}

@@ -4,9 +4,9 @@ Tissue maps live in template space (RAS mm); a ``Subject`` maps patient LPS poin
 points with a random affine, a smooth elastic field and a ventricle enlargement, so every
 series samples the same deformed head on its own geometry.
 
-Why this module is long: the two anatomy sources (the atlas-based one and style b's parametric
-head with its elastic field) share the sampling code; split further, each half would import the
-other.
+Why this module is long: the two anatomy sources (the atlas-based one, deformed two ways for
+styles a and c, and style b's parametric head with its elastic field) share the sampling code;
+split further, each half would import the other.
 """
 
 from __future__ import annotations
@@ -415,6 +415,9 @@ class Subject:
     # Style b: a smooth random displacement field (3, n, n, n) in mm on a coarse lattice spanning
     # +-ELASTIC_HALF_MM around the brain centre (template offsets), linearly interpolated.
     elastic: npt.NDArray[np.float32] | None = None
+    # Style c: Gaussian radial-basis displacements (k, 7): centre offset (3, template mm),
+    # displacement (3, mm) and width (mm) of each.
+    bumps: npt.NDArray[np.float32] | None = None
 
 
 ELASTIC_HALF_MM = 110.0
@@ -476,6 +479,46 @@ def random_subject_b(rng: np.random.Generator) -> Subject:
     )
 
 
+def random_subject_c(rng: np.random.Generator, template_source: str = "auto") -> Subject:
+    """Style c's head: the atlas, but its own proportions and deformation.
+
+    Head shape from a cephalic index (width / length 0.72-0.88, the brain scaled to it
+    around a drawn length), a pitch of +-12 deg (neck flexion) with little roll, and 8-14
+    Gaussian radial-basis displacements (3-7 mm, 18-35 mm wide) placed in the brain: local
+    bulges and dents, unlike style a's global sinusoids and style b's lattice field.
+    """
+    length = rng.uniform(0.9, 1.1)
+    width = length * rng.uniform(0.72, 0.88) / 0.8
+    height = length * rng.uniform(0.9, 1.08)
+    rot = _rotation(*np.deg2rad([rng.uniform(-12, 12), rng.uniform(-3, 3), rng.uniform(-5, 5)]))
+    k = int(rng.integers(8, 15))
+    centres = rng.uniform(-1, 1, (k, 3)) * np.array([55.0, 70.0, 45.0])
+    direction = rng.normal(0, 1, (k, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    disp = direction * rng.uniform(3.0, 7.0, (k, 1))
+    widths = rng.uniform(18.0, 35.0, (k, 1))
+    return Subject(
+        linear=rot @ np.diag([width, length, height]),
+        shift_mm=rng.uniform(-5, 5, 3),
+        warp_k=np.zeros((0, 3)),
+        warp_phase=np.zeros(0),
+        warp_amp=np.zeros((0, 3)),
+        ventricle_gain=float(rng.triangular(-0.15, 0.1, 0.6)),
+        template_source=template_source,
+        bumps=np.concatenate([centres, disp, widths], axis=1).astype(np.float32),
+    )
+
+
+def _bumps(bumps: npt.NDArray[np.float32], m: FloatArray) -> FloatArray:
+    """Displacement (N, 3) mm of the radial-basis bumps at template offsets m (N, 3)."""
+    out = np.zeros_like(m)
+    for row in bumps:
+        d = m - row[:3]
+        w = np.exp(-np.einsum("ij,ij->i", d, d) / np.float32(2 * row[6] ** 2))
+        out += w[:, None] * row[3:6]
+    return out
+
+
 def _elastic(field: npt.NDArray[np.float32], m: FloatArray) -> FloatArray:
     """Displacement (N, 3) mm of the lattice field at template offsets m (N, 3)."""
     n = field.shape[1]
@@ -511,6 +554,8 @@ def _template_points(
         m = m + elastic_mm.reshape(-1, 3)
     elif subject.elastic is not None:
         m = m + _elastic(subject.elastic, m)
+    if subject.bumps is not None:
+        m = m + _bumps(subject.bumps, m)
     # Ventricle size: sample closer to the ventricle centre to enlarge them.
     d = m - (_VENTRICLE_CENTRE_RAS - _BRAIN_CENTRE_RAS).astype(np.float32)
     r2 = np.einsum("ij,ij->i", d, d)

@@ -55,6 +55,12 @@ class Acquisition:
     b_value: float = 0.0  # s/mm^2 (epi diffusion)
     contrast: bool = False  # after gadolinium
     fat_sat: bool = False
+    # Style c only (signal_c): the scanner side of its Bloch steady-state model.
+    field_t: float = 1.5
+    echo_train: int = 1
+    refocus_deg: float = 180.0  # refocusing flip angle (SAR-limited at 3 T)
+    inversion_eff: float = 1.0  # inversion efficiency (1: a perfect 180)
+    mt: float = 0.0  # magnetisation-transfer saturation of multi-slice spin-echo trains
 
 
 def flair_null_ti(tr_ms: float, t1_ms: float = TISSUES["csf"].t1_ms) -> float:
@@ -321,4 +327,172 @@ def multicoil_noise(
     first = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(sigma)
     rest = rng.chisquare(2 * coils - 1, img.shape).astype(np.float32) * np.float32(sigma**2)
     out: FloatArray = np.sqrt((amp + first) ** 2 + rest).astype(np.float32)
+    return out
+
+
+# --- Rendering style c: log-averaged relaxation times, Bloch steady states with B1. ---
+
+_ECHO_SPACING_MS = 10.0
+_R2_PRIME_PER_T = 0.0022  # 1/ms per tesla: T2* shortening grows with the field
+
+
+def echo_train_ms(tr_ms: float, echo_train: int) -> float:
+    """Style c: the time an echo train takes from each TR (at most half of it), during which
+    longitudinal magnetisation does not recover."""
+    return min(echo_train * _ECHO_SPACING_MS, 0.5 * tr_ms)
+
+
+def tissue_maps_c(
+    fractions: dict[str, FloatArray], tissues: dict[str, Tissue], *, contrast: bool
+) -> dict[str, FloatArray]:
+    """PD, T1, T2 (ms), ADC, fat and macromolecular-fraction maps, volume-weighted.
+
+    Style a sums tissue signals and style b averages relaxation rates weighted by protons;
+    style c averages log T1 and log T2 weighted by volume (a geometric mean, slow exchange),
+    and keeps a macromolecular fraction 1 - PD for magnetisation transfer.
+    """
+    shape = next(iter(fractions.values())).shape
+    vol = np.zeros(shape, dtype=np.float32)
+    pd = np.zeros(shape, dtype=np.float32)
+    lt1 = np.zeros(shape, dtype=np.float32)
+    lt2 = np.zeros(shape, dtype=np.float32)
+    adc = np.zeros(shape, dtype=np.float32)
+    fat = np.zeros(shape, dtype=np.float32)
+    for name, frac in fractions.items():
+        t = tissues.get(name)
+        if t is None:
+            continue
+        t1 = 1000.0 / (1000.0 / t.t1_ms + (t.gd_r1 if contrast else 0.0))
+        t2 = 1000.0 / (1000.0 / t.t2_ms + (t.gd_r1 * 0.5 if contrast else 0.0))
+        vol += frac
+        pd += frac * np.float32(t.pd)
+        lt1 += frac * np.float32(math.log(t1))
+        lt2 += frac * np.float32(math.log(t2))
+        adc += frac * np.float32(t.adc)
+        if t.fat:
+            fat += frac
+    safe = np.maximum(vol, np.float32(1e-4))
+    return {
+        "pd": pd,
+        "t1": np.exp(lt1 / safe).astype(np.float32),
+        "t2": np.exp(lt2 / safe).astype(np.float32),
+        "adc": (adc / safe).astype(np.float32),
+        "fat": (fat / safe).astype(np.float32),
+        "macro": np.clip(1.0 - pd / safe, 0.0, 1.0).astype(np.float32) * (vol > 1e-3),
+    }
+
+
+def signal_c(
+    maps: dict[str, FloatArray], acq: Acquisition, b1: FloatArray | float = 1.0
+) -> FloatArray:
+    """Style c's signal: Bloch steady states with the transmit field `b1` (relative flip).
+
+    Turbo spin echo with a finite refocusing angle (spin and stimulated echo pathways, the
+    recovery shortened by the echo train) and magnetisation-transfer saturation; inversion
+    recovery with an inversion efficiency; MP-RAGE as an inversion then a B1-scaled low-flip
+    readout; Ernst spoiled gradient echo with T2* = 1 / (R2 + R2'(B0)); diffusion EPI whose
+    trace is the arithmetic mean of three directions with white-matter anisotropy.
+    """
+    pd, t1, t2 = maps["pd"], maps["t1"], maps["t2"]
+    b1a = np.asarray(b1, dtype=np.float32)
+    tr, te = np.float32(acq.tr_ms), np.float32(acq.te_ms)
+    train = np.float32(echo_train_ms(acq.tr_ms, acq.echo_train))
+    r2s = 1.0 / t2 + np.float32(_R2_PRIME_PER_T * acq.field_t)
+    mt = 1.0 - np.float32(acq.mt) * maps["macro"]
+    beta = np.float32(math.radians(acq.refocus_deg)) * b1a
+    spin = np.sin(beta / 2) ** 2
+    if acq.equation == "se":
+        rec = 1.0 - np.exp(-(tr - train) / t1)
+        echo = spin * np.exp(-te / t2) + (1 - spin) * 0.5 * np.exp(-te * 0.8 / t2)
+        s = pd * rec * echo * mt
+    elif acq.equation == "ir" and acq.te_ms < 10:
+        ti = np.float32(acq.ti_ms or 0.0)
+        eta = np.float32(acq.inversion_eff)
+        mz = 1.0 - (1.0 + eta) * np.exp(-ti / t1) + eta * np.exp(-tr / t1)
+        a = np.float32(math.radians(8.0)) * b1a
+        s = pd * np.abs(mz) * np.sin(a) * np.exp(-te * r2s)
+    elif acq.equation == "ir":
+        ti = np.float32(acq.ti_ms or 0.0)
+        eta = np.float32(acq.inversion_eff)
+        mz = 1.0 - (1.0 + eta) * np.exp(-ti / t1) + eta * np.exp(-(tr - train) / t1)
+        s = pd * np.abs(mz) * (spin * np.exp(-te / t2) + (1 - spin) * 0.5 * np.exp(-te * 0.8 / t2))
+        s = s * mt
+    elif acq.equation == "gre":
+        a = np.float32(math.radians(acq.flip_deg)) * b1a
+        e1 = np.exp(-tr / t1)
+        s = pd * np.sin(a) * (1 - e1) / (1 - np.cos(a) * e1) * np.exp(-te * r2s)
+    elif acq.equation == "epi":
+        d = maps["adc"] * np.float32(acq.b_value * 1e-3)
+        k = np.float32(0.3) * maps.get("aniso", np.zeros_like(d))
+        trace = (np.exp(-d * (1 + 2 * k)) + 2 * np.exp(-d * (1 - k))) / 3
+        s = pd * (1 - np.exp(-tr / t1)) * np.exp(-te * r2s) * trace
+    else:
+        raise ValueError(f"unknown signal equation {acq.equation!r}")
+    if acq.fat_sat:
+        s = s * (1 - 0.95 * maps["fat"])
+    out: FloatArray = np.asarray(s, dtype=np.float32)
+    return out
+
+
+def tissue_signal_c(t: Tissue, acq: Acquisition) -> float:
+    """Style c's signal of a pure tissue voxel (for ordering checks and scaling)."""
+    one = np.ones((1,), dtype=np.float32)
+    maps = tissue_maps_c({"x": one}, {"x": t}, contrast=acq.contrast)
+    return float(signal_c(maps, acq)[0])
+
+
+def transmit_field(
+    rng: np.random.Generator, shape: tuple[int, int, int], field_t: float
+) -> FloatArray:
+    """Relative B1 (flip angle) over a stack: the central brightening of a birdcage coil,
+    strong at 3 T (dielectric effect, +15-30% in the centre), faint at 1.5 T."""
+    s, r, c = shape
+    amp = float(rng.uniform(0.15, 0.3) if field_t >= 2.0 else rng.uniform(0.02, 0.08))
+    cy, cx = rng.uniform(-0.15, 0.15, 2)
+    width = float(rng.uniform(0.45, 0.7))
+    z = np.linspace(-1, 1, s, dtype=np.float32)[:, None, None]
+    y = np.linspace(-1, 1, r, dtype=np.float32)[None, :, None]
+    x = np.linspace(-1, 1, c, dtype=np.float32)[None, None, :]
+    bump = np.exp(-((y - cy) ** 2 + (x - cx) ** 2 + 0.3 * z**2) / (2 * width**2))
+    out: FloatArray = (1.0 - amp / 2 + amp * bump).astype(np.float32)
+    return out
+
+
+def kspace_apodised(img: FloatArray, rows: int, cols: int, keep: float) -> FloatArray:
+    """Style c's reconstruction: the central `keep` of k-space under a Tukey (cosine-tapered)
+    filter, zero-filled to (rows, cols): less ringing, softer edges than a hard cut."""
+    s, r, c = img.shape
+    k = np.fft.fftshift(np.fft.fft2(img, axes=(1, 2)), axes=(1, 2))
+    kr, kc = max(4, int(r * keep)) // 2 * 2, max(4, int(c * keep)) // 2 * 2
+    kr, kc = min(kr, r), min(kc, c)
+    r0, c0 = (r - kr) // 2, (c - kc) // 2
+
+    def taper(n: int) -> FloatArray:
+        u = np.abs(np.linspace(-1, 1, n, dtype=np.float32))
+        w = np.where(u < 0.6, 1.0, 0.5 * (1 + np.cos(np.pi * (u - 0.6) / 0.4)))
+        return w.astype(np.float32)
+
+    crop = k[:, r0 : r0 + kr, c0 : c0 + kc] * (taper(kr)[:, None] * taper(kc)[None, :])[None]
+    out = np.zeros((s, rows, cols), dtype=np.complex64)
+    R0, C0 = (rows - kr) // 2, (cols - kc) // 2
+    out[:, R0 : R0 + kr, C0 : C0 + kc] = crop
+    res = np.abs(np.fft.ifft2(np.fft.ifftshift(out, axes=(1, 2)), axes=(1, 2)))
+    scaled: FloatArray = (res * (rows * cols) / (r * c)).astype(np.float32)
+    return scaled
+
+
+def parallel_imaging_noise(
+    rng: np.random.Generator, img: FloatArray, sigma: float, accel: int
+) -> FloatArray:
+    """Style c's noise: Rician (one channel, as after an adaptive coil combination) with its
+    standard deviation raised by a parallel-imaging g-factor map (acceleration `accel` along
+    the rows: highest where the aliased copies overlap, the centre of the field of view)."""
+    _, r, c = img.shape
+    y = np.linspace(-1, 1, r, dtype=np.float32)[None, :, None]
+    x = np.linspace(-1, 1, c, dtype=np.float32)[None, None, :]
+    g = 1.0 + 0.18 * (accel - 1) * np.exp(-(y**2) / 0.18) * np.exp(-(x**2) / 0.8)
+    sig = np.float32(sigma) * g.astype(np.float32)
+    re = img + rng.standard_normal(img.shape, dtype=np.float32) * sig
+    im = rng.standard_normal(img.shape, dtype=np.float32) * sig
+    out: FloatArray = np.sqrt(re**2 + im**2).astype(np.float32)
     return out

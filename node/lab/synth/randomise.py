@@ -22,10 +22,11 @@ from node.lab.synth.contrast import (
     flair_null_ti,
     tissue_signal,
     tissue_signal_b,
+    tissue_signal_c,
 )
 from node.lab.synth.vendors import VOLUME_PROTOCOLS, Protocol
 
-STYLES = ("a", "b")
+STYLES = ("a", "b", "c")
 # Series that share one acquisition: T1 and T1C (same protocol), DWI and its ADC map.
 SERIES_GROUPS = {"t1": ("t1", "t1c"), "t2": ("t2",), "flair": ("flair",), "dwi": ("dwi", "adc")}
 # Extent of the head along each plane's slice normal (mm) that a full-coverage stack spans.
@@ -205,6 +206,12 @@ def draw_normal_tissues(rng: np.random.Generator, style: str, field_t: float) ->
         wm_t1 = _u(rng, 560, 760) * (1.25 if high else 1.0)
         wm_t2 = _u(rng, 62, 88) * (0.93 if high else 1.0)
         csf_t1 = _u(rng, 3300, 4800)
+    elif style == "c":
+        # A power law in the field (T1 ~ B^0.3-0.4, T2 ~ B^-0.1) from 1.5 T values.
+        ratio = field_t / 1.5
+        wm_t1 = _u(rng, 620, 820) * ratio ** _u(rng, 0.3, 0.4)
+        wm_t2 = _u(rng, 68, 92) * ratio**-0.1
+        csf_t1 = _u(rng, 3800, 4500)
     else:
         wm_t1 = base["wm"].t1_ms * _u(rng, 0.8, 1.15) * (1.12 if high else 0.92)
         wm_t2 = base["wm"].t2_ms * _u(rng, 0.85, 1.15)
@@ -285,7 +292,7 @@ def ordering_violations(
     T1C: enhancing tissue and lymphoma brighter than WM, darker than WM before contrast;
     ADC: CSF > GM >= WM, lymphoma below and necrosis above WM; DWI b=1000: lymphoma above WM.
     """
-    sig = tissue_signal_b if style == "b" else tissue_signal
+    sig = {"b": tissue_signal_b, "c": tissue_signal_c}.get(style, tissue_signal)
 
     def s(name: str, kind: str) -> float:
         return sig(tissues[name], acqs[kind])
@@ -367,9 +374,10 @@ class Artefacts:
     motion_px: float
     gamma: float  # monotone intensity remapping (keeps every ordering)
     coils: int  # receive channels (style b's noise)
+    accel: int = 1  # parallel-imaging acceleration (style c's noise)
 
     def as_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "bias": round(self.bias, 3),
             "snr_factor": round(self.snr_factor, 3),
             "kspace_keep": round(self.kspace_keep, 3),
@@ -378,6 +386,9 @@ class Artefacts:
             "gamma": round(self.gamma, 3),
             "coils": self.coils,
         }
+        if self.accel > 1:  # style c only, so styles a and b keep their manifests
+            out["accel"] = self.accel
+        return out
 
 
 def draw_artefacts(
@@ -385,6 +396,20 @@ def draw_artefacts(
 ) -> Artefacts:
     """Artefacts of one series: mild and fixed without randomisation, wide with it."""
     high = field_t >= 2.0
+    if style == "c":
+        # Style c: an apodised reconstruction always, parallel imaging (g-factor noise), no
+        # coil array shading (prescan-normalised) and no intensity remapping.
+        moved = randomise and rng.random() < 0.2
+        return Artefacts(
+            bias=0.0,
+            snr_factor=_u(rng, 0.5, 1.3) * (1.4 if high else 1.0) if randomise else 1.0,
+            kspace_keep=_u(rng, 0.5, 0.95) if randomise else 0.85,
+            motion_share=_u(rng, 0.03, 0.15) if moved else 0.0,
+            motion_px=_u(rng, 1.0, 5.0) if moved else 0.0,
+            gamma=1.0,
+            coils=1,
+            accel=int(rng.choice([2, 2, 3, 4])) if randomise else 2,
+        )
     if not randomise:
         return Artefacts(
             bias=0.3,

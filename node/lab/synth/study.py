@@ -30,6 +30,7 @@ from node.lab.synth.anatomy import (
     plane_of,
     random_subject,
     random_subject_b,
+    random_subject_c,
     sample_anatomy,
 )
 from node.lab.synth.contrast import (
@@ -38,17 +39,24 @@ from node.lab.synth.contrast import (
     Tissue,
     bias_field,
     blur_inplane,
+    echo_train_ms,
     flair_null_ti,
     jitter_tissues,
+    kspace_apodised,
     kspace_resize,
     motion_ghosts,
     multicoil_noise,
+    parallel_imaging_noise,
     render,
     rician,
     signal_b,
+    signal_c,
     tissue_maps,
+    tissue_maps_c,
     tissue_signal,
     tissue_signal_b,
+    tissue_signal_c,
+    transmit_field,
     upsample_inplane,
 )
 from node.lab.synth.phenotypes import (
@@ -82,6 +90,10 @@ from node.lab.synth.vendors import (
     STYLE_B_NAMES,
     STYLE_B_PLANES,
     STYLE_B_STUDY,
+    STYLE_C_FAMILY,
+    STYLE_C_NAMES,
+    STYLE_C_PLANES,
+    STYLE_C_STUDY,
     VENDOR_TABLE,
     VENDORS,
     VOLUME_PROTOCOLS,
@@ -105,6 +117,7 @@ FloatArray = npt.NDArray[np.float32]
 GENERATOR = "neuronode.synth"
 VERSION = "1.0"
 _B_VALUE = 1000.0
+_STYLE_C_NOMINAL_CSF_T1_MS = 4100.0  # the CSF T1 style c's sites null on FLAIR (subjects vary)
 _ANATOMY_MATRIX = 128  # tissue maps are computed at most at this in-plane matrix, then interpolated
 # Tissues that make up a lesion proper (oedema excluded): the lesion_fraction volume.
 _LESION_TISSUES = ("enhancing", "necrosis", "infiltrative", "lymphoma", "tuber", "nodule", "wmh")
@@ -253,8 +266,8 @@ def generate_study(
     style "a" without randomise or plane gives the studies this generator always gave (same
     seed, same bytes). `randomise` draws planes, 2D/3D, slice thickness, coverage, sequence
     parameters, tissue properties, lesion variation and artefacts per study; `plane` puts every
-    routed series in one plane; style "b" renders with its own anatomy, signal model, noise and
-    header conventions (see docs/synth.md).
+    routed series in one plane; styles "b" and "c" render with their own anatomy (or its
+    deformation), signal model, noise and header conventions (see docs/synth.md).
     """
     if phenotype not in PHENOTYPES:
         raise ValueError(f"phenotype must be one of {PHENOTYPES}, not {phenotype!r}")
@@ -273,11 +286,22 @@ def generate_study(
     if style == "b":
         description, models, software = STYLE_B_STUDY[vendor]
         v = replace(v, models=models, software=software, institution=v.institution + " (B)")
+    if style == "c":
+        description, models, software, wm_c = STYLE_C_STUDY[vendor]
+        v = replace(
+            v,
+            models=models,
+            software=software,
+            institution=v.institution + " (C)",
+            bits_stored=v.bits_stored if vendor == "philips" else 16,
+            signed=False,
+            white_matter_level=wm_c,
+        )
     rng = _rng(seed, 1)
     rrng = _rng(seed, 5)  # every draw legacy studies do not make
     arng = _rng(seed, 6)  # artefacts of non-legacy studies
     hdr = _header(seed, index, v, _rng(seed, 2))
-    if style == "b":
+    if style in ("b", "c"):
         hdr = replace(hdr, study_description=description)
     t1_protocol, t1c_names = v.t1_options[int(rng.integers(len(v.t1_options)))]
     protocols = dict(v.protocols)
@@ -316,6 +340,8 @@ def generate_study(
     subject = random_subject(rng, template_source)
     if style == "b":
         subject = random_subject_b(rrng)
+    elif style == "c":
+        subject = random_subject_c(rrng, template_source)
     anatomy = sample_anatomy(subject, ref_agrid)
     draw = draw_lesions(rng, phenotype, ref_agrid, anatomy)
     if randomise:
@@ -347,15 +373,43 @@ def generate_study(
         ref=(ref_grid, ref_agrid),
         keep_inside=draw.lesions[0].center_mm if draw.lesions else None,
     )
+    cphys = _style_c_physics(rrng, hdr.field_t) if style == "c" else None
+    if cphys is not None:
+        # The site's FLAIR TI nulls a nominal CSF T1 for its own sequence: the inversion
+        # efficiency and the recovery shortened by the echo train move the null point.
+        fp = plans["flair"].protocol
+        rec = fp.tr_ms - echo_train_ms(fp.tr_ms, fp.echo_train)
+        eta, csf_t1 = cphys["inversion_eff"], _STYLE_C_NOMINAL_CSF_T1_MS
+        ti = csf_t1 * math.log((1 + eta) / (1 + eta * math.exp(-rec / csf_t1)))
+        plans["flair"] = replace(
+            plans["flair"],
+            protocol=replace(fp, ti_ms=round(ti * float(rrng.uniform(0.98, 1.02)))),
+        )
+
+    def mk(p: Protocol, *, contrast: bool = False, b: float = 0.0) -> Acquisition:
+        """The series' Acquisition; style c adds its scanner physics (field, refocusing ...)."""
+        acq = _acq(p, contrast=contrast, b=b)
+        if cphys is None:
+            return acq
+        multislice_se = p.acquisition_type == "2D" and p.equation in ("se", "ir") and p.te_ms > 50
+        return replace(
+            acq,
+            field_t=hdr.field_t,
+            echo_train=p.echo_train,
+            refocus_deg=cphys["refocus_deg"],
+            inversion_eff=cphys["inversion_eff"],
+            mt=cphys["mt"] if multislice_se else 0.0,
+        )
+
     acqs = {
-        "t1": _acq(plans["t1"].protocol),
-        "t1c": _acq(plans["t1"].protocol, contrast=True),
-        "t2": _acq(plans["t2"].protocol),
-        "flair": _acq(plans["flair"].protocol),
-        "dwi": _acq(plans["dwi"].protocol, b=_B_VALUE),
+        "t1": mk(plans["t1"].protocol),
+        "t1c": mk(plans["t1"].protocol, contrast=True),
+        "t2": mk(plans["t2"].protocol),
+        "flair": mk(plans["flair"].protocol),
+        "dwi": mk(plans["dwi"].protocol, b=_B_VALUE),
     }
     tissue_draws = 0
-    if not legacy and (randomise or style == "b"):
+    if not legacy and (randomise or style != "a"):
         tissues, tissue_draws = draw_tissues(rrng, style=style, field_t=hdr.field_t, acqs=acqs)
         tissues = relative_overrides(tissues, draw.tissue_overrides)
 
@@ -381,6 +435,9 @@ def generate_study(
         numbers = {k: i + 2 for i, k in enumerate(kinds)}
         # GE numbers a derived ADC 100 x its DWI; others the next number.
         numbers["adc"] = numbers["dwi"] * 100 if vendor == "ge" else numbers["dwi"] + 1
+    if style == "c" and vendor != "philips":
+        numbers = {k: 100 * (i + 1) for i, k in enumerate(kinds)}
+        numbers["adc"] = numbers["dwi"] + 1
 
     freq = 42.577 * hdr.field_t
     wm_level = float(rng.uniform(*v.white_matter_level))
@@ -394,7 +451,7 @@ def generate_study(
     frames: dict[str, tuple[FrameSpec, ...]] = {}
     slopes: dict[str, float | None] = {}
     artefacts: dict[str, Artefacts] = {}
-    sig = tissue_signal_b if style == "b" else tissue_signal
+    sig = {"b": tissue_signal_b, "c": tissue_signal_c}.get(style, tissue_signal)
 
     def inputs(plan: SeriesPlan) -> tuple[dict[str, FloatArray], FloatArray, FloatArray]:
         """Tissue fractions on the plan's anatomy grid and two texture fields."""
@@ -406,6 +463,12 @@ def generate_study(
                 f,
                 smooth_field(rrng, plan.agrid.shape, 0.04),
                 smooth_field(rrng, plan.agrid.shape, 0.05),
+            )
+        if style == "c":  # proton-density heterogeneity, and the acquisition's transmit field
+            return (
+                f,
+                smooth_field(rrng, plan.agrid.shape, 0.03),
+                transmit_field(rrng, plan.agrid.shape, hdr.field_t),
             )
         noise = rrng.standard_normal(plan.agrid.shape).astype(np.float32)
         tex = (1.0 + 0.15 * ndimage.gaussian_filter(noise, (0.5, 1.5, 1.5))).astype(np.float32)
@@ -429,19 +492,27 @@ def generate_study(
             maps["r2"] = maps["r2"] * tex2
             img = signal_b(maps, acq)
             img = np.maximum(kspace_resize(img, size, size, art.kspace_keep * p.resolution), 0)
+        elif style == "c":
+            maps = tissue_maps_c(fr, tissues, contrast=acq.contrast)
+            maps["pd"] = maps["pd"] * tex1
+            maps["aniso"] = np.clip(fr["wm"], 0.0, 1.0)
+            img = signal_c(maps, acq, b1=tex2)
+            img = kspace_apodised(img, size, size, art.kspace_keep * p.resolution)
         else:
             img = render(fr, acq, tissues) * tex1
             img = upsample_inplane(img, size, size)
             img = blur_inplane(img, 0.5 * (1.0 / p.resolution - 1.0) * size / 256 * 2)
             if art.kspace_keep < 1.0:
                 img = np.maximum(kspace_resize(img, size, size, art.kspace_keep), 0)
-        scale = level / max(sig(tissues["wm"], _acq(p)), 1e-6)
+        scale = level / max(sig(tissues["wm"], mk(p)), 1e-6)
         img = img * bias * np.float32(scale)
         if art.motion_share > 0 and acq.equation != "epi":
             img = motion_ghosts(arng, img, art.motion_share, art.motion_px)
         sigma = sigma_ref * scale / (p.snr * art.snr_factor)
         if style == "b":
             out = multicoil_noise(nrng, img, sigma, art.coils, coil_seed)
+        elif style == "c":
+            out = parallel_imaging_noise(nrng, img, sigma, art.accel)
         else:
             out = rician(nrng, img, sigma)
         if art.gamma != 1.0:
@@ -462,11 +533,11 @@ def generate_study(
     inp = inputs(plan)
     art = artefacts_for("t1")
     bias_t1 = _bias(nrng, plan.grid.shape, art.bias, style, legacy)
-    gm_ref = sig(tissues["gm"], _acq(p1))
+    gm_ref = sig(tissues["gm"], mk(p1))
     coil_seed = int(arng.integers(2**31))
     for kind, contrast in (("t1", False), ("t1c", True)):
         volumes[kind] = acquire(
-            plan, inp, _acq(p1, contrast=contrast), wm_level, bias_t1, gm_ref, art, coil_seed
+            plan, inp, mk(p1, contrast=contrast), wm_level, bias_t1, gm_ref, art, coil_seed
         )
         grids[kind] = plan.grid
         artefacts[kind] = art
@@ -480,10 +551,10 @@ def generate_study(
         volumes[kind] = acquire(
             plan,
             inp,
-            _acq(p),
+            mk(p),
             lvl,
             _bias(nrng, plan.grid.shape, art.bias, style, legacy),
-            sig(tissues["gm"], _acq(p)),
+            sig(tissues["gm"], mk(p)),
             art,
             int(arng.integers(2**31)),
         )
@@ -495,24 +566,24 @@ def generate_study(
     inp = inputs(plan)
     bias_d = _bias(nrng, plan.grid.shape, art.bias, style, legacy)
     lvl = wm_level * float(rng.uniform(0.8, 1.5))
-    b0ref = sig(tissues["gm"], _acq(pd, b=0.0))
+    b0ref = sig(tissues["gm"], mk(pd, b=0.0))
     coil_seed = int(arng.integers(2**31))
-    b0 = acquire(plan, inp, _acq(pd, b=0.0), lvl * 1.0, bias_d, b0ref, art, coil_seed)
+    b0 = acquire(plan, inp, mk(pd, b=0.0), lvl * 1.0, bias_d, b0ref, art, coil_seed)
     # The b=1000 image is scaled like b=0 (same scale) so the ADC is physical.
     if legacy:
-        s0wm = tissue_signal(tissues["wm"], _acq(pd))
-        img = render(ref_fractions, _acq(pd, b=_B_VALUE), tissues) * texture
+        s0wm = tissue_signal(tissues["wm"], mk(pd))
+        img = render(ref_fractions, mk(pd, b=_B_VALUE), tissues) * texture
         img = upsample_inplane(img, size, size)
         img = blur_inplane(img, 0.5 * (1.0 / pd.resolution - 1.0) * size / 256 * 2)
         scale = lvl / max(s0wm, 1e-6)
         b1000 = rician(nrng, img * bias_d * np.float32(scale), b0ref * scale / pd.snr)
     else:
         b1000 = acquire(
-            plan, inp, _acq(pd, b=_B_VALUE), lvl, bias_d, b0ref, replace(art, gamma=1.0), coil_seed
+            plan, inp, mk(pd, b=_B_VALUE), lvl, bias_d, b0ref, replace(art, gamma=1.0), coil_seed
         )
         if art.gamma != 1.0:  # the same monotone remapping on b=0 would bias the ADC: undo
             b0 = acquire(
-                plan, inp, _acq(pd, b=0.0), lvl, bias_d, b0ref, replace(art, gamma=1.0), coil_seed
+                plan, inp, mk(pd, b=0.0), lvl, bias_d, b0ref, replace(art, gamma=1.0), coil_seed
             )
     brain = ndimage.binary_erosion(b0 > 0.25 * lvl, iterations=1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -602,6 +673,12 @@ def generate_study(
                 names = STYLE_B_NAMES[vendor][f"{kind}/{plan_k.acquisition}"]
                 abbrev = STYLE_B_PLANES[vendor][plan_k.plane]
                 desc = str(rrng.choice(names)).format(P=abbrev)
+            elif style == "c":
+                protocol_name = f"BRAIN_TUMOUR_{hdr.field_t:g}T"
+                names_c = STYLE_C_NAMES[f"{kind}/{plan_k.acquisition}"]
+                desc = str(rrng.choice(names_c)).format(
+                    P=STYLE_C_PLANES[plan_k.plane], **STYLE_C_FAMILY[vendor]
+                )
         status = "ok"
         if kind in ROUTED_KINDS and drng.random() < BAD_DESCRIPTION_FRACTION:
             if drng.random() < 0.5:
@@ -678,10 +755,22 @@ def generate_study(
 def _bias(
     rng: np.random.Generator, shape: tuple[int, int, int], strength: float, style: str, legacy: bool
 ) -> FloatArray:
-    """Style a's smooth receive field; style b's shading comes from its coil model instead."""
-    if style == "b":
+    """Style a's smooth receive field; style b's shading comes from its coil model instead,
+    style c's from its transmit field (its receive side is prescan-normalised)."""
+    if style in ("b", "c"):
         return np.ones(shape, dtype=np.float32)
     return bias_field(rng, shape, strength)
+
+
+def _style_c_physics(rng: np.random.Generator, field_t: float) -> dict[str, float]:
+    """Style c's scanner side, per study: refocusing angle (SAR-limited at 3 T), inversion
+    efficiency and the magnetisation-transfer saturation of multi-slice spin-echo trains."""
+    high = field_t >= 2.0
+    return {
+        "refocus_deg": float(rng.uniform(120, 155) if high else rng.uniform(150, 180)),
+        "inversion_eff": float(rng.uniform(0.92, 0.99)),
+        "mt": float(rng.uniform(0.25, 0.45) if high else rng.uniform(0.12, 0.3)),
+    }
 
 
 def _frames_plane(frames: tuple[FrameSpec, ...]) -> str:
@@ -742,7 +831,7 @@ def _plans(
         elif acq == "2D" and base.acquisition_type == "3D":
             base, names = v.t1_options[0]
         pl = plane or (draw_plane(rng, group, acq) if randomise else "axial")
-        if randomise or style == "b":
+        if randomise or style != "a":
             base = draw_protocol(rng, base, group, field_t, TISSUES["csf"].t1_ms)
         grid, agrid = plan_grid(
             rng,
