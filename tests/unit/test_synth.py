@@ -245,6 +245,57 @@ def test_lgg_does_not_enhance() -> None:
     assert ((t1c - t1) > 0.4 * ref)[inside].mean() < 0.02
 
 
+@pytest.mark.parametrize("style", ["a", "b", "c"])
+def test_normal_brain_vessels_enhance_and_the_images_tell_post_contrast(style: str) -> None:
+    """Every brain has blood that gadolinium brightens (dural sinuses, choroid plexus): a
+    normal study's post-contrast T1 differs from its pre-contrast run only there, enough for
+    the node's image evidence to call it post-contrast; without vessels (the generator before)
+    the two runs were alike and nothing could tell them apart."""
+    from node.classify.contrast import judge_contrast
+
+    st = generate_study(
+        21, phenotype="normal", vendor="siemens", style=style, distractors=False, size=96,
+        slices=24, randomise=True,
+    )  # fmt: skip
+    t1, t1c = _pixels(st, "t1"), _pixels(st, "t1c")
+    ref = float(np.median(t1[st.volumes["wm_fraction"] > 0.9]))
+    brighter = (t1c - t1) > 0.4 * ref
+    assert brighter.mean() > 0.002  # about a percent of the field of view
+    evidence = judge_contrast(t1, t1c)
+    assert evidence.post_contrast is True, evidence.reason
+    assert judge_contrast(t1, t1).post_contrast is False
+
+
+def test_plain_style_a_keeps_the_anatomy_the_shipped_bundles_were_trained_on() -> None:
+    """Plain style-a studies (no randomisation, no plane) have no vessel map: they are the
+    shipped bundles' training data and stay what those bundles were trained on."""
+    from node.classify.contrast import judge_contrast
+
+    st = generate_study(21, phenotype="normal", vendor="siemens", distractors=False, size=96)
+    evidence = judge_contrast(_pixels(st, "t1"), _pixels(st, "t1c"))
+    assert evidence.post_contrast is False, evidence.reason
+
+
+@pytest.mark.parametrize("source", ["mni152", "procedural", "parametric"])
+def test_vessels_are_carved_out_of_csf_not_painted_on(source: str) -> None:
+    """The vessel map is a tissue of its own: it takes its volume from CSF (then cortex), so an
+    intracranial voxel's fractions still sum to at most one; a few to tens of millilitres."""
+    from node.lab.synth.anatomy import TEMPLATE_CHANNELS, carve_vessels
+
+    t = load_template(source)
+    maps = t.maps.astype(np.float32) / 255.0
+    raw = {name: maps[..., i] for i, name in enumerate(TEMPLATE_CHANNELS)}
+    ch = carve_vessels(raw)
+    before = raw["csf"] + raw["gm"] + raw["wm"]
+    after = ch["csf"] + ch["gm"] + ch["wm"] + ch["vessels"]
+    assert float(np.abs(after - before).max()) < 1e-5
+    assert float(ch["vessels"].max()) > 0.9
+    vessels = ch["vessels"] > 0.5
+    step = abs(float(t.affine[0, 0]))
+    assert 4.0 < vessels.sum() * step**3 / 1000.0 < 40.0  # millilitres: sinuses and plexus
+    assert float(ch["ventricles"][vessels].max()) <= 0.5  # plexus inside, not replacing, CSF
+
+
 def test_pcnsl_adc_below_white_matter() -> None:
     st = _typical("pcnsl", vendor="ge", size=96)
     adc = _pixels(st, "adc")

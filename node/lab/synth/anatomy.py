@@ -25,6 +25,9 @@ FloatArray = npt.NDArray[np.float32]
 
 # Tissue maps produced by the anatomy stage, in this order.
 ANATOMY_TISSUES = ("scalp", "skull", "csf", "gm", "wm")
+# Then, beside them: the lateral ventricles (part of "csf") and the vessels, a tissue of its own
+# (dural sinuses and choroid plexus: blood, which gadolinium makes bright on T1).
+TEMPLATE_CHANNELS = (*ANATOMY_TISSUES, "ventricles", "vessels")
 # Brain centre in template (MNI RAS) mm: the patient's isocentre is placed here.
 _BRAIN_CENTRE_RAS = np.array([0.0, -18.0, 14.0])
 _VENTRICLE_CENTRE_RAS = np.array([0.0, -12.0, 14.0])
@@ -34,7 +37,7 @@ _VENTRICLE_CENTRE_RAS = np.array([0.0, -12.0, 14.0])
 class Template:
     """Tissue fractions (uint8, 0..255) on a template grid, and the grid's voxel-to-RAS affine."""
 
-    maps: npt.NDArray[np.uint8]  # (i, j, k, tissue): ANATOMY_TISSUES then ventricles
+    maps: npt.NDArray[np.uint8]  # (i, j, k, channel): TEMPLATE_CHANNELS
     affine: npt.NDArray[np.float64]
     source: str  # "mni152", "procedural" or "parametric"
 
@@ -175,6 +178,42 @@ def _to_u8(a: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
     return out
 
 
+def _vessels(ras: FloatArray, depth_mm: FloatArray, vent: FloatArray) -> FloatArray:
+    """Where the vessels a post-contrast T1 shows in every brain lie (a fraction map): the
+    superior sagittal sinus (midline, along the inner table over the convexity), the transverse
+    sinuses (along the occipital inner table) and the choroid plexus (the posterior third of
+    each lateral ventricle). ``ras`` (3, ...) template mm, ``depth_mm`` the distance inside the
+    intracranial cavity, ``vent`` the ventricle fraction. The template keeps its CSF and grey
+    matter as they were; ``carve_vessels`` takes the vessels' volume from them when sampled."""
+    x, y, z = ras[0], ras[1], ras[2]
+    shell = depth_mm <= 5.0
+    sagittal = shell & (np.abs(x) <= 4.0) & (z > np.where(y < -70.0, -12.0, 0.0))
+    transverse = (depth_mm <= 6.0) & (y < -62.0) & (np.abs(z + 8.0) <= 3.5) & (np.abs(x) <= 55.0)
+    mask = sagittal | transverse
+    inside = vent > 0.5
+    if inside.any():
+        ys = y[inside]
+        back = float(ys.min()) + 0.35 * float(ys.max() - ys.min())
+        mask = mask | ndimage.binary_erosion(inside & (y <= back) & (np.abs(x) > 6.0))
+    out: FloatArray = ndimage.gaussian_filter(mask.astype(np.float32), 0.6).astype(np.float32)
+    return out
+
+
+def carve_vessels(fractions: dict[str, FloatArray]) -> dict[str, FloatArray]:
+    """Sampled fractions with the vessels a tissue of their own: their volume taken from CSF
+    first, then grey matter (so a voxel's fractions still sum as before); the ventricles stay
+    within what CSF is left."""
+    out = dict(fractions)
+    csf, gm = fractions["csf"], fractions["gm"]
+    v = np.minimum(fractions["vessels"], csf + gm)
+    from_csf = np.minimum(v, csf)
+    out["vessels"] = v.astype(np.float32)
+    out["csf"] = (csf - from_csf).astype(np.float32)
+    out["gm"] = np.clip(gm - (v - from_csf), 0.0, 1.0).astype(np.float32)
+    out["ventricles"] = np.minimum(fractions["ventricles"], out["csf"])
+    return out
+
+
 def _mni_template() -> Template:
     """Scalp, skull, CSF, GM, WM fractions from the MNI152 2009a GM/WM maps, on a 1.5 mm grid.
 
@@ -222,8 +261,9 @@ def _mni_template() -> Template:
         & (depth > 14)
     )
     vent = ndimage.gaussian_filter(((csf > 0.5) & box).astype(np.float32), 0.5) * csf
+    vessels = _vessels(ras, depth, vent)
     maps = np.stack(
-        [_to_u8(scalpf), _to_u8(skullf), _to_u8(csf), _to_u8(gm), _to_u8(wm), _to_u8(vent)],
+        [_to_u8(m) for m in (scalpf, skullf, csf, gm, wm, vent, vessels)],
         axis=-1,
     )
     return Template(maps=np.ascontiguousarray(maps), affine=affine, source="mni152")
@@ -269,8 +309,10 @@ def _procedural_template() -> Template:
     csf = np.clip(ic - gm - wm, 0, 1)
     skull = np.clip(skull_out - ic, 0, 1)
     scalp = np.clip(head - skull_out, 0, 1)
+    depth = ndimage.distance_transform_edt(ic > 0.5) * step
+    vessels = _vessels(np.stack([x, y, z]), depth, vent)
     maps = np.stack(
-        [_to_u8(scalp), _to_u8(skull), _to_u8(csf), _to_u8(gm), _to_u8(wm), _to_u8(vent)],
+        [_to_u8(m) for m in (scalp, skull, csf, gm, wm, vent, vessels)],
         axis=-1,
     )
     return Template(maps=np.ascontiguousarray(maps), affine=affine, source="procedural")
@@ -364,6 +406,9 @@ def _parametric_template() -> Template:
     icf = soft(ic)
     csf = np.clip(icf - gmf - wmf, 0.0, 1.0)
     ventf = np.minimum(ventf, csf)
+    ras = np.stack([x + cx, y + cy, z + cz]).astype(np.float32)
+    depth = ndimage.distance_transform_edt(ic) * step
+    vessels = _vessels(ras, depth, ventf)
     maps = np.stack(
         [
             _to_u8(soft(scalp)),
@@ -372,6 +417,7 @@ def _parametric_template() -> Template:
             _to_u8(gmf),
             _to_u8(wmf),
             _to_u8(ventf),
+            _to_u8(vessels),
         ],
         axis=-1,
     )
@@ -595,13 +641,24 @@ def sample_points(
     inv = np.linalg.inv(template.affine)
     vox = pts @ inv[:3, :3].T.astype(np.float32) + inv[:3, 3].astype(np.float32)
     vals = _trilinear(template.maps, vox)
-    names = (*ANATOMY_TISSUES, "ventricles")
+    names = TEMPLATE_CHANNELS
     shape = points_lps.shape[:-1]
     return {n: np.ascontiguousarray(vals[:, i].reshape(shape)) for i, n in enumerate(names)}
 
 
-def sample_anatomy(subject: Subject, grid: Grid) -> dict[str, FloatArray]:
-    """Tissue fractions of the subject's head on a grid: ANATOMY_TISSUES plus 'ventricles'."""
+def sample_anatomy(subject: Subject, grid: Grid, *, vessels: bool = True) -> dict[str, FloatArray]:
+    """Tissue fractions of the subject's head on a grid: TEMPLATE_CHANNELS, the vessels carved
+    out of CSF and cortex (``carve_vessels``); ``vessels=False``: no vessel map, CSF and cortex
+    as the template has them (plain style-a studies, the shipped bundles' training data)."""
+    fractions = _sample_grid(subject, grid)
+    if vessels:
+        return carve_vessels(fractions)
+    fractions.pop("vessels")
+    return fractions
+
+
+def _sample_grid(subject: Subject, grid: Grid) -> dict[str, FloatArray]:
+    """sample_anatomy before the vessels are carved."""
     pts = grid.points()
     s, r, c = grid.shape
     if subject.elastic is None or min(r, c) < 16:

@@ -58,6 +58,7 @@ from node.lab.synth.contrast import (
     tissue_signal_c,
     transmit_field,
     upsample_inplane,
+    with_vessels,
 )
 from node.lab.synth.phenotypes import (
     PHENOTYPES,
@@ -342,7 +343,10 @@ def generate_study(
         subject = random_subject_b(rrng)
     elif style == "c":
         subject = random_subject_c(rrng, template_source)
-    anatomy = sample_anatomy(subject, ref_agrid)
+    # Plain style a keeps its anatomy without vessels: it is what the shipped bundles were
+    # trained on (docs/synth.md); every other study's blood enhances after gadolinium.
+    vessels = not legacy
+    anatomy = sample_anatomy(subject, ref_agrid, vessels=vessels)
     draw = draw_lesions(rng, phenotype, ref_agrid, anatomy)
     if randomise:
         draw = randomise_lesions(rrng, draw, ref_agrid, anatomy)
@@ -412,6 +416,8 @@ def generate_study(
     if not legacy and (randomise or style != "a"):
         tissues, tissue_draws = draw_tissues(rrng, style=style, field_t=hdr.field_t, acqs=acqs)
         tissues = relative_overrides(tissues, draw.tissue_overrides)
+    if vessels:
+        tissues = with_vessels(tissues)
 
     # Acquisition order and times.
     kinds = [k for k in SCAN_ORDER if k in ROUTED_KINDS or distractors]
@@ -457,7 +463,9 @@ def generate_study(
         """Tissue fractions on the plan's anatomy grid and two texture fields."""
         if legacy:
             return ref_fractions, texture, texture
-        f = apply_lesions(sample_anatomy(subject, plan.agrid), draw.lesions, plan.agrid)
+        f = apply_lesions(
+            sample_anatomy(subject, plan.agrid, vessels=vessels), draw.lesions, plan.agrid
+        )
         if style == "b":
             return (
                 f,
@@ -881,7 +889,7 @@ def _distractors(
     top = 2 ** (v.bits_stored - (1 if v.signed else 0)) - 1
 
     def fractions(g: Grid) -> dict[str, FloatArray]:
-        return apply_lesions(sample_anatomy(subject, g), les, g)
+        return apply_lesions(sample_anatomy(subject, g, vessels="vessels" in tissues), les, g)
 
     def image(g: Grid, p: Protocol, level: float) -> npt.NDArray[np.int32]:
         f = fractions(g)
