@@ -178,7 +178,9 @@ def _to_u8(a: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
     return out
 
 
-def _vessels(ras: FloatArray, depth_mm: FloatArray, vent: FloatArray) -> FloatArray:
+def _vessels(
+    ras: npt.NDArray[np.floating[Any]], depth_mm: npt.NDArray[Any], vent: FloatArray
+) -> FloatArray:
     """Where the vessels a post-contrast T1 shows in every brain lie (a fraction map): the
     superior sagittal sinus (midline, along the inner table over the convexity), the transverse
     sinuses (along the occipital inner table) and the choroid plexus (the posterior third of
