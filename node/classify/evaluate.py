@@ -21,18 +21,48 @@ _ROUTABLE = frozenset(label for label in SequenceLabel if label is not SequenceL
 # --- evaluation ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LabelFile:
+    """A labels CSV: series_uid -> label, and, where a row names its folder (column
+    ``series_dir``), (folder, series_uid) -> label, so one UID found in two folders (a copy
+    re-sent, two anonymisations) is two labelled series."""
+
+    by_uid: Mapping[str, SequenceLabel]  # UIDs whose rows all agree
+    by_folder: Mapping[tuple[str, str], SequenceLabel]  # (series_dir, uid) where given
+
+    def label_of(self, folder: Path, uid: str) -> SequenceLabel | None:
+        """The label of the series ``uid`` whose files are in ``folder``: the row naming the
+        longest series_dir that ends ``folder``'s path (so any root may be evaluated), else
+        the UID's label."""
+        path = "/" + folder.as_posix().strip("/") + "/"
+        best: tuple[int, SequenceLabel] | None = None
+        for (where, u), label in self.by_folder.items():
+            if u == uid and f"/{where}/" in path and (best is None or len(where) > best[0]):
+                best = (len(where), label)
+        return best[1] if best is not None else self.by_uid.get(uid)
+
+
 def read_labels(path: Path) -> dict[str, SequenceLabel]:
     """series_uid -> label from a labels CSV (columns series_uid, label; others ignored)."""
+    return dict(read_label_file(path).by_uid)
+
+
+def read_label_file(path: Path) -> LabelFile:
+    """A labels CSV (columns series_uid and label; series_dir optional; others ignored).
+    A UID labelled differently in two rows is an error unless both rows name their folder."""
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             fields = set(reader.fieldnames or ())
             if not {"series_uid", "label"} <= fields:
                 raise ConfigError(f"{path}: needs the columns series_uid and label")
-            labels: dict[str, SequenceLabel] = {}
+            by_uid: dict[str, SequenceLabel] = {}
+            by_folder: dict[tuple[str, str], SequenceLabel] = {}
+            disagree: set[str] = set()
             for line, row in enumerate(reader, start=2):
                 uid = (row.get("series_uid") or "").strip()
                 text = (row.get("label") or "").strip().upper()
+                where = (row.get("series_dir") or "").strip().strip("/")
                 if not uid:
                     continue
                 try:
@@ -42,12 +72,35 @@ def read_labels(path: Path) -> dict[str, SequenceLabel]:
                     raise ConfigError(
                         f"{path}:{line}: label {text!r} is not one of {allowed}"
                     ) from exc
-                if uid in labels and labels[uid] is not label:
+                if where:
+                    if by_folder.get((where, uid), label) is not label:
+                        raise ConfigError(
+                            f"{path}:{line}: series {uid} in {where} is labelled twice, differently"
+                        )
+                    by_folder[(where, uid)] = label
+                elif uid in by_uid and by_uid[uid] is not label:
                     raise ConfigError(f"{path}:{line}: series {uid} is labelled twice, differently")
-                labels[uid] = label
+                if uid in by_uid and by_uid[uid] is not label:
+                    disagree.add(uid)
+                by_uid.setdefault(uid, label)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the labels file: {exc}") from exc
-    return labels
+    for uid in disagree:
+        del by_uid[uid]
+    return LabelFile(by_uid=by_uid, by_folder=by_folder)
+
+
+# One scored series: the folder holding its files and its SeriesInstanceUID.
+SeriesUnit = tuple[str, str]
+
+
+def series_units(headers: Sequence[SeriesHeader], folders: Sequence[Path]) -> list[SeriesUnit]:
+    """The scored series of each header: (folder, SeriesInstanceUID). Several series numbers
+    of one UID in one folder (one series re-sent under new numbers) are one series; the same
+    UID in two folders is two."""
+    if len(folders) != len(headers):
+        folders = [Path()] * len(headers)
+    return [(f.as_posix(), h.series_uid) for h, f in zip(headers, folders, strict=True)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,34 +109,33 @@ class _Prediction:
     reason: str
 
 
-def _per_uid(
-    headers: Sequence[SeriesHeader], predictions: Sequence[_Prediction]
-) -> dict[str, tuple[_Prediction, str]]:
-    """One prediction per SeriesInstanceUID: a UID split into several series numbers (one
-    series re-sent under new numbers) takes the majority label of its parts."""
-    parts: dict[str, list[tuple[SeriesHeader, _Prediction]]] = {}
-    for h, p in zip(headers, predictions, strict=True):
-        parts.setdefault(h.series_uid, []).append((h, p))
-    out: dict[str, tuple[_Prediction, str]] = {}
-    for uid, items in parts.items():
-        numbers = ",".join(str(h.series_number) for h, _ in items)
+def per_series(
+    units: Sequence[SeriesUnit],
+    numbers: Sequence[int | None],
+    predictions: Sequence[_Prediction],
+) -> dict[SeriesUnit, tuple[_Prediction, str]]:
+    """One prediction per scored series: a unit split into several series numbers takes the
+    majority label of its parts."""
+    parts: dict[SeriesUnit, list[tuple[int | None, _Prediction]]] = {}
+    for unit, number, p in zip(units, numbers, predictions, strict=True):
+        parts.setdefault(unit, []).append((number, p))
+    out: dict[SeriesUnit, tuple[_Prediction, str]] = {}
+    for unit, items in parts.items():
+        shown = ",".join(str(n) for n, _ in items)
         if len(items) == 1:
-            out[uid] = (items[0][1], numbers)
+            out[unit] = (items[0][1], shown)
             continue
         counts = Counter(p.label for _, p in items)
         label, n = counts.most_common(1)[0]
         reason = next(p.reason for _, p in items if p.label == label)
-        out[uid] = (
-            _Prediction(label=label, reason=f"{n} of {len(items)} parts: {reason}"),
-            numbers,
-        )
+        out[unit] = (_Prediction(label=label, reason=f"{n} of {len(items)} parts: {reason}"), shown)
     return out
 
 
 def score(
-    truth: Mapping[str, SequenceLabel],
-    predicted: Mapping[str, tuple[_Prediction, str]],
-    descriptions: Mapping[str, str],
+    truth: Mapping[SeriesUnit, SequenceLabel],
+    predicted: Mapping[SeriesUnit, tuple[_Prediction, str]],
+    descriptions: Mapping[SeriesUnit, str],
 ) -> dict[str, Any]:
     """Accuracy, per-class precision/recall, confusion and the misses, series-level."""
     confusion: dict[str, dict[str, int]] = {}
@@ -91,10 +143,10 @@ def score(
     correct = 0
     n = 0
     other_as_routable = 0
-    for uid, true in sorted(truth.items()):
-        if uid not in predicted:
+    for unit, true in sorted(truth.items()):
+        if unit not in predicted:
             continue
-        prediction, numbers = predicted[uid]
+        prediction, numbers = predicted[unit]
         guess = prediction.label.value if prediction.label is not None else "NONE"
         n += 1
         row = confusion.setdefault(true.value, {})
@@ -106,9 +158,10 @@ def score(
             other_as_routable += 1
         errors.append(
             {
-                "series_uid": uid,
+                "folder": unit[0],
+                "series_uid": unit[1],
                 "series_number": numbers,
-                "description": descriptions.get(uid, ""),
+                "description": descriptions.get(unit, ""),
                 "true": true.value,
                 "predicted": guess,
                 "reason": prediction.reason,

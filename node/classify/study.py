@@ -10,6 +10,7 @@ compared on one grid (node.classify.contrast).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from node.records import (
     ContrastEvidence,
     ContrastPair,
     FusionPolicy,
+    InstanceHeader,
     SequenceDecision,
     SeriesHeader,
     SeriesVolume,
@@ -188,6 +190,9 @@ class FolderClassification:
     n_studies: int
     n_skipped: int  # files that are not DICOM (or have no StudyInstanceUID)
     n_shared_study_uids: int = 0  # study UIDs in several top-level folders (kept apart)
+    # The folder holding each series' files (as headers): a SeriesInstanceUID found in two
+    # folders is two series to score (node.classify.evaluate.series_units).
+    folders: tuple[Path, ...] = ()
 
 
 def load_sequence_bundle(
@@ -225,11 +230,13 @@ def classify_folder(
     fused: list[SequenceDecision] = []
     tags: list[SequenceDecision] = []
     verdicts: list[CnnVerdict | None] = []
+    folders: list[Path] = []
     note = unavailable
     for i, (_, paths) in enumerate(scan.studies):
         # One header read per file; pixels decoded one series at a time, when a model reads them.
         load, _ = read_study(paths)
         study_headers = load.series_headers
+        folders.extend(series_folders(load.headers, study_headers))
         volumes = LazyVolumes(load.layouts)
         cache: ContrastCache = {}  # the image contrast evidence, computed once for both runs
         result = classify_study(
@@ -261,4 +268,21 @@ def classify_folder(
         n_studies=len(scan.studies),
         n_skipped=scan.n_skipped,
         n_shared_study_uids=len(scan.shared_uids),
+        folders=tuple(folders),
     )
+
+
+def series_folders(
+    instances: Sequence[InstanceHeader], series: Sequence[SeriesHeader]
+) -> tuple[Path, ...]:
+    """The folder holding each series' files (their deepest common folder), as ``series``."""
+    parents: dict[tuple[str, int | None], set[str]] = {}
+    for h in instances:
+        parents.setdefault((h.series_uid, h.series_number), set()).add(str(h.path.parent))
+    out = []
+    for s in series:
+        found = parents.get((s.series_uid, s.series_number))
+        if not found:  # a series whose number the headers merged: any file of its UID
+            found = {p for (uid, _), ps in parents.items() if uid == s.series_uid for p in ps}
+        out.append(Path(os.path.commonpath(sorted(found))) if found else Path())
+    return tuple(out)

@@ -7,13 +7,19 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from node import NOT_FOR_CLINICAL_USE
-from node.classify.evaluate import _per_uid, _Prediction, read_labels, score
+from node.classify.evaluate import (
+    _Prediction,
+    per_series,
+    read_label_file,
+    score,
+    series_units,
+)
 from node.classify.study import FolderClassification, classify_folder, load_sequence_bundle
 from node.cli.command import Command, rules_option
 from node.cli.show import format_results, summary_table
@@ -210,59 +216,64 @@ def _print_metrics(name: str, metrics: Mapping[str, Any]) -> None:
 
 def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
     """Accuracy of tags alone, CNN alone and fused against a labels CSV; optional metrics.json."""
-    truth = read_labels(Path(args.labels))
+    labels = read_label_file(Path(args.labels))
     run = _classify(Path(args.directory), bool(args.no_cnn), args.rules)
     headers, fused, tags_only = run.headers, run.decisions, run.tags_only
-    descriptions = {h.series_uid: h.series_description for h in headers}
-    labelled = sum(h.series_uid in truth for h in headers)
+    units = series_units(headers, run.folders)
+    numbers = [h.series_number for h in headers]
+    truth = {
+        unit: label
+        for unit in dict.fromkeys(units)
+        if (label := labels.label_of(Path(unit[0]), unit[1])) is not None
+    }
+    per_header = [truth.get(unit) for unit in units]
+    descriptions = {unit: h.series_description for unit, h in zip(units, headers, strict=True)}
     print(run.cnn_note)
     print(
         f"{run.n_studies} studies, {run.n_skipped} non-DICOM file(s) skipped; "
-        f"{len(headers)} series read, {len({h.series_uid for h in headers})} series UIDs, "
-        f"{labelled} of them labelled ({len(truth)} labelled UIDs in the file; "
-        "unlabelled series skipped)"
+        f"{len(headers)} series read ({len(set(units))} by folder and SeriesInstanceUID: one UID "
+        f"in two folders counts twice), {len(truth)} of them labelled "
+        f"({sum(label is not None for label in per_header)} series numbers; "
+        f"{len(labels.by_uid)} labelled UIDs in the file; unlabelled series skipped)"
     )
     if run.n_shared_study_uids:
         print(
             f"warning: {run.n_shared_study_uids} study UID(s) found in more than one top-level "
             "folder: classified as separate studies"
         )
+
+    def scored(predictions: list[_Prediction]) -> dict[str, Any]:
+        return score(truth, per_series(units, numbers, predictions), descriptions)
+
     sections: dict[str, Any] = {}
-    sections["tags"] = score(
-        truth,
-        _per_uid(headers, [_Prediction(label=d.label, reason=_reason(d)) for d in tags_only]),
-        descriptions,
-    )
+    sections["tags"] = scored([_Prediction(label=d.label, reason=_reason(d)) for d in tags_only])
     if run.cnn_verdicts is not None:
-        cnn_predictions = [
-            _Prediction(
-                label=v.label if v is not None else None,
-                reason=(
-                    f"CNN votes {dict((k.value, n) for k, n in v.votes)}"
-                    if v is not None
-                    else "CNN did not run on this series"
-                ),
-            )
-            for v in run.cnn_verdicts
-        ]
-        sections["cnn"] = score(truth, _per_uid(headers, cnn_predictions), descriptions)
-    sections["fused"] = score(
-        truth,
-        _per_uid(headers, [_Prediction(label=d.label, reason=_reason(d)) for d in fused]),
-        descriptions,
-    )
+        sections["cnn"] = scored(
+            [
+                _Prediction(
+                    label=v.label if v is not None else None,
+                    reason=(
+                        f"CNN votes {dict((k.value, n) for k, n in v.votes)}"
+                        if v is not None
+                        else "CNN did not run on this series"
+                    ),
+                )
+                for v in run.cnn_verdicts
+            ]
+        )
+    sections["fused"] = scored([_Prediction(label=d.label, reason=_reason(d)) for d in fused])
     for name in ("tags", "cnn", "fused"):
         if name in sections:
             _print_metrics(name, sections[name])
     if "cnn" not in sections:
         print(f"\n== cnn: not evaluated ({run.cnn_note})")
-    cells = accuracy_by_acquisition(run, truth)
+    cells = accuracy_by_acquisition(run, per_header)
     _print_cells(cells)
-    by_vendor = accuracy_by_acquisition(run, truth, vendor_cell)
+    by_vendor = accuracy_by_acquisition(run, per_header, vendor_cell)
     _print_cells(by_vendor, "vendor")
-    by_thickness = accuracy_by_acquisition(run, truth, thickness_cell)
+    by_thickness = accuracy_by_acquisition(run, per_header, thickness_cell)
     _print_cells(by_thickness, "slice thickness")
-    by_cell = accuracy_by_acquisition(run, truth, vendor_acquisition_cell)
+    by_cell = accuracy_by_acquisition(run, per_header, vendor_acquisition_cell)
     _print_cells(by_cell, "vendor, plane and 2D/3D")
     _print_lowest(by_cell)
     if args.out is not None:
@@ -288,7 +299,7 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
         target = out / "metrics.json"
         write_json_durable(target, document)
         rows_path = out / "series.csv"
-        _write_series_csv(rows_path, run, truth)
+        _write_series_csv(rows_path, run, per_header, Path(args.directory))
         print(f"\nwrote {target} and {rows_path}")
     return 0
 
@@ -320,15 +331,15 @@ def thickness_cell(h: SeriesHeader) -> str:
 
 def accuracy_by_acquisition(
     run: FolderClassification,
-    truth: Mapping[str, SequenceLabel],
+    truth: Sequence[SequenceLabel | None],
     cell_of: Callable[[SeriesHeader], str] = acquisition_cell,
 ) -> dict[str, dict[str, dict[str, float | int]]]:
     """Accuracy of each method per cell of the headers (default plane x 2D/3D; vendor_cell,
-    thickness_cell) over labelled series."""
+    thickness_cell) over labelled series; ``truth``: each header's label (None: unlabelled)."""
     verdicts = run.cnn_verdicts or (None,) * len(run.headers)
     cells: dict[str, dict[str, list[int]]] = {}
-    for h, tag, fused, cnn in zip(run.headers, run.tags_only, run.decisions, verdicts, strict=True):
-        label = truth.get(h.series_uid)
+    rows = zip(run.headers, run.tags_only, run.decisions, verdicts, truth, strict=True)
+    for h, tag, fused, cnn, label in rows:
         if label is None:
             continue
         cell = cell_of(h)
@@ -371,22 +382,28 @@ def _print_lowest(cells: Mapping[str, Mapping[str, Mapping[str, float | int]]]) 
 
 
 def _write_series_csv(
-    path: Path, run: FolderClassification, truth: Mapping[str, SequenceLabel]
+    path: Path,
+    run: FolderClassification,
+    truth: Sequence[SequenceLabel | None],
+    root: Path,
 ) -> None:
-    """One row per series: where, what it is called, the truth and every method's answer."""
+    """One row per series: where (its folder under ``root``), what it is called, the truth and
+    every method's answer."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
         (
-            "study_uid", "series_uid", "series_number", "description", "plane", "acquisition",
-            "true", "tags", "cnn", "fused", "method", "evidence", "reason",
+            "folder", "study_uid", "series_uid", "series_number", "description", "plane",
+            "acquisition", "true", "tags", "cnn", "fused", "method", "evidence", "reason",
         )
     )  # fmt: skip
     verdicts = run.cnn_verdicts or (None,) * len(run.headers)
-    for h, tag, fused, cnn in zip(run.headers, run.tags_only, run.decisions, verdicts, strict=True):
-        label = truth.get(h.series_uid)
+    folders = run.folders or (Path(),) * len(run.headers)
+    rows = zip(run.headers, run.tags_only, run.decisions, verdicts, truth, folders, strict=True)
+    for h, tag, fused, cnn, label, folder in rows:
         writer.writerow(
             (
+                _relative(folder, root),
                 h.study_uid,
                 h.series_uid,
                 "" if h.series_number is None else h.series_number,
@@ -403,6 +420,14 @@ def _write_series_csv(
             )
         )
     write_bytes_durable(path, buffer.getvalue().encode("utf-8"))
+
+
+def _relative(folder: Path, root: Path) -> str:
+    """``folder`` under ``root`` as a POSIX path ('.' for the root itself), else as it is."""
+    try:
+        return folder.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return folder.as_posix()
 
 
 def _process_arguments(p: argparse.ArgumentParser) -> None:

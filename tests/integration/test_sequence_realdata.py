@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -137,6 +138,38 @@ def test_evaluate_sequences_writes_metrics(tmp_path: Path) -> None:
     assert len({r["series_uid"] for r in labelled}) == 20
     assert all(r["cnn"] == "" for r in rows)  # --no-cnn: no CNN column invented
     assert sum(r["fused"] == r["true"] for r in labelled) >= 0.95 * len(labelled)
+    assert all(r["folder"] and not r["folder"].startswith("/") for r in rows)  # under the root
+
+
+def test_one_uid_in_two_study_folders_is_scored_as_two_series(tmp_path: Path) -> None:
+    """The Philips field map is in dcm_qa_enh and again in dcm_qa_fmap under one
+    SeriesInstanceUID: two series (41 labelled in all), each found under its own folder."""
+    folders = ("dcm_qa_enh", "dcm_qa_fmap")
+    if not all((REALDATA / f).is_dir() for f in folders):
+        pytest.skip("dcm_qa_enh and dcm_qa_fmap are not in ../shared/realdata")
+    root = tmp_path / "data"
+    root.mkdir()
+    for f in folders:
+        shutil.copytree(REALDATA / f, root / f)
+    args = EvaluateSequencesArgs(
+        directory=root, labels=REALDATA / "labels.csv", out=tmp_path, no_cnn=True, rules=NO_RULES
+    )
+    assert cmd_evaluate_sequences(args) == 0
+    rows = list(csv.DictReader((tmp_path / "series.csv").open(encoding="utf-8")))
+    shared = "1.3.46.670589.11.17240.5.0.8932.2018052615250908935"
+    assert {r["folder"] for r in rows if r["series_uid"] == shared} == {
+        "dcm_qa_enh/In/Philips",
+        "dcm_qa_fmap/In/Philips/fmap",
+    }
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    truth = _truth()
+    labelled_dirs = {
+        (row["series_dir"], row["series_uid"])
+        for row in csv.DictReader((REALDATA / "labels.csv").open(encoding="utf-8"))
+        if row["series_dir"].startswith(folders)
+    }
+    assert metrics["n_series"] == len(labelled_dirs) > len({u for _, u in labelled_dirs})
+    assert all(uid in truth for _, uid in labelled_dirs)
 
 
 def test_cnn_path_runs_a_bundle_and_fuses(tmp_path: Path) -> None:
