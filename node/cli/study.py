@@ -86,9 +86,9 @@ def cmd_process(args: ProcessArgs) -> int:
     )
     if scan.shared_uids:
         print(
-            f"warning: {len(scan.shared_uids)} study UID(s) found in more than one top-level "
-            "folder: processed as separate studies, which share one results folder (the later "
-            "run supersedes the earlier)"
+            f"warning: {len(scan.shared_uids)} study UID(s) found as copies (the same instances) "
+            "in more than one top-level folder: processed as separate studies, which share one "
+            "results folder (the later run supersedes the earlier)"
         )
     print(NOT_FOR_CLINICAL_USE)
     for problem in check_bundles(rules, worker_model):
@@ -238,8 +238,8 @@ def cmd_evaluate_sequences(args: EvaluateSequencesArgs) -> int:
     )
     if run.n_shared_study_uids:
         print(
-            f"warning: {run.n_shared_study_uids} study UID(s) found in more than one top-level "
-            "folder: classified as separate studies"
+            f"warning: {run.n_shared_study_uids} study UID(s) found as copies (the same "
+            "instances) in more than one top-level folder: classified as separate studies"
         )
 
     def scored(predictions: list[_Prediction]) -> dict[str, Any]:

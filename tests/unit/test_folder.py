@@ -64,10 +64,28 @@ def test_one_study_in_subfolders_of_one_folder_is_one_study(tmp_path: Path) -> N
     assert len(dicom_files(tmp_path)) == 8
 
 
-def test_files_directly_in_the_folder_form_their_own_group(tmp_path: Path) -> None:
+def test_files_directly_in_the_folder_and_a_copy_beside_them_stay_apart(tmp_path: Path) -> None:
     study = generate_uid()
     _series(tmp_path, study, generate_uid(), n=2)
-    _series(tmp_path / "x", study, generate_uid(), n=2)
+    shutil.copytree(tmp_path, tmp_path.parent / "copy")
+    shutil.move(tmp_path.parent / "copy", tmp_path / "x")
     scan = scan_folder(tmp_path)
     assert scan.folders == (tmp_path, tmp_path / "x")
     assert scan.shared_uids == (study,)
+
+
+def test_a_study_laid_out_one_folder_per_series_is_one_study(tmp_path: Path) -> None:
+    """`neuronode process study_0001` on synth's layout (study/series/files): every series
+    folder is a top-level folder of the scan, and together they are the one study."""
+    study = generate_uid()
+    _series(tmp_path, study, generate_uid(), n=2)  # and one series' files at the top
+    for name in ("s1", "s2", "s3"):
+        _series(tmp_path / name, study, generate_uid())
+    with capture_logs() as logs:
+        scan = scan_folder(tmp_path)
+    assert [(uid, len(paths)) for uid, paths in scan.studies] == [(study, 11)]
+    assert scan.folders == (tmp_path,)
+    assert scan.shared_uids == ()
+    assert not [e for e in logs if e["event"] == "study_uid_in_several_folders"]
+    run = classify_folder(tmp_path, SequenceSettings(), bundle=None)
+    assert run.n_studies == 1 and len(run.headers) == 4
