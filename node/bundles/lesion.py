@@ -143,7 +143,11 @@ def measure_lesion(
     labels, count = ndimage.label(candidate, structure=np.ones((3, 3, 3), dtype=bool))
     if count == 0:
         return none
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    # Component sizes slice by slice (a whole-volume bincount copies the labels as int64).
+    sizes = np.zeros(count + 1, dtype=np.intp)
+    for k in range(n):
+        sizes += np.bincount(labels[k].ravel(), minlength=count + 1)
+    sizes = sizes[1:]
     best = int(np.argmax(sizes))
     if spec.measure == "largest":
         fraction = float(sizes[best]) / n_head
