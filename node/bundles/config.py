@@ -272,6 +272,11 @@ class Preprocessing:
             return self.scale(vol)[list(indices)]
         return _apply(scalar, vol[list(indices)])
 
+    def scaled_slices(self, pixels: npt.NDArray[Any]) -> ScaledSlices:
+        """``scale(pixels)`` read a slice at a time, each slice scaled when read (the series'
+        percentiles taken once, here): the same values without a scaled copy of the series."""
+        return ScaledSlices(self, pixels)
+
     def _range_scaler(self, vol: FloatArray) -> Callable[[Any], Any] | None:
         """The series transform as a voxel-wise ScaleIntensityRange with the whole series'
         percentiles (as ScaleIntensityRangePercentiles._normalize takes them), or None when
@@ -320,6 +325,31 @@ class Preprocessing:
         if not outs:
             raise ValueError("no slices to prepare")
         return torch.stack(outs).float()
+
+
+class ScaledSlices:
+    """A series' scaled values (``Preprocessing.scale``) a slice at a time: ``self[k]`` equals
+    ``pre.scale(pixels)[k]``, made when read (a series transform other than one
+    ScaleIntensityRangePercentiles is applied to the whole series once, here)."""
+
+    def __init__(self, pre: Preprocessing, pixels: npt.NDArray[Any]) -> None:
+        self._vol = np.asarray(pixels, dtype=np.float32)
+        self._scalar = pre._range_scaler(self._vol)
+        self._whole = pre.scale(self._vol) if self._scalar is None else None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The series' shape (slices, rows, cols)."""
+        return tuple(self._vol.shape)
+
+    def __getitem__(self, index: int, /) -> FloatArray:
+        if self._scalar is None:
+            assert self._whole is not None
+            whole: FloatArray = self._whole[index]
+            return whole
+        k = range(self._vol.shape[0])[index]  # a negative index counts from the end, as numpy
+        one: FloatArray = _apply(self._scalar, self._vol[k : k + 1])[0]
+        return one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
