@@ -52,6 +52,7 @@ from node.dicom.canonical import canonical_axial
 from node.ensemble import sigmoid
 from node.errors import InferenceError, ModelUnavailable
 from node.log import get_logger
+from node.percentiles import series_percentiles, voxel_slabs
 from node.records import (
     CnnVerdict,
     FloatArray,
@@ -297,10 +298,13 @@ def brain_slices(pixels: npt.NDArray[Any]) -> tuple[int, ...]:
 
 def _brain_slices(vol: FloatArray) -> tuple[int, ...]:
     """brain_slices, computed."""
-    # Both from one selection (interpolated in double precision).
-    top, floor = (float(v) for v in np.percentile(vol, [99.0, 1.0]))
+    # Both from one selection: np.percentile's values without its sorted copy of the series.
+    top, floor = (float(v) for v in series_percentiles(vol, [99.0, 1.0]))
     threshold = floor + 0.1 * (top - floor)
-    frac = (vol > threshold).reshape(vol.shape[0], -1).mean(axis=1)
+    # Foreground fractions a few slices at a time (not a mask of the whole series).
+    frac = np.concatenate(
+        [(part > threshold).reshape(part.shape[0], -1).mean(axis=1) for part in voxel_slabs(vol)]
+    )
     peak = float(frac.max())
     if peak <= 0.0:
         return tuple(range(vol.shape[0]))

@@ -45,6 +45,7 @@ import torch
 
 from node.bundles.roi import RoiSpec
 from node.errors import ModelUnavailable
+from node.percentiles import series_percentiles
 from node.records import FloatArray, SequenceLabel
 
 META_SCHEMA_URL = (
@@ -122,6 +123,34 @@ def _apply(scalar: Callable[[Any], Any], part: npt.NDArray[Any]) -> FloatArray:
         out = scalar(picked)
     scaled: FloatArray = _as_tensor(out).numpy().astype(np.float32, copy=False)
     return scaled
+
+
+# MONAI's percentile hands arrays above this size to np.percentile, smaller ones to torch.quantile
+# (pytorch#64947); series_percentiles stands in for the numpy branch only.
+MONAI_NUMPY_PERCENTILE_ABOVE = 1_000_000
+
+
+def _series_bounds(vol: FloatArray, lower: float, upper: float) -> torch.Tensor:
+    """MONAI's ``percentile(series, [lower, upper])``, as ScaleIntensityRangePercentiles takes
+    its bounds: a float32 tensor of the two values.
+
+    Both bounds from one call: one selection over the series instead of two. For a series
+    above a million voxels MONAI's answer is ``np.percentile`` over a sorted copy of the whole
+    series; ``series_percentiles`` gives the same values bit for bit with no copy. A smaller
+    one goes through MONAI's own call (torch.quantile)."""
+    from monai.transforms.utils_pytorch_numpy_unification import percentile
+    from monai.utils.type_conversion import convert_to_dst_type, convert_to_tensor
+
+    if vol.size > MONAI_NUMPY_PERCENTILE_ABOVE:
+        found = series_percentiles(vol, [lower, upper])
+        bounds: torch.Tensor = convert_to_dst_type(found, torch.empty(0, dtype=torch.float32))[0]
+        return bounds
+    data = np.ascontiguousarray(vol)
+    with warnings.catch_warnings():
+        _ignore_read_only(data)
+        tensor = convert_to_tensor(data, track_meta=False)
+    small: Any = percentile(tensor, [lower, upper])
+    return _as_tensor(small)
 
 
 # The series percentiles of the last few volumes, by content: one study's series are read by
@@ -243,6 +272,11 @@ class Preprocessing:
             return self.scale(vol)[list(indices)]
         return _apply(scalar, vol[list(indices)])
 
+    def scaled_slices(self, pixels: npt.NDArray[Any]) -> ScaledSlices:
+        """``scale(pixels)`` read a slice at a time, each slice scaled when read (the series'
+        percentiles taken once, here): the same values without a scaled copy of the series."""
+        return ScaledSlices(self, pixels)
+
     def _range_scaler(self, vol: FloatArray) -> Callable[[Any], Any] | None:
         """The series transform as a voxel-wise ScaleIntensityRange with the whole series'
         percentiles (as ScaleIntensityRangePercentiles._normalize takes them), or None when
@@ -252,8 +286,6 @@ class Preprocessing:
             ScaleIntensityRange,
             ScaleIntensityRangePercentiles,
         )
-        from monai.transforms.utils_pytorch_numpy_unification import percentile
-        from monai.utils.type_conversion import convert_to_tensor
 
         steps = list(self.series.transforms) if isinstance(self.series, Compose) else []
         step = steps[0] if len(steps) == 1 else None
@@ -264,25 +296,16 @@ class Preprocessing:
         ):
             return None
         digest = frozen_digest(vol)
-        data = np.ascontiguousarray(vol)
         key = (
-            content_digest(data) if digest is None else digest,
-            data.shape,
-            data.dtype.str,
+            content_digest(vol) if digest is None else digest,
+            tuple(vol.shape),
+            vol.dtype.str,
             float(step.lower),
             float(step.upper),
         )
         bounds: Any = _BOUNDS.get(key)
         if bounds is None:
-            # Both bounds from one call: one selection over the series instead of two. The
-            # order statistics are the same; the interpolation between them is done in double
-            # precision (then rounded to float32), which can differ from two single calls in
-            # the last bit of a bound, far below what the models can tell apart.
-            with warnings.catch_warnings():
-                _ignore_read_only(data)
-                tensor = convert_to_tensor(data, track_meta=False)
-            bounds = percentile(tensor, [step.lower, step.upper])
-            del tensor
+            bounds = _series_bounds(vol, float(step.lower), float(step.upper))
             _BOUNDS.put(key, bounds)
         a_min: Any = bounds[0]
         a_max: Any = bounds[1]
@@ -302,6 +325,31 @@ class Preprocessing:
         if not outs:
             raise ValueError("no slices to prepare")
         return torch.stack(outs).float()
+
+
+class ScaledSlices:
+    """A series' scaled values (``Preprocessing.scale``) a slice at a time: ``self[k]`` equals
+    ``pre.scale(pixels)[k]``, made when read (a series transform other than one
+    ScaleIntensityRangePercentiles is applied to the whole series once, here)."""
+
+    def __init__(self, pre: Preprocessing, pixels: npt.NDArray[Any]) -> None:
+        self._vol = np.asarray(pixels, dtype=np.float32)
+        self._scalar = pre._range_scaler(self._vol)
+        self._whole = pre.scale(self._vol) if self._scalar is None else None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The series' shape (slices, rows, cols)."""
+        return tuple(self._vol.shape)
+
+    def __getitem__(self, index: int, /) -> FloatArray:
+        if self._scalar is None:
+            assert self._whole is not None
+            whole: FloatArray = self._whole[index]
+            return whole
+        k = range(self._vol.shape[0])[index]  # a negative index counts from the end, as numpy
+        one: FloatArray = _apply(self._scalar, self._vol[k : k + 1])[0]
+        return one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

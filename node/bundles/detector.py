@@ -152,7 +152,8 @@ def measure_series(
     spec: DetectorSpec, volume: SeriesVolume, *, keep_map: bool = False
 ) -> LesionMeasure:
     """The detector's measure of one series (uncalibrated), as served and as fitted."""
-    scaled = detector_scaling().scale(volume.pixels)
+    # The head mask reads the scaled series a slice at a time: no scaled copy of the series.
+    scaled = detector_scaling().scaled_slices(volume.pixels)
     return measure_lesion(volume.pixels, scaled, spec, keep_map=keep_map)
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from node.bundles.roi import HEAD_ERODE, eroded_head, median_mad
+from node.bundles.roi import HEAD_ERODE, SliceStack, eroded_head, median_mad
 from node.records import FloatArray
 
 DETECTOR_METHOD = "bright_lesion_volume"
@@ -110,14 +110,19 @@ class LesionMeasure:
 
 
 def measure_lesion(
-    pixels: npt.NDArray[Any], scaled: FloatArray, spec: DetectorSpec, *, keep_map: bool = False
+    pixels: npt.NDArray[Any],
+    scaled: FloatArray | SliceStack,
+    spec: DetectorSpec,
+    *,
+    keep_map: bool = False,
 ) -> LesionMeasure:
     """The lesion measure of one series: ``pixels`` its native values (slices, rows, cols),
-    ``scaled`` the same scaled per series to 0..1 (the head mask). See the module text."""
+    ``scaled`` the same scaled per series to 0..1 (the head mask; read a slice at a time, so
+    config.ScaledSlices can scale each on demand). See the module text."""
     from scipy import ndimage
 
     pix = np.asarray(pixels)
-    if pix.ndim != 3 or pix.shape != scaled.shape:
+    if pix.ndim != 3 or pix.shape != tuple(scaled.shape):
         raise ValueError(f"expected matching (slices, rows, cols) arrays, got {pix.shape}")
     none = LesionMeasure(fraction=0.0, logit=math.log10(spec.floor), component=None, zmap=None)
     inner = eroded_head(scaled, spec.erode)
@@ -143,7 +148,11 @@ def measure_lesion(
     labels, count = ndimage.label(candidate, structure=np.ones((3, 3, 3), dtype=bool))
     if count == 0:
         return none
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    # Component sizes slice by slice (a whole-volume bincount copies the labels as int64).
+    sizes = np.zeros(count + 1, dtype=np.intp)
+    for k in range(n):
+        sizes += np.bincount(labels[k].ravel(), minlength=count + 1)
+    sizes = sizes[1:]
     best = int(np.argmax(sizes))
     if spec.measure == "largest":
         fraction = float(sizes[best]) / n_head

@@ -21,7 +21,7 @@ The same rectangle is applied to every slice of the series, so the slices keep o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -112,7 +112,19 @@ def erode_taxicab(mask: npt.NDArray[np.bool_], iterations: int) -> npt.NDArray[n
     return out
 
 
-def eroded_head(scaled: npt.NDArray[np.float32], erode: float) -> npt.NDArray[np.bool_]:
+class SliceStack(Protocol):
+    """Slices (rows, cols) read one at a time from a stack of ``shape`` (slices, rows, cols):
+    what ``eroded_head`` needs of a scaled series (config.ScaledSlices makes them on demand)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+def eroded_head(
+    scaled: npt.NDArray[np.float32] | SliceStack, erode: float
+) -> npt.NDArray[np.bool_]:
     """Each slice's head (scaled values above 0.1), holes filled, eroded by ``erode`` of the
     smaller image side (at least one pixel): inside it, the scalp and skull rim never count."""
     n, rows, cols = scaled.shape

@@ -93,6 +93,7 @@ def cnn_verdicts(
     verdicts: list[CnnVerdict | None] = []
     failed = 0
     for h in headers:
+        volume = None  # the previous series' pixels go before the next one is decoded
         volume = volumes.get((h.series_uid, h.series_number))
         if volume is None or volume.pixels.ndim != 3:
             verdicts.append(None)

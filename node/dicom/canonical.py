@@ -237,7 +237,12 @@ def resample_onto(
         return None
     zs, ys, xs = (np.flatnonzero(inside.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
     box = np.s_[zs[0] : zs[-1] + 1, ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
-    moved = np.where(inside[box], resampled[box], 0.0).astype(np.float32)
+    # Outside the moving series: 0, in place (the resampled volume is this function's own),
+    # so a long series is not copied twice more.
+    np.copyto(resampled, np.float32(0.0), where=~inside)
+    del inside
+    moved = np.ascontiguousarray(resampled[box], dtype=np.float32)
+    del resampled
     return np.ascontiguousarray(fixed_pixels[box], dtype=np.float32), moved
 
 

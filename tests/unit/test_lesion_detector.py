@@ -222,3 +222,37 @@ def test_beyond_largest_counts_the_foci_not_the_lesion() -> None:
     assert 3 * 4 * 28 <= many.component.sum() <= 3 * 4 * 36
     assert DetectorSpec.from_json(spec.to_json()) == spec
     assert "measure" not in DetectorSpec().to_json()  # shipped digests stay valid
+
+
+def test_the_served_measure_scales_slice_by_slice_to_the_same_values(tmp_path: Path) -> None:
+    """measure_series reads the scaled series a slice at a time (config.ScaledSlices): each
+    slice is the whole-series scaling's, so the measure, its component and map are the same
+    as from a scaled copy of the series, which is never made."""
+    import tracemalloc
+
+    from node.bundles.detector import detector_scaling, measure_series
+
+    rng = np.random.default_rng(4)
+    vol = _with_lesion(_head(rng))
+    vol.flags.writeable = False  # a job's decoded series
+    pre = detector_scaling()
+    whole = pre.scale(vol)
+    lazy = pre.scaled_slices(vol)
+    assert lazy.shape == whole.shape
+    for k in (*range(N), -1):
+        np.testing.assert_array_equal(lazy[k], whole[k])
+    served = measure_series(DetectorSpec(), _volume(vol, tmp_path), keep_map=True)
+    ref = measure_lesion(vol, whole, DetectorSpec(), keep_map=True)
+    assert (served.fraction, served.logit) == (ref.fraction, ref.logit) and served.fraction > 0
+    assert served.component is not None and ref.component is not None
+    np.testing.assert_array_equal(served.component, ref.component)
+    assert served.zmap is not None and ref.zmap is not None
+    np.testing.assert_array_equal(served.zmap, ref.zmap)
+    tracemalloc.start()
+    try:
+        for k in range(N):
+            lazy[k]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < whole.nbytes // 4  # one slice at a time, not the scaled series

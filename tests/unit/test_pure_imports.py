@@ -1,4 +1,5 @@
-"""Pure modules (config, routing, ensemble) pull in no torch, DICOM networking or sockets."""
+"""Pure modules (config, routing, ensemble, percentiles) pull in no torch, DICOM networking
+or sockets."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PURE = ("node.config", "node.routing", "node.ensemble")
+PURE = ("node.config", "node.routing", "node.ensemble", "node.percentiles")
 HEAVY = ("torch", "monai", "pynetdicom", "pydicom", "node.dicom.headers", "node.classify.sequence")
 # Forbidden in the module's own import statements (stdlib pulls in socket for pydantic's
 # metadata lookups, so the transitive check is for the heavy packages only).
