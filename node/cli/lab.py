@@ -189,6 +189,7 @@ class CalibrateArgs:
     bundle: Path | None
     test: list[Path] | None
     dry_run: bool
+    record_only: bool
 
 
 def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
@@ -202,8 +203,13 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="held-out data (repeatable): log-loss, ECE and AUC before and after, in the card",
     )
-    p.add_argument(
-        "--dry-run", action="store_true", help="fit and print the figures; write nothing"
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--dry-run", action="store_true", help="fit and print; write nothing")
+    keep.add_argument(
+        "--record-only",
+        action="store_true",
+        help="record the fit and its figures in metadata.json and the card, but keep serving"
+        " the bundle's present calibration (a refit measured and not shipped)",
     )
 
 

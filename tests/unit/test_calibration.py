@@ -124,7 +124,7 @@ def test_sequence_calibration_is_written_recorded_and_served(tmp_path: Path) -> 
     # metadata.json says where the calibration came from
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     record = meta["calibration"]
-    assert record["method"] == SEQUENCE_METHOD
+    assert record["method"] == SEQUENCE_METHOD and record["applied"] is True
     assert record["fitted_on"]["data"] == "unit phantoms"
     assert record["fitted_on"]["n_series"] == len(items)
     assert record["fitted_on"]["n_patients"] == len(items) // 2
@@ -149,7 +149,7 @@ def test_sequence_calibration_is_written_recorded_and_served(tmp_path: Path) -> 
     # the card is rewritten from the record
     card = (out / "docs" / "README.md").read_text()
     assert "refitted after training" in card and "unit phantoms" in card
-    assert f"Temperature {fit.temperature:.3f}" in card
+    assert f"Temperature {fit.temperature:.3f}" in card and "It replaced temperature 1.500" in card
     assert "held out: held-out phantoms" in card
     nll = record["fitted_on"]
     assert f"{nll['before']['nll']:.3f} -> {nll['after']['nll']:.3f}" in card
@@ -158,9 +158,32 @@ def test_sequence_calibration_is_written_recorded_and_served(tmp_path: Path) -> 
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     out = make_bundle(tmp_path, "sequence")
     before = _files(out)
-    fit = calibrate_bundle(out, _sequence_items(10), data="d", write=False, load=_volume)
-    assert not fit.written and fit.temperature > 0
+    fit = calibrate_bundle(
+        out, _sequence_items(10), data="d", apply=False, record=False, load=_volume
+    )
+    assert not fit.applied and not fit.recorded and fit.temperature > 0
     assert _files(out) == before
+    with pytest.raises(ValueError, match="recorded"):
+        calibrate_bundle(out, _sequence_items(4), data="d", record=False, load=_volume)
+
+
+def test_record_only_documents_a_refit_but_keeps_serving_the_old_calibration(
+    tmp_path: Path,
+) -> None:
+    out = make_bundle(tmp_path, "sequence")
+    inference = (out / "configs" / "inference.json").read_bytes()
+    weights = (out / "models" / "model.pt").read_bytes()
+    fit = calibrate_bundle(out, _sequence_items(10), data="style z", apply=False, load=_volume)
+    assert not fit.applied and fit.recorded
+    assert (out / "configs" / "inference.json").read_bytes() == inference
+    assert (out / "models" / "model.pt").read_bytes() == weights
+    assert bundles.load_bundle(out).metadata.temperature == 1.5
+    record = json.loads((out / "configs" / "metadata.json").read_text())["calibration"]
+    assert record["applied"] is False and record["temperature"] == fit.temperature
+    card = (out / "docs" / "README.md").read_text()
+    assert "Temperature 1.500" in card  # what is served
+    assert "**not applied**" in card and f"temperature {fit.temperature:.3f}" in card
+    assert "style z" in card
 
 
 def test_task_bundle_gets_platt_scaling_on_its_labelled_series(tmp_path: Path) -> None:
@@ -214,13 +237,27 @@ def test_cli_calibrates_a_bundle_on_synthetic_studies(
     common = ["calibrate", "sequence", "--bundle", str(out), "--data", str(tmp_path / "cal")]
     assert main([*common, "--test", str(tmp_path / "test"), "--dry-run"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["written"] is False and _files(out) == before
+    assert shown["recorded"] is False and shown["applied"] is False and _files(out) == before
     assert len(shown["held_out"]) == 1 and "n=1" in shown["held_out"][0]["data"]
     assert main(common) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["written"] is True
+    assert shown["recorded"] is True and shown["applied"] is True
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["calibration"]["fitted_on"]["data"].startswith("node/lab/synth studies (n=1")
     assert meta["calibration"]["held_out"] == []
     assert bundles.load_bundle(out).metadata.temperature == shown["temperature"]
     assert math.isfinite(shown["fitted_on"]["after"]["ece"])
+
+
+def test_cli_calibrate_options() -> None:
+    from node.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["calibrate", "sequence", "--data", "c", "--test", "b", "--test", "a", "--record-only"]
+    )
+    assert (args.name, args.data, args.test) == ("sequence", [Path("c")], [Path("b"), Path("a")])
+    assert args.record_only and not args.dry_run and args.bundle is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["calibrate", "sequence", "--data", "c", "--dry-run", "--record-only"]
+        )

@@ -144,12 +144,14 @@ class CalibrationFit:
     calibration_bias: float
     fitted_on: SetScores
     held_out: tuple[SetScores, ...]
-    written: bool  # whether inference.json and metadata.json now hold it
+    applied: bool  # whether inference.json now holds it (the bundle serves it)
+    recorded: bool  # whether metadata.json's calibration record and the card describe it
 
     def as_json(self) -> dict[str, Any]:
         """metadata.json's ``calibration`` record."""
         return {
             "method": self.method,
+            "applied": self.applied,
             "temperature": round(self.temperature, 4),
             "calibration_bias": round(self.calibration_bias, 4),
             "fitted_on": self.fitted_on.as_json(),
@@ -270,14 +272,20 @@ def calibrate_bundle(
     *,
     data: str,
     held_out: Sequence[tuple[str, Sequence[SeriesItem]]] = (),
-    write: bool = True,
+    apply: bool = True,
+    record: bool = True,
     load: VolumeLoader = load_volume,
     progress: Progress | None = None,
 ) -> CalibrationFit:
-    """Fit the bundle's calibration on ``items`` (described by ``data``), score it there and on
-    each held-out set (description, items) against the bundle's current calibration, and with
-    ``write`` store it: inference.json gets the temperature and bias, metadata.json the
-    ``calibration`` record, docs/README.md is regenerated. The weights are never rewritten."""
+    """Fit the bundle's calibration on ``items`` (described by ``data``) and score it there and
+    on each held-out set (description, items) against the bundle's current calibration.
+
+    ``apply``: inference.json gets the temperature and bias (the bundle serves them).
+    ``record``: metadata.json's ``calibration`` record holds the fit and its figures, applied
+    or not, and docs/README.md is regenerated. Neither: a dry run. The weights are never
+    rewritten."""
+    if apply and not record:
+        raise ValueError("an applied calibration must be recorded (record=True)")
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
     meta = bundle.metadata
@@ -296,10 +304,12 @@ def calibrate_bundle(
         calibration_bias=after[1],
         fitted_on=fitted_on,
         held_out=tests,
-        written=write,
+        applied=apply,
+        recorded=record,
     )
-    if write:
+    if apply:
         write_calibration(bundle_dir, temperature=after[0], calibration_bias=after[1])
+    if record:
         meta_path = bundle_dir / "configs" / "metadata.json"
         raw = json.loads(meta_path.read_text(encoding="utf-8"))
         raw["calibration"] = fit.as_json()
@@ -311,6 +321,6 @@ def calibrate_bundle(
         "bundle_calibrated",
         model_id=meta.name,
         n_series=outputs.n_series,
-        status="written" if write else "not_written",
+        status="applied" if apply else "recorded" if record else "dry_run",
     )
     return fit

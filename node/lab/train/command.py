@@ -458,9 +458,10 @@ def cmd_evaluate(args: EvaluateArgs) -> int:
 
 
 def cmd_calibrate(args: CalibrateArgs) -> int:
-    """`neuronode calibrate NAME --data DIR [--test DIR] [--bundle DIR] [--dry-run]`: refit a
-    network bundle's calibration on labelled series not used for its training (weights
-    untouched), scored before and after there and on each held-out --test set."""
+    """`neuronode calibrate NAME --data DIR [--test DIR] [--bundle DIR] [--dry-run |
+    --record-only]`: refit a network bundle's calibration on labelled series not used for its
+    training (weights untouched), scored before and after there and on each held-out --test
+    set."""
     from node.lab.train.calibration import calibrate_bundle
 
     _threads()
@@ -476,11 +477,12 @@ def cmd_calibrate(args: CalibrateArgs) -> int:
         items,
         data="; ".join(_describe(f) for f in folders),
         held_out=held_out,
-        write=not args.dry_run,
+        apply=not (args.dry_run or args.record_only),
+        record=not args.dry_run,
         progress=stderr_progress,
     )
     print(
-        json.dumps({"bundle": str(bundle_dir), "written": fit.written, **fit.as_json()}, indent=2)
+        json.dumps({"bundle": str(bundle_dir), "recorded": fit.recorded, **fit.as_json()}, indent=2)
     )
     return 0
 

@@ -363,7 +363,7 @@ def model_card(config: BundleMetadata) -> str:
             lines.append(f"- {key}: {text}")
     lines += ["", "## Calibration", ""]
     refit = meta.get("calibration")
-    if refit:
+    if refit and refit.get("applied", True):
         lines += _calibration_section(config, refit, training)
     else:
         lines.append(
@@ -377,6 +377,8 @@ def model_card(config: BundleMetadata) -> str:
                 else "."
             )
         )
+        if refit:
+            lines += ["", *_calibration_section(config, refit, training)]
     lines += ["", "## Evaluation", ""]
     test = metrics.get("test")
     if test:
@@ -444,29 +446,38 @@ def model_card(config: BundleMetadata) -> str:
 def _calibration_section(
     config: BundleMetadata, refit: Mapping[str, Any], training: Mapping[str, Any]
 ) -> list[str]:
-    """The card's calibration text when `neuronode calibrate` refitted it on other data."""
+    """The card's text for a `neuronode calibrate` refit on other data, applied or not."""
     fitted = refit.get("fitted_on", {})
     before = fitted.get("before", {})
-    lines = [
-        f"Temperature {config.temperature:.3f} and bias {config.calibration_bias:.3f},"
-        " refitted after training (`neuronode calibrate`) on labelled data not used for"
-        f" training: {fitted.get('data', 'see metadata')} ({fitted.get('n_series', 'n/a')}"
-        f" series of {fitted.get('n_patients', 'n/a')} patients). Method:"
-        f" {refit.get('method', 'n/a')}. The training's own calibration, fitted on its"
-        f" validation split, was temperature {_fmt(before.get('temperature'))} and bias"
-        f" {_fmt(before.get('calibration_bias'))}"
-        + (
-            f" (validation NLL {_fmt(training.get('val_nll_before'))} ->"
-            f" {_fmt(training.get('val_nll_after'))})."
-            if "val_nll_before" in training
-            else "."
-        ),
-        "",
-        "Series-level log-loss, ECE (10 bins) and AUC with the training's calibration -> this one:",
-        "",
-        "| set | series | NLL | ECE | AUC |",
-        "|---|---|---|---|---|",
-    ]
+    source = (
+        f"labelled data not used for training: {fitted.get('data', 'see metadata')}"
+        f" ({fitted.get('n_series', 'n/a')} series of {fitted.get('n_patients', 'n/a')}"
+        f" patients). Method: {refit.get('method', 'n/a')}."
+    )
+    trained = (
+        " Training fitted its calibration on its validation split (validation NLL"
+        f" {_fmt(training.get('val_nll_before'))} -> {_fmt(training.get('val_nll_after'))})."
+        if "val_nll_before" in training
+        else ""
+    )
+    if refit.get("applied", True):
+        lines = [
+            f"Temperature {config.temperature:.3f} and bias {config.calibration_bias:.3f},"
+            f" refitted after training (`neuronode calibrate`) on {source} It replaced"
+            f" temperature {_fmt(before.get('temperature'))} and bias"
+            f" {_fmt(before.get('calibration_bias'))}.{trained}",
+            "",
+            "Series-level log-loss, ECE (10 bins) and AUC, previous calibration -> this one:",
+        ]
+    else:
+        lines = [
+            f"A refit with `neuronode calibrate` on {source} It gave temperature"
+            f" {_fmt(refit.get('temperature'))} and bias {_fmt(refit.get('calibration_bias'))}"
+            " and was measured but **not applied**: the bundle serves the calibration above.",
+            "",
+            "Series-level log-loss, ECE (10 bins) and AUC, served calibration -> the refit:",
+        ]
+    lines += ["", "| set | series | NLL | ECE | AUC |", "|---|---|---|---|---|"]
     sets = [("calibration set", fitted)]
     sets += [(f"held out: {h.get('data', '')}", h) for h in refit.get("held_out", ())]
     for name, entry in sets:
