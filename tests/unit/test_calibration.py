@@ -153,6 +153,13 @@ def test_sequence_calibration_is_written_recorded_and_served(tmp_path: Path) -> 
     assert "held out: held-out phantoms" in card
     nll = record["fitted_on"]
     assert f"{nll['before']['nll']:.3f} -> {nll['after']['nll']:.3f}" in card
+    assert "no longer holds" not in card
+    assert "neuronode calibrate sequence --data CALIBRATION_DIR" in card
+    # a hand edit of inference.json afterwards: the card says the record is not what is served
+    bundles.write_calibration(out, temperature=2.0, calibration_bias=0.0)
+    from node.lab.train.evaluate import model_card
+
+    assert "no longer holds the refit" in model_card(bundles.read_bundle_config(out))
 
 
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:
@@ -183,7 +190,7 @@ def test_record_only_documents_a_refit_but_keeps_serving_the_old_calibration(
     card = (out / "docs" / "README.md").read_text()
     assert "Temperature 1.500" in card  # what is served
     assert "**not applied**" in card and f"temperature {fit.temperature:.3f}" in card
-    assert "style z" in card
+    assert "style z" in card and "neuronode calibrate" not in card.split("## Reproduce")[1]
 
 
 def test_task_bundle_gets_platt_scaling_on_its_labelled_series(tmp_path: Path) -> None:

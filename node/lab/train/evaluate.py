@@ -423,6 +423,11 @@ def model_card(config: BundleMetadata) -> str:
             if "pretrained" in training
             else ""
         ),
+        *(
+            [f"neuronode calibrate {name} --data CALIBRATION_DIR --test HELD_OUT_DIR"]
+            if (meta.get("calibration") or {}).get("applied")
+            else []
+        ),
         f"neuronode evaluate {name} --data HELD_OUT_DIR --bundle models/{name} --out OUT",
         "```",
         "",
@@ -469,6 +474,15 @@ def _calibration_section(
             "",
             "Series-level log-loss, ECE (10 bins) and AUC, previous calibration -> this one:",
         ]
+        if (refit.get("temperature"), refit.get("calibration_bias")) != (
+            config.temperature,
+            config.calibration_bias,
+        ):
+            lines[0] += (
+                f" **inference.json no longer holds the refit** (temperature"
+                f" {_fmt(refit.get('temperature'))}, bias {_fmt(refit.get('calibration_bias'))}):"
+                " the figures below are not the served calibration's."
+            )
     else:
         lines = [
             f"A refit with `neuronode calibrate` on {source} It gave temperature"
