@@ -407,17 +407,11 @@ def forward_logits(bundle: Bundle, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs) if outs else torch.zeros(0, len(bundle.metadata.labels))
 
 
-def predict_series(
-    bundle: Bundle | Detector,
-    volume: SeriesVolume,
-    *,
-    sequence: SequenceLabel | SequenceDecision | None = None,
-    max_slices: int | None = None,
-) -> SeriesPrediction:
-    """A task bundle's calibrated probability of its positive class on one series."""
-    if isinstance(bundle, Detector):
-        label = sequence.label if isinstance(sequence, SequenceDecision) else sequence
-        return predict_detector(bundle, volume, sequence=label)
+def task_slice_logits(
+    bundle: Bundle, volume: SeriesVolume, *, max_slices: int | None = None
+) -> tuple[tuple[int, ...], Box | None, npt.NDArray[np.float64]]:
+    """A task bundle's uncalibrated evidence on one series, as served: the slices it reads,
+    its region (None without one) and each slice's logit (positive minus negative)."""
     meta = bundle.metadata
     if meta.task == SEQUENCE_TASK:
         raise InferenceError(f"model {meta.name} is a sequence classifier; use classify_slices")
@@ -433,7 +427,23 @@ def predict_series(
         box = None
         x = prepare_slices(pixels, indices, meta)
     logits = forward_logits(bundle, x)
-    slice_logit = (logits[:, 1] - logits[:, 0]).double().numpy()
+    slice_logit: npt.NDArray[np.float64] = (logits[:, 1] - logits[:, 0]).double().numpy()
+    return indices, box, slice_logit
+
+
+def predict_series(
+    bundle: Bundle | Detector,
+    volume: SeriesVolume,
+    *,
+    sequence: SequenceLabel | SequenceDecision | None = None,
+    max_slices: int | None = None,
+) -> SeriesPrediction:
+    """A task bundle's calibrated probability of its positive class on one series."""
+    if isinstance(bundle, Detector):
+        label = sequence.label if isinstance(sequence, SequenceDecision) else sequence
+        return predict_detector(bundle, volume, sequence=label)
+    meta = bundle.metadata
+    indices, box, slice_logit = task_slice_logits(bundle, volume, max_slices=max_slices)
     series_logit = float(slice_logit.mean())
     t = meta.temperature
     if isinstance(sequence, SequenceDecision):
@@ -493,8 +503,11 @@ def acquired_slices(volume: SeriesVolume) -> FloatArray:
     return out
 
 
-def classify_slices(bundle: Bundle, volume: SeriesVolume, n: int) -> SliceClassification:
-    """The sequence CNN's calibrated label for up to n slices, central slices first."""
+def sequence_slice_logits(
+    bundle: Bundle, volume: SeriesVolume, n: int
+) -> tuple[tuple[int, ...], torch.Tensor]:
+    """The sequence CNN's uncalibrated logits (n_slices, n_classes) for up to n central slices
+    of a series in the bundle's plane, and which slices they are."""
     meta = bundle.metadata
     if meta.task != SEQUENCE_TASK:
         raise InferenceError(f"model {meta.name} is not a sequence classifier")
@@ -505,7 +518,13 @@ def classify_slices(bundle: Bundle, volume: SeriesVolume, n: int) -> SliceClassi
     else:
         pixels = canonical_axial(volume).pixels
     indices = select_slices(pixels, "central_window", max(1, n))
-    logits = forward_logits(bundle, prepare_slices(pixels, indices, meta))
+    return indices, forward_logits(bundle, prepare_slices(pixels, indices, meta))
+
+
+def classify_slices(bundle: Bundle, volume: SeriesVolume, n: int) -> SliceClassification:
+    """The sequence CNN's calibrated label for up to n slices, central slices first."""
+    meta = bundle.metadata
+    indices, logits = sequence_slice_logits(bundle, volume, n)
     probs = torch.softmax(logits / meta.temperature, dim=1).numpy().astype(np.float32)
     best = probs.argmax(axis=1)
     return SliceClassification(

@@ -1,5 +1,5 @@
-"""The lab's commands: `synth`, `train`, `evaluate`, `fit-ensemble`, `fit-detector`, `demo`,
-`bench`.
+"""The lab's commands: `synth`, `train`, `evaluate`, `calibrate`, `fit-ensemble`,
+`fit-detector`, `demo`, `bench`.
 
 The lab (node.lab: synthesis, training, evaluation, the demo, benchmarks) is not part of the
 running node. Each handler here imports its lab module when it runs, the one place the runtime
@@ -181,6 +181,39 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CalibrateArgs:
+    name: str
+    data: list[Path]
+    labels: Path | None
+    label_map: str | None
+    bundle: Path | None
+    test: list[Path] | None
+    dry_run: bool
+    record_only: bool
+
+
+def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="a bundle name: sequence, gbm_pcnsl_t1c, glioma_grade_flair, ...")
+    _labelled_data_arguments(p, "calibration data folder, not used for training (repeatable)")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle folder (default models/NAME)")
+    p.add_argument(
+        "--test",
+        type=Path,
+        action="append",
+        default=None,
+        help="held-out data (repeatable): log-loss, ECE and AUC before and after, in the card",
+    )
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--dry-run", action="store_true", help="fit and print; write nothing")
+    keep.add_argument(
+        "--record-only",
+        action="store_true",
+        help="record the fit and its figures in metadata.json and the card, but keep serving"
+        " the bundle's present calibration (a refit measured and not shipped)",
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FitEnsembleArgs:
     task: str
     data: list[Path]
@@ -323,6 +356,13 @@ COMMANDS = (
         arguments=_evaluate_arguments,
         args=EvaluateArgs,
         run=_lab("node.lab.train.command", "cmd_evaluate"),
+    ),
+    Command(
+        name="calibrate",
+        help="refit a bundle's calibration on labelled data not used for training",
+        arguments=_calibrate_arguments,
+        args=CalibrateArgs,
+        run=_lab("node.lab.train.command", "cmd_calibrate"),
     ),
     Command(
         name="fit-ensemble",

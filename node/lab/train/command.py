@@ -59,7 +59,7 @@ from node.log import get_logger
 log = get_logger(__name__)
 
 if TYPE_CHECKING:
-    from node.cli.lab import EvaluateArgs, FitEnsembleArgs, TrainArgs
+    from node.cli.lab import CalibrateArgs, EvaluateArgs, FitEnsembleArgs, TrainArgs
 
 
 def _threads() -> None:
@@ -380,7 +380,7 @@ def cmd_train(args: TrainArgs) -> int:
     return 0
 
 
-def _folders(args: TrainArgs | EvaluateArgs | FitEnsembleArgs) -> list[Path]:
+def _folders(args: TrainArgs | EvaluateArgs | FitEnsembleArgs | CalibrateArgs) -> list[Path]:
     """The --data folders (repeatable)."""
     return list(args.data)
 
@@ -454,6 +454,36 @@ def cmd_evaluate(args: EvaluateArgs) -> int:
         if k in report
     }
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_calibrate(args: CalibrateArgs) -> int:
+    """`neuronode calibrate NAME --data DIR [--test DIR] [--bundle DIR] [--dry-run |
+    --record-only]`: refit a network bundle's calibration on labelled series not used for its
+    training (weights untouched), scored before and after there and on each held-out --test
+    set."""
+    from node.lab.train.calibration import calibrate_bundle
+
+    _threads()
+    name, task, _seq = resolve_bundle_name(args.name)
+    bundle_dir = args.bundle or Path("models") / name
+    folders = _folders(args)
+    items = _task_items(folders, task, args.labels, args.label_map)
+    held_out = [
+        (_describe(t), _task_items([t], task, args.labels, args.label_map)) for t in args.test or ()
+    ]
+    fit = calibrate_bundle(
+        bundle_dir,
+        items,
+        data="; ".join(_describe(f) for f in folders),
+        held_out=held_out,
+        apply=not (args.dry_run or args.record_only),
+        record=not args.dry_run,
+        progress=stderr_progress,
+    )
+    print(
+        json.dumps({"bundle": str(bundle_dir), "recorded": fit.recorded, **fit.as_json()}, indent=2)
+    )
     return 0
 
 

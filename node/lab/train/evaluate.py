@@ -35,9 +35,9 @@ from node.lab.train import plots
 from node.lab.train.data import DataError, SeriesItem, load_volume
 from node.lab.train.metrics import (
     binary_report,
-    expected_calibration_error,
     multiclass_report,
     roc_auc,
+    top_label_ece,
 )
 from node.lab.train.recipes import get_recipe
 from node.records import SequenceLabel, SeriesVolume
@@ -207,7 +207,7 @@ def evaluate_sequence(
             "auc": _macro_auc(y, probs),
             "auc_ci": list(np.quantile(finite, [0.025, 0.975])) if finite else [None, None],
             "auc_kind": "macro one-vs-rest over series mean probabilities",
-            "ece": expected_calibration_error(correct, probs.max(axis=1)),
+            "ece": top_label_ece(probs, y),
             "ece_kind": "top-label confidence of the series mean probability",
             "t1_t1c_confusion_rate": t1_t1c_errors / n_t1_t1c if n_t1_t1c else None,
             "errors": errors,
@@ -361,23 +361,25 @@ def model_card(config: BundleMetadata) -> str:
             value = training[key]
             text = json.dumps(value) if isinstance(value, dict | list) else str(value)
             lines.append(f"- {key}: {text}")
-    lines += [
-        "",
-        "## Calibration",
-        "",
-        f"Temperature {config.temperature:.3f} and bias {config.calibration_bias:.3f}"
-        " (Platt scaling of the series mean logit; temperature only for the sequence CNN),"
-        " fitted on the validation split by minimising the negative log-likelihood"
-        + (
-            f" (validation NLL {_fmt(training.get('val_nll_before'))} ->"
-            f" {_fmt(training.get('val_nll_after'))})."
-            if "val_nll_before" in training
-            else "."
-        ),
-        "",
-        "## Evaluation",
-        "",
-    ]
+    lines += ["", "## Calibration", ""]
+    refit = meta.get("calibration")
+    if refit and refit.get("applied", True):
+        lines += _calibration_section(config, refit, training)
+    else:
+        lines.append(
+            f"Temperature {config.temperature:.3f} and bias {config.calibration_bias:.3f}"
+            " (Platt scaling of the series mean logit; temperature only for the sequence CNN),"
+            " fitted on the validation split by minimising the negative log-likelihood"
+            + (
+                f" (validation NLL {_fmt(training.get('val_nll_before'))} ->"
+                f" {_fmt(training.get('val_nll_after'))})."
+                if "val_nll_before" in training
+                else "."
+            )
+        )
+        if refit:
+            lines += ["", *_calibration_section(config, refit, training)]
+    lines += ["", "## Evaluation", ""]
     test = metrics.get("test")
     if test:
         lines += [
@@ -421,6 +423,11 @@ def model_card(config: BundleMetadata) -> str:
             if "pretrained" in training
             else ""
         ),
+        *(
+            [f"neuronode calibrate {name} --data CALIBRATION_DIR --test HELD_OUT_DIR"]
+            if (meta.get("calibration") or {}).get("applied")
+            else []
+        ),
         f"neuronode evaluate {name} --data HELD_OUT_DIR --bundle models/{name} --out OUT",
         "```",
         "",
@@ -439,6 +446,59 @@ def model_card(config: BundleMetadata) -> str:
         pass
     lines.append(f"**{NOT_FOR_CLINICAL_USE}**")
     return "\n".join(lines) + "\n"
+
+
+def _calibration_section(
+    config: BundleMetadata, refit: Mapping[str, Any], training: Mapping[str, Any]
+) -> list[str]:
+    """The card's text for a `neuronode calibrate` refit on other data, applied or not."""
+    fitted = refit.get("fitted_on", {})
+    before = fitted.get("before", {})
+    source = (
+        f"labelled data not used for training: {fitted.get('data', 'see metadata')}"
+        f" ({fitted.get('n_series', 'n/a')} series of {fitted.get('n_patients', 'n/a')}"
+        f" patients). Method: {refit.get('method', 'n/a')}."
+    )
+    trained = (
+        " Training fitted its calibration on its validation split (validation NLL"
+        f" {_fmt(training.get('val_nll_before'))} -> {_fmt(training.get('val_nll_after'))})."
+        if "val_nll_before" in training
+        else ""
+    )
+    if refit.get("applied", True):
+        lines = [
+            f"Temperature {config.temperature:.3f} and bias {config.calibration_bias:.3f},"
+            f" refitted after training (`neuronode calibrate`) on {source} It replaced"
+            f" temperature {_fmt(before.get('temperature'))} and bias"
+            f" {_fmt(before.get('calibration_bias'))}.{trained}",
+            "",
+            "Series-level log-loss, ECE (10 bins) and AUC, previous calibration -> this one:",
+        ]
+        if (refit.get("temperature"), refit.get("calibration_bias")) != (
+            config.temperature,
+            config.calibration_bias,
+        ):
+            lines[0] += (
+                f" **inference.json no longer holds the refit** (temperature"
+                f" {_fmt(refit.get('temperature'))}, bias {_fmt(refit.get('calibration_bias'))}):"
+                " the figures below are not the served calibration's."
+            )
+    else:
+        lines = [
+            f"A refit with `neuronode calibrate` on {source} It gave temperature"
+            f" {_fmt(refit.get('temperature'))} and bias {_fmt(refit.get('calibration_bias'))}"
+            " and was measured but **not applied**: the bundle serves the calibration above.",
+            "",
+            "Series-level log-loss, ECE (10 bins) and AUC, served calibration -> the refit:",
+        ]
+    lines += ["", "| set | series | NLL | ECE | AUC |", "|---|---|---|---|---|"]
+    sets = [("calibration set", fitted)]
+    sets += [(f"held out: {h.get('data', '')}", h) for h in refit.get("held_out", ())]
+    for name, entry in sets:
+        b, a = entry.get("before", {}), entry.get("after", {})
+        cells = " | ".join(f"{_fmt(b.get(k))} -> {_fmt(a.get(k))}" for k in ("nll", "ece", "auc"))
+        lines.append(f"| {name} | {entry.get('n_series', 'n/a')} | {cells} |")
+    return lines
 
 
 _BREAKDOWNS = (

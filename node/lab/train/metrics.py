@@ -9,6 +9,7 @@ describe the same numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,8 +254,66 @@ def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     y = np.asarray(labels, dtype=np.int64).ravel()
     if y.size == 0:
         return 1.0
+    return _minimise_temperature(lambda t: nll(z, y, t))
+
+
+def series_mean_probabilities(
+    slice_logits: npt.ArrayLike, series: npt.ArrayLike, temperature: float = 1.0
+) -> Array:
+    """(n_series, n_classes): each series' mean over its slices of softmax(logits / T), the
+    probability the sequence CNN serves for a series. ``series`` gives each slice's series
+    index (0..n_series-1, every index present)."""
+    z = np.asarray(slice_logits, dtype=np.float64)
+    s = np.asarray(series, dtype=np.int64).ravel()
+    if z.ndim != 2 or z.shape[0] != s.size:
+        raise ValueError(f"need (n_slices, n_classes) logits for {s.size} slices, got {z.shape}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    p = np.exp(_log_softmax(z / temperature))
+    n = int(s.max()) + 1 if s.size else 0
+    sums = np.zeros((n, z.shape[1]), dtype=np.float64)
+    np.add.at(sums, s, p)
+    counts = np.bincount(s, minlength=n).astype(np.float64)
+    if np.any(counts == 0):
+        raise ValueError("every series index from 0 to the largest needs at least one slice")
+    out: Array = sums / counts[:, None]
+    return out
+
+
+def probability_nll(probabilities: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+    """Mean negative log-likelihood of integer labels under class probabilities (n, k)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    return float(-np.log(np.clip(p[np.arange(y.size), y], 1e-12, 1.0)).mean())
+
+
+def top_label_ece(probabilities: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+    """ECE of the top-label confidence: the highest probability against whether its class is
+    the true one (10 equal-width bins)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    return expected_calibration_error(correct, p.max(axis=1))
+
+
+def fit_series_temperature(
+    slice_logits: npt.ArrayLike, series: npt.ArrayLike, labels: npt.ArrayLike
+) -> float:
+    """The temperature minimising the NLL of the series mean probability
+    (series_mean_probabilities) of labelled series; ``labels`` has one entry per series."""
+    z = np.asarray(slice_logits, dtype=np.float64)
+    s = np.asarray(series, dtype=np.int64).ravel()
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if y.size == 0:
+        return 1.0
+    return _minimise_temperature(lambda t: probability_nll(series_mean_probabilities(z, s, t), y))
+
+
+def _minimise_temperature(loss: Callable[[float], float]) -> float:
+    """The temperature in 0.05..50 minimising loss(T): a log-grid search, then golden-section
+    refinement between the best grid point's neighbours."""
     grid = np.exp(np.linspace(np.log(0.05), np.log(50.0), 121))
-    losses = [nll(z, y, t) for t in grid]
+    losses = [loss(float(t)) for t in grid]
     k = int(np.argmin(losses))
     lo = float(grid[max(k - 1, 0)])
     hi = float(grid[min(k + 1, grid.size - 1)])
@@ -263,7 +322,7 @@ def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     for _ in range(40):
         c = b - g * (b - a)
         d = a + g * (b - a)
-        if nll(z, y, c) < nll(z, y, d):
+        if loss(c) < loss(d):
             b = d
         else:
             a = c
