@@ -74,3 +74,21 @@ def decide_ready(
     if use_expected_counts and all_series_complete(series) and idle >= settle:
         return ReadyDecision(ready=True, kind=ReadyKind.EXPECTED_COUNTS, wait_s=0.0)
     return ReadyDecision(ready=False, kind=ReadyKind.WAITING, wait_s=quiet_period_s - idle)
+
+
+# A study that has been idle this long (a quarter of its quiet period, 0.5-5 s) is loaded and
+# classified speculatively by an idle worker (node.pipeline.speculate): the quiet period would
+# otherwise be dead time on the SR's path. Long enough that a sender's pause between two
+# instances of one series rarely sets it off; short enough to finish before the period ends.
+SPECULATE_FRACTION = 0.25
+SPECULATE_MIN_S = 0.5
+SPECULATE_MAX_S = 5.0
+
+
+def speculate_after_s(quiet_period_s: float) -> float:
+    """How long a receiving study must have been idle before its speculative LOAD and CLASSIFY
+    start (always before its quiet period ends)."""
+    if quiet_period_s <= 0:
+        raise ValueError("quiet_period_s must be positive")
+    wanted = min(SPECULATE_MAX_S, max(SPECULATE_MIN_S, quiet_period_s * SPECULATE_FRACTION))
+    return min(wanted, quiet_period_s / 2)
