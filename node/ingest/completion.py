@@ -76,8 +76,8 @@ def decide_ready(
     return ReadyDecision(ready=False, kind=ReadyKind.WAITING, wait_s=quiet_period_s - idle)
 
 
-# A study that has been idle this long (a quarter of its quiet period, 0.5-5 s) is loaded and
-# classified speculatively by an idle worker (node.pipeline.speculate): the quiet period would
+# A study that has been idle this long (a quarter of its quiet period, 0.5-5 s) is processed
+# up to REPORT speculatively by an idle worker (node.pipeline.speculate): the quiet period would
 # otherwise be dead time on the SR's path. Long enough that a sender's pause between two
 # instances of one series rarely sets it off; short enough to finish before the period ends.
 SPECULATE_FRACTION = 0.25
@@ -86,8 +86,8 @@ SPECULATE_MAX_S = 5.0
 
 
 def speculate_after_s(quiet_period_s: float) -> float:
-    """How long a receiving study must have been idle before its speculative LOAD and CLASSIFY
-    start (always before its quiet period ends)."""
+    """How long a receiving study must have been idle before its stages up to REPORT run
+    speculatively (always before its quiet period ends)."""
     if quiet_period_s <= 0:
         raise ValueError("quiet_period_s must be positive")
     wanted = min(SPECULATE_MAX_S, max(SPECULATE_MIN_S, quiet_period_s * SPECULATE_FRACTION))

@@ -69,10 +69,10 @@ def process_study(
     ``on_stage`` is told each stage as it starts (a worker process reports it to the node, so
     a job stopped at its timeout is recorded with the stage it hung in). ``on_queued`` is told
     each time result objects were queued in the outbox (the node wakes its senders then: the SR
-    goes out while the heatmaps are still being drawn). ``speculation`` is this study's LOAD
-    and CLASSIFY computed during its quiet period (node.pipeline.speculate): LOAD takes it over
-    if it was computed from exactly this job's instance files under these rules (CLASSIFY then
-    has nothing left to do), and runs as usual otherwise.
+    goes out while the heatmaps are still being drawn). ``speculation`` is this study's stages
+    before REPORT computed during its quiet period (node.pipeline.speculate): LOAD takes it
+    over if it was computed from exactly this job's instance files under these rules (the
+    stages up to REPORT then have nothing left to do), and they all run as usual otherwise.
     """
     started = time.time()
     ctx = StudyContext(
@@ -93,7 +93,8 @@ def process_study(
             if stage is Stage.LOAD and speculation is not None:
                 adopted = _take_speculation(ctx, speculation)
             if adopted and stage in SPECULATED_STAGES:
-                # LOAD takes both stages' results over; CLASSIFY has nothing left to do.
+                # LOAD takes every speculated stage's results over; the others have nothing
+                # left to do.
                 if stage is Stage.LOAD and speculation is not None:
                     ctx = adopt(ctx, speculation)
             else:

@@ -77,8 +77,8 @@ class RunJob:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Speculate:
-    """node -> worker, no answer: run this receiving study's LOAD and CLASSIFY now, on the files
-    it has, and keep them for its job if nothing changes (node.pipeline.speculate)."""
+    """node -> worker, no answer: run this receiving study's stages before REPORT now, on the
+    files it has, and keep them for its job if nothing changes (node.pipeline.speculate)."""
 
     study_uid: str
     instance_paths: tuple[Path, ...]
@@ -304,8 +304,8 @@ def _speculate(conn: Connection, msg: Speculate) -> tuple[Speculation | None, ob
     came: list[object] = []
 
     def should_stop() -> bool:
-        if not conn.poll():
-            return False
+        if came or not conn.poll():
+            return False  # nothing came, or this study's job came (nothing follows it)
         try:
             came.append(conn.recv())
         except EOFError:  # the node is gone: the next read says so

@@ -225,7 +225,7 @@ class Node:
         self._ready_lock = threading.Lock()
         self._n_ready = 0
         self._started_at = time.time()
-        # Receiving studies quiet long enough to load and classify ahead of their job
+        # Receiving studies quiet long enough to process up to REPORT ahead of their job
         # (study UID -> the last_received_at it was asked at), and those already handed to a
         # worker at that time (node.pipeline.speculate).
         self._spec_lock = threading.Lock()
@@ -434,7 +434,7 @@ class Node:
                 self._stop.wait(SCAN_GAP_S)
 
     def _want_speculation(self, study_uid: str, last_received_at: float) -> None:
-        """Ask an idle worker slot to load and classify this study ahead of its job, once per
+        """Ask an idle worker slot to process this study ahead of its job, once per
         instance set (a newer instance asks again)."""
         with self._spec_lock:
             if self._spec_sent.get(study_uid) == last_received_at:
@@ -461,7 +461,7 @@ class Node:
             return study_uid
 
     def _speculate(self, worker: ProcessWorker) -> bool:
-        """Hand the idle worker a study to load and classify ahead of its job, if one waits."""
+        """Hand the idle worker a study to process up to REPORT ahead of its job, if one waits."""
         study_uid = self._take_speculation()
         if study_uid is None:
             return False

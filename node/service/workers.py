@@ -76,8 +76,8 @@ class ProcessWorker:
         return None
 
     def speculate(self, study_uid: str, paths: tuple[Path, ...], rules: Rules) -> None:
-        """Ask the idle worker to load and classify a receiving study ahead of its job (no
-        answer; node.pipeline.speculate). A broken pipe is left for the next job to find."""
+        """Ask the idle worker to run a receiving study's stages before REPORT ahead of its
+        job (no answer; node.pipeline.speculate). A broken pipe is left for the next job to find."""
         with contextlib.suppress(OSError):
             self.conn.send(Speculate(study_uid=study_uid, instance_paths=paths, rules=rules))
 
