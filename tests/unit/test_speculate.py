@@ -173,9 +173,10 @@ def test_mismatch_names_each_difference(tmp_path: Path, spool: Spool) -> None:
 
 
 def test_speculate_after_is_well_inside_the_quiet_period() -> None:
-    assert speculate_after_s(2.0) == 0.5
-    assert speculate_after_s(20.0) == 5.0
+    assert speculate_after_s(2.0) == pytest.approx(0.3)
+    assert speculate_after_s(20.0) == pytest.approx(3.0)
     assert speculate_after_s(60.0) == 5.0
+    assert speculate_after_s(1.0) == 0.25
     assert speculate_after_s(0.5) == 0.25
     with pytest.raises(ValueError, match="quiet_period_s"):
         speculate_after_s(0)
