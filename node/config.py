@@ -309,6 +309,9 @@ class CompletionSettings(_Frozen):
     max_wait_s: float = Field(default=3600.0, ge=1)
     use_expected_counts: bool = True
     poll_interval_s: float = Field(default=0.25, gt=0, le=10)
+    # An idle worker runs the stages before the SR (LOAD to ENSEMBLE) for a study quiet for a
+    # while, ahead of its job, which keeps that work only if no instance came meanwhile.
+    speculate: bool = True
 
 
 class ProcessingSettings(_Frozen):

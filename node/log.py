@@ -50,6 +50,7 @@ ALLOWED_KEYS = frozenset(
         "status",
         "status_code",
         "duration_ms",
+        "cpu_ms",
         "count",
         "n_instances",
         "n_series",

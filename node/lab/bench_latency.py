@@ -30,13 +30,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from node.errors import NodeError
-from node.lab.bench import BenchRecord, BenchSettings, format_line, make_study
+from node.lab.bench import BenchRecord, BenchSettings, Detail, format_line, make_study
 from node.lab.orthanc import OrthancServer, free_port, require_dcmtk
 
 NODE_AET = "NEURONODE"
@@ -234,6 +235,10 @@ def bench_quiet_to_pacs(
     after_sr: list[float] = []  # SR in Orthanc -> job finished (the heatmaps, the audit)
     stage_wall: list[dict[str, float]] = []  # each run's stage milliseconds (the audit)
     stage_cpu: list[dict[str, float]] = []  # and the worker's CPU milliseconds per stage
+    # The stages before REPORT run during the quiet period (a node with speculation): their
+    # CPU, and when they were done counted from the quiet period's end (the job waits for them).
+    spec_cpu: list[float] = []
+    spec_done: list[float] = []
     for i in range(max(1, settings.repeat)):
         run = work / f"latency-{i}"
         port = free_port()
@@ -283,6 +288,10 @@ def bench_quiet_to_pacs(
             wall, cpu = _stage_times(spool)
             stage_wall.append(wall)
             stage_cpu.append(cpu)
+            spec = _speculation(log, quiet_end)
+            if spec is not None:
+                spec_cpu.append(spec[0])
+                spec_done.append(spec[1])
         finally:
             if proc is not None:
                 _stop(proc)
@@ -308,7 +317,33 @@ def bench_quiet_to_pacs(
             ("stages_to_sr_cpu_ms", _stage_line(stage_cpu)),
             ("to_sr_cpu_s", _to_sr_total(stage_cpu)),
             ("heatmaps_ms", _stage_line(stage_wall, ("heatmaps",))),
+            *_speculation_details(spec_cpu, spec_done, len(figures)),
         ),
+    )
+
+
+def _speculation(log: Path, quiet_end: float) -> tuple[float, float] | None:
+    """The CPU ms of the speculation the job took over, and when it was done in seconds after
+    the quiet period's end (negative: before it); None when no job took one over."""
+    done: dict[str, dict[str, Any]] = {}
+    for event in _events(log):
+        if event.get("event") == "speculation_done":
+            done[str(event.get("study_key"))] = event
+        elif event.get("event") == "speculation_reused":
+            used = done.get(str(event.get("study_key")))
+            if used is not None:
+                at = datetime.fromisoformat(str(used["timestamp"])).timestamp()
+                return float(used["cpu_ms"]), at - quiet_end
+    return None
+
+
+def _speculation_details(cpu: list[float], done: list[float], runs: int) -> tuple[Detail, ...]:
+    if not cpu:
+        return ()
+    return (
+        ("speculations_reused", f"{len(cpu)}/{runs}"),
+        ("speculation_cpu_ms", round(statistics.median(cpu))),
+        ("speculation_done_after_quiet_end_s", round(statistics.median(done), 3)),
     )
 
 

@@ -19,6 +19,7 @@ from node.errors import NodeError, StageFailed
 from node.log import get_logger, uid_key
 from node.pipeline.audit import audit_path, error_info, n_findings, series_ids, write_audit
 from node.pipeline.context import Stage, StudyContext
+from node.pipeline.speculate import SPECULATED_STAGES, Speculation, adopt, mismatch
 from node.pipeline.stages import STAGES
 from node.records import StudyJob, StudyOutcome
 
@@ -35,6 +36,22 @@ def _timed(ctx: StudyContext, stage: Stage, t0: float, c0: float) -> StudyContex
     )
 
 
+def _take_speculation(ctx: StudyContext, spec: Speculation) -> bool:
+    """Whether the job may take the speculation over (logged either way)."""
+    why = mismatch(spec, ctx.job, ctx.rules)
+    log.info(
+        "speculation_discarded" if why else "speculation_reused",
+        study_key=uid_key(ctx.job.study_uid),
+        job_id=ctx.job.job_id,
+        reason=why or None,
+        count=len(spec.key.files),
+        cpu_ms=round(spec.cpu_ms, 1),
+    )
+    if why and spec.ctx.volumes is not None:
+        spec.ctx.volumes.clear()  # its decoded pixels go before the job decodes its own
+    return not why
+
+
 def process_study(
     job: StudyJob,
     rules: Rules,
@@ -43,6 +60,7 @@ def process_study(
     deliver: bool = False,
     on_stage: Callable[[Stage], None] | None = None,
     on_queued: Callable[[], None] | None = None,
+    speculation: Speculation | None = None,
 ) -> StudyOutcome:
     """Run every stage on one study and write its audit record; raise NodeError on failure.
 
@@ -51,7 +69,10 @@ def process_study(
     ``on_stage`` is told each stage as it starts (a worker process reports it to the node, so
     a job stopped at its timeout is recorded with the stage it hung in). ``on_queued`` is told
     each time result objects were queued in the outbox (the node wakes its senders then: the SR
-    goes out while the heatmaps are still being drawn).
+    goes out while the heatmaps are still being drawn). ``speculation`` is this study's stages
+    before REPORT computed during its quiet period (node.pipeline.speculate): LOAD takes it
+    over if it was computed from exactly this job's instance files under these rules (the
+    stages up to REPORT then have nothing left to do), and they all run as usual otherwise.
     """
     started = time.time()
     ctx = StudyContext(
@@ -63,12 +84,21 @@ def process_study(
         on_queued=on_queued,
     )
     study_key = uid_key(job.study_uid)
+    adopted = False
     for stage, fn in STAGES:
         if on_stage is not None:
             on_stage(stage)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            ctx = fn(ctx)
+            if stage is Stage.LOAD and speculation is not None:
+                adopted = _take_speculation(ctx, speculation)
+            if adopted and stage in SPECULATED_STAGES:
+                # LOAD takes every speculated stage's results over; the others have nothing
+                # left to do.
+                if stage is Stage.LOAD and speculation is not None:
+                    ctx = adopt(ctx, speculation)
+            else:
+                ctx = fn(ctx)
         except Exception as exc:  # the per-job outer guard
             ctx = _timed(ctx, stage, t0, c0)
             log.error(

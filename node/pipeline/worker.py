@@ -28,12 +28,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.childproc import child_main
 from node.config import Rules
 from node.errors import NodeError
 from node.log import configure, get_logger, set_correlation_key, uid_key
 from node.records import StudyJob, StudyOutcome
+
+if TYPE_CHECKING:
+    from node.pipeline.speculate import Speculation
 
 log = get_logger(__name__)
 
@@ -67,6 +72,16 @@ class RunJob:
     """node -> worker: run this job under these rules (the rules in force when it started)."""
 
     job: StudyJob
+    rules: Rules
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Speculate:
+    """node -> worker, no answer: run this receiving study's stages before REPORT now, on the
+    files it has, and keep them for its job if nothing changes (node.pipeline.speculate)."""
+
+    study_uid: str
+    instance_paths: tuple[Path, ...]
     rules: Rules
 
 
@@ -190,7 +205,13 @@ def _freeze_loaded() -> None:
     gc.freeze()
 
 
-def _run(conn: Connection, msg: RunJob, fault: InjectedFault | None, delay_s: float) -> JobResult:
+def _run(
+    conn: Connection,
+    msg: RunJob,
+    fault: InjectedFault | None,
+    delay_s: float,
+    speculation: Speculation | None = None,
+) -> JobResult:
     from node.pipeline.runner import process_study
 
     job, rules = msg.job, msg.rules
@@ -214,6 +235,7 @@ def _run(conn: Connection, msg: RunJob, fault: InjectedFault | None, delay_s: fl
             deliver=True,
             on_stage=on_stage,
             on_queued=on_queued,
+            speculation=speculation,
         )
     except Exception as exc:  # the per-job guard (process_study logged the stage)
         return job_result(job, exc)
@@ -248,15 +270,51 @@ def serve(conn: Connection) -> int:
         duration_ms=round((time.monotonic() - started) * 1000),
     )
     conn.send(WorkerReady(problems=problems))
+    speculation: Speculation | None = None  # at most one study's, the latest asked for
+    pending: object | None = None  # a message that arrived while a speculation ran
     while True:
-        try:
-            msg = conn.recv()
-        except EOFError:  # the node is gone
-            return 0
+        if pending is not None:
+            msg, pending = pending, None
+        else:
+            try:
+                msg = conn.recv()
+            except EOFError:  # the node is gone
+                return 0
+        if isinstance(msg, Speculate):
+            speculation = None  # the previous one's pixels go first
+            speculation, pending = _speculate(conn, msg)
+            continue
         if not isinstance(msg, RunJob):
             return 0
         log.debug("worker_job", job_id=msg.job.job_id, study_key=uid_key(msg.job.study_uid))
-        conn.send(_run(conn, msg, fault, delay_s))
+        # Offered to its own study's job only, and used once: any job ends the speculation.
+        spec = (
+            speculation if speculation and speculation.key.study_uid == msg.job.study_uid else None
+        )
+        speculation = None
+        conn.send(_run(conn, msg, fault, delay_s, spec))
+        del spec
+
+
+def _speculate(conn: Connection, msg: Speculate) -> tuple[Speculation | None, object | None]:
+    """Run a speculation; stop it between its stages if the node sent anything but this
+    study's job meanwhile. Returns it (None if stopped or failed) and the message that came."""
+    from node.pipeline.speculate import speculate
+
+    came: list[object] = []
+
+    def should_stop() -> bool:
+        if came or not conn.poll():
+            return False  # nothing came, or this study's job came (nothing follows it)
+        try:
+            came.append(conn.recv())
+        except EOFError:  # the node is gone: the next read says so
+            return True
+        job = came[-1]
+        return not (isinstance(job, RunJob) and job.job.study_uid == msg.study_uid)
+
+    done = speculate(msg.study_uid, msg.instance_paths, msg.rules, should_stop=should_stop)
+    return done, (came[0] if came else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,7 +40,12 @@ from typing import TYPE_CHECKING
 
 from node.config import CompletionSettings, Rules
 from node.errors import ConfigError, JobError, NodeError
-from node.ingest.completion import EXPECTED_COUNT_SETTLE_S, all_series_complete, decide_ready
+from node.ingest.completion import (
+    EXPECTED_COUNT_SETTLE_S,
+    all_series_complete,
+    decide_ready,
+    speculate_after_s,
+)
 from node.ingest.processes import ReceiverProcesses
 from node.ingest.receive import Receiver
 from node.ingest.spool import Spool, StudyProgress
@@ -220,6 +225,12 @@ class Node:
         self._ready_lock = threading.Lock()
         self._n_ready = 0
         self._started_at = time.time()
+        # Receiving studies quiet long enough to process up to REPORT ahead of their job
+        # (study UID -> the last_received_at it was asked at), and those already handed to a
+        # worker at that time (node.pipeline.speculate).
+        self._spec_lock = threading.Lock()
+        self._spec_wanted: dict[str, float] = {}
+        self._spec_sent: dict[str, float] = {}
         self.failure: tuple[str, ...] = ()  # why the models cannot be served (then `failed`)
         self.failed = threading.Event()
 
@@ -385,7 +396,9 @@ class Node:
                 if self.queue.expire_leases():
                     self._wake_workers()
                 now = time.time()
-                for study in self.spool.receiving_studies():
+                receiving = self.spool.receiving_studies()
+                self._forget_speculations({s.study_uid for s in receiving})
+                for study in receiving:
                     # After a restart a sender may be about to resume: give it a full quiet
                     # period from our start, not from its last instance before the outage.
                     last = max(study.last_received_at, self._started_at)
@@ -404,6 +417,12 @@ class Node:
                             self._wake_workers()
                         continue
                     due = _next_check_s(study, last, first, now, c)
+                    if c.speculate and self.processor is None:
+                        spec_in = last + speculate_after_s(c.quiet_period_s) - now
+                        if spec_in <= 0:
+                            self._want_speculation(study.study_uid, study.last_received_at)
+                        else:
+                            due = min(due, spec_in + 0.002)
                     next_s = due if next_s is None else min(next_s, due)
             except (NodeError, OSError, sqlite3.Error) as exc:
                 errors.record(exc)
@@ -413,6 +432,48 @@ class Node:
             if self._stored.wait(wait_s):
                 # Instances are arriving: look again soon, but not once per instance.
                 self._stop.wait(SCAN_GAP_S)
+
+    def _want_speculation(self, study_uid: str, last_received_at: float) -> None:
+        """Ask an idle worker slot to process this study ahead of its job, once per
+        instance set (a newer instance asks again)."""
+        with self._spec_lock:
+            if self._spec_sent.get(study_uid) == last_received_at:
+                return
+            if self._spec_wanted.get(study_uid) == last_received_at:
+                return
+            self._spec_wanted[study_uid] = last_received_at
+        self._wake_workers()
+
+    def _forget_speculations(self, receiving: set[str]) -> None:
+        """Drop what is kept about studies no longer receiving (their jobs came)."""
+        with self._spec_lock:
+            for kept in (self._spec_wanted, self._spec_sent):
+                for uid in [u for u in kept if u not in receiving]:
+                    del kept[uid]
+
+    def _take_speculation(self) -> str | None:
+        """A study an idle slot should speculate on (marked sent), or None."""
+        with self._spec_lock:
+            if not self._spec_wanted:
+                return None
+            study_uid, last = self._spec_wanted.popitem()
+            self._spec_sent[study_uid] = last
+            return study_uid
+
+    def _speculate(self, worker: ProcessWorker) -> bool:
+        """Hand the idle worker a study to process up to REPORT ahead of its job, if one waits."""
+        study_uid = self._take_speculation()
+        if study_uid is None:
+            return False
+        try:
+            paths = self.spool.instance_paths(study_uid)
+        except sqlite3.Error as exc:
+            log.warning("speculation_skipped", error_type=type(exc).__name__)
+            return False
+        if paths:
+            log.debug("speculation_sent", study_key=uid_key(study_uid), count=len(paths))
+            worker.speculate(study_uid, paths, self.rules)
+        return True
 
     # --- study workers ------------------------------------------------------------------------
 
@@ -442,6 +503,8 @@ class Node:
                     self._stop.wait(1.0)
                     continue
                 if job is None:
+                    if isinstance(worker, ProcessWorker) and self._speculate(worker):
+                        continue  # another look: a job may have come meanwhile
                     with self._work:
                         if self._work_gen == gen and not self._stop.is_set():
                             self._work.wait(WORK_IDLE_S)

@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
+from pathlib import Path
 
 from node.childproc import exit_name, spawn
 from node.config import Rules
@@ -25,6 +26,7 @@ from node.pipeline.worker import (
     JobResult,
     ResultsQueued,
     RunJob,
+    Speculate,
     StageStarted,
     WorkerInit,
     WorkerReady,
@@ -72,6 +74,12 @@ class ProcessWorker:
             if isinstance(msg, WorkerReady):
                 return msg.problems
         return None
+
+    def speculate(self, study_uid: str, paths: tuple[Path, ...], rules: Rules) -> None:
+        """Ask the idle worker to run a receiving study's stages before REPORT ahead of its
+        job (no answer; node.pipeline.speculate). A broken pipe is left for the next job to find."""
+        with contextlib.suppress(OSError):
+            self.conn.send(Speculate(study_uid=study_uid, instance_paths=paths, rules=rules))
 
     def run(
         self,
@@ -166,6 +174,10 @@ class InProcessWorker:
         self.processor = processor
         self.index = index
         self.pid = os.getpid()
+
+    def speculate(self, study_uid: str, paths: tuple[Path, ...], rules: Rules) -> None:
+        """Nothing: an injected processor runs whole jobs only."""
+        del study_uid, paths, rules
 
     def run(
         self,
