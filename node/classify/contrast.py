@@ -31,6 +31,8 @@ MIN_ENHANCED_FRACTION = 0.004  # of head voxels: vessels and plexus alone exceed
 MIN_TAIL_RATIO = 3.0  # the brighter tail must be this many times the darker tail (noise)
 MIN_HEAD_VOXELS = 2000  # fewer: too little head in common to judge
 _HEAD_LEVEL = 0.3  # of the median head intensity: below is background or skull/air
+# A tail voxel is at least the head's median intensity on its brighter run (see _tails).
+_TAIL_LEVEL = 1.0
 _EPS = 0.05  # added to both before the ratio, so near-zero voxels give no wild ratios
 
 
@@ -118,9 +120,9 @@ def _tails(
     """(head voxels, enhanced, darkened) counted over both volumes a slab of slices (about a
     million voxels) at a time, each slab's neighbourhoods taken with the slices around it, so
     the counts are those of the whole volumes and memory stays a few slabs. A voxel is enhanced
-    when it is brighter than every voxel of its neighbourhood on the earlier run by the ratio,
-    darkened when the earlier run's voxel is brighter than every voxel of its neighbourhood
-    later."""
+    when it is brighter than every voxel of its neighbourhood on the earlier run by the ratio
+    and at least the head's median later, darkened when the earlier run's voxel is brighter
+    than every voxel of its neighbourhood later by the ratio and at least the median before."""
     pre3 = pre if pre.ndim == 3 else pre[np.newaxis]
     post3 = post if post.ndim == 3 else post[np.newaxis]
     slices, rows, cols = pre3.shape
@@ -141,11 +143,19 @@ def _tails(
         n += int(head.sum())
         pre_max = _normalised(pre_near, medians[0])[head]
         post_max = _normalised(post_near, medians[1])[head]
+        # Gadolinium makes a voxel bright, not merely brighter than a dark neighbourhood: a
+        # tail voxel must reach the head's median on the brighter run. Noise in dark voxels
+        # (CSF, low SNR) gives large ratios both ways and hid a glioblastoma's enhancement.
+        post_h, pre_h = post_n[head], pre_n[head]
         enhanced += int(
-            np.count_nonzero((post_n[head] + _EPS) > ratio_threshold * (pre_max + _EPS))
+            np.count_nonzero(
+                ((post_h + _EPS) > ratio_threshold * (pre_max + _EPS)) & (post_h >= _TAIL_LEVEL)
+            )
         )
         darkened += int(
-            np.count_nonzero((pre_n[head] + _EPS) > ratio_threshold * (post_max + _EPS))
+            np.count_nonzero(
+                ((pre_h + _EPS) > ratio_threshold * (post_max + _EPS)) & (pre_h >= _TAIL_LEVEL)
+            )
         )
     return n, enhanced, darkened
 
