@@ -13,6 +13,10 @@ with a max), and slices without evidence for either class sit near logit 0 when 
 trained on all brain-bearing slices with the study label, so they dilute but do not flip the
 answer; the temperature is fitted on the validation series' mean logits, which restores the
 scale.
+
+Why this module is long: loading, verifying and running a bundle share one preprocessing path
+with training (slice selection, brain slices, scaling), which must stay one code so that both
+see the same pixels.
 """
 
 from __future__ import annotations

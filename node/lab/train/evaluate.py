@@ -4,6 +4,11 @@ Task bundles are scored per patient: each study's routed series go through
 ``bundles.predict_series`` (the served code path), several series of one study are combined by
 their mean logit, and the metrics are computed over studies. The sequence bundle is scored per
 series with the majority vote of ``bundles.classify_series``.
+
+Why this module is long: scoring and the model card belong together (the card shows what the
+scoring stored: test metrics, evaluate-sequences sets per plane, vendor and thickness,
+calibration records), for network and detector bundles alike; split, each half would import
+the other.
 """
 
 from __future__ import annotations
