@@ -98,8 +98,6 @@ def series_units(headers: Sequence[SeriesHeader], folders: Sequence[Path]) -> li
     """The scored series of each header: (folder, SeriesInstanceUID). Several series numbers
     of one UID in one folder (one series re-sent under new numbers) are one series; the same
     UID in two folders is two."""
-    if len(folders) != len(headers):
-        folders = [Path()] * len(headers)
     return [(f.as_posix(), h.series_uid) for h, f in zip(headers, folders, strict=True)]
 
 

@@ -190,10 +190,10 @@ class FolderClassification:
     cnn_note: str
     n_studies: int
     n_skipped: int  # files that are not DICOM (or have no StudyInstanceUID)
-    n_shared_study_uids: int = 0  # study UIDs copied in several top-level folders (kept apart)
     # The folder holding each series' files (as headers): a SeriesInstanceUID found in two
     # folders is two series to score (node.classify.evaluate.series_units).
-    folders: tuple[Path, ...] = ()
+    folders: tuple[Path, ...]
+    n_shared_study_uids: int = 0  # study UIDs copied in several top-level folders (kept apart)
 
 
 def load_sequence_bundle(

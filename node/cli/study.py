@@ -398,8 +398,7 @@ def _write_series_csv(
         )
     )  # fmt: skip
     verdicts = run.cnn_verdicts or (None,) * len(run.headers)
-    folders = run.folders or (Path(),) * len(run.headers)
-    rows = zip(run.headers, run.tags_only, run.decisions, verdicts, truth, folders, strict=True)
+    rows = zip(run.headers, run.tags_only, run.decisions, verdicts, truth, run.folders, strict=True)
     for h, tag, fused, cnn, label, folder in rows:
         writer.writerow(
             (
