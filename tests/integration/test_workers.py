@@ -212,6 +212,8 @@ def test_roles_share_a_spool_that_a_whole_node_cannot(
         assert b"in use by another running node" in whole.stderr
         _send(node, STUDY_A)  # received by one process, processed by the other
         node.wait_for(lambda: _state(node, STUDY_A) == "done", timeout_s=60)
+        # The index says done before the worker's log line reaches its file: wait for the line.
+        node.wait_for(lambda: '"job_finished"' in _log(node, "w"), timeout_s=10)
         assert _log(node, "w").count('"job_finished"') == 1
         assert '"job_finished"' not in _log(node, "r")
         assert '"association_summary"' in _log(node, "r")
